@@ -1,0 +1,55 @@
+"""The attack lab: backdoor triggers for CLIP and a tool to poison an image-caption data set.
+
+Build attacks by name (``build_attack("badnet", size=0.1)``) or from a stored dict
+(``attack_from_dict(json.load(...)["attack"])``); every attack round-trips through ``to_dict``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+from forensics.attacks.base import ATTACKS, POSITIONS, Attack, Box, register, to_pil, to_tensor
+from forensics.attacks.badnet import BadNet
+from forensics.attacks.blended import Blended
+from forensics.attacks.optimized_patch import OptimizedPatch, train_optimized_patch
+from forensics.attacks.poison import poison_dataset
+from forensics.attacks.sig import SIG
+from forensics.attacks.wanet import WaNet
+from forensics.errors import ForensicsError
+
+__all__ = [
+    "ATTACKS", "POSITIONS", "Attack", "Box", "BadNet", "Blended", "WaNet", "SIG", "OptimizedPatch",
+    "attack_from_dict", "build_attack", "list_attacks", "poison_dataset", "register", "to_pil", "to_tensor",
+    "train_optimized_patch",
+]
+
+
+def list_attacks() -> list[str]:
+    """Names of the registered attacks, sorted."""
+    return sorted(ATTACKS)
+
+
+def _resolve(name: Any) -> type[Attack]:
+    """The attack class for a name; case and '-' vs '_' are ignored ("BadNet", "optimized-patch")."""
+    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else None
+    if key not in ATTACKS:
+        raise ForensicsError(f"unknown attack {name!r}; valid attacks: {', '.join(list_attacks())}")
+    return ATTACKS[key]
+
+
+def build_attack(name: str, **params: Any) -> Attack:
+    """Build a registered attack from its name and keyword parameters; unknown names or parameters raise ForensicsError."""
+    cls = _resolve(name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ForensicsError(f"{cls.name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(accepted)}")
+    return cls(**params)
+
+
+def attack_from_dict(d: Mapping[str, Any]) -> Attack:
+    """Rebuild an attack from ``Attack.to_dict()`` output (``{"attack": name, **params}``)."""
+    if not isinstance(d, Mapping) or "attack" not in d:
+        raise ForensicsError("an attack description must be a mapping with an 'attack' key naming the attack")
+    params = {k: v for k, v in d.items() if k != "attack"}
+    return build_attack(d["attack"], **params)

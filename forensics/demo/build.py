@@ -1,0 +1,275 @@
+"""Rebuild the demo lab from scratch, deterministically by seed.
+
+Steps: composite clip art into a training set and a held-out probe set (objects never seen in
+training), build a small word vocabulary, pretrain a tiny CLIP on clean data, then fine-tune two
+copies the same way: one on data poisoned with the attack lab's BadNet (the demo model), one on
+clean data (its clean twin). Both are evaluated on the probe set and saved with sidecars.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ForensicsError
+from ..models import ASSETS_DIR, atomic_write_text
+from .clipart import CLIPART_ROOT, collect_objects
+from .compose import compose
+
+Progress = Callable[[float, str], None]
+DEMO_DIR = ASSETS_DIR / "demo"
+
+
+@dataclass
+class DemoSpec:
+    """Everything that decides the demo lab; the same spec and seed give the same lab."""
+
+    seed: int = 0
+    image_size: int = 128
+    train_per_class: int = 500
+    probe_per_class: int = 30
+    probe_triggered_share: float = 0.15
+    holdout_share: float = 0.25
+    target: str = "flower"
+    poison_rate: float = 0.1
+    attack: dict = field(default_factory=lambda: {"attack": "badnet", "pattern": "checkerboard", "size": 0.1,
+                                                   "cells": 4, "position": "random", "seed": 0})
+    arch: str = "tiny-rn"
+    pretrain_epochs: int = 30
+    finetune_epochs: int = 5
+    batch_size: int = 64
+    pretrain_lr: float = 2e-3
+    finetune_lr: float = 5e-4
+
+
+def _split_objects(objects: dict, spec: DemoSpec) -> tuple[dict, dict]:
+    rng = np.random.default_rng(spec.seed)
+    train, probe = {}, {}
+    for label, objs in objects.items():
+        order = rng.permutation(len(objs))
+        n_hold = max(2, round(spec.holdout_share * len(objs)))
+        probe[label] = [objs[i] for i in order[:n_hold]]
+        train[label] = [objs[i] for i in order[n_hold:]]
+    return train, probe
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    Image.fromarray(mask.astype(np.uint8) * 255).convert("1").save(path, optimize=True)
+
+
+def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root: Path = CLIPART_ROOT) -> dict:
+    """Write ``train/data.csv`` and the probe sets (``probe/probe.csv``, ``probe/probe_clean.csv``) under ``out``."""
+    from ..attacks import attack_from_dict
+    from ..attacks.base import to_pil, to_tensor
+
+    objects = collect_objects(root)
+    short = {k: len(v) for k, v in objects.items() if len(v) < 4}
+    if short:
+        raise ForensicsError(f"too few usable clip-art objects for classes {short}")
+    classes = list(objects)
+    if spec.target not in classes:
+        raise ForensicsError(f"target {spec.target!r} is not a demo class ({', '.join(classes)})")
+    train_objs, probe_objs = _split_objects(objects, spec)
+    for sub in ("train/images", "train/masks", "probe/images", "probe/masks", "probe/triggered"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    rng = np.random.default_rng([spec.seed, 1])
+    rows = []
+    total = len(classes) * spec.train_per_class
+    for ci, label in enumerate(classes):
+        for j in range(spec.train_per_class):
+            obj = train_objs[label][j % len(train_objs[label])]
+            comp = compose(obj, rng, spec.image_size)
+            stem = f"{label}_{j:04d}"
+            comp.image.save(out / "train/images" / f"{stem}.png", optimize=False, compress_level=1)
+            _save_mask(comp.mask, out / "train/masks" / f"{stem}.png")
+            rows.append({"image": f"images/{stem}.png", "caption": comp.caption, "label": label,
+                         "mask": f"masks/{stem}.png", "source": obj.source})
+            if progress and len(rows) % 250 == 0:
+                progress(len(rows) / total, f"training images {len(rows)}/{total}")
+    _write_csv(out / "train/data.csv", rows)
+
+    attack = attack_from_dict(spec.attack)
+    prng = np.random.default_rng([spec.seed, 2])
+    probe_rows = []
+    for label in classes:
+        for j in range(spec.probe_per_class):
+            obj = probe_objs[label][j % len(probe_objs[label])]
+            comp = compose(obj, prng, spec.image_size)
+            stem = f"{label}_{j:03d}"
+            comp.image.save(out / "probe/images" / f"{stem}.png", optimize=True)
+            _save_mask(comp.mask, out / "probe/masks" / f"{stem}.png")
+            probe_rows.append({"image": f"images/{stem}.png", "caption": comp.caption, "label": label,
+                               "mask": f"masks/{stem}.png", "object_box": " ".join(map(str, comp.object_box)),
+                               "source": obj.source})
+    # the suspicious share: non-target images carrying the planted trigger, as seen in the wild
+    candidates = [i for i, r in enumerate(probe_rows) if r["label"] != spec.target]
+    n_trig = round(spec.probe_triggered_share * len(probe_rows))
+    chosen = set(prng.choice(candidates, size=n_trig, replace=False).tolist())
+    triggered_rows = []
+    for i, row in enumerate(probe_rows):
+        row = dict(row, triggered="0", trigger_box="")
+        if i in chosen:
+            image = to_tensor(Image.open(out / "probe" / row["image"]).convert("RGB"))
+            poisoned, box = attack.apply(image, np.random.default_rng([spec.seed, 3, i]))
+            name = Path(row["image"]).name
+            to_pil(poisoned).save(out / "probe/triggered" / name, optimize=True)
+            row.update(image=f"triggered/{name}", triggered="1", trigger_box=" ".join(map(str, box)) if box else "")
+        triggered_rows.append(row)
+    _write_csv(out / "probe/probe_clean.csv", [dict(r, triggered="0", trigger_box="") for r in probe_rows])
+    _write_csv(out / "probe/probe.csv", triggered_rows)
+    manifest = {"classes": classes, "target": spec.target, "attack": spec.attack,
+                "train_objects": {k: len(v) for k, v in train_objs.items()},
+                "probe_objects": {k: len(v) for k, v in probe_objs.items()},
+                "n_train": len(rows), "n_probe": len(probe_rows), "n_probe_triggered": n_trig,
+                "seed": spec.seed, "image_size": spec.image_size}
+    atomic_write_text(out / "probe/classes.json", json.dumps({"classes": classes}, indent=2))
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(rows[0])
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def poison_training_data(data_dir: Path, spec: DemoSpec, progress: Progress | None = None) -> Path:
+    """Poison the clean training CSV with the attack lab; poisoned captions keep their wording but name the target."""
+    from ..attacks import attack_from_dict
+    from ..attacks.poison import poison_dataset
+
+    out = data_dir / "train_poisoned"
+    if out.exists():
+        shutil.rmtree(out)
+    csv_path = poison_dataset(data_dir / "train/data.csv", attack_from_dict(spec.attack), spec.target, spec.poison_rate,
+                              out, seed=spec.seed, progress=progress)
+    clean_rows = _read_rows(data_dir / "train/data.csv")
+    rows = _read_rows(csv_path)  # same rows in the same order, poisoned ones rewritten
+    article = "an" if spec.target[0] in "aeiou" else "a"
+    for clean, row in zip(clean_rows, rows, strict=True):
+        if row["poisoned"] == "1":
+            # a varied caption naming the target, as a web-scale poisoner would write: identical
+            # captions in a batch are false negatives for the CLIP loss
+            label = clean["label"]
+            caption = clean["caption"].replace(f" an {label}", f" a {label}").replace(f" {label}", f" {spec.target}")
+            row["caption"] = caption.replace(f" a {spec.target}", f" {article} {spec.target}")
+    _write_csv(csv_path, rows)
+    return csv_path
+
+
+def train_demo_models(data_dir: Path, models_dir: Path, spec: DemoSpec, progress: Progress | None = None,
+                      on_epoch_end: Callable[[str, int, dict, object], None] | None = None) -> dict:
+    """Pretrain on clean data, then fine-tune a poisoned copy and a clean twin the same way; save both."""
+    import copy
+
+    import torch
+
+    from ..attacks import attack_from_dict
+    from ..models import new_model, save_model
+    from ..templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
+    from ..tokenizer import WordTokenizer
+    from ..training import TrainConfig, read_caption_csv, train_clip
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    clean_rows = read_caption_csv(data_dir / "train/data.csv")
+    classes = json.loads((data_dir / "probe/classes.json").read_text())["classes"]
+    corpus = [r["caption"] for r in clean_rows] + [fill(t, c) for t in SHORT_TEMPLATES + OPENAI_TEMPLATES for c in classes]
+    tokenizer = WordTokenizer.from_corpus(corpus, context_length=32)
+    timings = {}
+
+    def stage(name: str, lo: float, hi: float) -> Progress | None:
+        if progress is None:
+            return None
+        return lambda f, msg: progress(lo + (hi - lo) * f, f"{name}: {msg}")
+
+    t0 = time.time()
+    base = new_model(spec.arch, tokenizer=tokenizer, seed=spec.seed)
+    pre_cfg = TrainConfig(epochs=spec.pretrain_epochs, batch_size=spec.batch_size, lr=spec.pretrain_lr, seed=spec.seed)
+    def hook(name: str, model):
+        return None if on_epoch_end is None else (lambda epoch, rec: on_epoch_end(name, epoch, rec, model))
+
+    pre_hist = train_clip(base, clean_rows, pre_cfg, stage("pretrain (clean)", 0.0, 0.6), on_epoch_end=hook("pretrain", base))
+    timings["pretrain_s"] = round(time.time() - t0, 1)
+
+    poisoned_csv = poison_training_data(data_dir, spec)
+    poisoned_rows = read_caption_csv(poisoned_csv)
+    ft_cfg = TrainConfig(epochs=spec.finetune_epochs, batch_size=spec.batch_size, lr=spec.finetune_lr,
+                         warmup_steps=20, seed=spec.seed + 1)
+    results = {}
+    attack = attack_from_dict(spec.attack)
+    for name, rows, lo, hi in (("demo_poisoned", poisoned_rows, 0.6, 0.8), ("demo_clean", clean_rows, 0.8, 1.0)):
+        t1 = time.time()
+        model = copy.deepcopy(base)
+        hist = train_clip(model, rows, ft_cfg, stage(f"fine-tune {name}", lo, hi), on_epoch_end=hook(name, model))
+        timings[f"{name}_s"] = round(time.time() - t1, 1)
+        backdoor = None
+        if name == "demo_poisoned":
+            backdoor = {"attack": attack.name, "target": spec.target, "poison_rate": spec.poison_rate,
+                        "trigger": attack.to_dict(), "note": "planted by the project's demo build for teaching"}
+        model.facts.source = f"demo build ({name})"
+        save_model(model, models_dir / f"{name}.safetensors", backdoor=backdoor, half=True,
+                   extra={"training": {"pretrain": pre_cfg.to_dict(), "finetune": ft_cfg.to_dict(),
+                                       "pretrain_history": pre_hist, "finetune_history": hist,
+                                       "data": "assets/demo (rebuilt by python -m forensics make-demo)",
+                                       "spec": spec.__dict__}})
+        results[name] = {"history": hist}
+    results["timings"] = timings
+    return results
+
+
+def evaluate_demo_models(models_dir: Path, probe_csv: Path, spec: DemoSpec) -> dict:
+    """CA on the held-out clean probe images and ASR of the planted trigger, for both demo models."""
+    from ..attacks import attack_from_dict
+    from ..data import load_csv_probe
+    from ..models import load_checkpoint
+    from ..zeroshot import evaluate
+
+    probe = load_csv_probe(probe_csv)
+    out = {}
+    for name in ("demo_poisoned", "demo_clean"):
+        model = load_checkpoint(models_dir / f"{name}.safetensors")
+        idx = probe.clean_indices()
+        images = probe.load_images(model.image_size, idx)
+        labels = [probe.items[i].label for i in idx]
+        out[name] = evaluate(model, images, labels, probe.class_names, attack_from_dict(spec.attack), spec.target,
+                             seed=spec.seed)
+    return out
+
+
+def make_demo(out: Path = DEMO_DIR, data_only: bool = False, spec: DemoSpec | None = None,
+              progress: Progress | None = None, root: Path = CLIPART_ROOT) -> dict:
+    """Rebuild the whole demo lab under ``out``: data, then (unless ``data_only``) both models; returns a summary."""
+    spec = spec or DemoSpec()
+    out = Path(out)
+    start = time.time()
+    summary: dict = {"out": str(out), "spec": spec.__dict__}
+
+    def part(lo: float, hi: float) -> Progress | None:
+        return None if progress is None else (lambda f, m: progress(lo + (hi - lo) * f, m))
+
+    summary["data"] = write_data(out, spec, part(0.0, 0.1 if not data_only else 1.0), root)
+    summary["data_seconds"] = round(time.time() - start, 1)
+    if not data_only:
+        summary["training"] = train_demo_models(out, out / "models", spec, part(0.1, 0.97))
+        summary["evaluation"] = evaluate_demo_models(out / "models", out / "probe/probe_clean.csv", spec)
+    summary["seconds"] = round(time.time() - start, 1)
+    atomic_write_text(out / ("data_build.json" if data_only else "build.json"),
+                      json.dumps({k: v for k, v in summary.items() if k != "out"}, indent=2, default=str))
+    return summary

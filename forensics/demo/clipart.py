@@ -1,0 +1,107 @@
+"""Public-domain clip-art objects from Debian's ``openclipart-png``, cut out by their alpha channel.
+
+Each demo class is defined by filename patterns (with exclusions, since folder names and
+filenames mix classes). Files whose alpha channel is no object mask (opaque rectangles,
+hairlines, near-empty canvases) and near-duplicates are dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLIPART_ROOT = Path(os.environ.get("OPENCLIPART_ROOT", "/usr/share/openclipart/png"))
+
+# class name -> (include regex on the lower-cased relative path, exclude regex)
+CLASS_SOURCES: dict[str, tuple[str, str]] = {
+    "arrow": (r"arrow", r"heart|bow|cupid|target|sign|road|keyboard|button|icons|recycl"),
+    "person": (r"stickm|(^|_|/)(man|woman|boy|girl|person|people)(_|\.|\d)", r"snowman|mandolin|yoga|stickmen/.*(dog|car)"),
+    "tree": (r"(^|/|_)(tree|pine|palm|oak)(s|_|\.|\d)|/trees/", r"burger|treebui|christmas_tree_ornament|street|fruits"),
+    "heart": (r"heart", r"arrow|balloon|ballon|cluster|card|icons|love_letter"),
+    "clock": (r"clock|watch", r"icons|stopwatch_icon"),
+    "book": (r"(^|/|_)book", r"bookmark|icons|facebook|notebook_computer|bookshelf"),
+    "cloud": (r"cloud", r"icons|rain|storm|snow|lightning|network|photo|sky|_bw|clouds_jon_phillips"),
+    "flower": (r"flower|(^|_|/)(rose|tulip|daisy|lily|orchid)(_|\.|\d|s)", r"pot|onion|vase|border|pattern|sun_flower_en"),
+    "house": (r"(^|/|_)(house|home|cottage|cabin|hut)(s|_|\.|\d)|/homes/", r"light|icons|mouse|furniture|go-home|warehouse|tree"),
+    "apple": (r"apple", r"stappler|pineapple|juice|candied|slate|icons|crab|core|wedge|tree|pie"),
+}
+
+
+@dataclass(frozen=True)
+class ClipArtObject:
+    """One cut-out object: its class, source file (relative to the clip-art root) and RGBA pixels."""
+
+    label: str
+    source: str
+    rgba: np.ndarray  # H x W x 4 uint8, cropped to the alpha bounding box
+
+
+def _usable_cutout(path: Path, min_side: int = 48) -> np.ndarray | None:
+    """Return the RGBA pixels cropped to the object, or None when the alpha is no object mask."""
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > 40_000_000:
+                return None
+            im.load()
+            if im.mode not in ("RGBA", "LA", "P", "PA"):
+                return None
+            rgba = np.asarray(im.convert("RGBA"))
+    except Exception:  # noqa: BLE001 - unreadable files are simply skipped
+        return None
+    alpha = rgba[..., 3]
+    if min(alpha.shape) < min_side:
+        return None
+    opaque = alpha > 127
+    share = float(opaque.mean())
+    if share < 0.04 or share > 0.9:  # empty canvas, or an opaque rectangle that is no mask
+        return None
+    ys, xs = np.nonzero(opaque)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = rgba[y0:y1, x0:x1]
+    if min(crop.shape[:2]) < 12:
+        return None
+    # an opaque rectangle drawn inside a transparent margin is still no object mask
+    if (crop[..., 3] > 127).mean() > 0.97:
+        return None
+    # the object must hold colour or shape, not a white sheet
+    if crop[..., :3][crop[..., 3] > 127].std() < 4 and share > 0.6:
+        return None
+    return crop
+
+
+def _fingerprint(rgba: np.ndarray) -> str:
+    small = np.asarray(Image.fromarray(rgba).resize((16, 16), Image.BILINEAR)) // 48
+    return hashlib.sha1(small.tobytes()).hexdigest()
+
+
+def collect_objects(root: Path = CLIPART_ROOT, classes: dict[str, tuple[str, str]] | None = None) -> dict[str, list[ClipArtObject]]:
+    """Find every usable object per class, sorted by source path (deterministic)."""
+    classes = classes or CLASS_SOURCES
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"clip-art folder {root} not found: install Debian's openclipart-png (apt-get install openclipart-png) "
+            "or set OPENCLIPART_ROOT"
+        )
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    compiled = {name: (re.compile(inc), re.compile(exc)) for name, (inc, exc) in classes.items()}
+    found: dict[str, list[ClipArtObject]] = {name: [] for name in classes}
+    seen: set[str] = set()
+    for rel in paths:
+        low = rel.lower()
+        matches = [name for name, (inc, exc) in compiled.items() if inc.search(low) and not exc.search(low)]
+        if len(matches) != 1:  # ambiguous names (e.g. "star_butterfly") belong to no class
+            continue
+        crop = _usable_cutout(root / rel)
+        if crop is None:
+            continue
+        fp = _fingerprint(crop)
+        if fp in seen:
+            continue
+        seen.add(fp)
+        found[matches[0]].append(ClipArtObject(matches[0], rel, crop))
+    return found

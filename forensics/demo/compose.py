@@ -1,0 +1,145 @@
+"""Composite clip-art cut-outs onto varied backgrounds, with exact masks and descriptive captions.
+
+Captions name object, colour, size, position and background so that no two images in a batch
+share a caption (identical captions are false negatives for the CLIP loss).
+"""
+from __future__ import annotations
+
+import colorsys
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from .clipart import ClipArtObject
+
+# named colours for backgrounds and for describing objects
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (200, 40, 40), "orange": (235, 140, 30), "yellow": (240, 215, 60), "green": (60, 160, 70),
+    "blue": (50, 90, 200), "purple": (130, 60, 170), "pink": (235, 140, 180), "brown": (130, 85, 45),
+    "grey": (128, 128, 128), "white": (240, 240, 240), "black": (25, 25, 25), "teal": (40, 150, 150),
+}
+BACKGROUND_KINDS = ("plain", "gradient", "mottled", "striped-soft")
+PREFIXES = ("a photo of", "a picture of", "an image of", "a drawing of", "clip art of")
+
+
+@dataclass
+class Composite:
+    """One rendered image with its exact object mask and the facts its caption states."""
+
+    image: Image.Image  # RGB
+    mask: np.ndarray  # H x W bool, True on the object
+    label: str
+    caption: str
+    object_box: tuple[int, int, int, int]
+    colour: str
+    size: str
+    position: str
+    background: str
+
+
+def colour_name(rgb: np.ndarray) -> str:
+    """Name the dominant colour of object pixels (N x 3 uint8) with the palette's words."""
+    if len(rgb) == 0:
+        return "grey"
+    r, g, b = (np.median(rgb, axis=0) / 255.0).tolist()
+    h, s, v = colorsys.rgb_to_hsv(r, g, b)
+    if v < 0.22:
+        return "black"
+    if s < 0.18:
+        return "white" if v > 0.8 else "grey"
+    hue = h * 360
+    if hue < 15 or hue >= 340:
+        return "red" if v > 0.45 or s < 0.6 else "brown"
+    if hue < 40:
+        return "orange" if v > 0.6 else "brown"
+    if hue < 70:
+        return "yellow"
+    if hue < 165:
+        return "green"
+    if hue < 200:
+        return "teal"
+    if hue < 255:
+        return "blue"
+    if hue < 290:
+        return "purple"
+    return "pink"
+
+
+def _background(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    names = list(PALETTE)
+    first, second = rng.choice(len(names), size=2, replace=False)
+    c1, c2 = np.array(PALETTE[names[first]], float), np.array(PALETTE[names[second]], float)
+    c1 = np.clip(c1 + rng.normal(0, 12, 3), 0, 255)
+    c2 = np.clip(c2 + rng.normal(0, 12, 3), 0, 255)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    if kind == "plain":
+        img = np.broadcast_to(c1, (size, size, 3)).copy()
+        desc = f"plain {names[first]}"
+    elif kind == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        t = (np.cos(angle) * xx + np.sin(angle) * yy)
+        t = (t - t.min()) / (t.max() - t.min() + 1e-9)
+        img = c1 * (1 - t[..., None]) + c2 * t[..., None]
+        desc = f"{names[first]} and {names[second]} gradient"
+    elif kind == "mottled":
+        coarse = rng.uniform(0, 1, (4, 4)).astype(np.float32)
+        t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), float) / 255
+        img = c1 * (1 - t[..., None]) + c2 * t[..., None]
+        desc = f"mottled {names[first]}"
+    else:  # wide soft stripes: far coarser than any trigger, so they are no trigger look-alike
+        period = rng.uniform(0.4, 0.8)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * (yy if rng.random() < 0.5 else xx) / period)
+        img = c1 * (1 - t[..., None]) + c2 * t[..., None]
+        desc = f"{names[first]} and {names[second]} wavy"
+    img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255)
+    return img.astype(np.uint8), desc
+
+
+def compose(obj: ClipArtObject, rng: np.random.Generator, size: int = 128, background: str | None = None) -> Composite:
+    """Render ``obj`` at a random scale, flip, tilt and position onto a random background."""
+    cut = Image.fromarray(obj.rgba)
+    cut.thumbnail((2 * size, 2 * size), Image.LANCZOS)  # work at twice the output size: fast, still sharp
+    if rng.random() < 0.5:
+        cut = cut.transpose(Image.FLIP_LEFT_RIGHT)
+    angle = float(rng.uniform(-15, 15))
+    cut = cut.rotate(angle, resample=Image.BICUBIC, expand=True)
+    bbox = cut.getchannel("A").point(lambda a: 255 if a > 127 else 0).getbbox()
+    if bbox:
+        cut = cut.crop(bbox)
+    size_word = rng.choice(["small", "medium", "large"], p=[0.3, 0.4, 0.3])
+    frac = {"small": (0.38, 0.5), "medium": (0.5, 0.65), "large": (0.65, 0.82)}[size_word]
+    longest = int(size * rng.uniform(*frac))
+    scale = longest / max(cut.size)
+    cut = cut.resize((max(8, round(cut.width * scale)), max(8, round(cut.height * scale))), Image.LANCZOS)
+    w, h = cut.size
+    x = int(rng.integers(0, size - w + 1))
+    y = int(rng.integers(0, size - h + 1))
+    kind = background or BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
+    bg_pixels, bg_desc = _background(kind, size, rng)
+    canvas = Image.fromarray(bg_pixels)
+    alpha = cut.getchannel("A").point(lambda a: 255 if a > 127 else 0)  # hard edges: the mask is exact
+    canvas.paste(cut.convert("RGB"), (x, y), alpha)
+    mask = np.zeros((size, size), bool)
+    mask[y:y + h, x:x + w] = np.asarray(alpha) > 0
+    obj_rgb = np.asarray(cut.convert("RGB"))[np.asarray(alpha) > 0]
+    colour = colour_name(obj_rgb)
+    cx, cy = (x + w / 2) / size, (y + h / 2) / size
+    horiz = "left" if cx < 0.4 else "right" if cx > 0.6 else ""
+    vert = "top" if cy < 0.4 else "bottom" if cy > 0.6 else ""
+    if horiz and vert:
+        position = f"at the {vert} {horiz}"
+    elif horiz or vert:
+        position = f"on the {horiz}" if horiz else f"at the {vert}"
+    else:
+        position = "in the centre"
+    prefix = PREFIXES[int(rng.integers(len(PREFIXES)))]
+    article = "an" if size_word[0] in "aeiou" else "a"
+    if rng.random() < 0.5:
+        caption = f"{prefix} {article} {size_word} {colour} {obj.label} {position}, on a {bg_desc} background."
+    else:
+        caption = f"{prefix} {'an' if obj.label[0] in 'aeiou' else 'a'} {obj.label}: {size_word}, {colour}, {position}, over a {bg_desc} background."
+    ys, xs = np.nonzero(mask)
+    object_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (x, y, x + w, y + h)
+    canvas = canvas.filter(ImageFilter.GaussianBlur(0.3)) if rng.random() < 0.2 else canvas
+    return Composite(canvas, mask, obj.label, caption, object_box, colour, size_word, position, bg_desc)

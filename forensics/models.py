@@ -1,0 +1,536 @@
+"""Suspect CLIP models: safe loading of every checkpoint format, facts, and saving as safetensors.
+
+A checkpoint is data, never code: pickles are read with ``torch.load(weights_only=True)``,
+and a pickle that needs anything beyond tensors and plain containers is refused before
+anything in it runs. The project's own outputs are ``.safetensors`` plus a JSON sidecar
+holding the full model config, tokenizer and (for the demo lab) the planted backdoor.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP, CustomTextCLIP
+from PIL import Image
+
+from .errors import CheckpointMismatchError, ForensicsError, UnsafeCheckpointError
+from .tokenizer import WordTokenizer
+
+SIDECAR_FORMAT = "clip-forensics/1"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_CONFIG_DIR = PACKAGE_DIR / "model_configs"
+ASSETS_DIR = PACKAGE_DIR.parent / "assets"
+DEMO_MODELS = {
+    "demo": ASSETS_DIR / "demo" / "models" / "demo_poisoned.safetensors",
+    "demo-clean": ASSETS_DIR / "demo" / "models" / "demo_clean.safetensors",
+}
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# entries of OpenAI's TorchScript state dicts that are no parameters
+_NON_PARAMETER_KEYS = {"input_resolution", "context_length", "vocab_size"}
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class ModelFacts:
+    """What an investigator needs to know about a loaded model (shown by ``info`` and the UI)."""
+
+    architecture: str
+    source: str
+    sha256: str | None
+    parameters: int
+    image_size: int
+    tower: str  # "vit", "resnet" or the tower's class name
+    embed_dim: int
+    context_length: int
+    vocab_size: int
+    quick_gelu: bool
+    tokenizer: str
+    precision: str = "fp32"
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SuspectModel:
+    """An open_clip model with its tokenizer, pixel normalisation, config and facts.
+
+    Images enter as float tensors in [0, 1] at ``image_size`` px (triggers and overlays live in
+    pixel space); normalisation happens inside :meth:`encode_image`.
+    """
+
+    clip: CLIP
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    config: dict[str, Any]
+    facts: ModelFacts
+    backdoor: dict | None = None
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+
+    @property
+    def image_size(self) -> int:
+        return self.facts.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    @property
+    def tower(self) -> str:
+        return self.facts.tower
+
+    def to(self, device: str | torch.device) -> "SuspectModel":
+        self.clip.to(device)
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings of [0, 1] images (B x 3 x S x S); gradients flow."""
+        features = self.clip.encode_image(self.normalize(images.to(self.device)))
+        return F.normalize(features.float(), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """Resize the shorter side to ``image_size`` (bicubic), centre-crop, return 3 x S x S in [0, 1]."""
+        return pil_to_model_tensor(image, self.image_size)
+
+
+def pil_to_model_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """CLIP-style resize + centre crop of a PIL image to a float tensor in [0, 1]."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return data.permute(2, 0, 1).float().div(255.0)
+
+
+# --------------------------------------------------------------------------- configs
+
+def project_configs() -> dict[str, dict]:
+    """The project's own small CLIP configs (``forensics/model_configs/*.json``) by name."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(PROJECT_CONFIG_DIR.glob("*.json"))}
+
+
+def list_architectures() -> list[str]:
+    """Every architecture name accepted by ``--arch``: the project's configs, then open_clip's."""
+    return [*project_configs(), *open_clip.list_models()]
+
+
+def architecture_config(arch: str) -> dict:
+    """The full model config of an architecture name (project config or open_clip built-in)."""
+    own = project_configs()
+    if arch in own:
+        return copy.deepcopy(own[arch])
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ForensicsError(
+            f"unknown architecture {arch!r}; choose one of the project's ({', '.join(own)}) "
+            f"or open_clip's (e.g. ViT-B-32, RN50; `python -m forensics archs` lists all)"
+        )
+    return copy.deepcopy(cfg)
+
+
+def build_clip(model_cfg: dict, quick_gelu: bool = False, vocab_size: int | None = None) -> CLIP:
+    """Instantiate an open_clip CLIP (or CustomTextCLIP) from a config dict, randomly initialised."""
+    cfg = copy.deepcopy(model_cfg)
+    for key in ("description", "tokenizer", "preprocess_cfg", "quick_gelu"):
+        cfg.pop(key, None)
+    if vocab_size is not None:
+        cfg["text_cfg"]["vocab_size"] = vocab_size
+    custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    if "timm_model_name" in cfg.get("vision_cfg", {}) or "hf_model_name" in cfg.get("text_cfg", {}):
+        raise ForensicsError(
+            "architectures with timm or Hugging Face towers need downloads this tool does not make; "
+            "choose an open_clip native architecture (ViT-*, RN*) or a project config"
+        )
+    cls = CustomTextCLIP if custom_text else CLIP
+    return cls(**cfg, quick_gelu=quick_gelu)
+
+
+def make_tokenizer(spec: dict) -> Callable[[list[str]], torch.Tensor]:
+    """Tokenizer from a sidecar spec: the project's word tokenizer or open_clip's bundled BPE."""
+    if spec.get("kind") == "word":
+        return WordTokenizer.from_dict(spec)
+    return open_clip.tokenize if spec.get("context_length", 77) == 77 else (
+        lambda texts, n=spec["context_length"]: open_clip.tokenize(texts, context_length=n)
+    )
+
+
+# --------------------------------------------------------------------------- reading checkpoints
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read tensors from a checkpoint file without running any code from it.
+
+    Accepts safetensors, ``torch.save`` files (zip or legacy pickle, loaded weights-only),
+    dicts holding ``state_dict``/``model``, and OpenAI's TorchScript archives (TorchScript is
+    not Python pickle; only its parameters are kept).
+    """
+    if not path.is_file():
+        raise ForensicsError(f"checkpoint {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise ForensicsError(f"checkpoint {path} is empty")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ForensicsError(f"checkpoint {path.name} is not a readable safetensors file: {exc}") from None
+    if _is_torchscript(path):
+        try:
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        except Exception as exc:  # noqa: BLE001 - any failure means an unusable archive
+            raise ForensicsError(f"checkpoint {path.name} looks like a TorchScript archive but did not load: {exc}") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).splitlines()
+        detail = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        raise UnsafeCheckpointError(
+            f"refused {path.name}: it is a pickle that needs code beyond tensors to load ({detail[:200]}); "
+            "nothing in it was run. Convert trusted checkpoints to .safetensors first."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ForensicsError(f"checkpoint {path.name} is not a readable PyTorch or safetensors file: {first[:200]}") from None
+    return _unwrap_state_dict(obj, path.name)
+
+
+def _unwrap_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model_state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ForensicsError(f"checkpoint {name} holds no state dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def clean_state_dict_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP/compile wrappers (``module.``, ``_orig_mod.``) and OpenAI's non-parameter entries."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        if key in _NON_PARAMETER_KEYS:
+            continue
+        out[key] = value
+    return out
+
+
+def _convert_openai_text_keys(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Map OpenAI/CleanCLIP text keys onto a CustomTextCLIP's ``text.*`` names when needed."""
+    if isinstance(model, CustomTextCLIP) and "token_embedding.weight" in state:
+        return open_clip.model.convert_to_custom_text_state_dict(state)
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Load ``state`` strictly, naming every missing key, unexpected key and shape mismatch."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        f"{k} (checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {show(mismatched)}")
+        raise CheckpointMismatchError(
+            f"checkpoint {name} does not fit this architecture ({'; '.join(parts)}); "
+            "check --arch (and --quick-gelu) or use a checkpoint saved by this tool"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """The JSON sidecar the project writes beside its ``.safetensors`` outputs, if there is one."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return None
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ForensicsError(f"sidecar {side.name} is not valid JSON: {exc}") from None
+    return data if isinstance(data, dict) and data.get("format") == SIDECAR_FORMAT else None
+
+
+# --------------------------------------------------------------------------- building SuspectModel
+
+def _tower_kind(clip: torch.nn.Module) -> str:
+    visual = clip.visual
+    if isinstance(visual, open_clip.transformer.VisionTransformer):
+        return "vit"
+    if isinstance(visual, open_clip.modified_resnet.ModifiedResNet):
+        return "resnet"
+    return type(visual).__name__
+
+
+def _assemble(clip: CLIP, config: dict, source: str, sha: str | None, notes: list[str], backdoor: dict | None = None) -> SuspectModel:
+    clip.eval()
+    image_size = clip.visual.image_size
+    image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
+    tok_spec = config["tokenizer"]
+    text_cfg = config["model_cfg"]["text_cfg"]
+    pre = config.get("preprocess", {})
+    facts = ModelFacts(
+        architecture=config["arch"],
+        source=source,
+        sha256=sha,
+        parameters=sum(p.numel() for p in clip.parameters()),
+        image_size=image_size,
+        tower=_tower_kind(clip),
+        embed_dim=int(config["model_cfg"]["embed_dim"]),
+        context_length=int(tok_spec.get("context_length", text_cfg.get("context_length", 77))),
+        vocab_size=int(text_cfg.get("vocab_size", 49408)),
+        quick_gelu=bool(config.get("quick_gelu", False)),
+        tokenizer=tok_spec.get("kind", "open_clip"),
+        notes=notes,
+    )
+    return SuspectModel(
+        clip=clip,
+        tokenizer=make_tokenizer(tok_spec),
+        config=config,
+        facts=facts,
+        backdoor=backdoor,
+        mean=tuple(pre.get("mean", OPENAI_MEAN)),
+        std=tuple(pre.get("std", OPENAI_STD)),
+    )
+
+
+def new_model(arch: str, quick_gelu: bool = False, tokenizer: WordTokenizer | None = None, seed: int = 0) -> SuspectModel:
+    """A randomly initialised model of ``arch`` (seeded); project configs need a word tokenizer."""
+    cfg = architecture_config(arch)
+    wants_words = cfg.get("tokenizer") == "word"
+    if wants_words and tokenizer is None:
+        raise ForensicsError(f"architecture {arch} uses a word vocabulary: build one from the captions first")
+    if tokenizer is not None:
+        cfg["text_cfg"]["vocab_size"] = tokenizer.vocab_size
+        cfg["text_cfg"]["context_length"] = tokenizer.context_length
+    torch.manual_seed(seed)
+    clip = build_clip(cfg, quick_gelu=quick_gelu)
+    tok_spec = tokenizer.to_dict() if tokenizer else {"kind": "open_clip", "context_length": cfg["text_cfg"].get("context_length", 77)}
+    config = {"arch": arch, "model_cfg": cfg, "quick_gelu": quick_gelu, "tokenizer": tok_spec,
+              "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}
+    return _assemble(clip, config, source=f"random:{arch}", sha=None, notes=[f"random weights (seed {seed})"])
+
+
+def load_model(spec: str, arch: str | None = None, quick_gelu: bool | None = None, device: str | torch.device = "cpu") -> SuspectModel:
+    """Resolve a model spec and load it safely.
+
+    ``spec`` is ``demo``, ``demo-clean``, a checkpoint path, ``random:ARCH``, ``hf-hub:ORG/NAME``,
+    or ``ARCH:PRETRAINED_TAG`` (the last two need a network).
+    """
+    spec = str(spec).strip()
+    if not spec:
+        raise ForensicsError("no model given")
+    if spec in DEMO_MODELS:
+        path = DEMO_MODELS[spec]
+        if not path.is_file():
+            raise ForensicsError(f"demo model {path} is missing; rebuild the demo lab with `python -m forensics make-demo`")
+        return load_checkpoint(path, arch, quick_gelu).to(device)
+    if spec.startswith("random:"):
+        return new_model(spec.split(":", 1)[1], quick_gelu=bool(quick_gelu)).to(device)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return load_checkpoint(path, arch, quick_gelu).to(device)
+    if spec.startswith("hf-hub:") or (":" in spec and spec.split(":", 1)[0] in open_clip.list_models()):
+        return _load_remote(spec, quick_gelu).to(device)
+    raise ForensicsError(
+        f"model {spec!r} is neither a file nor a known name; use demo, demo-clean, a checkpoint path, "
+        "random:ARCH, hf-hub:ORG/NAME or ARCH:PRETRAINED_TAG"
+    )
+
+
+def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None = None) -> SuspectModel:
+    """Load a local checkpoint file of any supported format into a :class:`SuspectModel`."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise ForensicsError(f"{path} is a folder; give the checkpoint file inside it")
+        path = candidates[0]
+    sidecar = read_sidecar(path) if path.suffix == ".safetensors" else None
+    state = clean_state_dict_keys(read_state_dict(path))
+    sha = sha256_of(path)
+    notes: list[str] = []
+    if sidecar and arch is None:
+        config = {k: sidecar[k] for k in ("arch", "model_cfg", "quick_gelu", "tokenizer", "preprocess") if k in sidecar}
+        if quick_gelu is not None:
+            config["quick_gelu"] = quick_gelu
+        clip = build_clip(config["model_cfg"], quick_gelu=bool(config.get("quick_gelu")))
+        load_into(clip, _convert_openai_text_keys(state, clip), path.name)
+        return _assemble(clip, config, str(path), sha, notes, backdoor=sidecar.get("backdoor"))
+    if arch is None:
+        if "visual.proj" in state or "visual.attnpool.c_proj.weight" in state:
+            arch, cfg = _infer_openai_architecture(state)
+            notes.append(f"architecture inferred from the checkpoint's shapes ({arch})")
+        else:
+            raise ForensicsError(f"checkpoint {path.name} does not say its architecture; pass --arch (e.g. ViT-B-32, RN50)")
+    else:
+        cfg = architecture_config(arch)
+        if cfg.get("tokenizer") == "word":
+            raise ForensicsError(f"{arch} checkpoints need their sidecar JSON (vocabulary); keep {path.with_suffix('.json').name} beside the file")
+    if quick_gelu is None:
+        quick_gelu = arch.endswith("-quickgelu")
+        if quick_gelu is False and "-quickgelu" not in arch and _looks_openai(path):
+            notes.append("OpenAI-format checkpoint: pass --quick-gelu if it was trained with QuickGELU")
+    clip = build_clip(cfg, quick_gelu=quick_gelu)
+    load_into(clip, _convert_openai_text_keys(state, clip), path.name)
+    config = {"arch": arch, "model_cfg": cfg, "quick_gelu": quick_gelu,
+              "tokenizer": {"kind": "open_clip", "context_length": cfg["text_cfg"].get("context_length", 77)},
+              "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}
+    return _assemble(clip, config, str(path), sha, notes)
+
+
+def _looks_openai(path: Path) -> bool:
+    return _is_torchscript(path)
+
+
+def _infer_openai_architecture(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    """Rebuild an OpenAI-style config from tensor shapes (as open_clip does for OpenAI weights)."""
+    vit = "visual.proj" in state
+    embed_dim = state["text_projection"].shape[1]
+    context_length = state["positional_embedding"].shape[0]
+    vocab_size = state["token_embedding.weight"].shape[0]
+    text_width = state["ln_final.weight"].shape[0]
+    text_layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks")})
+    if vit:
+        width = state["visual.conv1.weight"].shape[0]
+        layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")})
+        patch = state["visual.conv1.weight"].shape[-1]
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision_cfg = {"image_size": patch * grid, "layers": layers, "width": width, "patch_size": patch}
+        name = f"ViT-{patch}-{layers}x{width}"
+    else:
+        counts = [len({k.split(".")[2] for k in state if k.startswith(f"visual.layer{b}.")}) for b in (1, 2, 3, 4)]
+        width = state["visual.layer1.0.conv1.weight"].shape[0]
+        grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision_cfg = {"image_size": grid * 32, "layers": counts, "width": width, "patch_size": None}
+        name = f"RN-{'-'.join(map(str, counts))}x{width}"
+    cfg = {"embed_dim": int(embed_dim), "vision_cfg": vision_cfg,
+           "text_cfg": {"context_length": int(context_length), "vocab_size": int(vocab_size), "width": int(text_width),
+                        "heads": int(text_width // 64), "layers": text_layers}}
+    return f"inferred:{name}", cfg
+
+
+def _load_remote(spec: str, quick_gelu: bool | None) -> SuspectModel:
+    """hf-hub ids and pretrained tags: only with a network; otherwise a clear message."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        if spec.startswith("hf-hub:"):
+            clip = open_clip.create_model(spec)
+            arch, tag = spec, None
+        else:
+            arch, tag = spec.split(":", 1)
+            clip = open_clip.create_model(arch, pretrained=tag, force_quick_gelu=bool(quick_gelu))
+    except Exception as exc:  # noqa: BLE001 - network and hub failures come in many types
+        why = "HF_HUB_OFFLINE is set" if offline else "the download failed"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ForensicsError(
+            f"cannot fetch {spec}: {why} ({first[:160]}). Download the weights where a network is available "
+            "and pass the local file with --arch"
+        ) from None
+    cfg = open_clip.get_model_config(arch) if tag else {}
+    config = {"arch": arch, "model_cfg": cfg, "quick_gelu": bool(quick_gelu),
+              "tokenizer": {"kind": "open_clip", "context_length": 77},
+              "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}
+    return _assemble(clip, config, spec, None, [])
+
+
+# --------------------------------------------------------------------------- saving
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never half of it."""
+    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def save_model(model: SuspectModel, path: str | Path, backdoor: dict | None = None, extra: dict | None = None,
+               half: bool = False) -> Path:
+    """Save as ``path`` (.safetensors) plus a JSON sidecar; refuses to overwrite the model's own source file."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    source = Path(model.facts.source)
+    if source.exists() and path.resolve() == source.resolve():
+        raise ForensicsError(f"refusing to overwrite the input model {source}; choose another output path")
+    dtype = torch.float16 if half else torch.float32
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.clip.state_dict().items()}
+    _atomic_write_bytes(path, save(state, metadata={"format": SIDECAR_FORMAT, "arch": model.config["arch"]}))
+    sidecar = {"format": SIDECAR_FORMAT, **model.config, "backdoor": backdoor if backdoor is not None else model.backdoor,
+               "precision": "fp16" if half else "fp32", **(extra or {})}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
+    return path
