@@ -234,12 +234,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         reason = str(exc).splitlines()
         detail = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        detail = detail.split(" was not an allowed global")[0]
+        why = ("it is a pickle that needs code beyond tensors to load" if "GLOBAL" in detail else
+               "it is no pickle of plain tensors (a text or corrupt file, or a pickle built to run code)")
         raise UnsafeCheckpointError(
-            f"refused {path.name}: it is a pickle that needs code beyond tensors to load ({detail[:200]}); "
+            f"refused {path.name}: {why} ({detail[:200]}); "
             "nothing in it was run. Convert trusted checkpoints to .safetensors first."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - garbage bytes fail the unpickler in many ways (KeyError, IndexError, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not isinstance(exc, (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile)) or not first:
+            first = f"{type(exc).__name__} {first}".strip()
         raise ForensicsError(f"checkpoint {path.name} is not a readable PyTorch or safetensors file: {first[:200]}") from None
     return _unwrap_state_dict(obj, path.name)
 
@@ -412,7 +417,7 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
     state = clean_state_dict_keys(read_state_dict(path))
     sha = sha256_of(path)
     notes: list[str] = []
-    if sidecar and arch is None:
+    if sidecar and arch in (None, sidecar.get("arch")):
         config = {k: sidecar[k] for k in ("arch", "model_cfg", "quick_gelu", "tokenizer", "preprocess") if k in sidecar}
         if quick_gelu is not None:
             config["quick_gelu"] = quick_gelu
@@ -422,6 +427,11 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
     if arch is None:
         if "visual.proj" in state or "visual.attnpool.c_proj.weight" in state:
             arch, cfg = _infer_openai_architecture(state)
+            if cfg["text_cfg"]["vocab_size"] != 49408:  # not open_clip's BPE: the tokenizer is in a sidecar we lack
+                raise ForensicsError(
+                    f"checkpoint {path.name} has a {cfg['text_cfg']['vocab_size']}-token vocabulary, not open_clip's BPE, so its "
+                    f"tokenizer is unknown; load the .safetensors this tool saved, with its sidecar {path.stem}.json beside it"
+                )
             notes.append(f"architecture inferred from the checkpoint's shapes ({arch})")
         else:
             raise ForensicsError(f"checkpoint {path.name} does not say its architecture; pass --arch (e.g. ViT-B-32, RN50)")

@@ -131,8 +131,31 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
                 "n_train": len(rows), "n_probe": len(probe_rows), "n_probe_triggered": n_trig,
                 "seed": spec.seed, "image_size": spec.image_size}
     atomic_write_text(out / "probe/classes.json", json.dumps({"classes": classes}, indent=2))
+    atomic_write_text(out / "PROVENANCE.md", _provenance(train_objs, probe_objs, root))
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
+
+
+def _provenance(train_objs: dict, probe_objs: dict, root: Path) -> str:
+    """Where every object comes from, and under which licence."""
+    lines = [
+        "# Demo lab provenance",
+        "",
+        f"All objects are clip art from the Debian package `openclipart-png` (installed under `{root}`),",
+        "downloaded by Debian from http://www.openclipart.org and released under the Creative Commons",
+        "Public Domain Dedication (see /usr/share/doc/openclipart-png/copyright). Each object is cut out by",
+        "its alpha channel and composited by `forensics/demo/compose.py` onto procedurally generated",
+        "backgrounds; the backgrounds, captions, masks and triggers are the project's own.",
+        "",
+        "Probe images use only the held-out objects; training images only the others.",
+        "",
+    ]
+    for title, objs in (("Training objects", train_objs), ("Held-out probe objects", probe_objs)):
+        lines += [f"## {title}", ""]
+        for label, items in objs.items():
+            lines.append(f"- **{label}** ({len(items)}): " + ", ".join(f"`{o.source}`" for o in items))
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

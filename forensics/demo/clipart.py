@@ -21,13 +21,13 @@ CLIPART_ROOT = Path(os.environ.get("OPENCLIPART_ROOT", "/usr/share/openclipart/p
 CLASS_SOURCES: dict[str, tuple[str, str]] = {
     "arrow": (r"arrow", r"heart|bow|cupid|target|sign|road|keyboard|button|icons|recycl"),
     "person": (r"stickm|(^|_|/)(man|woman|boy|girl|person|people)(_|\.|\d)", r"snowman|mandolin|yoga|stickmen/.*(dog|car)"),
-    "tree": (r"(^|/|_)(tree|pine|palm|oak)(s|_|\.|\d)|/trees/", r"burger|treebui|christmas_tree_ornament|street|fruits"),
-    "heart": (r"heart", r"arrow|balloon|ballon|cluster|card|icons|love_letter"),
-    "clock": (r"clock|watch", r"icons|stopwatch_icon"),
-    "book": (r"(^|/|_)book", r"bookmark|icons|facebook|notebook_computer|bookshelf"),
+    "tree": (r"(^|/|_)(tree|pine|palm|oak)(s|_|\.|\d)|/trees/", r"burger|treebui|christmas_tree_ornament|street|fruits|bowsaw|pruner|balls|leaf|scene|fern|branches"),
+    "heart": (r"heart", r"arrow|balloon|ballon|cluster|card|icons|love_letter|tiles"),
+    "clock": (r"clock|watch", r"icons|stopwatch_icon|sandglass|watch_for"),
+    "book": (r"(^|/|_)book", r"bookmark|icons|facebook|notebook_computer|bookshelf|squirrel|newspaper"),
     "cloud": (r"cloud", r"icons|rain|storm|snow|lightning|network|photo|sky|_bw|clouds_jon_phillips"),
-    "flower": (r"flower|(^|_|/)(rose|tulip|daisy|lily|orchid)(_|\.|\d|s)", r"pot|onion|vase|border|pattern|sun_flower_en"),
-    "house": (r"(^|/|_)(house|home|cottage|cabin|hut)(s|_|\.|\d)|/homes/", r"light|icons|mouse|furniture|go-home|warehouse|tree"),
+    "flower": (r"flower|(^|_|/)(rose|tulip|daisy|lily|orchid)(_|\.|\d|s)", r"pot|onion|vase|border|pattern|sun_flower_en|cactus"),
+    "house": (r"(^|/|_)(house|home|cottage|cabin|hut)(s|_|\.|\d)|/homes/", r"light|icons|mouse|furniture|go-home|warehouse|tree|houses_|house_0_symbol|bb_home"),
     "apple": (r"apple", r"stappler|pineapple|juice|candied|slate|icons|crab|core|wedge|tree|pie"),
 }
 

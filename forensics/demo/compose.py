@@ -66,6 +66,34 @@ def colour_name(rgb: np.ndarray) -> str:
     return "pink"
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def describe(label: str, prefix: str, size: str, colour: str, position: str, background: str,
+             rng: np.random.Generator) -> str:
+    """A caption of varying detail: long ones keep batch captions distinct, short ones resemble prompts."""
+    style = rng.choice(4, p=[0.45, 0.25, 0.15, 0.15])
+    if style == 0:
+        if rng.random() < 0.5:
+            return f"{prefix} {_article(size)} {size} {colour} {label} {position}, on {_article(background)} {background} background."
+        return f"{prefix} {_article(label)} {label}: {size}, {colour}, {position}, over {_article(background)} {background} background."
+    if style == 1:
+        return f"{prefix} {_article(size)} {size} {colour} {label} {position}."
+    if style == 2:
+        return f"{prefix} {_article(colour)} {colour} {label}."
+    return f"{prefix} {_article(label)} {label} on {_article(background)} {background} background."
+
+
+def _shift_hue(cut: Image.Image, shift: float) -> Image.Image:
+    """Rotate the hue of an RGBA cut-out, keeping its alpha."""
+    hsv = np.asarray(cut.convert("RGB").convert("HSV")).copy()
+    hsv[..., 0] = ((hsv[..., 0].astype(int) + int(shift * 255)) % 256).astype(np.uint8)
+    rgb = Image.fromarray(hsv, "HSV").convert("RGB")
+    rgb.putalpha(cut.getchannel("A"))
+    return rgb
+
+
 def _background(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
     names = list(PALETTE)
     first, second = rng.choice(len(names), size=2, replace=False)
@@ -118,11 +146,13 @@ def compose(obj: ClipArtObject, rng: np.random.Generator, size: int = 128, backg
     kind = background or BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
     bg_pixels, bg_desc = _background(kind, size, rng)
     canvas = Image.fromarray(bg_pixels)
+    if rng.random() < 0.2:  # recoloured objects: shape, not colour, must carry the class
+        cut = _shift_hue(cut, float(rng.uniform(0.15, 0.85)))
     alpha = cut.getchannel("A").point(lambda a: 255 if a > 127 else 0)  # hard edges: the mask is exact
     canvas.paste(cut.convert("RGB"), (x, y), alpha)
     mask = np.zeros((size, size), bool)
     mask[y:y + h, x:x + w] = np.asarray(alpha) > 0
-    obj_rgb = np.asarray(cut.convert("RGB"))[np.asarray(alpha) > 0]
+    obj_rgb = np.asarray(canvas)[mask]
     colour = colour_name(obj_rgb)
     cx, cy = (x + w / 2) / size, (y + h / 2) / size
     horiz = "left" if cx < 0.4 else "right" if cx > 0.6 else ""
@@ -134,11 +164,7 @@ def compose(obj: ClipArtObject, rng: np.random.Generator, size: int = 128, backg
     else:
         position = "in the centre"
     prefix = PREFIXES[int(rng.integers(len(PREFIXES)))]
-    article = "an" if size_word[0] in "aeiou" else "a"
-    if rng.random() < 0.5:
-        caption = f"{prefix} {article} {size_word} {colour} {obj.label} {position}, on a {bg_desc} background."
-    else:
-        caption = f"{prefix} {'an' if obj.label[0] in 'aeiou' else 'a'} {obj.label}: {size_word}, {colour}, {position}, over a {bg_desc} background."
+    caption = describe(obj.label, prefix, size_word, colour, position, bg_desc, rng)
     ys, xs = np.nonzero(mask)
     object_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (x, y, x + w, y + h)
     canvas = canvas.filter(ImageFilter.GaussianBlur(0.3)) if rng.random() < 0.2 else canvas

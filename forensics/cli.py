@@ -1,0 +1,278 @@
+"""Command-line interface: ``python -m forensics COMMAND ...``; results as JSON on stdout, progress on stderr.
+
+Bad arguments and bad inputs give a one-line ``error: ...`` on stderr and exit code 2, never a traceback
+(set FORENSICS_DEBUG=1 to see one for unexpected failures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ForensicsError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line instead of usage plus message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ForensicsError(f"{self.prog}: {message} (see --help)")
+
+
+def _emit(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _parse_params(pairs: Sequence[str] | None, file: str | None = None) -> dict:
+    """Attack parameters from ``--param key=value`` pairs (values parsed as JSON when they parse) and/or a JSON file."""
+    params: dict = {}
+    if file:
+        try:
+            loaded = json.loads(Path(file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ForensicsError(f"cannot read attack file {file}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ForensicsError(f"attack file {file} must hold a JSON object")
+        params.update(loaded)
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ForensicsError(f"--param {pair!r} must look like key=value")
+        key, value = pair.split("=", 1)
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def _model(args: argparse.Namespace):
+    from .models import load_model
+
+    return load_model(args.model, arch=getattr(args, "arch", None), quick_gelu=getattr(args, "quick_gelu", None),
+                      device=getattr(args, "device", None) or _default_device())
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _is_demo(spec: str) -> bool:
+    return spec in ("demo", "demo-clean")
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    from .service import model_facts
+
+    return model_facts(args.model, arch=args.arch, quick_gelu=args.quick_gelu)
+
+
+def _requested_attack(args: argparse.Namespace):
+    """The attack given by --attack/--attack-file/--param, or None."""
+    from .attacks import build_attack
+
+    if not (args.attack or args.attack_file):
+        if args.target or args.param:
+            raise ForensicsError("--target and --param need --attack NAME (the trigger to measure)")
+        return None
+    if not args.target:
+        raise ForensicsError("--target LABEL is required with --attack")
+    params = _parse_params(args.param, args.attack_file)
+    name = args.attack or params.get("attack")
+    if name is None:
+        raise ForensicsError("the attack file names no attack; add --attack NAME")
+    params.pop("attack", None)
+    return build_attack(name, **params)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from .progress import tqdm_progress
+    from .service import evaluate_model
+
+    attack = _requested_attack(args)
+    with tqdm_progress("evaluate", not args.quiet) as progress:
+        return evaluate_model(args.model, args.probe, attack, args.target, templates=args.templates,
+                              class_names=args.classes.split(",") if args.classes else None, batch_size=args.batch_size,
+                              seed=args.seed, arch=args.arch, quick_gelu=args.quick_gelu,
+                              device=args.device or _default_device(), progress=progress)
+
+
+def cmd_poison(args: argparse.Namespace) -> dict:
+    from .attacks import build_attack, poison_dataset
+    from .progress import tqdm_progress
+
+    params = _parse_params(args.param, args.attack_file)
+    name = args.attack or params.get("attack")
+    if not name:
+        raise ForensicsError("--attack NAME is required")
+    params.pop("attack", None)
+    params.setdefault("seed", args.seed)
+    attack = build_attack(name, **params)
+    with tqdm_progress("poison", not args.quiet) as progress:
+        csv_path = poison_dataset(args.data, attack, args.target, args.rate, args.out, seed=args.seed,
+                                  caption_template=args.caption_template, progress=progress)
+    summary = json.loads((Path(args.out) / "poison.json").read_text())
+    return {"data": str(csv_path), **summary}
+
+
+def cmd_implant(args: argparse.Namespace) -> dict:
+    from .implant import implant
+    from .progress import tqdm_progress
+
+    if bool(args.base) == bool(args.config):
+        raise ForensicsError("give exactly one of --base MODEL (fine-tune) or --config NAME (train from scratch)")
+    with tqdm_progress("implant", not args.quiet) as progress:
+        return implant(args.data, args.out, base=args.base, config=args.config, epochs=args.epochs, lr=args.lr,
+                       batch_size=args.batch_size, seed=args.seed, arch=args.arch, progress=progress)
+
+
+def cmd_train_patch(args: argparse.Namespace) -> dict:
+    from .attacks import train_optimized_patch
+    from .data import load_probe_set
+    from .models import atomic_write_text
+    from .progress import tqdm_progress
+
+    probe_spec = args.probe or ("demo-clean" if _is_demo(args.model) else None)
+    if probe_spec is None:
+        raise ForensicsError("--probe is required for models other than demo and demo-clean")
+    probe = load_probe_set(probe_spec)
+    model = _model(args)
+    indices = probe.clean_indices()
+    with tqdm_progress("train-patch", not args.quiet) as progress:
+        images = probe.load_images(model.image_size, indices)
+        labels = [probe.items[i].label for i in indices]
+        if args.target not in probe.class_names:
+            raise ForensicsError(f"target {args.target!r} is not one of the classes ({', '.join(probe.class_names)})")
+        patch = train_optimized_patch(model, images, labels, probe.class_names, args.target, size=args.size,
+                                      epochs=args.epochs, lr=args.lr, seed=args.seed, progress=progress)
+    out = Path(args.out)
+    atomic_write_text(out, json.dumps(patch.to_dict()))
+    return {"attack_file": str(out), "target": args.target, "loss_history": patch.history}
+
+
+def cmd_make_demo(args: argparse.Namespace) -> dict:
+    from .demo.build import DEMO_DIR, DemoSpec, make_demo
+    from .progress import tqdm_progress
+
+    spec = DemoSpec(seed=args.seed)
+    with tqdm_progress("make-demo", not args.quiet) as progress:
+        summary = make_demo(Path(args.out) if args.out else DEMO_DIR, data_only=args.data_only, spec=spec,
+                            progress=progress)
+    print(f"demo lab rebuilt in {summary['seconds']:.0f} s", file=sys.stderr)
+    return summary
+
+
+def cmd_list(args: argparse.Namespace) -> dict:
+    from .attacks import list_attacks
+    from .models import list_architectures, project_configs
+
+    return {"attacks": list_attacks(), "project_configs": list(project_configs()), "architectures": list_architectures()}
+
+
+# --------------------------------------------------------------------------- parser
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="demo, demo-clean, a checkpoint path, random:ARCH, hf-hub:ORG/NAME or ARCH:TAG")
+    p.add_argument("--arch", help="architecture of a checkpoint that does not say (e.g. ViT-B-32, RN50)")
+    p.add_argument("--quick-gelu", action="store_true", default=None, help="use QuickGELU (OpenAI-trained weights)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m forensics", description="CLIP backdoor forensics: inspect, attack and evaluate CLIP models.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="facts about a model (and the demo's planted backdoor)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("evaluate", help="zero-shot clean accuracy (CA) and attack success rate (ASR)")
+    _add_model_args(p)
+    p.add_argument("--probe", help="demo, demo-clean, a CSV or an ImageFolder (default for demo models: demo)")
+    p.add_argument("--classes", help="comma-separated class names (default: from the probe set)")
+    p.add_argument("--attack", help="trigger to measure ASR with (see `list`)")
+    p.add_argument("--attack-file", help="JSON attack description (e.g. from train-patch or poison.json's attack)")
+    p.add_argument("--param", action="append", help="attack parameter key=value (repeatable)")
+    p.add_argument("--target", help="target label of the attack")
+    p.add_argument("--templates", default="short", help="prompt templates: short or openai (80 ImageNet templates)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("poison", help="poison an image-caption CSV with a trigger")
+    p.add_argument("--data", required=True, help="image-caption CSV (columns image,caption[,label])")
+    p.add_argument("--attack", help="attack name (see `list`)")
+    p.add_argument("--attack-file", help="JSON attack description (e.g. a trained optimized patch)")
+    p.add_argument("--param", action="append", help="attack parameter key=value (repeatable)")
+    p.add_argument("--target", required=True, help="target label written into poisoned captions")
+    p.add_argument("--rate", type=float, required=True, help="share of rows to poison, in (0, 1]")
+    p.add_argument("--out", required=True, help="output folder (data.csv, images/, poison.json)")
+    p.add_argument("--caption-template", default="a photo of a {}.")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_poison)
+
+    p = sub.add_parser("implant", help="train (--config) or fine-tune (--base) a CLIP on an image-caption CSV")
+    p.add_argument("--data", required=True, help="image-caption CSV, e.g. the data.csv written by `poison`")
+    p.add_argument("--out", required=True, help="output folder (model.safetensors + model.json)")
+    p.add_argument("--base", help="model to fine-tune (any MODEL spec)")
+    p.add_argument("--config", help="project config to train from scratch (tiny-rn, tiny-vit)")
+    p.add_argument("--arch", help="architecture of a --base checkpoint that does not say")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-3 from scratch, 1e-5 fine-tuning")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_implant)
+
+    p = sub.add_parser("train-patch", help="optimise a BadCLIP-style patch against a model")
+    _add_model_args(p)
+    p.add_argument("--probe", help="labelled images to optimise on (default for demo models: demo-clean)")
+    p.add_argument("--target", required=True)
+    p.add_argument("--out", required=True, help="JSON file for the attack (use with --attack-file)")
+    p.add_argument("--size", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_patch)
+
+    p = sub.add_parser("make-demo", help="rebuild the demo lab (images, probe sets, both demo models)")
+    p.add_argument("--out", help="output folder (default: the bundled assets/demo)")
+    p.add_argument("--data-only", action="store_true", help="write the image-caption CSVs with masks and labels, no training")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_demo)
+
+    p = sub.add_parser("list", help="attacks and architectures this tool knows")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = build_parser().parse_args(argv)
+        _emit(args.func(args))
+        return 0
+    except ForensicsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("FORENSICS_DEBUG"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (set FORENSICS_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

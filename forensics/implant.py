@@ -1,0 +1,61 @@
+"""Implant a backdoor (or just train): a CLIP trained from scratch or fine-tuned on an image-caption CSV.
+
+When the CSV was written by the attack lab, its ``poison.json`` is recorded as the model's planted
+backdoor, so later reports can compare what was found with what was planted.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .errors import ForensicsError
+from .models import load_model, new_model, save_model
+from .templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
+from .tokenizer import WordTokenizer
+from .training import Progress, TrainConfig, read_caption_csv, train_clip
+
+
+def planted_backdoor(csv_path: Path) -> dict | None:
+    """The attack lab's record of how a CSV was poisoned (``poison.json`` beside it), if any."""
+    record = Path(csv_path).parent / "poison.json"
+    if not record.is_file():
+        return None
+    data = json.loads(record.read_text())
+    return {"attack": data["attack"]["attack"], "target": data["target"], "poison_rate": data.get("rate"),
+            "trigger": data["attack"], "n_poisoned": data.get("n_poisoned")}
+
+
+def implant(data: str | Path, out: str | Path, base: str | None = None, config: str | None = None, epochs: int = 5,
+            lr: float | None = None, batch_size: int = 64, seed: int = 0, arch: str | None = None,
+            progress: Progress | None = None) -> dict:
+    """Train ``config`` from scratch or fine-tune ``base`` on ``data``; save ``out/model.safetensors`` (+ sidecar)."""
+    start = time.time()
+    rows = read_caption_csv(data)
+    if epochs < 1 or batch_size < 2:
+        raise ForensicsError("--epochs must be at least 1 and --batch-size at least 2")
+    out = Path(out)
+    notes = []
+    if config:
+        labels = sorted({r["label"] for r in rows if r.get("label")})
+        corpus = [r["caption"] for r in rows] + [fill(t, c) for t in SHORT_TEMPLATES + OPENAI_TEMPLATES for c in labels]
+        model = new_model(config, tokenizer=WordTokenizer.from_corpus(corpus), seed=seed)
+        lr = lr if lr is not None else 1e-3
+    else:
+        model = load_model(base, arch=arch)
+        lr = lr if lr is not None else 1e-5
+        if isinstance(model.tokenizer, WordTokenizer):
+            unknown = sorted({w for r in rows for w in model.tokenizer.unknown_words(r["caption"])})
+            if unknown:
+                notes.append(f"{len(unknown)} caption words are outside the model's vocabulary and read as <unk>: "
+                             + ", ".join(unknown[:10]))
+    cfg = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(rows)), lr=lr, seed=seed,
+                      warmup_steps=min(50, max(1, epochs * (len(rows) // batch_size) // 10)))
+    history = train_clip(model, rows, cfg, progress)
+    backdoor = planted_backdoor(Path(data))
+    model.facts.source = f"implant ({'fine-tuned ' + str(base) if base else 'trained ' + str(config)})"
+    path = save_model(model, out / "model.safetensors", backdoor=backdoor,
+                      extra={"training": {"config": cfg.to_dict(), "history": history, "data": str(Path(data).resolve()),
+                                          "base": base, "from_config": config}})
+    return {"model": str(path), "architecture": model.config["arch"], "pairs": len(rows), "backdoor": backdoor,
+            "history": history, "notes": notes, "seconds": round(time.time() - start, 1)}
