@@ -370,6 +370,7 @@ def new_model(arch: str, quick_gelu: bool = False, tokenizer: WordTokenizer | No
     if tokenizer is not None:
         cfg["text_cfg"]["vocab_size"] = tokenizer.vocab_size
         cfg["text_cfg"]["context_length"] = tokenizer.context_length
+    quick_gelu = bool(quick_gelu or cfg.get("quick_gelu") or arch.endswith("-quickgelu"))
     torch.manual_seed(seed)
     clip = build_clip(cfg, quick_gelu=quick_gelu)
     tok_spec = tokenizer.to_dict() if tokenizer else {"kind": "open_clip", "context_length": cfg["text_cfg"].get("context_length", 77)}

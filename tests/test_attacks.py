@@ -28,7 +28,6 @@ from forensics.attacks import (
 )
 from forensics.errors import ForensicsError
 
-torch.set_num_threads(1)
 
 ALL = ["badnet", "blended", "wanet", "sig", "optimized_patch"]
 # variants worth checking separately (name, params)

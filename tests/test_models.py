@@ -9,7 +9,10 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import os
 import pathlib
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,16 @@ WORDS = ["cat", "dog", "a", "photo", "of"]
 
 
 # --------------------------------------------------------------------------- helpers and fixtures
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """This module's work is one big op after another; with two threads on a 2-core machine that
+    is busy elsewhere, OpenMP barriers made encoding and loading ~10x slower than one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -105,20 +118,37 @@ class Zoo:
             path.unlink()
 
 
+def _big_file_folder(fallback: Path) -> Path:
+    """A fresh folder for checkpoints of hundreds of MB: in RAM (/dev/shm) when there is room,
+    so that the writes do not wait on the disk; ``fallback`` otherwise."""
+    shm = Path("/dev/shm")
+    try:
+        if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 6 << 30:
+            return Path(tempfile.mkdtemp(prefix="test_models-", dir=shm))
+    except OSError:
+        pass
+    return fallback
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    z = Zoo(tmp_path_factory.mktemp("zoo"))
+    folder = _big_file_folder(tmp_path_factory.mktemp("zoo"))
+    z = Zoo(folder)
     yield z
     z.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
 def scratch(tmp_path):
-    """``tmp_path`` whose (possibly huge) files are deleted when the test ends."""
-    yield tmp_path
-    for path in sorted(tmp_path.rglob("*"), reverse=True):
-        if path.is_file() or path.is_symlink():
+    """A folder for huge checkpoint files, deleted when the test ends."""
+    folder = _big_file_folder(tmp_path)
+    yield folder
+    if folder == tmp_path:
+        for path in tmp_path.iterdir():
             path.unlink()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -470,7 +500,7 @@ def test_folder_needs_one_checkpoint(tmp_path, tiny_saved):
 def test_save_refuses_to_overwrite_source(tmp_path, tiny_saved):
     model = load_model(str(tiny_saved))
     before = tiny_saved.read_bytes(), tiny_saved.with_suffix(".json").read_bytes()
-    for target in (tiny_saved, Path(str(tiny_saved)), tiny_saved.with_suffix(".json"), tiny_saved.parent / "." / tiny_saved.name):
+    for target in (tiny_saved, Path(os.path.relpath(tiny_saved)), tiny_saved.with_suffix(".json"), tiny_saved.with_suffix("")):
         with pytest.raises(ForensicsError) as excinfo:
             save_model(model, target)
         assert_clear(excinfo, "refusing to overwrite")
@@ -484,8 +514,11 @@ def test_save_refuses_to_overwrite_source(tmp_path, tiny_saved):
 def test_save_half_precision(tiny, tmp_path):
     path = save_model(tiny.model, tmp_path / "half.safetensors", half=True)
     with safe_open(str(path), framework="pt") as fh:
-        dtypes = {fh.get_slice(k).get_dtype() for k in fh.keys()}
-    assert dtypes == {"F16"}
+        dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
+    floats = {k: v for k, v in dtypes.items() if v.startswith("F")}
+    assert set(floats.values()) == {"F16"}
+    # only integer buffers (BatchNorm's num_batches_tracked) keep their dtype
+    assert all(k.endswith("num_batches_tracked") for k in dtypes.keys() - floats.keys())
     assert json.loads(path.with_suffix(".json").read_text())["precision"] == "fp16"
     loaded = load_model(str(path))
     assert {p.dtype for p in loaded.clip.parameters()} == {torch.float32}
