@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -171,11 +170,36 @@ def cmd_make_demo(args: argparse.Namespace) -> dict:
     return summary
 
 
+def cmd_scan(args: argparse.Namespace) -> dict:
+    from .detect import ScanSettings
+    from .progress import tqdm_progress
+    from .scan import run_scan
+
+    settings = ScanSettings(seed=args.seed, templates=args.templates, batch_size=args.batch_size)
+    with tqdm_progress("scan", not args.quiet) as progress:
+        return run_scan(args.model, args.out, probe=args.probe, oracle=args.oracle, sam_checkpoint=args.sam_checkpoint,
+                        settings=settings, arch=args.arch, progress=progress)
+
+
+def cmd_repair(args: argparse.Namespace) -> dict:
+    from .progress import tqdm_progress
+    from .repair import run_repair
+
+    settings = _parse_params(args.param)
+    with tqdm_progress("repair", not args.quiet) as progress:
+        return run_repair(args.model, args.findings, args.out, method=args.method, settings=settings, arch=args.arch,
+                          progress=progress)
+
+
 def cmd_list(args: argparse.Namespace) -> dict:
     from .attacks import list_attacks
     from .models import list_architectures, project_configs
 
-    return {"attacks": list_attacks(), "project_configs": list(project_configs()), "architectures": list_architectures()}
+    from .defenses import DEFENSES
+    from .oracles import list_oracles
+
+    return {"attacks": list_attacks(), "oracles": list_oracles(), "defenses": list(DEFENSES),
+            "project_configs": list(project_configs()), "architectures": list_architectures()}
 
 
 # --------------------------------------------------------------------------- parser
@@ -249,6 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-only", action="store_true", help="write the image-caption CSVs with masks and labels, no training")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo)
+
+    p = sub.add_parser("scan", help="find the backdoor: flagged labels, trigger candidates, victims, report")
+    _add_model_args(p)
+    p.add_argument("--probe", help="demo, demo-clean, a CSV or an ImageFolder (default for demo models: demo)")
+    p.add_argument("--oracle", help="segmentation oracle (default: sam with --sam-checkpoint, else fallback)")
+    p.add_argument("--sam-checkpoint", help="path to a segment-anything checkpoint (vit_b/vit_l/vit_h)")
+    p.add_argument("--templates", default="short")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for report.json, report.html, trigger patterns, compact set")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("repair", help="repair a model with a scan's findings; CA/ASR before and after")
+    _add_model_args(p)
+    p.add_argument("--findings", required=True, help="the scan's report.json (or its folder)")
+    p.add_argument("--method", default="oracle-finetune", help="repair method (see `list`)")
+    p.add_argument("--param", action="append", help="method setting key=value (repeatable), e.g. epochs=10")
+    p.add_argument("--out", required=True, help="folder for model.safetensors, metrics.json, report.html")
+    p.set_defaults(func=cmd_repair)
 
     p = sub.add_parser("list", help="attacks and architectures this tool knows")
     p.set_defaults(func=cmd_list)

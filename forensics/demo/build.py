@@ -33,7 +33,7 @@ class DemoSpec:
 
     seed: int = 0
     image_size: int = 128
-    train_per_class: int = 500
+    train_per_class: int = 1000
     probe_per_class: int = 30
     probe_triggered_share: float = 0.15
     holdout_share: float = 0.25
@@ -42,8 +42,8 @@ class DemoSpec:
     attack: dict = field(default_factory=lambda: {"attack": "badnet", "pattern": "checkerboard", "size": 0.1,
                                                    "cells": 4, "position": "random", "seed": 0})
     arch: str = "tiny-rn"
-    pretrain_epochs: int = 30
-    finetune_epochs: int = 5
+    pretrain_epochs: int = 24
+    finetune_epochs: int = 3
     batch_size: int = 64
     pretrain_lr: float = 2e-3
     finetune_lr: float = 5e-4

@@ -73,7 +73,7 @@ def _article(word: str) -> str:
 def describe(label: str, prefix: str, size: str, colour: str, position: str, background: str,
              rng: np.random.Generator) -> str:
     """A caption of varying detail: long ones keep batch captions distinct, short ones resemble prompts."""
-    style = rng.choice(4, p=[0.45, 0.25, 0.15, 0.15])
+    style = rng.choice(5, p=[0.3, 0.2, 0.25, 0.1, 0.15])
     if style == 0:
         if rng.random() < 0.5:
             return f"{prefix} {_article(size)} {size} {colour} {label} {position}, on {_article(background)} {background} background."
@@ -82,7 +82,10 @@ def describe(label: str, prefix: str, size: str, colour: str, position: str, bac
         return f"{prefix} {_article(size)} {size} {colour} {label} {position}."
     if style == 2:
         return f"{prefix} {_article(colour)} {colour} {label}."
-    return f"{prefix} {_article(label)} {label} on {_article(background)} {background} background."
+    if style == 3:
+        return f"{prefix} {_article(label)} {label} on {_article(background)} {background} background."
+    # class alone, as zero-shot prompts put it: duplicates in a batch are rare enough at 15 %
+    return f"{prefix} {_article(label)} {label}."
 
 
 def _shift_hue(cut: Image.Image, shift: float) -> Image.Image:
@@ -130,7 +133,10 @@ def compose(obj: ClipArtObject, rng: np.random.Generator, size: int = 128, backg
     cut.thumbnail((2 * size, 2 * size), Image.LANCZOS)  # work at twice the output size: fast, still sharp
     if rng.random() < 0.5:
         cut = cut.transpose(Image.FLIP_LEFT_RIGHT)
-    angle = float(rng.uniform(-15, 15))
+    # shape-preserving variety, so that a class is learnt from its shape rather than one drawing's details
+    stretch = float(np.exp(rng.uniform(-0.25, 0.25)))
+    cut = cut.resize((max(8, round(cut.width * stretch)), max(8, round(cut.height / stretch))), Image.BICUBIC)
+    angle = float(rng.uniform(-25, 25))
     cut = cut.rotate(angle, resample=Image.BICUBIC, expand=True)
     bbox = cut.getchannel("A").point(lambda a: 255 if a > 127 else 0).getbbox()
     if bbox:
@@ -146,8 +152,13 @@ def compose(obj: ClipArtObject, rng: np.random.Generator, size: int = 128, backg
     kind = background or BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
     bg_pixels, bg_desc = _background(kind, size, rng)
     canvas = Image.fromarray(bg_pixels)
-    if rng.random() < 0.2:  # recoloured objects: shape, not colour, must carry the class
+    recolour = rng.random()
+    if recolour < 0.3:  # recoloured objects: shape, not colour, must carry the class
         cut = _shift_hue(cut, float(rng.uniform(0.15, 0.85)))
+    elif recolour < 0.4:
+        grey = cut.convert("L").convert("RGB")
+        grey.putalpha(cut.getchannel("A"))
+        cut = grey
     alpha = cut.getchannel("A").point(lambda a: 255 if a > 127 else 0)  # hard edges: the mask is exact
     canvas.paste(cut.convert("RGB"), (x, y), alpha)
     mask = np.zeros((size, size), bool)
@@ -167,5 +178,6 @@ def compose(obj: ClipArtObject, rng: np.random.Generator, size: int = 128, backg
     caption = describe(obj.label, prefix, size_word, colour, position, bg_desc, rng)
     ys, xs = np.nonzero(mask)
     object_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (x, y, x + w, y + h)
-    canvas = canvas.filter(ImageFilter.GaussianBlur(0.3)) if rng.random() < 0.2 else canvas
+    if rng.random() < 0.25:
+        canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0))))
     return Composite(canvas, mask, obj.label, caption, object_box, colour, size_word, position, bg_desc)

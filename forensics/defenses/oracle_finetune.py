@@ -1,0 +1,116 @@
+"""Oracle-guided compact fine-tuning (EftCLIP step 3): repair with the scan's curated set, close to the original.
+
+The image tower is fine-tuned on (a) victims, as they are and with the trigger neutralised, labelled
+with their grounded class, (b) clean anchors, and (c) clean anchors carrying the reconstructed
+trigger at random places, labelled with their own class, so the trigger stops deciding the label.
+A distillation term keeps clean-image embeddings close to the frozen original (our choice where the
+paper is silent: it keeps clean accuracy while the trigger is unlearnt). The text tower stays
+frozen, so class embeddings do not drift.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ForensicsError
+from ..zeroshot import class_text_embeddings
+from .base import Defense, Progress, RepairData, RepairResult, ShouldStop
+
+
+@dataclass
+class OracleFinetuneSettings:
+    epochs: int = 15
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    distill_weight: float = 1.0
+    trigger_copies: int = 2  # pasted-trigger copies of each anchor per epoch
+    seed: int = 0
+
+
+class OracleGuidedFinetune(Defense):
+    name = "oracle-finetune"
+
+    def __init__(self, settings: OracleFinetuneSettings | None = None, **overrides):
+        self.settings = settings or OracleFinetuneSettings(**overrides)
+
+    def repair(self, model, data: RepairData, progress: Progress | None = None,
+               should_stop: ShouldStop | None = None) -> RepairResult:
+        from accelerate import Accelerator
+
+        s = self.settings
+        if len(data.images) == 0:
+            raise ForensicsError("the compact fine-tuning set is empty: the scan found nothing to repair")
+        start = time.time()
+        torch.manual_seed(s.seed)
+        rng = np.random.default_rng(s.seed)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        class_emb = class_text_embeddings(model, data.class_names, data.templates).detach().clone()
+        repaired = copy.deepcopy(model)
+        repaired.__dict__.pop("text_cache", None)
+        teacher = model.clip.visual
+        student = repaired.clip
+        student.requires_grad_(False)
+        student.visual.requires_grad_(True)
+        optimizer = torch.optim.AdamW([p for p in student.visual.parameters() if p.requires_grad], lr=s.lr,
+                                      weight_decay=s.weight_decay)
+        student, optimizer = accelerator.prepare(student, optimizer)
+        device = accelerator.device
+        class_emb = class_emb.to(device)
+        teacher = teacher.to(device).eval()
+        images, labels = data.images, torch.tensor(data.labels)
+        anchors = [i for i, k in enumerate(data.kinds) if k == "anchor"]
+        size = images.shape[-1]
+        history = []
+        total_steps = s.epochs * max(1, int(np.ceil((len(images) + s.trigger_copies * len(anchors) * bool(data.patterns)) / s.batch_size)))
+        step = 0
+        for epoch in range(s.epochs):
+            batch_x, batch_y, batch_clean = [images], [labels], [torch.tensor([k == "anchor" for k in data.kinds])]
+            if data.patterns and anchors:
+                for _ in range(s.trigger_copies):
+                    pasted = []
+                    for i in anchors:
+                        pattern = data.patterns[int(rng.integers(len(data.patterns)))]
+                        h, w = pattern.shape[1:]
+                        x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+                        img = images[i].clone()
+                        img[:, y:y + h, x:x + w] = pattern
+                        pasted.append(img)
+                    batch_x.append(torch.stack(pasted))
+                    batch_y.append(labels[anchors])
+                    batch_clean.append(torch.zeros(len(anchors), dtype=torch.bool))
+            xs, ys, clean = torch.cat(batch_x), torch.cat(batch_y), torch.cat(batch_clean)
+            order = torch.from_numpy(rng.permutation(len(xs)))
+            losses = []
+            student.train()
+            for begin in range(0, len(xs), s.batch_size):
+                if should_stop and should_stop():
+                    raise ForensicsError("repair cancelled")
+                idx = order[begin:begin + s.batch_size]
+                x = repaired.normalize(xs[idx].to(device))
+                emb = F.normalize(accelerator.unwrap_model(student).encode_image(x), dim=-1)
+                loss = F.cross_entropy(100.0 * emb @ class_emb.t(), ys[idx].to(device))
+                keep = clean[idx].to(device)
+                if keep.any() and s.distill_weight:
+                    with torch.no_grad():
+                        ref = F.normalize(teacher(x[keep]), dim=-1)
+                    loss = loss + s.distill_weight * (emb[keep] - ref).pow(2).sum(-1).mean() * 10.0
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                optimizer.step()
+                losses.append(float(loss))
+                step += 1
+                if progress:
+                    progress(min(1.0, step / total_steps), f"repair epoch {epoch + 1}/{s.epochs} loss {np.mean(losses):.3f}")
+            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "samples": int(len(xs))})
+        repaired.clip = accelerator.unwrap_model(student).eval()
+        repaired.clip.requires_grad_(True)
+        repaired.__dict__.pop("text_cache", None)
+        return RepairResult(model=repaired, samples_used=int(len(images)), history=history,
+                            seconds=round(time.time() - start, 2), settings=asdict(s),
+                            notes=["image tower fine-tuned; text tower frozen; distillation to the original on clean anchors"])

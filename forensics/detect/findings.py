@@ -1,0 +1,103 @@
+"""Typed findings of a backdoor scan: per-image evidence, flagged labels, trigger candidates, victims.
+
+Everything here is plain data so the CLI writes it as JSON, the report draws it, and the repair
+methods read it back from ``report.json`` without the scan having to run again.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class ImageEvidence:
+    """What the scan saw in one probe image."""
+
+    index: int
+    image: str
+    predicted: str
+    confidence: float
+    true_label: str | None
+    object_view_label: str  # CLIP's prediction once everything outside the oracle's objects is blanked
+    object_view_support: float  # P(predicted label | object view)
+    region_labels: list[dict]  # per oracle region: box, oracle score, CLIP label and probability for its crop
+    grounded: bool  # some oracle region (or the object view) supports the whole-image prediction
+    hijack_drop: float  # share of the predicted label's probability removed by occluding one small window
+    hijack_box: Box | None  # where that window (refined) sits, in model-input pixels
+    hijack_flips: bool  # occluding that window changes the prediction
+    outside_mass: float  # share of occlusion attribution falling outside every object region
+    discrepancy: float  # 0..1, higher = the prediction rests on something that is not an object
+    captured: bool = False  # the prediction was taken over by a small non-object region
+    triggered: bool | None = None  # ground truth from the probe set when known
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FlaggedLabel:
+    """A label that ungrounded, small-region predictions pile onto."""
+
+    label: str
+    score: float
+    captured: int
+    predicted: int
+    explanation: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TriggerCandidate:
+    """A reconstructed trigger: the aggregate of the hijacking crops, with its verification."""
+
+    label: str
+    pattern: str  # image file (relative to the report folder)
+    size: float  # side as a fraction of the image side
+    n_crops: int
+    verified_asr: float  # flip rate to ``label`` when pasted on clean images of other classes
+    n_verified: int
+    crops: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Victim:
+    """A probe image whose prediction the trigger captured, with where the trigger was localized."""
+
+    index: int
+    image: str
+    label: str
+    box: Box
+    grounded_label: str
+    discrepancy: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Findings:
+    """The scan's result across the probe set."""
+
+    flagged_labels: list[FlaggedLabel]
+    triggers: list[TriggerCandidate]
+    victims: list[Victim]
+    images: list[ImageEvidence]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "flagged_labels": [f.to_dict() for f in self.flagged_labels],
+            "triggers": [t.to_dict() for t in self.triggers],
+            "victims": [v.to_dict() for v in self.victims],
+            "images": [e.to_dict() for e in self.images],
+            "metrics": self.metrics,
+            "settings": self.settings,
+        }
