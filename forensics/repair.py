@@ -106,6 +106,10 @@ def run_repair(model: str | SuspectModel, findings: str | Path, out: str | Path,
     if progress:
         progress(0.92, "measuring CA/ASR after repair")
     after = _measure(result.model, eval_images, eval_labels, probe.class_names, reconstructed, true_trigger)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
+        return {"before": before, "after": after}
     out.mkdir(parents=True, exist_ok=True)
     result.model.facts.source = f"repaired ({method})"
     model_path = save_model(result.model, out / "model.safetensors", backdoor=None,

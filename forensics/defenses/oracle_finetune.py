@@ -93,7 +93,7 @@ class OracleGuidedFinetune(Defense):
                     raise ForensicsError("repair cancelled")
                 idx = order[begin:begin + s.batch_size]
                 x = repaired.normalize(xs[idx].to(device))
-                emb = F.normalize(accelerator.unwrap_model(student).encode_image(x), dim=-1)
+                emb = student(image=x)[0]  # normalised image features, through DDP when several GPUs
                 loss = F.cross_entropy(100.0 * emb @ class_emb.t(), ys[idx].to(device))
                 keep = clean[idx].to(device)
                 if keep.any() and s.distill_weight:

@@ -1,0 +1,125 @@
+"""Benchmark of the scan and the repair (not a test): writes a markdown table and JSON.
+
+Measures, per model: scan images/s with the oracle and without it (a ground-truth-free pass that
+skips the oracle by using an oracle returning no regions), seconds per image of each weight-free
+oracle, forward+backward images/s of the bare image tower (the physical limit), repair wall time and
+samples used, and CA/ASR before/after. Models: the demo pair, and a random-weight ViT-B-32 at 224 px
+(scan speed only: a random model has no backdoor to repair).
+
+    python bench/scan_repair.py --out bench/results          # about 15 minutes on 2 CPU cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from forensics.data import load_probe_set  # noqa: E402
+from forensics.detect import OracleGuidedScan, ScanSettings  # noqa: E402
+from forensics.models import load_model  # noqa: E402
+from forensics.oracles import Oracle, build_oracle, list_oracles  # noqa: E402
+from forensics.repair import run_repair  # noqa: E402
+from forensics.scan import run_scan  # noqa: E402
+
+
+class NoRegions(Oracle):
+    """An oracle that finds nothing: the scan's cost without segmentation."""
+
+    name = "none"
+
+    def segment(self, image):
+        return []
+
+
+def forward_backward_rate(model, batch: int = 32, steps: int = 3) -> float:
+    """Images/s of a forward+backward pass through the image tower alone."""
+    x = torch.rand(batch, 3, model.image_size, model.image_size)
+    model.clip.visual.train()
+    for i in range(steps + 1):
+        if i == 1:
+            start = time.time()
+        model.clip.visual(model.normalize(x)).sum().backward()
+    model.clip.visual.eval()
+    model.clip.zero_grad(set_to_none=True)
+    return batch * steps / (time.time() - start)
+
+
+def oracle_seconds(probe, size: int, n: int = 30) -> dict:
+    images = probe.load_images(size, list(range(min(n, len(probe)))))
+    out = {}
+    for name in list_oracles(weight_free=True):
+        if name == "ground-truth":
+            continue
+        oracle = build_oracle(name)
+        start = time.time()
+        for image in images:
+            oracle.segment(image)
+        out[name] = (time.time() - start) / len(images)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--vit-images", type=int, default=8, help="probe images for the ViT-B-32 speed run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    probe = load_probe_set("demo")
+    for spec in ("demo", "demo-clean"):
+        model = load_model(spec)
+        scan_dir = out / f"scan_{spec}"
+        t = time.time()
+        result = run_scan(spec, scan_dir)
+        scan_s = time.time() - t
+        bare = OracleGuidedScan(NoRegions(), ScanSettings())
+        t = time.time()
+        bare.run(model, probe)
+        bare_s = time.time() - t
+        row = {"model": spec, "architecture": model.facts.architecture, "image px": model.image_size,
+               "probe images": len(probe), "scan img/s (oracle)": len(probe) / scan_s,
+               "scan img/s (no oracle)": len(probe) / bare_s, "fwd+bwd img/s": forward_backward_rate(model),
+               "flagged": ", ".join(f["label"] for f in result["flagged_labels"]) or "none",
+               "victims": result["n_victims"]}
+        if result["flagged_labels"]:
+            t = time.time()
+            repaired = run_repair(spec, scan_dir / "report.json", out / f"repair_{spec}")
+            row.update({"repair s": time.time() - t, "samples used": repaired["samples_used"],
+                        "CA before": repaired["before"]["ca"], "CA after": repaired["after"]["ca"],
+                        "ASR before": repaired["before"]["asr"], "ASR after": repaired["after"]["asr"]})
+        rows.append(row)
+    vit = load_model("random:ViT-B-32")
+    subset = probe.__class__(probe.name, probe.items[:: max(1, len(probe) // args.vit_images)][: args.vit_images],
+                             probe.class_names)
+    for oracle_name, oracle in (("fallback", build_oracle("fallback")), ("none", NoRegions())):
+        t = time.time()
+        OracleGuidedScan(oracle, ScanSettings()).run(vit, subset)
+        rows.append({"model": f"random ViT-B-32 ({oracle_name} oracle)", "architecture": "ViT-B-32", "image px": 224,
+                     "probe images": len(subset), f"scan img/s ({'oracle' if oracle_name != 'none' else 'no oracle'})":
+                     len(subset) / (time.time() - t), "fwd+bwd img/s": forward_backward_rate(vit, batch=8, steps=2)})
+    oracles = {size: oracle_seconds(probe, size) for size in (128, 224)}
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = [f"Machine: {machine}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns) + " |")
+    lines += ["", "Oracle seconds per image:", "", "| oracle | 128 px | 224 px |", "|---|---|---|"]
+    for name in oracles[128]:
+        lines.append(f"| {name} | {oracles[128][name]:.3f} | {oracles[224][name]:.3f} |")
+    table = "\n".join(lines)
+    (out / "bench.md").write_text(table + "\n")
+    (out / "bench.json").write_text(json.dumps({"machine": machine, "rows": rows, "oracle_seconds": oracles}, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
