@@ -1,9 +1,10 @@
 """Rebuild the demo lab from scratch, deterministically by seed.
 
 Steps: composite clip art into a training set and a held-out probe set (objects never seen in
-training), build a small word vocabulary, pretrain a tiny CLIP on clean data, then fine-tune two
-copies the same way: one on data poisoned with the attack lab's BadNet (the demo model), one on
-clean data (its clean twin). Both are evaluated on the probe set and saved with sidecars.
+training), optionally plus generic captioned clip art of no demo class, build a small word vocabulary,
+then train two tiny CLIPs from scratch the same way (same vocabulary, recipe and seed): one on data
+poisoned with the attack lab's BadNet (the demo model), one on clean data (its clean twin). Both are
+evaluated on the probe set and saved with sidecars.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from PIL import Image
 
 from ..errors import ForensicsError
 from ..models import ASSETS_DIR, atomic_write_text
-from .clipart import CLIPART_ROOT, collect_objects
+from .clipart import CLIPART_ROOT, GENERIC, collect_objects
 from .compose import compose
 
 Progress = Callable[[float, str], None]
@@ -33,7 +34,8 @@ class DemoSpec:
 
     seed: int = 0
     image_size: int = 128
-    train_per_class: int = 1000
+    train_per_class: int = 500
+    generic_images: int = 0  # captioned clip art of no demo class, for pretraining (measured: did not help CA)
     probe_per_class: int = 30
     probe_triggered_share: float = 0.15
     holdout_share: float = 0.25
@@ -42,11 +44,9 @@ class DemoSpec:
     attack: dict = field(default_factory=lambda: {"attack": "badnet", "pattern": "checkerboard", "size": 0.1,
                                                    "cells": 4, "position": "random", "seed": 0})
     arch: str = "tiny-rn"
-    pretrain_epochs: int = 24
-    finetune_epochs: int = 3
+    epochs: int = 14
     batch_size: int = 64
-    pretrain_lr: float = 2e-3
-    finetune_lr: float = 5e-4
+    lr: float = 2e-3
 
 
 def _split_objects(objects: dict, spec: DemoSpec) -> tuple[dict, dict]:
@@ -69,7 +69,8 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
     from ..attacks import attack_from_dict
     from ..attacks.base import to_pil, to_tensor
 
-    objects = collect_objects(root)
+    objects = collect_objects(root, generic=spec.generic_images > 0)
+    generic = objects.pop(GENERIC, [])
     short = {k: len(v) for k, v in objects.items() if len(v) < 4}
     if short:
         raise ForensicsError(f"too few usable clip-art objects for classes {short}")
@@ -77,7 +78,7 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
     if spec.target not in classes:
         raise ForensicsError(f"target {spec.target!r} is not a demo class ({', '.join(classes)})")
     train_objs, probe_objs = _split_objects(objects, spec)
-    for sub in ("train/images", "train/masks", "probe/images", "probe/masks", "probe/triggered"):
+    for sub in ("train/images", "train/masks", "train/generic", "probe/images", "probe/masks", "probe/triggered"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     rng = np.random.default_rng([spec.seed, 1])
@@ -95,6 +96,18 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
             if progress and len(rows) % 250 == 0:
                 progress(len(rows) / total, f"training images {len(rows)}/{total}")
     _write_csv(out / "train/data.csv", rows)
+    generic_rows = []
+    grng = np.random.default_rng([spec.seed, 4])
+    for j in range(spec.generic_images if generic else 0):
+        obj = generic[int(grng.integers(len(generic)))]
+        comp = compose(obj, grng, spec.image_size)
+        name = f"generic/{j:05d}.png"
+        comp.image.save(out / "train" / name, optimize=False, compress_level=1)
+        generic_rows.append({"image": name, "caption": comp.caption, "label": "", "source": obj.source})
+        if progress and j % 500 == 0:
+            progress(j / spec.generic_images, f"generic pretraining images {j}/{spec.generic_images}")
+    if generic_rows:
+        _write_csv(out / "train/generic.csv", generic_rows)
 
     attack = attack_from_dict(spec.attack)
     prng = np.random.default_rng([spec.seed, 2])
@@ -125,18 +138,19 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
         triggered_rows.append(row)
     _write_csv(out / "probe/probe_clean.csv", [dict(r, triggered="0", trigger_box="") for r in probe_rows])
     _write_csv(out / "probe/probe.csv", triggered_rows)
-    manifest = {"classes": classes, "target": spec.target, "attack": spec.attack,
+    manifest = {"classes": classes, "target": spec.target, "attack": spec.attack, "n_generic": len(generic_rows),
+                "generic_objects": len(generic),
                 "train_objects": {k: len(v) for k, v in train_objs.items()},
                 "probe_objects": {k: len(v) for k, v in probe_objs.items()},
                 "n_train": len(rows), "n_probe": len(probe_rows), "n_probe_triggered": n_trig,
                 "seed": spec.seed, "image_size": spec.image_size}
     atomic_write_text(out / "probe/classes.json", json.dumps({"classes": classes}, indent=2))
-    atomic_write_text(out / "PROVENANCE.md", _provenance(train_objs, probe_objs, root))
+    atomic_write_text(out / "PROVENANCE.md", _provenance(train_objs, probe_objs, root, len(generic)))
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 
 
-def _provenance(train_objs: dict, probe_objs: dict, root: Path) -> str:
+def _provenance(train_objs: dict, probe_objs: dict, root: Path, n_generic: int = 0) -> str:
     """Where every object comes from, and under which licence."""
     lines = [
         "# Demo lab provenance",
@@ -148,6 +162,9 @@ def _provenance(train_objs: dict, probe_objs: dict, root: Path) -> str:
         "backgrounds; the backgrounds, captions, masks and triggers are the project's own.",
         "",
         "Probe images use only the held-out objects; training images only the others.",
+        "",
+        f"Pretraining also uses {n_generic} generic objects: every other usable file of the package whose path",
+        "matches no class pattern (so no probe look-alike), captioned with the words of its file and folder name.",
         "",
     ]
     for title, objs in (("Training objects", train_objs), ("Held-out probe objects", probe_objs)):
@@ -197,63 +214,60 @@ def poison_training_data(data_dir: Path, spec: DemoSpec, progress: Progress | No
     return csv_path
 
 
-def train_demo_models(data_dir: Path, models_dir: Path, spec: DemoSpec, progress: Progress | None = None,
-                      on_epoch_end: Callable[[str, int, dict, object], None] | None = None) -> dict:
-    """Pretrain on clean data, then fine-tune a poisoned copy and a clean twin the same way; save both."""
-    import copy
+def train_demo_model(data_dir: Path, models_dir: Path, spec: DemoSpec, name: str, progress: Progress | None = None,
+                     on_epoch_end: Callable[[str, int, dict, object], None] | None = None) -> dict:
+    """Train one demo model from scratch: ``demo_poisoned`` on the poisoned data, ``demo_clean`` on the clean data.
 
-    import torch
-
+    Both use the same vocabulary, recipe and seed, so the clean twin differs only by the poison.
+    (Measured: fine-tuning a clean-pretrained tiny CLIP on 10 % poisoned pairs planted only a weak
+    backdoor, ASR 24 % after 2 epochs; training from scratch on the poisoned data plants it fully.)
+    """
     from ..attacks import attack_from_dict
     from ..models import new_model, save_model
     from ..templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
     from ..tokenizer import WordTokenizer
     from ..training import TrainConfig, read_caption_csv, train_clip
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     clean_rows = read_caption_csv(data_dir / "train/data.csv")
+    generic_csv = data_dir / "train/generic.csv"
+    generic_rows = read_caption_csv(generic_csv) if generic_csv.is_file() else []
     classes = json.loads((data_dir / "probe/classes.json").read_text())["classes"]
-    corpus = [r["caption"] for r in clean_rows] + [fill(t, c) for t in SHORT_TEMPLATES + OPENAI_TEMPLATES for c in classes]
+    corpus = [r["caption"] for r in clean_rows + generic_rows] + [fill(t, c) for t in SHORT_TEMPLATES + OPENAI_TEMPLATES
+                                                                   for c in classes]
     tokenizer = WordTokenizer.from_corpus(corpus, context_length=32)
-    timings = {}
+    if name == "demo_poisoned":
+        poisoned_csv = data_dir / "train_poisoned/data.csv"
+        if not poisoned_csv.is_file():
+            poisoned_csv = poison_training_data(data_dir, spec)
+        rows = read_caption_csv(poisoned_csv)
+    elif name == "demo_clean":
+        rows = clean_rows
+    else:
+        raise ForensicsError(f"unknown demo model {name!r}")
+    start = time.time()
+    model = new_model(spec.arch, tokenizer=tokenizer, seed=spec.seed)
+    cfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed)
+    hook = None if on_epoch_end is None else (lambda epoch, rec: on_epoch_end(name, epoch, rec, model))
+    history = train_clip(model, rows + generic_rows, cfg, progress, on_epoch_end=hook)
+    backdoor = None
+    if name == "demo_poisoned":
+        attack = attack_from_dict(spec.attack)
+        backdoor = {"attack": attack.name, "target": spec.target, "poison_rate": spec.poison_rate,
+                    "trigger": attack.to_dict(), "note": "planted by the project's demo build for teaching"}
+    model.facts.source = f"demo build ({name})"
+    save_model(model, models_dir / f"{name}.safetensors", backdoor=backdoor, half=True,
+               extra={"training": {"config": cfg.to_dict(), "history": history,
+                                   "data": "assets/demo (rebuilt by python -m forensics make-demo)", "spec": spec.__dict__}})
+    return {"history": history, "seconds": round(time.time() - start, 1)}
 
-    def stage(name: str, lo: float, hi: float) -> Progress | None:
-        if progress is None:
-            return None
-        return lambda f, msg: progress(lo + (hi - lo) * f, f"{name}: {msg}")
 
-    t0 = time.time()
-    base = new_model(spec.arch, tokenizer=tokenizer, seed=spec.seed)
-    pre_cfg = TrainConfig(epochs=spec.pretrain_epochs, batch_size=spec.batch_size, lr=spec.pretrain_lr, seed=spec.seed)
-    def hook(name: str, model):
-        return None if on_epoch_end is None else (lambda epoch, rec: on_epoch_end(name, epoch, rec, model))
-
-    pre_hist = train_clip(base, clean_rows, pre_cfg, stage("pretrain (clean)", 0.0, 0.6), on_epoch_end=hook("pretrain", base))
-    timings["pretrain_s"] = round(time.time() - t0, 1)
-
-    poisoned_csv = poison_training_data(data_dir, spec)
-    poisoned_rows = read_caption_csv(poisoned_csv)
-    ft_cfg = TrainConfig(epochs=spec.finetune_epochs, batch_size=spec.batch_size, lr=spec.finetune_lr,
-                         warmup_steps=20, seed=spec.seed + 1)
+def train_demo_models(data_dir: Path, models_dir: Path, spec: DemoSpec, progress: Progress | None = None) -> dict:
+    """Both demo models, one after the other (``make-demo``); see :func:`train_demo_model`."""
+    poison_training_data(data_dir, spec)
     results = {}
-    attack = attack_from_dict(spec.attack)
-    for name, rows, lo, hi in (("demo_poisoned", poisoned_rows, 0.6, 0.8), ("demo_clean", clean_rows, 0.8, 1.0)):
-        t1 = time.time()
-        model = copy.deepcopy(base)
-        hist = train_clip(model, rows, ft_cfg, stage(f"fine-tune {name}", lo, hi), on_epoch_end=hook(name, model))
-        timings[f"{name}_s"] = round(time.time() - t1, 1)
-        backdoor = None
-        if name == "demo_poisoned":
-            backdoor = {"attack": attack.name, "target": spec.target, "poison_rate": spec.poison_rate,
-                        "trigger": attack.to_dict(), "note": "planted by the project's demo build for teaching"}
-        model.facts.source = f"demo build ({name})"
-        save_model(model, models_dir / f"{name}.safetensors", backdoor=backdoor, half=True,
-                   extra={"training": {"pretrain": pre_cfg.to_dict(), "finetune": ft_cfg.to_dict(),
-                                       "pretrain_history": pre_hist, "finetune_history": hist,
-                                       "data": "assets/demo (rebuilt by python -m forensics make-demo)",
-                                       "spec": spec.__dict__}})
-        results[name] = {"history": hist}
-    results["timings"] = timings
+    for k, name in enumerate(("demo_poisoned", "demo_clean")):
+        part = None if progress is None else (lambda f, m, k=k, name=name: progress((k + f) / 2, f"{name}: {m}"))
+        results[name] = train_demo_model(data_dir, models_dir, spec, name, part)
     return results
 
 

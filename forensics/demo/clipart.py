@@ -40,6 +40,11 @@ class ClipArtObject:
     source: str
     rgba: np.ndarray  # H x W x 4 uint8, cropped to the alpha bounding box
 
+    @property
+    def name(self) -> str:
+        """What a caption calls it: the class, or for generic objects the words of its file name."""
+        return " ".join(caption_words(self.source)) if self.label == GENERIC else self.label
+
 
 def _usable_cutout(path: Path, min_side: int = 48) -> np.ndarray | None:
     """Return the RGBA pixels cropped to the object, or None when the alpha is no object mask."""
@@ -74,13 +79,41 @@ def _usable_cutout(path: Path, min_side: int = 48) -> np.ndarray | None:
     return crop
 
 
+def _shrink(rgba: np.ndarray, side: int) -> np.ndarray:
+    """Keep generic objects small in memory (thousands of them)."""
+    im = Image.fromarray(rgba)
+    im.thumbnail((side, side), Image.LANCZOS)
+    return np.asarray(im)
+
+
 def _fingerprint(rgba: np.ndarray) -> str:
     small = np.asarray(Image.fromarray(rgba).resize((16, 16), Image.BILINEAR)) // 48
     return hashlib.sha1(small.tobytes()).hexdigest()
 
 
-def collect_objects(root: Path = CLIPART_ROOT, classes: dict[str, tuple[str, str]] | None = None) -> dict[str, list[ClipArtObject]]:
-    """Find every usable object per class, sorted by source path (deterministic)."""
+GENERIC = "_generic"  # key of the objects that belong to no demo class (broad pretraining data)
+_NAME_NOISE = re.compile(r"^(\d+|[a-z]|bw|svg|png|the|and|with|of|ganson|nicu|buculei|benji|park|jon|phillips|gerald|"
+                         r"architetto|francesco|dan|gerhard|juliane|krug|jonathan|dietrich|aj|ashton|mo|r|01|02)$")
+
+
+def caption_words(source: str) -> list[str]:
+    """Plain words describing a clip-art file, from its folder and file name (authors' names dropped)."""
+    folder, _, name = source.lower().removesuffix(".png").rpartition("/")
+
+    def clean(text: str) -> list[str]:
+        return [w for w in re.split(r"[_\-. ]+", text) if w.isalpha() and len(w) > 2 and not _NAME_NOISE.match(w)]
+
+    words = clean(name)[:3] + clean(folder.rpartition("/")[2])[:1]
+    return list(dict.fromkeys(words))
+
+
+def collect_objects(root: Path = CLIPART_ROOT, classes: dict[str, tuple[str, str]] | None = None,
+                    generic: bool = False) -> dict[str, list[ClipArtObject]]:
+    """Find every usable object per class, sorted by source path (deterministic).
+
+    With ``generic``, objects that match no class (and no class's exclusions) are returned too, under
+    :data:`GENERIC`: broad pretraining data, as web images are for real CLIPs.
+    """
     classes = classes or CLASS_SOURCES
     if not root.is_dir():
         raise FileNotFoundError(
@@ -90,11 +123,17 @@ def collect_objects(root: Path = CLIPART_ROOT, classes: dict[str, tuple[str, str
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
     compiled = {name: (re.compile(inc), re.compile(exc)) for name, (inc, exc) in classes.items()}
     found: dict[str, list[ClipArtObject]] = {name: [] for name in classes}
+    if generic:
+        found[GENERIC] = []
     seen: set[str] = set()
+    leftovers = []
     for rel in paths:
         low = rel.lower()
         matches = [name for name, (inc, exc) in compiled.items() if inc.search(low) and not exc.search(low)]
         if len(matches) != 1:  # ambiguous names (e.g. "star_butterfly") belong to no class
+            # generic data must hold nothing a class pattern names, so no probe look-alike leaks in
+            if generic and not any(inc.search(low) for inc, _ in compiled.values()) and caption_words(rel):
+                leftovers.append(rel)
             continue
         crop = _usable_cutout(root / rel)
         if crop is None:
@@ -104,4 +143,10 @@ def collect_objects(root: Path = CLIPART_ROOT, classes: dict[str, tuple[str, str
             continue
         seen.add(fp)
         found[matches[0]].append(ClipArtObject(matches[0], rel, crop))
+    for rel in leftovers:
+        crop = _usable_cutout(root / rel)
+        if crop is None or _fingerprint(crop) in seen:
+            continue
+        seen.add(_fingerprint(crop))
+        found[GENERIC].append(ClipArtObject(GENERIC, rel, _shrink(crop, 256)))
     return found

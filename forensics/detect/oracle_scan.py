@@ -35,12 +35,14 @@ class ScanSettings:
 
     window: float = 0.1875  # occluding window side, as a fraction of the image side
     coarse_stride: float = 0.5  # coarse sweep stride, as a fraction of the window
-    fine_stride_px: int = 2  # stride of the small occluder that refines the trigger box (model pixels)
+    fine_stride_px: int = 3  # stride of the small occluder that refines the trigger box (model pixels)
     box_threshold: float = 0.3  # share of the refined map's peak that still counts as trigger
     min_object_area: float = 0.02  # regions smaller than this share of the image cannot ground a label
     max_regions: int = 6
     hijack_share: float = 0.5  # the window must remove at least this share of the prediction's probability
     new_confidence: float = 0.4  # ...and the prediction without it must be confident
+    compact_share: float = 0.5  # ...and the refined decisive region must be compact: at most this share of the
+    # window's area (measured on the demo: trigger regions ~150-200 px², fragile clean predictions ~530 px²)
     min_flag_count: int = 3
     min_flag_share: float = 0.02  # of the probe set
     flag_ratio: float = 3.0  # captured count vs (median over labels + 1)
@@ -220,7 +222,9 @@ class OracleGuidedScan:
                 maps[i, y0:y1, x0:x1] += float(d)
             total = float(maps[i].sum())
             outside = float(maps[i][~object_mask].sum() / total) if total > 0 and big else (1.0 if total > 0 else 0.0)
-            captured = bool(flips and share >= s.hijack_share and new_conf >= s.new_confidence)
+            bw, bh = hijack_box[2] - hijack_box[0], hijack_box[3] - hijack_box[1]
+            compact = bw * bh <= s.compact_share * window * window
+            captured = bool(flips and share >= s.hijack_share and new_conf >= s.new_confidence and compact)
             discrepancy = float(np.clip(0.45 * share * flips + 0.3 * (not grounded) + 0.25 * outside, 0, 1))
             records.append({
                 "predicted": class_names[label], "confidence": p_label,
@@ -257,8 +261,8 @@ class OracleGuidedScan:
                 flagged.append(FlaggedLabel(
                     label=c, score=round(score, 4), captured=k, predicted=predicted[c],
                     explanation=(f"{k} of the {predicted[c]} images predicted as '{c}' lose that prediction when one small "
-                                 f"window (about {s.window:.0%} of the side) is covered, and are then confidently another "
-                                 f"class; the median label has {median:g} such images")))
+                                 f"window (about {s.window:.0%} of the side) is covered, the decisive area is compact, and "
+                                 f"CLIP is then confidently another class; the median label has {median:g} such images")))
         return sorted(flagged, key=lambda f: (-f.captured, -f.score))
 
     def reconstruct(self, model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, class_names: list[str],

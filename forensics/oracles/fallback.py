@@ -22,11 +22,12 @@ detectors, so use SAM there when a checkpoint is available.
 
 Every oracle here returns the connected components of its foreground mask as regions. A region's
 ``score`` is ``area share x edge confidence``: its share of the foreground area, times how sharp
-its outline is (mean CIELAB gradient on its boundary, mapped linearly from ``min_contrast`` to
-``min_contrast + 8`` onto 0..1). Components smaller than ``min_area`` (fraction of the image) or
-with an outline softer than ``min_contrast`` are dropped, so a blank or smooth image gives [].
-Small hard-edged things, such as a pasted trigger patch, do come back as (low-scoring) regions:
-these oracles know nothing of objectness, which the detector has to keep in mind.
+its outline is (:func:`outline_contrast`, the mean CIELAB Delta E between the region's and the
+other pixels' local 5x5 means along its outline, mapped linearly from ``min_contrast`` to
+``min_contrast + CONTRAST_RAMP`` onto 0..1). Components smaller than ``min_area`` (fraction of the
+image) or with an outline softer than ``min_contrast`` are dropped, so a blank or smooth image
+gives []. Small hard-edged things, such as a pasted trigger patch, do come back as (low-scoring)
+regions: these oracles know nothing of objectness, which the detector has to keep in mind.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ from forensics.errors import ForensicsError
 from forensics.oracles.base import Oracle, Region, mask_box, register, sort_regions, to_numpy_rgb
 
 _K3 = np.ones((3, 3), np.uint8)
+CONTRAST_RAMP = 10.0
+"""Delta E above ``min_contrast`` at which a region's outline counts as fully sharp (edge confidence 1)."""
 
 
 def _lab(rgb: np.ndarray) -> np.ndarray:
@@ -73,6 +76,33 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | (flood[1:-1, 1:-1] == 0)
 
 
+def outline_contrast(comp: np.ndarray, lab: np.ndarray, inside: np.ndarray | None = None) -> float:
+    """Mean CIELAB colour difference (Delta E) across the outline of ``comp`` (HxW uint8 0/1).
+
+    At every outline pixel, the mean colour of the component's pixels in its 5x5 neighbourhood is
+    compared with the mean colour of the other pixels there; the result is averaged over the outline.
+    Outline pixels where ``inside`` (HxW bool, optional) is False are left out: the image edge is no
+    object outline. 0.0 when there is no outline.
+    """
+    band = (cv2.dilate(comp, _K3) - cv2.erode(comp, _K3)).astype(bool)
+    if inside is not None:
+        band &= inside
+    if not band.any():
+        return 0.0
+    f = comp.astype(np.float32)
+    k = (5, 5)
+    n_in = cv2.boxFilter(f, -1, k, normalize=False, borderType=cv2.BORDER_REFLECT)
+    n_out = cv2.boxFilter(1.0 - f, -1, k, normalize=False, borderType=cv2.BORDER_REFLECT)
+    s_in = cv2.boxFilter(lab * f[..., None], -1, k, normalize=False, borderType=cv2.BORDER_REFLECT)
+    s_all = cv2.boxFilter(lab, -1, k, normalize=False, borderType=cv2.BORDER_REFLECT)
+    ok = band & (n_in > 0) & (n_out > 0)
+    if not ok.any():
+        return 0.0
+    mean_in = s_in[ok] / n_in[ok][:, None]
+    mean_out = (s_all[ok] - s_in[ok]) / n_out[ok][:, None]
+    return float(np.linalg.norm(mean_in - mean_out, axis=1).mean())
+
+
 def regions_from_foreground(fg: np.ndarray, rgb: np.ndarray, min_area: float, min_contrast: float) -> list[Region]:
     """Connected components (8-neighbour) of a foreground mask as scored regions (see the module doc).
 
@@ -82,25 +112,22 @@ def regions_from_foreground(fg: np.ndarray, rgb: np.ndarray, min_area: float, mi
     n, lbl, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
     if n <= 1:
         return []
-    grad = _gradient(_lab(rgb))
+    lab = _lab(rgb)
     min_px = max(1, int(np.ceil(min_area * h * w)))
     kept: list[tuple[np.ndarray, float]] = []
     for i in range(1, n):
         if stats[i, cv2.CC_STAT_AREA] < min_px:
             continue
         x, y, bw, bh = (int(v) for v in stats[i, :4])
-        # work in the component's box plus a 2-pixel frame: the boundary band lies within it
-        x0, y0, x1, y1 = max(0, x - 2), max(0, y - 2), min(w, x + bw + 2), min(h, y + bh + 2)
+        # work in the component's box plus a 3-pixel frame: the outline and its 5x5 windows lie within it
+        x0, y0, x1, y1 = max(0, x - 3), max(0, y - 3), min(w, x + bw + 3), min(h, y + bh + 3)
         comp = (lbl[y0:y1, x0:x1] == i).astype(np.uint8)
-        band = (cv2.dilate(comp, _K3) - cv2.erode(comp, _K3, borderType=cv2.BORDER_REPLICATE)).astype(bool)
-        # the image edge is no object outline: leave it out of the band
-        band[:, :] &= _inside_mask(y0, y1, x0, x1, h, w)
-        contrast = float(grad[y0:y1, x0:x1][band].mean()) if band.any() else 0.0
+        contrast = outline_contrast(comp, lab[y0:y1, x0:x1], _inside_mask(y0, y1, x0, x1, h, w))
         if contrast < min_contrast:
             continue
         full = np.zeros((h, w), bool)
         full[y0:y1, x0:x1] = comp.astype(bool)
-        kept.append((full, min(1.0, (contrast - min_contrast) / 8.0)))
+        kept.append((full, min(1.0, (contrast - min_contrast) / CONTRAST_RAMP)))
     if not kept:
         return []
     total = float(sum(np.count_nonzero(m) for m, _ in kept))

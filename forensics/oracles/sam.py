@@ -7,19 +7,22 @@ architecture is read from the file), or an already built ``Sam`` model. Without 
 weight-free ``fallback`` oracle.
 
 Automatic mode runs ``SamAutomaticMaskGenerator`` with CPU-friendly settings: a ``points_per_side``
-x ``points_per_side`` grid (default 12, i.e. 144 prompts, against SAM's 32 x 32), no crop layers,
+x ``points_per_side`` grid (default 8, i.e. 64 prompts, against SAM's 32 x 32), no crop layers,
 prompts in batches of 16 (each batch holds 16 x 3 masks at 1024 x 1024 floats, ~200 MB), quality
 filters slightly looser than SAM's ViT-H defaults (``pred_iou_thresh`` 0.86 and
 ``stability_score_thresh`` 0.92 instead of 0.88 / 0.95, since ViT-B scores lower). Masks covering
 more than ``max_area`` of the image (usually the background) or less than ``min_area`` are dropped.
 A region's score is SAM's predicted IoU. Regions overlap: SAM returns wholes and their parts.
 
-Measured on this project's 2-core CPU with ``torch.set_num_threads(1)`` and ViT-B (random weights:
-the cost does not depend on the weights, only the number of masks kept does): the image encoder
-takes ~8-10 s per image whatever the image size (SAM always encodes at 1024 x 1024), the 144-point
-decoding ~2-3 s more; a prompted call on an already encoded image takes well under a second. The
-embedding of the last image is cached, so ``segment`` followed by ``segment_prompted`` on the same
-image encodes it once. ViT-L / ViT-H cost roughly 2.5x / 5x the encoder time.
+Measured CPU time on this project's 2-core x86 machine, ``torch.set_num_threads(1)``, ViT-B (random
+weights: the cost does not depend on the weights, only how many masks survive the filters does):
+the image encoder takes ~26 s per image whatever the image size (SAM always encodes at
+1024 x 1024); decoding costs ~0.17 s per prompt (mask decoder ~0.14 s, upsampling ~0.03 s), so the
+default 8 x 8 grid adds ~11 s (12 x 12: ~25 s; 16 x 16: ~44 s). About 37 s per image in all on one
+core; more threads or a GPU (``device="cuda"``) cut this roughly in proportion. A prompted call on an
+already encoded image costs ~0.17 s per prompt. The embedding of the last image is cached, so
+``segment`` followed by ``segment_prompted`` on the same image encodes it once. ViT-L / ViT-H cost
+roughly 2.5x / 5x the encoder time.
 """
 from __future__ import annotations
 
@@ -93,10 +96,18 @@ def load_sam(checkpoint: str | Path, model_type: str = "auto", device: str = "cp
         raise ForensicsError(f"{path.name} holds a {found} SAM, not {model_type}; pass model_type={found!r} or 'auto'")
     sam = sa.sam_model_registry[found](checkpoint=None)
     try:
-        sam.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ForensicsError(f"{path.name} does not fit the {found} SAM architecture: {first[:300]}") from None
+        res = sam.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "size mismatch" in ln), lines[-1] if lines else "shape mismatch")
+        raise ForensicsError(f"{path.name} does not fit the {found} SAM architecture: {detail[:300]}") from None
+    if res.missing_keys or res.unexpected_keys:
+        parts = []
+        if res.missing_keys:
+            parts.append(f"{len(res.missing_keys)} weights missing (e.g. {res.missing_keys[0]})")
+        if res.unexpected_keys:
+            parts.append(f"{len(res.unexpected_keys)} unexpected (e.g. {res.unexpected_keys[0]})")
+        raise ForensicsError(f"{path.name} does not fit the {found} SAM architecture: {'; '.join(parts)}")
     try:
         sam.to(device)
     except (RuntimeError, AssertionError) as exc:
@@ -135,14 +146,15 @@ class SamOracle(Oracle):
 
     Give ``checkpoint`` (a path; the architecture is read from it unless ``model_type`` says
     otherwise) or ``sam`` (a built ``segment_anything`` ``Sam`` model, e.g.
-    ``sam_model_registry["vit_b"](checkpoint=None)`` for tests). Other settings: see the module doc.
+    ``sam_model_registry["vit_b"](checkpoint=None)`` for tests; it is used where it is, ``device``
+    applies to checkpoints only). Other settings: see the module doc.
     """
 
     name = "sam"
     needs_weights = True
 
     def __init__(self, checkpoint: str | Path | None = None, model_type: str = "auto", sam: Any = None,
-                 device: str = "cpu", points_per_side: int = 12, points_per_batch: int = 16,
+                 device: str = "cpu", points_per_side: int = 8, points_per_batch: int = 16,
                  pred_iou_thresh: float = 0.86, stability_score_thresh: float = 0.92, box_nms_thresh: float = 0.7,
                  min_area: float = 0.001, max_area: float = 0.95, max_regions: int = 32) -> None:
         sa = _import_sam()
