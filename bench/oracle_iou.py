@@ -30,12 +30,13 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 from forensics.errors import ForensicsError  # noqa: E402
 from forensics.oracles import ORACLES, build_oracle, list_oracles, mask_iou, union_mask  # noqa: E402
 
-DEFAULT_CSV = "assets/demo/probe/probe_clean.csv"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CSV = "assets/demo/probe/probe_clean.csv"  # relative to the repository root
 
 
 def load_pairs(csv_path: Path, n: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, args.threads))
         cv2.setNumThreads(max(1, args.threads))
         names = args.oracles.split(",") if args.oracles else [n for n in list_oracles(weight_free=True) if n != "ground_truth"]
-        pairs = load_pairs(Path(args.csv), args.n)
+        csv_path = Path(args.csv)
+        if args.csv == DEFAULT_CSV and not csv_path.is_file():
+            csv_path = REPO / DEFAULT_CSV
+        pairs = load_pairs(csv_path, args.n)
         results = []
         for name in (s.strip() for s in names):
             kwargs = {}
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown(results))
     if args.out:
-        meta = {"csv": str(args.csv), "threads": args.threads, "python": platform.python_version(),
+        meta = {"csv": str(csv_path), "threads": args.threads, "python": platform.python_version(),
                 "machine": platform.machine(), "cpu_count": os.cpu_count(), "oracles_known": sorted(ORACLES)}
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 0

@@ -35,7 +35,7 @@ class ScanSettings:
 
     window: float = 0.1875  # occluding window side, as a fraction of the image side
     coarse_stride: float = 0.5  # coarse sweep stride, as a fraction of the window
-    fine_stride_px: int = 3  # stride of the small occluder that refines the trigger box (model pixels)
+    fine_stride_px: int = 2  # stride of the small occluder that refines the trigger box (model pixels)
     box_threshold: float = 0.3  # share of the refined map's peak that still counts as trigger
     min_object_area: float = 0.02  # regions smaller than this share of the image cannot ground a label
     max_regions: int = 6
