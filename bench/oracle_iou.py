@@ -61,7 +61,7 @@ def load_pairs(csv_path: Path, n: int | None) -> list[tuple[str, np.ndarray, np.
     return out
 
 
-def measure(oracle, pairs) -> dict:
+def measure(oracle, pairs, per_image: bool = False) -> dict:
     union_ious, best_ious, counts = [], [], []
     wall = cpu = 0.0
     for _, img, m in pairs:
@@ -73,6 +73,8 @@ def measure(oracle, pairs) -> dict:
         best_ious.append(mask_iou(regions[0].mask, m) if regions else 0.0)
         counts.append(len(regions))
     u, b = np.array(union_ious), np.array(best_ious)
+    rows = [{"image": name, "union_iou": float(x), "best_iou": float(y), "regions": int(c)}
+            for (name, _, _), x, y, c in zip(pairs, union_ious, best_ious, counts)]
     return {
         "oracle": oracle.describe(), "images": len(pairs),
         "union_iou_mean": float(u.mean()), "union_iou_median": float(np.median(u)),
@@ -80,6 +82,7 @@ def measure(oracle, pairs) -> dict:
         "best_iou_mean": float(b.mean()), "best_iou_median": float(np.median(b)),
         "regions_mean": float(np.mean(counts)), "empty": int(sum(c == 0 for c in counts)),
         "seconds_per_image_wall": wall / len(pairs), "seconds_per_image_cpu": cpu / len(pairs),
+        **({"per_image": rows} if per_image else {}),
     }
 
 
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sam-checkpoint", default=None, help="SAM checkpoint path, for --oracles sam")
     ap.add_argument("--threads", type=int, default=1, help="torch / OpenCV threads (default 1)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--per-image", action="store_true", help="also store every image's IoUs in the JSON")
     args = ap.parse_args(argv)
     try:
         import cv2
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             if oracle.name == "ground_truth":  # a sanity row: the truth against itself
                 lookup = {id(img): m for _, img, m in pairs}
                 oracle = build_oracle("ground_truth", mask_lookup=lambda image: lookup[id(image)])
-            results.append(measure(oracle, pairs))
+            results.append(measure(oracle, pairs, args.per_image))
             print(f"{name}: done", file=sys.stderr, flush=True)
     except ForensicsError as exc:
         print(f"error: {exc}", file=sys.stderr)
