@@ -268,8 +268,8 @@ def load_probe(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
 @pytest.mark.skipif(not PROBE_CSV.is_file(), reason=f"demo probe set not found at {PROBE_CSV} "
                     "(build the demo, or set ORACLE_PROBE_CSV to a probe_clean.csv with a mask column)")
 def test_fallback_matches_the_demo_masks():
-    # measured over all 300 demo probe images: mean union IoU 0.994 (median 1.000); 10 spread images
-    # measured 0.99; the bar leaves room for a rebuilt demo set
+    # measured over all 300 demo probe images: mean union IoU 0.979, median 1.000 (0.994 on an earlier
+    # build); these 10 spread images: mean 0.972, worst 0.78. The bars leave room for a rebuilt demo set
     ious = []
     oracle = build_oracle("fallback")
     for img, m in load_probe(10):
