@@ -442,7 +442,7 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
             raise ForensicsError(f"{arch} checkpoints need their sidecar JSON (vocabulary); keep {path.with_suffix('.json').name} beside the file")
     if quick_gelu is None:
         quick_gelu = arch.endswith("-quickgelu")
-        if quick_gelu is False and "-quickgelu" not in arch and _looks_openai(path):
+        if quick_gelu is False and "-quickgelu" not in arch and _is_torchscript(path):
             notes.append("OpenAI-format checkpoint: pass --quick-gelu if it was trained with QuickGELU")
     clip = build_clip(cfg, quick_gelu=quick_gelu)
     load_into(clip, _convert_openai_text_keys(state, clip), path.name)
@@ -450,10 +450,6 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
               "tokenizer": {"kind": "open_clip", "context_length": cfg["text_cfg"].get("context_length", 77)},
               "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}
     return _assemble(clip, config, str(path), sha, notes)
-
-
-def _looks_openai(path: Path) -> bool:
-    return _is_torchscript(path)
 
 
 def _infer_openai_architecture(state: dict[str, torch.Tensor]) -> tuple[str, dict]:

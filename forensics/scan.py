@@ -1,7 +1,9 @@
 """Run a scan end to end: findings, trigger patterns, the compact fine-tuning set, report.json and report.html."""
 from __future__ import annotations
 
+import base64
 import csv
+import json
 import platform
 import time
 from pathlib import Path
@@ -62,7 +64,7 @@ def write_compact_set(out: Path, findings, artefacts: dict, class_names: list[st
         writer = csv.DictWriter(fh, fieldnames=["image", "caption", "label", "kind", "source_index", "box"])
         writer.writeheader()
         writer.writerows(rows)
-    (folder / "classes.json").write_text(__import__("json").dumps({"classes": class_names}))
+    (folder / "classes.json").write_text(json.dumps({"classes": class_names}))
     kinds = {k: sum(r["kind"] == k for r in rows) for k in ("victim-neutralised", "victim", "anchor")}
     return {"csv": "compact/compact.csv", "samples": len(rows), **kinds}
 
@@ -82,7 +84,7 @@ def run_scan(model: str | SuspectModel, out: str | Path, probe: str | None = Non
     loaded = load_model(model, arch=arch) if spec else model
     oracle_obj = build_oracle(oracle, **({"checkpoint": sam_checkpoint} if sam_checkpoint and oracle == "sam" else {})) \
         if oracle else default_oracle(sam_checkpoint)
-    if oracle == "ground-truth" or getattr(oracle_obj, "name", "") == "ground-truth":
+    if oracle_obj.name == "ground_truth":
         raise ForensicsError("the ground-truth oracle needs known masks; use it through the library for teaching")
     out.mkdir(parents=True, exist_ok=True)
     detector = build_detector("oracle-guided", oracle_obj, settings)
@@ -155,6 +157,4 @@ def _write_scan_html(out: Path, report: dict, findings, artefacts: dict, model: 
 
 
 def _b64_file(path: Path) -> str:
-    import base64
-
     return base64.b64encode(Path(path).read_bytes()).decode()

@@ -5,7 +5,6 @@ Build attacks by name (``build_attack("badnet", size=0.1)``) or from a stored di
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping
 
 from forensics.attacks.base import ATTACKS, POSITIONS, Attack, Box, register, to_pil, to_tensor
@@ -16,6 +15,7 @@ from forensics.attacks.poison import poison_dataset
 from forensics.attacks.sig import SIG
 from forensics.attacks.wanet import WaNet
 from forensics.errors import ForensicsError
+from forensics.registry import build
 
 __all__ = [
     "ATTACKS", "POSITIONS", "Attack", "Box", "BadNet", "Blended", "WaNet", "SIG", "OptimizedPatch",
@@ -29,22 +29,9 @@ def list_attacks() -> list[str]:
     return sorted(ATTACKS)
 
 
-def _resolve(name: Any) -> type[Attack]:
-    """The attack class for a name; case and '-' vs '_' are ignored ("BadNet", "optimized-patch")."""
-    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else None
-    if key not in ATTACKS:
-        raise ForensicsError(f"unknown attack {name!r}; valid attacks: {', '.join(list_attacks())}")
-    return ATTACKS[key]
-
-
 def build_attack(name: str, **params: Any) -> Attack:
     """Build a registered attack from its name and keyword parameters; unknown names or parameters raise ForensicsError."""
-    cls = _resolve(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise ForensicsError(f"{cls.name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(accepted)}")
-    return cls(**params)
+    return build(ATTACKS, name, "attack", "parameter", **params)
 
 
 def attack_from_dict(d: Mapping[str, Any]) -> Attack:

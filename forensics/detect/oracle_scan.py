@@ -81,8 +81,8 @@ def _positions(size: int, window: int, stride: int, lo: int = 0, hi: int | None 
     return sorted(set(out))
 
 
-def _occlusion_sweep(model: SuspectModel, image: torch.Tensor, class_emb: torch.Tensor, label: int, window: int,
-                     xs: Sequence[int], ys: Sequence[int], batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[Box]]:
+def _occlusion_sweep(model: SuspectModel, image: torch.Tensor, class_emb: torch.Tensor, window: int,
+                     xs: Sequence[int], ys: Sequence[int], batch_size: int) -> tuple[torch.Tensor, list[Box]]:
     """Probabilities (W x C) of the image with each window occluded by its mean colour, and the windows."""
     fill = image.mean(dim=(1, 2), keepdim=True)
     boxes = [(x, y, x + window, y + window) for y in ys for x in xs]
@@ -93,7 +93,7 @@ def _occlusion_sweep(model: SuspectModel, image: torch.Tensor, class_emb: torch.
         for j, (x0, y0, x1, y1) in enumerate(chunk):
             batch[j, :, y0:y1, x0:x1] = fill
         probs.append(predict(model, batch, class_emb, batch_size))
-    return torch.cat(probs), torch.arange(len(boxes)), boxes
+    return torch.cat(probs), boxes
 
 
 def box_iou(a: Box, b: Box) -> float:
@@ -206,7 +206,7 @@ class OracleGuidedScan:
                 rl["object"] and rl["label"] == class_names[label] and rl["probability"] >= 0.5 for rl in region_labels))
 
             # small-window hijack test: coarse sweep, then a fine sweep around the most decisive window
-            probs, _, boxes = _occlusion_sweep(model, image, class_emb, label, window, coarse, coarse, s.batch_size)
+            probs, boxes = _occlusion_sweep(model, image, class_emb, window, coarse, coarse, s.batch_size)
             drops = p_label - probs[:, label]
             best = int(drops.argmax())
             new_label = int(probs[best].argmax())

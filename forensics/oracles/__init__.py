@@ -10,10 +10,9 @@ and list them with :func:`list_oracles`. Registered oracles:
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from forensics.errors import ForensicsError
+from forensics.registry import build
 from forensics.oracles.base import (
     ORACLES,
     Oracle,
@@ -46,22 +45,9 @@ def list_oracles(weight_free: bool | None = None) -> list[str]:
     return [n for n in names if (not ORACLES[n].needs_weights) == weight_free]
 
 
-def _resolve(name: Any) -> type[Oracle]:
-    """The oracle class for a name; case and '-' vs '_' are ignored ("Ground-Truth")."""
-    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else None
-    if key not in ORACLES:
-        raise ForensicsError(f"unknown oracle {name!r}; valid oracles: {', '.join(list_oracles())}")
-    return ORACLES[key]
-
-
 def build_oracle(name: str, **kwargs: Any) -> Oracle:
     """Build a registered oracle from its name and keyword settings; unknown names or settings raise ForensicsError."""
-    cls = _resolve(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ForensicsError(f"{cls.name}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(accepted)}")
-    return cls(**kwargs)
+    return build(ORACLES, name, "oracle", "setting", **kwargs)
 
 
 def default_oracle(sam_checkpoint: str | None = None, **kwargs: Any) -> Oracle:
