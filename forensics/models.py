@@ -37,8 +37,9 @@ DEMO_MODELS = {
 }
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-# entries of OpenAI's TorchScript state dicts that are no parameters
-_NON_PARAMETER_KEYS = {"input_resolution", "context_length", "vocab_size"}
+# entries of TorchScript state dicts that are no parameters: OpenAI's scalars, and the causal text mask
+# that open_clip derives from the context length (a non-persistent buffer, which TorchScript saves)
+_NON_PARAMETER_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 

@@ -268,9 +268,19 @@ def test_round_trip_save_model_with_sidecar(zoo, arch):
     assert_same_model(loaded, ref, path)
 
 
-@pytest.mark.skip(reason="OpenAI TorchScript archives need downloaded weights; not exercised offline")
-def test_round_trip_openai_torchscript():
-    pass
+@pytest.mark.slow
+def test_round_trip_torchscript_archive(tmp_path):
+    """OpenAI ships TorchScript archives; a traced random RN50 is one, and loads to the same model."""
+    ref = new_model("RN50", seed=1)
+    image = torch.rand(1, 3, 224, 224)
+    traced = torch.jit.trace(ref.clip, (ref.normalize(image), ref.tokenizer(["a cat"])), check_trace=False)
+    path = tmp_path / "openai_style.pt"
+    traced.save(str(path))
+    loaded = load_model(str(path), arch="RN50")
+    assert any("QuickGELU" in note for note in loaded.facts.notes)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(image), ref.encode_image(image), atol=1e-5)
+        assert torch.allclose(loaded.encode_text(["a cat"]), ref.encode_text(["a cat"]), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- 2. QuickGELU
