@@ -24,6 +24,13 @@ class RepairData:
     templates: str | list[str] = "short"
     patterns: list[torch.Tensor] = field(default_factory=list)  # reconstructed triggers (3 x h x w)
     flagged: list[str] = field(default_factory=list)
+    captions: list[str] | None = None  # one per image when the clean budget is an image-caption set
+
+    def captions_or_prompts(self) -> list[str]:
+        """A caption per image: the given ones, else "a photo of a {class}." (caption-based defenses need text)."""
+        if self.captions is not None:
+            return list(self.captions)
+        return [f"a photo of a {self.class_names[label]}." for label in self.labels]
 
 
 @dataclass
@@ -40,6 +47,8 @@ class Defense(ABC):
     """One repair method; ``name`` is its registry key."""
 
     name: ClassVar[str]
+    needs_findings: ClassVar[bool] = False  # True: needs a scan's compact set (kinds/patterns), not just clean data
+    summary: ClassVar[str] = ""  # one line for lists and the UI
 
     @abstractmethod
     def repair(self, model: SuspectModel, data: RepairData, progress: Progress | None = None,

@@ -35,6 +35,8 @@ class OracleFinetuneSettings:
 
 class OracleGuidedFinetune(Defense):
     name = "oracle-finetune"
+    needs_findings = True
+    summary = "EftCLIP: fine-tune the image tower on the scan's compact set (victims neutralised + anchors + pasted trigger)"
 
     def __init__(self, settings: OracleFinetuneSettings | None = None, **overrides):
         self.settings = settings or OracleFinetuneSettings(**overrides)
