@@ -1,18 +1,20 @@
 """Gradio workbench entry point: wiring only; every action calls the ``forensics`` library.
 
-This first version loads a model, shows its facts and measures CA/ASR on a probe set; the
-investigation, findings and repair tabs come with the forensics and UI issues.
+Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (Gradio's defaults otherwise);
+GRADIO_SHARE=1 asks for a public share link.
 """
 from __future__ import annotations
 
 import os
 
-import gradio as gr
+from forensics.ui.workbench import build_app, launch_kwargs
 
-from forensics.ui.evaluate_tab import build_app
+demo = build_app()
 
 if __name__ == "__main__":
-    build_app().queue(default_concurrency_limit=1).launch(
+    demo.queue(default_concurrency_limit=1).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME"),
         server_port=int(os.environ["GRADIO_SERVER_PORT"]) if os.environ.get("GRADIO_SERVER_PORT") else None,
+        share=os.environ.get("GRADIO_SHARE", "").lower() in ("1", "true", "yes"),
+        **launch_kwargs(),
     )

@@ -77,6 +77,19 @@ class ProbeSet:
             return torch.empty(0, 3, size, size)
         return torch.stack(out)
 
+    def subset(self, max_images: int | None, seed: int = 0) -> "ProbeSet":
+        """At most ``max_images`` items, a seeded random choice kept in the original order (quicker scans)."""
+        if max_images is None or max_images >= len(self.items):
+            return self
+        if max_images < 1:
+            raise ForensicsError("the number of images to use must be at least 1")
+        import numpy as np
+
+        keep = sorted(np.random.default_rng(seed).choice(len(self.items), size=max_images, replace=False).tolist())
+        return ProbeSet(name=f"{self.name} ({max_images} of {len(self.items)})", items=[self.items[i] for i in keep],
+                        class_names=self.class_names, meta={**self.meta, "subset_of": len(self.items),
+                                                            "subset_indices": keep, "subset_seed": seed})
+
     def load_mask(self, index: int, size: int) -> torch.Tensor | None:
         """The ground-truth object mask (size x size bool) aligned with :meth:`load_images`, if known."""
         item = self.items[index]
@@ -202,6 +215,52 @@ def load_probe_set(spec: str | Path, class_names: Sequence[str] | None = None) -
     if path.suffix.lower() != ".csv":
         raise ForensicsError(f"probe set {path.name} must be a .csv file or a folder of class folders")
     return load_csv_probe(path, class_names)
+
+
+MAX_ARCHIVE_BYTES = 1_000_000_000  # uncompressed
+MAX_ARCHIVE_FILES = 50_000
+
+
+def extract_probe_archive(archive: str | Path, dest: str | Path) -> Path:
+    """Unpack an uploaded zip (an ImageFolder, or a CSV with its images) into ``dest``; returns the probe path.
+
+    Members that would land outside ``dest`` (absolute or ``..`` paths, links) and archives that are
+    too large are refused before anything is written.
+    """
+    import zipfile
+
+    archive, dest = Path(archive), Path(dest)
+    if not zipfile.is_zipfile(archive):
+        raise ForensicsError(f"{archive.name} is not a zip archive; upload a .zip of class folders or of a CSV with its images")
+    with zipfile.ZipFile(archive) as zf:
+        members = [m for m in zf.infolist() if not m.is_dir()]
+        if not members:
+            raise ForensicsError(f"{archive.name} is empty")
+        if len(members) > MAX_ARCHIVE_FILES or sum(m.file_size for m in members) > MAX_ARCHIVE_BYTES:
+            raise ForensicsError(f"{archive.name} is too large (limit {MAX_ARCHIVE_FILES:,} files, "
+                                 f"{MAX_ARCHIVE_BYTES // 1_000_000:,} MB unpacked)")
+        root = dest.resolve()
+        for m in members:
+            name = m.filename.replace("\\", "/")
+            target = (root / name).resolve()
+            is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
+            if name.startswith("/") or is_link or (target != root and root not in target.parents):
+                raise ForensicsError(f"{archive.name} holds an unsafe path {m.filename!r}; nothing was extracted")
+        dest.mkdir(parents=True, exist_ok=True)
+        for m in members:
+            if "__MACOSX" in m.filename.split("/"):
+                continue
+            zf.extract(m, dest)
+    csvs = sorted(p for p in dest.rglob("*.csv") if "__MACOSX" not in p.parts)
+    if csvs:
+        return min(csvs, key=lambda p: len(p.parts))
+    base = dest
+    entries = [p for p in dest.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    while len(entries) == 1 and entries[0].is_dir() and not any(
+            f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in entries[0].iterdir()):
+        base = entries[0]
+        entries = [p for p in base.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    return base
 
 
 def demo_backdoor() -> dict | None:

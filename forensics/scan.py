@@ -71,8 +71,11 @@ def write_compact_set(out: Path, findings, artefacts: dict, class_names: list[st
 
 def run_scan(model: str | SuspectModel, out: str | Path, probe: str | None = None, oracle: str | None = None,
              sam_checkpoint: str | None = None, settings: ScanSettings | None = None, arch: str | None = None,
-             progress: Progress | None = None) -> dict:
-    """Scan ``model`` on ``probe`` and write ``out/report.json``, ``out/report.html``, trigger patterns and the compact set."""
+             max_images: int | None = None, progress: Progress | None = None) -> dict:
+    """Scan ``model`` on ``probe`` and write ``out/report.json``, ``out/report.html``, trigger patterns and the compact set.
+
+    ``max_images`` scans a seeded random subset (``settings.seed``) for a quicker first look.
+    """
     start = time.time()
     settings = settings or ScanSettings()
     out = Path(out)
@@ -80,7 +83,7 @@ def run_scan(model: str | SuspectModel, out: str | Path, probe: str | None = Non
     probe = probe or ("demo" if spec in ("demo", "demo-clean") else None)
     if probe is None:
         raise ForensicsError("a probe set is required for models other than demo and demo-clean")
-    probe_set = load_probe_set(probe)
+    probe_set = load_probe_set(probe).subset(max_images, settings.seed)
     loaded = load_model(model, arch=arch) if spec else model
     oracle_obj = build_oracle(oracle, **({"checkpoint": sam_checkpoint} if sam_checkpoint and oracle == "sam" else {})) \
         if oracle else default_oracle(sam_checkpoint)
@@ -99,7 +102,8 @@ def run_scan(model: str | SuspectModel, out: str | Path, probe: str | None = Non
     report = {
         "tool": "clip-backdoor-forensics", "detector": detector.name,
         "model": {"spec": spec or loaded.facts.source, **loaded.facts.to_dict()},
-        "probe": {"name": probe_set.name, "source": str(probe), "images": len(probe_set), "classes": probe_set.class_names},
+        "probe": {"name": probe_set.name, "source": str(probe), "images": len(probe_set), "classes": probe_set.class_names,
+                  "subset_of": probe_set.meta.get("subset_of")},
         "oracle": {"name": oracle_obj.name, **oracle_obj.settings()},
         **findings.to_dict(), "compact_set": compact, "seed": settings.seed,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -70,3 +70,37 @@ def evaluate_model(model: str | SuspectModel, probe: str | None = None, attack: 
     if n_trig:
         result["note"] += f"; the probe set's {n_trig} images that already carry a trigger are left out of CA"
     return result
+
+
+_MODEL_CACHE: dict[tuple, SuspectModel] = {}
+_MODEL_CACHE_SIZE = 3
+
+
+def get_model(spec: str, arch: str | None = None, quick_gelu: bool | None = None) -> SuspectModel:
+    """A private copy of a loaded model, from a small cache keyed by spec and file modification time.
+
+    Interactive views (explain one image, paste a trigger) call this on every click; a copy keeps
+    concurrent sessions from sharing one module's gradient state.
+    """
+    import copy
+    from pathlib import Path
+
+    path = Path(spec)
+    stamp = path.stat().st_mtime_ns if path.is_file() else None
+    key = (spec, arch, quick_gelu, stamp)
+    if key not in _MODEL_CACHE:
+        loaded = load_model(spec, arch=arch, quick_gelu=quick_gelu)
+        while len(_MODEL_CACHE) >= _MODEL_CACHE_SIZE:
+            _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
+        _MODEL_CACHE[key] = loaded
+    return copy.deepcopy(_MODEL_CACHE[key])
+
+
+def defense_defaults(method: str) -> dict[str, Any]:
+    """A repair method's settings with their default values (the UI shows and overrides these)."""
+    from dataclasses import asdict, is_dataclass
+
+    from .defenses import build_defense
+
+    settings = getattr(build_defense(method), "settings", None)
+    return asdict(settings) if is_dataclass(settings) else {}

@@ -63,7 +63,8 @@ def _blank(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep[:, None], images, fill)
 
 
-def _crop_resize(image: torch.Tensor, box: Box, size: int, pad: float = 0.08) -> torch.Tensor:
+def crop_resize(image: torch.Tensor, box: Box, size: int, pad: float = 0.08) -> torch.Tensor:
+    """The box (padded by ``pad`` of its size) cut out and resized to size x size: how CLIP sees one region."""
     x0, y0, x1, y1 = box
     px, py = int((x1 - x0) * pad) + 1, int((y1 - y0) * pad) + 1
     x0, y0 = max(0, x0 - px), max(0, y0 - py)
@@ -193,7 +194,7 @@ class OracleGuidedScan:
             for r in big:
                 object_mask |= torch.from_numpy(r.mask)
             views = [_blank(image[None], object_mask[None])[0]] if big else []
-            views += [_crop_resize(image, r.box, size) for r in regions]
+            views += [crop_resize(image, r.box, size) for r in regions]
             view_probs = predict(model, torch.stack(views), class_emb, s.batch_size) if views else torch.empty(0, len(class_names))
             object_view = view_probs[0] if big else full[i]
             crop_probs = view_probs[1:] if big else view_probs

@@ -1,0 +1,67 @@
+"""Findings tab: flagged labels (table + chart), trigger candidates with their verified flip rate, victims,
+and a paste-the-trigger experiment on any image."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from ..inspect import load_pattern, paste_trigger
+from ..service import get_model
+from .common import guarded, need_scan
+
+EXPLAIN = """**Flagged labels** collect predictions that a small non-object window decides; a backdoor's target
+label stands out. **Trigger candidates** are rebuilt from the windows that hijacked those predictions; the
+flip rate says how often pasting one on clean images of other classes turns them into the flagged label.
+**Victims** are the probe images whose prediction the trigger captured. Paste a candidate on any image below
+to watch the prediction flip."""
+
+
+def _top(probs: dict[str, float]) -> str:
+    label, p = next(iter(probs.items()))
+    return f"{label} ({p:.2f})"
+
+
+@guarded
+def paste(state: dict, trigger: str | None, image: str | None, position: str) -> tuple:
+    """Paste the chosen reconstructed trigger on an uploaded (or the last selected) image; show both predictions."""
+    report = need_scan(state)
+    if not report["triggers"]:
+        raise gr.Error("the scan found no trigger candidate to paste", print_exception=False)
+    k = int(str(trigger).split(":")[0]) if trigger else 0
+    if not 0 <= k < len(report["triggers"]):
+        raise gr.Error(f"no trigger candidate {trigger!r}", print_exception=False)
+    target = image or state.get("selected")
+    if not target:
+        raise gr.Error("upload an image, or click one in the Investigate gallery first", print_exception=False)
+    pattern = load_pattern(Path(state["scan_dir"]) / report["triggers"][k]["pattern"])
+    model = get_model(state["model"], state["arch"], state["quick_gelu"])
+    result = paste_trigger(model, target, pattern, report["probe"]["classes"], position=position)
+    verdict = "**the prediction flips**" if result["flipped"] else "the prediction stays"
+    text = f"Before: {_top(result['before'])} → with the trigger: {_top(result['after'])}: {verdict}."
+    return result["image"], text
+
+
+def build_findings_tab(state: gr.State) -> dict:
+    """Components of the Findings tab; the scan (Investigate tab) fills them."""
+    gr.Markdown(EXPLAIN)
+    with gr.Row():
+        flagged = gr.Dataframe(headers=["label", "score", "captured", "predicted", "explanation"],
+                               label="Flagged labels", interactive=False, elem_id="flagged-table")
+        chart = gr.Plot(label="Predictions per label, and those a small window captured")
+    with gr.Row():
+        triggers = gr.Gallery(label="Trigger candidates (reconstructed)", columns=4, height=200, allow_preview=False)
+        victims = gr.Gallery(label="Victim samples", columns=8, height=200, allow_preview=False)
+    files = gr.File(label="Scan report (HTML, JSON)", file_count="multiple", interactive=False)
+    gr.Markdown("#### Paste a trigger candidate")
+    with gr.Row():
+        trigger = gr.Dropdown([], label="Trigger candidate")
+        position = gr.Radio(["bottom-right", "top-left", "centre", "random"], value="bottom-right", label="Where")
+        image = gr.Image(type="filepath", label="Image (default: the last one selected in Investigate)", height=200)
+    go = gr.Button("Paste and predict")
+    with gr.Row():
+        pasted = gr.Image(label="With the trigger", height=200)
+        verdict = gr.Markdown()
+    go.click(paste, [state, trigger, image, position], [pasted, verdict], api_name="paste_trigger")
+    return {"flagged": flagged, "chart": chart, "triggers": triggers, "victims": victims, "files": files,
+            "trigger": trigger}

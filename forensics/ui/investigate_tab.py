@@ -1,0 +1,121 @@
+"""Investigate tab: run the oracle-guided scan on a probe set; look at one image as the oracle and CLIP see it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+
+from ..data import extract_probe_archive, load_probe_set
+from ..inspect import explain_image
+from ..oracles import build_oracle
+from ..report import flagged_chart
+from ..scan import run_scan
+from ..service import get_model
+from .common import gr_progress, guarded, new_job_dir
+
+GALLERY_SIZE = 60  # most discrepant images shown
+EXPLAIN = """**How the scan works.** For every probe image, a *segmentation oracle* outlines the objects and CLIP
+labels each object on its own. A label CLIP gives the whole image but no object supports, and that a small
+window *outside* the objects decides (hiding it flips the answer), points at a trigger. Images are ranked by
+that **discrepancy**. Pick one to see the oracle's regions, **Grad-CAM** (where CLIP's gradients say it looks)
+and **occlusion** (what, hidden, takes the answer away: this is what finds small triggers)."""
+
+
+def _probe_spec(choice: str, upload: str | None) -> str:
+    if upload:
+        return str(extract_probe_archive(upload, new_job_dir("probe")))
+    if not choice:
+        raise gr.Error("choose a probe set or upload one (a .zip of class folders, or of a CSV with its images)",
+                       print_exception=False)
+    return choice
+
+
+def scan_outputs(report: dict, out: Path) -> tuple:
+    """The views of a finished scan: summary, ranked gallery, flagged table and chart, triggers, victims, files."""
+    images = report["images"]
+    order = sorted(range(len(images)), key=lambda i: -images[i]["discrepancy"])[:GALLERY_SIZE]
+    gallery = [(images[i]["image"], f"#{i} CLIP: {images[i]['predicted']} · objects: {images[i]['object_view_label']} · "
+                f"discrepancy {images[i]['discrepancy']:.2f}{' · captured' if images[i]['captured'] else ''}") for i in order]
+    flagged = report["flagged_labels"]
+    names = ", ".join(f"**{f['label']}**" for f in flagged) or "none"
+    m = report["metrics"]
+    summary = (f"### Flagged labels: {names}\n{len(report['victims'])} victim images, {len(report['triggers'])} trigger "
+               f"candidate(s), {len(images)} images scanned with the `{report['oracle']['name']}` oracle in "
+               f"{m.get('seconds_total', m.get('seconds', 0)):.0f} s.")
+    if m.get("victim_precision") is not None:
+        summary += f" Against the probe set's known trigger flags: victim precision {m['victim_precision']:.2f}, recall {m['victim_recall']:.2f}."
+    table = [[f["label"], round(f["score"], 2), f["captured"], f["predicted"], f["explanation"]] for f in flagged]
+    chart = flagged_chart(images, report["probe"]["classes"], [f["label"] for f in flagged])
+    triggers = [(str(out / t["pattern"].replace(".png", "_preview.png")),
+                 f"{t['label']}: flips {t['verified_asr']:.0%} of {t['n_verified']} clean images") for t in report["triggers"]]
+    victims = [(v["image"], f"#{v['index']} → {v['label']} (object: {v['grounded_label']})") for v in report["victims"][:GALLERY_SIZE]]
+    files = [str(out / "report.html"), str(out / "report.json")]
+    choices = [f"{k}: {t['label']}" for k, t in enumerate(report["triggers"])]
+    return (summary, gallery, table, chart, triggers, victims, files,
+            gr.update(choices=choices, value=choices[0] if choices else None), order)
+
+
+@guarded
+def scan(state: dict, probe_choice: str, upload: str | None, max_images: float, progress=gr.Progress()) -> tuple:
+    """Run the scan for this session's model on the chosen probe set; fill the Investigate and Findings views."""
+    probe = _probe_spec(probe_choice, upload)
+    out = new_job_dir("scan")
+    run_scan(state["model"], out, probe=probe, oracle=state["oracle"], sam_checkpoint=state["sam_checkpoint"],
+             arch=state["arch"], max_images=int(max_images) if max_images else None, progress=gr_progress(progress))
+    report = json.loads((out / "report.json").read_text())
+    *views, order = scan_outputs(report, out)
+    state = {**state, "probe": probe, "scan_dir": str(out), "report": report, "order": order, "selected": None}
+    return (*views, state)
+
+
+@guarded
+def show_image(state: dict, evt: gr.SelectData) -> tuple:
+    """One gallery image: oracle regions, Grad-CAM, occlusion, and CLIP's label for the whole image and each region."""
+    report = state.get("report")
+    if not report:
+        raise gr.Error("run a scan first", print_exception=False)
+    index = state["order"][evt.index]
+    record = report["images"][index]
+    model = get_model(state["model"], state["arch"], state["quick_gelu"])
+    oracle = build_oracle(state["oracle"], **({"checkpoint": state["sam_checkpoint"]} if state["oracle"] == "sam" else {}))
+    view = explain_image(model, record["image"], report["probe"]["classes"], oracle)
+    annotated = (view.image, [(r["mask"], f"region {k + 1}: {r['label']} ({r['probability']:.2f})")
+                              for k, r in enumerate(view.regions)])
+    rows = [[r["view"], r["CLIP label"], r["probability"], r["box"]] for r in view.region_table()]
+    text = (f"**Image #{index}** · true label: {record.get('true_label') or 'unknown'} · CLIP says **{view.predicted}** "
+            f"· {view.outside_mass:.0%} of the occlusion mass lies outside every object region")
+    if record.get("triggered") is not None:
+        text += f" · carries the planted trigger: {'yes' if record['triggered'] else 'no'}"
+    if view.notes:
+        text += "\n\n" + "\n".join(f"- {n}" for n in view.notes)
+    return annotated, view.gradcam, view.occlusion, rows, text, {**state, "selected": record["image"]}
+
+
+def build_investigate_tab(state: gr.State) -> dict:
+    """Components of the Investigate tab (scan wiring happens in the workbench, which owns the Findings views)."""
+    gr.Markdown(EXPLAIN)
+    with gr.Row():
+        probe = gr.Dropdown(["demo", "demo-clean"], value="demo", label="Probe set", allow_custom_value=True,
+                            info="demo: 15 % of images carry the planted trigger; demo-clean: none do; or a server path")
+        upload = gr.File(label="…or upload a probe set (.zip of class folders, or of a CSV with its images)",
+                         type="filepath", file_types=[".zip"])
+        max_images = gr.Slider(10, 300, value=100, step=10, label="Images to scan (a seeded random subset)",
+                               info="the demo's 300 images take about 5 minutes on 2 CPU cores; 100 take under 2")
+    run = gr.Button("Scan for backdoors", variant="primary", elem_id="scan-button")
+    summary = gr.Markdown(elem_id="scan-summary")
+    gallery = gr.Gallery(label="Images ranked by discrepancy (click one)", columns=8, height=320, allow_preview=False)
+    detail = gr.Markdown()
+    with gr.Row():
+        annotated = gr.AnnotatedImage(label="Oracle regions (with CLIP's label for each crop)", height=260)
+        cam = gr.Image(label="Grad-CAM for CLIP's label", height=260)
+        occ = gr.Image(label="Occlusion: what the label rests on", height=260)
+    regions = gr.Dataframe(headers=["view", "CLIP label", "probability", "box"], label="CLIP: whole image vs each region",
+                           interactive=False)
+    gallery.select(show_image, state, [annotated, cam, occ, regions, detail, state], api_name=False)
+    return {"probe": probe, "upload": upload, "max_images": max_images, "run": run, "summary": summary, "gallery": gallery}
+
+
+def probe_classes(spec: str) -> list[str]:
+    """Class names of a probe set (for views that need them without a scan)."""
+    return load_probe_set(spec).class_names

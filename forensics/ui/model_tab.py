@@ -1,0 +1,90 @@
+"""Model tab: choose the suspect model (demo, clean twin, a checkpoint, a hub id), the oracle; see the facts."""
+from __future__ import annotations
+
+import gradio as gr
+
+from ..models import list_architectures
+from ..oracles import list_oracles
+from ..service import get_model, model_facts
+from .common import CHECKPOINT, DEMO_MODELS, HUB, MODEL_SOURCES, guarded
+
+EXPLAIN = """**What this shows.** A CLIP model matches images with text. A *backdoored* CLIP behaves normally until
+an image carries a small *trigger* (here a checkerboard patch); then it answers with the attacker's label,
+whatever the image shows. The bundled **demo** model carries such a backdoor; its **clean twin** was trained
+the same way without poison. Load either, or your own checkpoint; the facts below identify exactly what is loaded."""
+
+
+def _spec(source: str, upload: str | None, path_text: str, hub: str) -> str:
+    if source in DEMO_MODELS:
+        return DEMO_MODELS[source]
+    if source == CHECKPOINT:
+        spec = upload or (path_text or "").strip()
+        if not spec:
+            raise gr.Error("upload a checkpoint or type its path on the server", print_exception=False)
+        return spec
+    if source == HUB:
+        spec = (hub or "").strip()
+        if not spec:
+            raise gr.Error("type a hub id (hf-hub:org/name) or ARCH:pretrained-tag", print_exception=False)
+        return spec
+    raise gr.Error(f"unknown model source {source!r}", print_exception=False)
+
+
+def _oracle_line(state: dict) -> str:
+    import torch
+
+    device = "GPU (" + torch.cuda.get_device_name(0) + ")" if torch.cuda.is_available() else "CPU (no GPU found)"
+    oracle = state["oracle"]
+    if oracle == "sam":
+        oracle = f"SAM ({state['sam_checkpoint']})"
+    elif oracle == "fallback":
+        oracle = "fallback (GrabCut, weight-free; give a SAM checkpoint path to use SAM)"
+    return f"**Loaded:** `{state['model']}` · **oracle:** {oracle} · **device:** {device}"
+
+
+@guarded
+def load_model_choice(source: str, upload: str | None, path_text: str, arch: str | None, hub: str, quick_gelu: bool,
+                      oracle: str, sam_checkpoint: str, state: dict) -> tuple[dict, str, dict]:
+    """Load the chosen model (checked, safely), remember it for this session, and show its facts."""
+    spec = _spec(source, upload, path_text, hub)
+    arch = arch or None
+    if oracle == "sam" and not (sam_checkpoint or "").strip():
+        raise gr.Error("the SAM oracle needs a checkpoint path (vit_b / vit_l / vit_h .pth on the server)",
+                       print_exception=False)
+    get_model(spec, arch, quick_gelu or None)  # loads and checks once; later clicks reuse it
+    facts = model_facts(spec, arch=arch, quick_gelu=quick_gelu or None)
+    state = {**state, "model": spec, "arch": arch, "quick_gelu": quick_gelu or None, "oracle": oracle,
+             "sam_checkpoint": (sam_checkpoint or "").strip() or None, "scan_dir": None, "report": None, "order": []}
+    return facts, _oracle_line(state), state
+
+
+def build_model_tab(state: gr.State) -> dict:
+    """Components of the Model tab, wired; returns those other tabs refer to."""
+    gr.Markdown(EXPLAIN)
+    with gr.Row():
+        source = gr.Radio(MODEL_SOURCES, value=MODEL_SOURCES[0], label="Suspect model")
+        oracle = gr.Dropdown([n for n in list_oracles() if n != "ground_truth"], value="fallback", label="Segmentation oracle",
+                             info="SAM needs a checkpoint; the others are weight-free")
+    with gr.Row():
+        upload = gr.File(label="Checkpoint upload (.safetensors, .pt, .pth, .bin)", type="filepath",
+                         file_types=[".safetensors", ".pt", ".pth", ".bin", ".ckpt"])
+        with gr.Column():
+            path_text = gr.Textbox(label="…or a checkpoint path on the server (or random:ARCH)", placeholder="/models/clip.pt")
+            arch = gr.Dropdown(list_architectures(), value=None, label="Architecture (when the file does not say)",
+                               allow_custom_value=False)
+            quick_gelu = gr.Checkbox(label="QuickGELU (OpenAI-trained weights)", value=False)
+        with gr.Column():
+            hub = gr.Textbox(label="Hub id or pretrained tag", placeholder="hf-hub:org/name  or  ViT-B-32:openai")
+            sam_checkpoint = gr.Textbox(label="SAM checkpoint path (for the SAM oracle)", placeholder="/models/sam_vit_b.pth")
+    load = gr.Button("Load model", variant="primary")
+    status = gr.Markdown()
+    facts = gr.JSON(label="Model facts (architecture, parameters, SHA-256, tower)")
+    load.click(load_model_choice, [source, upload, path_text, arch, hub, quick_gelu, oracle, sam_checkpoint, state],
+               [facts, status, state], api_name="load_model")
+    return {"facts": facts, "status": status, "load": load, "source": source, "upload": upload}
+
+
+@guarded
+def startup(state: dict) -> tuple[dict, str]:
+    """On page load: the demo model's facts and the active oracle/device line."""
+    return model_facts(state["model"]), _oracle_line(state)

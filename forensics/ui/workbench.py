@@ -1,0 +1,50 @@
+"""The workbench: the tabs assembled and cross-wired (the scan fills both Investigate and Findings)."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .common import WORK_ROOT, initial_state
+from .findings_tab import build_findings_tab
+from .investigate_tab import build_investigate_tab, scan
+from .learn_tab import build_learn_tab
+from .model_tab import build_model_tab, startup
+from .repair_tab import build_repair_tab
+
+INTRO = """# CLIP backdoor forensics
+Load a suspect CLIP, let a segmentation oracle and CLIP's attributions disagree about what an image shows,
+find the trigger, the hijacked label and its victims, and repair the model. The bundled **demo** model carries a
+planted backdoor: press **Scan for backdoors** below to find it."""
+SCAN_CONCURRENCY = 2  # scans are CPU-bound; two at once keep a 2-core machine busy without starving the page
+
+
+def build_app() -> gr.Blocks:
+    """The whole workbench as one Blocks app (launch with ``queue()``; see ``app.py``)."""
+    with gr.Blocks(title="CLIP backdoor forensics", delete_cache=(1800, 3600)) as app:
+        state = gr.State(initial_state())
+        gr.Markdown(INTRO)
+        status = gr.Markdown(elem_id="model-status")
+        with gr.Tabs(selected="investigate"):
+            with gr.Tab("Model", id="model"):
+                model = build_model_tab(state)
+            with gr.Tab("Investigate", id="investigate"):
+                inv = build_investigate_tab(state)
+            with gr.Tab("Findings", id="findings"):
+                fnd = build_findings_tab(state)
+            with gr.Tab("Repair", id="repair"):
+                build_repair_tab(state)
+            with gr.Tab("Learn", id="learn"):
+                build_learn_tab()
+        model["load"].click(lambda s: s, model["status"], status, api_name=False)
+        model["status"].change(lambda s: s, model["status"], status, api_name=False)
+        inv["run"].click(scan, [state, inv["probe"], inv["upload"], inv["max_images"]],
+                         [inv["summary"], inv["gallery"], fnd["flagged"], fnd["chart"], fnd["triggers"], fnd["victims"],
+                          fnd["files"], fnd["trigger"], state],
+                         api_name="scan", concurrency_limit=SCAN_CONCURRENCY, concurrency_id="scan")
+        app.load(startup, state, [model["facts"], status], api_name=False)
+    return app
+
+
+def launch_kwargs() -> dict:
+    """Settings for ``launch``: where job outputs may be served from, and an upload size limit."""
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    return {"allowed_paths": [str(WORK_ROOT)], "max_file_size": "2gb"}
