@@ -41,6 +41,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # that open_clip derives from the context length (a non-persistent buffer, which TorchScript saves)
 _NON_PARAMETER_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+PROMPT_CONTEXT_KEY = "prompt_learner.context"  # learnt prompt context vectors, saved beside the CLIP's own tensors
 
 
 @dataclass
@@ -80,6 +81,9 @@ class SuspectModel:
     backdoor: dict | None = None
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
+    # learnt class-wise prompts (CBPT): {"class_names": [...], "context": C x n_ctx x width tensor, "template": "X X X X {}."};
+    # zero-shot uses them for exactly these class names; saved as PROMPT_CONTEXT_KEY plus the sidecar's "class_prompts"
+    class_prompts: dict | None = None
 
     @property
     def image_size(self) -> int:
@@ -395,7 +399,13 @@ def load_model(spec: str, arch: str | None = None, quick_gelu: bool | None = Non
             raise ForensicsError(f"demo model {path} is missing; rebuild the demo lab with `python -m forensics make-demo`")
         return load_checkpoint(path, arch, quick_gelu).to(device)
     if spec.startswith("random:"):
-        return new_model(spec.split(":", 1)[1], quick_gelu=bool(quick_gelu)).to(device)
+        arch = spec.split(":", 1)[1]
+        tokenizer = None
+        if architecture_config(arch).get("tokenizer") == "word":  # the project's configs: the demo lab's vocabulary
+            sidecar = DEMO_MODELS["demo"].with_suffix(".json")
+            if sidecar.is_file():
+                tokenizer = WordTokenizer.from_dict(json.loads(sidecar.read_text())["tokenizer"])
+        return new_model(arch, quick_gelu=bool(quick_gelu), tokenizer=tokenizer).to(device)
     path = Path(spec).expanduser()
     if path.exists():
         return load_checkpoint(path, arch, quick_gelu).to(device)
@@ -417,6 +427,7 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
         path = candidates[0]
     sidecar = read_sidecar(path) if path.suffix == ".safetensors" else None
     state = clean_state_dict_keys(read_state_dict(path))
+    context = state.pop(PROMPT_CONTEXT_KEY, None)  # learnt prompts are no CLIP parameter
     sha = sha256_of(path)
     notes: list[str] = []
     if sidecar and arch in (None, sidecar.get("arch")):
@@ -425,7 +436,15 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
             config["quick_gelu"] = quick_gelu
         clip = build_clip(config["model_cfg"], quick_gelu=bool(config.get("quick_gelu")))
         load_into(clip, _convert_openai_text_keys(state, clip), path.name)
-        return _assemble(clip, config, str(path), sha, notes, backdoor=sidecar.get("backdoor"))
+        model = _assemble(clip, config, str(path), sha, notes, backdoor=sidecar.get("backdoor"))
+        spec = sidecar.get("class_prompts")
+        if context is not None and isinstance(spec, dict) and len(spec.get("class_names") or []) == len(context):
+            model.class_prompts = {"class_names": list(spec["class_names"]), "context": context.float(), "template": spec["template"]}
+        elif context is not None:
+            notes.append("learnt prompts found but the sidecar does not name their classes; they are ignored")
+        return model
+    if context is not None:
+        notes.append("learnt prompts found but there is no sidecar naming their classes; they are ignored")
     if arch is None:
         if "visual.proj" in state or "visual.attnpool.c_proj.weight" in state:
             arch, cfg = _infer_openai_architecture(state)
@@ -538,8 +557,14 @@ def save_model(model: SuspectModel, path: str | Path, backdoor: dict | None = No
     dtype = torch.float16 if half else torch.float32
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.clip.state_dict().items()}
+    prompts = model.class_prompts
+    if prompts:
+        state[PROMPT_CONTEXT_KEY] = prompts["context"].detach().to("cpu", torch.float32).contiguous()
     _atomic_write_bytes(path, save(state, metadata={"format": SIDECAR_FORMAT, "arch": model.config["arch"]}))
     sidecar = {"format": SIDECAR_FORMAT, **model.config, "backdoor": backdoor if backdoor is not None else model.backdoor,
                "precision": "fp16" if half else "fp32", **(extra or {})}
+    if prompts:
+        sidecar["class_prompts"] = {"class_names": list(prompts["class_names"]), "template": prompts["template"],
+                                    "key": PROMPT_CONTEXT_KEY}
     atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
     return path

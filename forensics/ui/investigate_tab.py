@@ -101,7 +101,8 @@ def build_investigate_tab(state: gr.State) -> dict:
         upload = gr.File(label="…or upload a probe set (.zip of class folders, or of a CSV with its images)",
                          type="filepath", file_types=[".zip"])
         max_images = gr.Slider(10, 300, value=100, step=10, label="Images to scan (a seeded random subset)",
-                               info="the demo's 300 images take about 5 minutes on 2 CPU cores; 100 take under 2")
+                               info="the demo's 300 images take about 5 minutes on 2 CPU cores; 100 take under 2",
+                               elem_id="scan-images")
     run = gr.Button("Scan for backdoors", variant="primary", elem_id="scan-button")
     summary = gr.Markdown(elem_id="scan-summary")
     gallery = gr.Gallery(label="Images ranked by discrepancy (click one)", columns=8, height=320, allow_preview=False)

@@ -1,12 +1,15 @@
 """Model tab: choose the suspect model (demo, clean twin, a checkpoint, a hub id), the oracle; see the facts."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import gradio as gr
 
 from ..models import list_architectures
 from ..oracles import list_oracles
-from ..service import get_model, model_facts
-from .common import CHECKPOINT, DEMO_MODELS, HUB, MODEL_SOURCES, guarded
+from ..service import evaluate_model, get_model, model_facts
+from .common import CHECKPOINT, DEMO_MODELS, HUB, MODEL_SOURCES, gr_progress, guarded, new_job_dir
 
 EXPLAIN = """**What this shows.** A CLIP model matches images with text. A *backdoored* CLIP behaves normally until
 an image carries a small *trigger* (here a checkerboard patch); then it answers with the attacker's label,
@@ -14,11 +17,29 @@ whatever the image shows. The bundled **demo** model carries such a backdoor; it
 the same way without poison. Load either, or your own checkpoint; the facts below identify exactly what is loaded."""
 
 
-def _spec(source: str, upload: str | None, path_text: str, hub: str) -> str:
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _uploaded_checkpoint(upload: str | list[str] | None) -> str | None:
+    """The uploaded checkpoint, copied with any sidecar JSON uploaded beside it into one folder (as it was saved)."""
+    files = [upload] if isinstance(upload, str) else list(upload or [])
+    if not files:
+        return None
+    weights = [f for f in files if str(f).lower().endswith(CHECKPOINT_SUFFIXES)]
+    if len(weights) != 1:
+        raise gr.Error("upload exactly one checkpoint file (.safetensors, .pt, .pth, .bin), optionally with its "
+                       "sidecar .json", print_exception=False)
+    folder = new_job_dir("upload")
+    for f in files:
+        shutil.copy(f, folder / Path(f).name)
+    return str(folder / Path(weights[0]).name)
+
+
+def _spec(source: str, upload: str | list[str] | None, path_text: str, hub: str) -> str:
     if source in DEMO_MODELS:
         return DEMO_MODELS[source]
     if source == CHECKPOINT:
-        spec = upload or (path_text or "").strip()
+        spec = _uploaded_checkpoint(upload) or (path_text or "").strip()
         if not spec:
             raise gr.Error("upload a checkpoint or type its path on the server", print_exception=False)
         return spec
@@ -66,8 +87,8 @@ def build_model_tab(state: gr.State) -> dict:
         oracle = gr.Dropdown([n for n in list_oracles() if n != "ground_truth"], value="fallback", label="Segmentation oracle",
                              info="SAM needs a checkpoint; the others are weight-free")
     with gr.Row():
-        upload = gr.File(label="Checkpoint upload (.safetensors, .pt, .pth, .bin)", type="filepath",
-                         file_types=[".safetensors", ".pt", ".pth", ".bin", ".ckpt"])
+        upload = gr.File(label="Checkpoint upload (.safetensors, .pt, .pth, .bin; with its sidecar .json if this tool saved it)",
+                         type="filepath", file_count="multiple", file_types=[*CHECKPOINT_SUFFIXES, ".json"])
         with gr.Column():
             path_text = gr.Textbox(label="…or a checkpoint path on the server (or random:ARCH)", placeholder="/models/clip.pt")
             arch = gr.Dropdown(list_architectures(), value=None, label="Architecture (when the file does not say)",
@@ -79,9 +100,24 @@ def build_model_tab(state: gr.State) -> dict:
     load = gr.Button("Load model", variant="primary")
     status = gr.Markdown()
     facts = gr.JSON(label="Model facts (architecture, parameters, SHA-256, tower)")
+    with gr.Row():
+        probe = gr.Dropdown(["demo", "demo-clean"], value="demo", label="Probe set for CA / ASR", allow_custom_value=True,
+                            info="demo, demo-clean, or a CSV / class-folder path on the server")
+        evaluate = gr.Button("Evaluate CA / ASR")
+    scores = gr.JSON(label="Clean accuracy (CA) and attack success rate (ASR)")
+    evaluate.click(evaluate_loaded, [state, probe], scores, api_name="evaluate")
     load.click(load_model_choice, [source, upload, path_text, arch, hub, quick_gelu, oracle, sam_checkpoint, state],
                [facts, status, state], api_name="load_model")
     return {"facts": facts, "status": status, "load": load, "source": source, "upload": upload}
+
+
+@guarded
+def evaluate_loaded(state: dict, probe: str, progress=gr.Progress()) -> dict:
+    """CA on the probe set's clean images and, on the demo models, ASR of the demo's planted trigger."""
+    if not probe:
+        raise gr.Error("choose a probe set", print_exception=False)
+    return evaluate_model(state["model"], probe, arch=state["arch"], quick_gelu=state["quick_gelu"],
+                          progress=gr_progress(progress))
 
 
 @guarded

@@ -47,4 +47,4 @@ def build_app() -> gr.Blocks:
 def launch_kwargs() -> dict:
     """Settings for ``launch``: where job outputs may be served from, and an upload size limit."""
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    return {"allowed_paths": [str(WORK_ROOT)], "max_file_size": "2gb"}
+    return {"allowed_paths": [str(WORK_ROOT)], "max_file_size": "2gb", "show_error": True}

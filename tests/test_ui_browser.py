@@ -1,0 +1,81 @@
+"""End to end in a real browser: Debian's Chromium driven by playwright against `python app.py`.
+
+The page loads with the demo, a scan flags the demo's target label, a repair makes ASR fall, and a
+malicious checkpoint upload shows its error in the page. Screenshots of each step are saved under the
+test's temporary directory (pytest prints where).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                                   reason="Chromium is not installed (apt-get install -y chromium)")]
+MINUTE = 60_000
+
+
+@pytest.fixture(scope="module")
+def page(workbench, tmp_path_factory):
+    shots = tmp_path_factory.mktemp("screenshots")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.goto(workbench)
+        pg.shots = shots
+        print(f"\nscreenshots: {shots}")
+        yield pg
+        browser.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(page.shots / f"{name}.png"), full_page=True)
+    assert (page.shots / f"{name}.png").stat().st_size > 10_000
+
+
+def test_scan_flags_the_demo_target_then_repair_lowers_asr(page):
+    expect = sync_api.expect
+    expect(page.locator("#model-status")).to_contain_text("Loaded: demo", timeout=2 * MINUTE)
+    shot(page, "1-loaded")
+    images = page.locator("#scan-images input[type=number]")
+    images.fill("40")
+    images.press("Enter")
+    page.locator("#scan-button").click()
+    expect(page.locator("#scan-summary")).to_contain_text("Flagged labels: flower", timeout=20 * MINUTE)
+    shot(page, "2-scanned")
+    page.get_by_role("tab", name="Findings").click()
+    expect(page.locator("#flagged-table")).to_contain_text("flower", timeout=MINUTE)
+    shot(page, "3-findings")
+    page.get_by_role("tab", name="Repair").click()
+    page.locator("#repair-button").click()
+    summary = page.locator("#repair-summary")
+    expect(summary).to_contain_text(re.compile(r"ASR [\d.]+ → [\d.]+"), timeout=20 * MINUTE)
+    shot(page, "4-repaired")
+    match = re.search(r"CA ([\d.]+) → ([\d.]+), ASR ([\d.]+) → ([\d.]+)", summary.inner_text())
+    assert match, summary.inner_text()
+    ca_before, ca_after, asr_before, asr_after = map(float, match.groups())
+    assert asr_before >= 0.9 and asr_after < 0.5 * asr_before
+    assert ca_after >= ca_before - 0.1
+
+
+def test_malicious_checkpoint_shows_an_error_in_the_page(page, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    page.get_by_role("tab", name="Model").click()
+    page.get_by_label("checkpoint file (upload or server path)").check()
+    page.locator("input[type=file]").first.set_input_files(str(evil))
+    page.wait_for_timeout(1500)  # the upload lands before the click reads it
+    page.get_by_role("button", name="Load model").click()
+    sync_api.expect(page.get_by_text("nothing in it was run").first).to_be_visible(timeout=MINUTE)
+    shot(page, "5-malicious-upload")
+    assert not (tmp_path / "pwned").exists()
