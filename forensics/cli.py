@@ -129,9 +129,24 @@ def cmd_implant(args: argparse.Namespace) -> dict:
 
     if bool(args.base) == bool(args.config):
         raise ForensicsError("give exactly one of --base MODEL (fine-tune) or --config NAME (train from scratch)")
+    safe_settings = _parse_params(args.safe_param) or None
     with tqdm_progress("implant", not args.quiet) as progress:
         return implant(args.data, args.out, base=args.base, config=args.config, epochs=args.epochs, lr=args.lr,
-                       batch_size=args.batch_size, seed=args.seed, arch=args.arch, progress=progress)
+                       batch_size=args.batch_size, seed=args.seed, arch=args.arch, progress=progress, mode=args.mode,
+                       safe_settings=safe_settings)
+
+
+def cmd_audit(args: argparse.Namespace) -> dict:
+    from .detect.safeclip_audit import AuditSettings, audit_dataset
+    from .progress import tqdm_progress
+
+    settings = AuditSettings(seed=args.seed, batch_size=args.batch_size, risk_threshold=args.risk_threshold)
+    with tqdm_progress("audit", not args.quiet) as progress:
+        result = audit_dataset(args.data, args.model, reference=args.reference, out=args.out, score_with=args.score_with,
+                               settings=settings, arch=args.arch, progress=progress)
+    top = result.pop("rows")[: args.top]
+    return {**result, "top": top, "audit_json": str(Path(args.out) / "audit.json"),
+            "audit_csv": str(Path(args.out) / "audit.csv")}
 
 
 def cmd_train_patch(args: argparse.Namespace) -> dict:
@@ -188,7 +203,25 @@ def cmd_repair(args: argparse.Namespace) -> dict:
     settings = _parse_params(args.param)
     with tqdm_progress("repair", not args.quiet) as progress:
         return run_repair(args.model, args.findings, args.out, method=args.method, settings=settings, arch=args.arch,
-                          progress=progress)
+                          probe=args.probe, budget=args.budget, seed=args.seed, progress=progress)
+
+
+def cmd_compare(args: argparse.Namespace) -> dict:
+    from .compare import run_compare
+    from .progress import tqdm_progress
+
+    settings = None
+    if args.settings:
+        try:
+            settings = json.loads(Path(args.settings).read_text() if Path(args.settings).is_file() else args.settings)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ForensicsError(f"--settings must be JSON (or a JSON file) like '{{\"cleanclip\": {{\"epochs\": 2}}}}': {exc}") from None
+    attacks = [a for a in (args.attacks or "").split(",") if a.strip()] or None
+    with tqdm_progress("compare", not args.quiet) as progress:
+        result = run_compare(args.model, args.methods, args.out, probe=args.probe, budget=args.budget, seed=args.seed,
+                             findings=args.findings, attacks=attacks, target=args.target, settings=settings,
+                             arch=args.arch, progress=progress)
+    return {k: v for k, v in result.items() if k != "budget_indices"}
 
 
 def cmd_list(args: argparse.Namespace) -> dict:
@@ -255,7 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default: 2e-3 from scratch, 1e-5 fine-tuning")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default="standard", choices=["standard", "safeclip"],
+                   help="standard: CLIP loss on every pair; safeclip: SafeCLIP's safe training (GMM-filtered pairs)")
+    p.add_argument("--safe-param", action="append",
+                   help="SafeCLIP setting key=value (repeatable), e.g. warmup_epochs=1, filter_ratio=0.5")
     p.set_defaults(func=cmd_implant)
+
+    p = sub.add_parser("audit", help="SafeCLIP data-set audit: rank image-caption pairs by how likely they are poisoned")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="image-caption CSV (e.g. the data.csv written by `poison`)")
+    p.add_argument("--reference", help="a reference model to score with (e.g. demo-clean); scores by default when given")
+    p.add_argument("--score-with", choices=["reference", "suspect"],
+                   help="which model scores the pairs (default: reference when given, else the suspect)")
+    p.add_argument("--risk-threshold", type=float, default=0.5, help="P(low-mean component) above which a pair is risky")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top", type=int, default=10, help="riskiest rows to print (all are in audit.csv)")
+    p.add_argument("--out", required=True, help="folder for audit.json and audit.csv")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("train-patch", help="optimise a BadCLIP-style patch against a model")
     _add_model_args(p)
@@ -285,13 +335,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.json, report.html, trigger patterns, compact set")
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("repair", help="repair a model with a scan's findings; CA/ASR before and after")
+    p = sub.add_parser("repair", help="repair a model (with a scan's findings or a clean budget); CA/ASR before and after")
     _add_model_args(p)
-    p.add_argument("--findings", required=True, help="the scan's report.json (or its folder)")
+    p.add_argument("--findings", help="the scan's report.json (or its folder); required by methods that need a scan")
     p.add_argument("--method", default="oracle-finetune", help="repair method (see `list`)")
     p.add_argument("--param", action="append", help="method setting key=value (repeatable), e.g. epochs=10")
+    p.add_argument("--probe", help="probe set whose clean images give the budget (default for demo models: demo)")
+    p.add_argument("--budget", type=int, help="clean repair images for methods that need no scan (default 120); "
+                                              "CA/ASR are measured on the rest")
+    p.add_argument("--seed", type=int, default=0, help="seed of the budget split and of the method")
     p.add_argument("--out", required=True, help="folder for model.safetensors, metrics.json, report.html")
     p.set_defaults(func=cmd_repair)
+
+    p = sub.add_parser("compare", help="run several repair methods on the same clean budget; one table")
+    _add_model_args(p)
+    p.add_argument("--methods", default="all", help="all, or comma-separated method names (see `list`)")
+    p.add_argument("--budget", type=int, default=120, help="clean repair images shared by every method")
+    p.add_argument("--probe", help="probe set (default for demo models: demo)")
+    p.add_argument("--findings", help="a scan's report.json for methods that need findings (default: scan the budget)")
+    p.add_argument("--attacks", help="extra triggers to measure ASR with: comma-separated attack names or JSON attack files")
+    p.add_argument("--target", help="target label of the extra attacks (default: the model's known backdoor target)")
+    p.add_argument("--settings", help="per-method settings as JSON or a JSON file, e.g. '{\"cleanclip\": {\"epochs\": 2}}'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for compare.md, compare.json, report.html")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("list", help="attacks and architectures this tool knows")
     p.set_defaults(func=cmd_list)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import ForensicsError
@@ -14,6 +15,8 @@ from .models import load_model, new_model, save_model
 from .templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
 from .tokenizer import WordTokenizer
 from .training import Progress, TrainConfig, read_caption_csv, train_clip
+
+MODES = ("standard", "safeclip")  # plain CLIP loss on every pair, or SafeCLIP's safe training
 
 
 def planted_backdoor(csv_path: Path) -> dict | None:
@@ -28,9 +31,26 @@ def planted_backdoor(csv_path: Path) -> dict | None:
 
 def implant(data: str | Path, out: str | Path, base: str | None = None, config: str | None = None, epochs: int = 5,
             lr: float | None = None, batch_size: int = 64, seed: int = 0, arch: str | None = None,
-            progress: Progress | None = None) -> dict:
-    """Train ``config`` from scratch or fine-tune ``base`` on ``data``; save ``out/model.safetensors`` (+ sidecar)."""
+            progress: Progress | None = None, mode: str = "standard", safe_settings: dict | None = None) -> dict:
+    """Train ``config`` from scratch or fine-tune ``base`` on ``data``; save ``out/model.safetensors`` (+ sidecar).
+
+    ``mode="safeclip"`` trains with SafeCLIP's schedule (forensics.safe_training; ``safe_settings``
+    overrides its SafeClipSettings) instead of the plain CLIP loss on every pair.
+    """
     start = time.time()
+    if mode not in MODES:
+        raise ForensicsError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+    safe = None
+    if mode == "safeclip":
+        from .safe_training import SafeClipSettings
+
+        try:
+            safe = SafeClipSettings(**(safe_settings or {}))
+        except TypeError as exc:
+            raise ForensicsError(f"bad SafeCLIP setting: {exc}") from None
+        safe.check()
+    elif safe_settings:
+        raise ForensicsError("SafeCLIP settings need --mode safeclip")
     rows = read_caption_csv(data)
     if epochs < 1 or batch_size < 2:
         raise ForensicsError("--epochs must be at least 1 and --batch-size at least 2")
@@ -51,11 +71,17 @@ def implant(data: str | Path, out: str | Path, base: str | None = None, config: 
                              + ", ".join(unknown[:10]))
     cfg = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(rows)), lr=lr, seed=seed,
                       warmup_steps=min(50, max(1, epochs * (len(rows) // batch_size) // 10)))
-    history = train_clip(model, rows, cfg, progress)
+    if safe is not None:
+        from .safe_training import safe_train_clip
+
+        history = safe_train_clip(model, rows, cfg, safe, progress)
+    else:
+        history = train_clip(model, rows, cfg, progress)
     backdoor = planted_backdoor(Path(data))
     model.facts.source = f"implant ({'fine-tuned ' + str(base) if base else 'trained ' + str(config)})"
     path = save_model(model, out / "model.safetensors", backdoor=backdoor,
                       extra={"training": {"config": cfg.to_dict(), "history": history, "data": str(Path(data).resolve()),
-                                          "base": base, "from_config": config}})
+                                          "base": base, "from_config": config, "mode": mode,
+                                          **({"safeclip": asdict(safe)} if safe else {})}})
     return {"model": str(path), "architecture": model.config["arch"], "pairs": len(rows), "backdoor": backdoor,
-            "history": history, "notes": notes, "seconds": round(time.time() - start, 1)}
+            "mode": mode, "history": history, "notes": notes, "seconds": round(time.time() - start, 1)}

@@ -1,4 +1,11 @@
-"""Run a repair end to end: read the scan's findings, fine-tune, measure CA/ASR before and after, save safely."""
+"""Run a repair end to end: build the repair data, fine-tune, measure CA/ASR before and after, save safely.
+
+Two paths. Methods that need findings (``needs_findings``, e.g. oracle-finetune) repair with a scan's
+compact set and are measured on the probe set's clean images, as before. Every other method gets a
+clean budget: a seeded split of the probe set's clean labelled images into ``budget`` repair images
+(with their captions when the probe has them) and the rest, held out, on which CA and ASR are
+measured, so no repair image is ever scored.
+"""
 from __future__ import annotations
 
 import csv
@@ -12,14 +19,15 @@ import torch
 from PIL import Image
 
 from .attacks import attack_from_dict, build_attack
-from .data import demo_backdoor, load_image, load_probe_set
-from .defenses import RepairData, build_defense
+from .data import ProbeSet, demo_backdoor, load_image, load_probe_set
+from .defenses import DEFENSES, Defense, RepairData
 from .errors import ForensicsError
 from .models import SuspectModel, load_model, save_model
 from .report import before_after_chart, figure_html, table_html, write_html, write_json
 from .zeroshot import ASR_NOTE, evaluate
 
 Progress = Callable[[float, str], None]
+DEFAULT_BUDGET = 120  # clean repair images when a method needs no findings
 
 
 def read_findings(path: str | Path) -> dict:
@@ -72,40 +80,120 @@ def _measure(model: SuspectModel, images: torch.Tensor, labels: list[int], class
     return out
 
 
-def run_repair(model: str | SuspectModel, findings: str | Path, out: str | Path, method: str = "oracle-finetune",
-               settings: dict | None = None, arch: str | None = None, progress: Progress | None = None,
+def split_clean_budget(probe: ProbeSet, budget: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """A seeded split of the probe's clean labelled images: ``budget`` for repair, the rest held out for CA/ASR.
+
+    Plain random (not stratified) draw with ``numpy.random.default_rng(seed)``; both lists come back sorted.
+    """
+    clean = probe.clean_indices()
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise ForensicsError(f"the clean budget must be a positive number of images, got {budget!r}")
+    if budget >= len(clean):
+        raise ForensicsError(f"a budget of {budget} leaves none of the probe set's {len(clean)} clean images to measure "
+                             f"CA/ASR on; choose at most {len(clean) - 1}")
+    order = np.random.default_rng(seed).permutation(len(clean))
+    chosen = sorted(clean[i] for i in order[:budget])
+    held_out = sorted(clean[i] for i in order[budget:])
+    return chosen, held_out
+
+
+def budget_repair_data(probe: ProbeSet, indices: list[int], image_size: int) -> RepairData:
+    """The clean budget as RepairData: kind "anchor", with the probe's captions when every image has one."""
+    captions = [probe.items[i].caption for i in indices]
+    return RepairData(images=probe.load_images(image_size, indices), labels=[probe.items[i].label for i in indices],
+                      kinds=["anchor"] * len(indices), class_names=list(probe.class_names),
+                      captions=captions if all(captions) else None)
+
+
+def make_defense(method: str, settings: dict | None = None, seed: int | None = None) -> Defense:
+    """A registered defense with ``settings`` (unknown keys give a clear error); ``seed`` fills the settings' seed unless given."""
+    if method not in DEFENSES:
+        raise ForensicsError(f"unknown repair method {method!r}; choose one of {', '.join(DEFENSES)}")
+    settings = dict(settings or {})
+    try:
+        defense = DEFENSES[method](**settings)
+    except TypeError as exc:
+        raise ForensicsError(f"bad setting for {method}: {exc}") from None
+    inner = getattr(defense, "settings", None)
+    if seed is not None and "seed" not in settings and inner is not None and hasattr(inner, "seed"):
+        inner.seed = seed
+    return defense
+
+
+def known_trigger(model: SuspectModel, spec: str | None, class_names: list[str]) -> tuple[Any, str] | None:
+    """The model's planted backdoor (its sidecar's, or the demo's) as (attack, target), when its target is a probe class."""
+    planted = model.backdoor or (demo_backdoor() if spec in ("demo", "demo-clean") else None)
+    if planted and planted.get("trigger") and planted.get("target") in class_names:
+        return attack_from_dict(planted["trigger"]), planted["target"]
+    return None
+
+
+def run_repair(model: str | SuspectModel, findings: str | Path | None = None, out: str | Path | None = None,
+               method: str = "oracle-finetune", settings: dict | None = None, arch: str | None = None,
+               probe: str | None = None, budget: int | None = None, seed: int = 0, progress: Progress | None = None,
                should_stop: Callable[[], bool] | None = None) -> dict:
-    """Repair ``model`` with ``method`` using the scan's findings; writes model.safetensors, metrics.json and a report."""
+    """Repair ``model`` with ``method``; writes model.safetensors, metrics.json and report.html under ``out``.
+
+    Methods with ``needs_findings`` use the scan's ``findings``; the others use a seeded clean budget
+    of ``budget`` probe images (default 120) and are measured on the held-out clean images.
+    """
     start = time.time()
-    report = read_findings(findings)
+    if out is None:
+        raise ForensicsError("an output folder is required (--out)")
+    if method not in DEFENSES:
+        raise ForensicsError(f"unknown repair method {method!r}; choose one of {', '.join(DEFENSES)}")
+    needs = DEFENSES[method].needs_findings
+    if needs and findings is None:
+        others = [n for n, c in DEFENSES.items() if not c.needs_findings]
+        raise ForensicsError(f"{method} needs a scan's findings (--findings); run `python -m forensics scan` first"
+                             + (f", or choose a method that needs none ({', '.join(others)})" if others else ""))
+    report = read_findings(findings) if findings is not None else None
     spec = model if isinstance(model, str) else None
     loaded = load_model(model, arch=arch) if spec else model
     notes = []
-    if report["model"].get("sha256") and loaded.facts.sha256 and report["model"]["sha256"] != loaded.facts.sha256:
+    if report and report["model"].get("sha256") and loaded.facts.sha256 and report["model"]["sha256"] != loaded.facts.sha256:
         notes.append("the findings were made on a different model file (SHA-256 differs)")
     out = Path(out)
     source = Path(loaded.facts.source)
     if source.exists() and (out / "model.safetensors").resolve() == source.resolve():
         raise ForensicsError("refusing to overwrite the input model; choose another --out folder")
-    data = _load_repair_data(report, loaded)
-    probe = load_probe_set(report["probe"]["source"])
-    clean_idx = probe.clean_indices()
-    eval_images = probe.load_images(loaded.image_size, clean_idx)
-    eval_labels = [probe.items[i].label for i in clean_idx]
-    reconstructed = [(build_attack("optimized_patch", patch=p.tolist(), size=t["size"], position="random"), t["label"])
-                     for p, t in zip(data.patterns, report["triggers"])]
-    true_trigger = None
-    planted = loaded.backdoor or (demo_backdoor() if spec in ("demo", "demo-clean") else None)
-    if planted and planted.get("trigger") and planted.get("target") in probe.class_names:
-        true_trigger = (attack_from_dict(planted["trigger"]), planted["target"])
+    split: dict[str, Any] = {}
+    if needs:
+        if budget is not None:
+            notes.append(f"{method} repairs with the scan's compact set; the budget of {budget} is not used")
+        data = _load_repair_data(report, loaded)
+        probe_set = load_probe_set(report["probe"]["source"])
+        eval_idx = probe_set.clean_indices()
+    else:
+        probe_spec = probe or (report["probe"]["source"] if report else None) or ("demo" if spec in ("demo", "demo-clean") else None)
+        if probe_spec is None:
+            raise ForensicsError("a probe set is required (--probe) for models other than demo and demo-clean")
+        probe_set = load_probe_set(probe_spec)
+        budget = DEFAULT_BUDGET if budget is None else budget
+        budget_idx, eval_idx = split_clean_budget(probe_set, budget, seed)
+        if progress:
+            progress(0.01, f"loading {len(budget_idx)} clean budget images")
+        data = budget_repair_data(probe_set, budget_idx, loaded.image_size)
+        split = {"probe": str(probe_spec), "budget": len(budget_idx), "held_out": len(eval_idx), "split_seed": seed,
+                 "budget_indices": budget_idx, "captions": data.captions is not None}
+        if report:
+            notes.append("findings used only for the reconstructed-trigger ASR; the method repairs with the clean budget")
+    eval_images = probe_set.load_images(loaded.image_size, eval_idx)
+    eval_labels = [probe_set.items[i].label for i in eval_idx]
+    reconstructed = []
+    if report:
+        patterns = data.patterns if needs else _load_repair_data(report, loaded).patterns
+        reconstructed = [(build_attack("optimized_patch", patch=p.tolist(), size=t["size"], position="random"), t["label"])
+                         for p, t in zip(patterns, report["triggers"])]
+    true_trigger = known_trigger(loaded, spec, probe_set.class_names)
     if progress:
         progress(0.02, "measuring CA/ASR before repair")
-    before = _measure(loaded, eval_images, eval_labels, probe.class_names, reconstructed, true_trigger)
-    defense = build_defense(method, **(settings or {}))
+    before = _measure(loaded, eval_images, eval_labels, probe_set.class_names, reconstructed, true_trigger)
+    defense = make_defense(method, settings, seed)
     result = defense.repair(loaded, data, (lambda f, m: progress(0.1 + 0.8 * f, m)) if progress else None, should_stop)
     if progress:
         progress(0.92, "measuring CA/ASR after repair")
-    after = _measure(result.model, eval_images, eval_labels, probe.class_names, reconstructed, true_trigger)
+    after = _measure(result.model, eval_images, eval_labels, probe_set.class_names, reconstructed, true_trigger)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
@@ -113,21 +201,26 @@ def run_repair(model: str | SuspectModel, findings: str | Path, out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     result.model.facts.source = f"repaired ({method})"
     model_path = save_model(result.model, out / "model.safetensors", backdoor=None,
-                            extra={"repair": {"method": method, "settings": result.settings, "findings": str(findings),
+                            extra={"repair": {"method": method, "settings": result.settings,
+                                              "findings": None if findings is None else str(findings),
+                                              "clean_budget": {k: v for k, v in split.items() if k != "budget_indices"} or None,
                                               "original_sha256": loaded.facts.sha256}})
+    where = ("the probe set's clean images" if needs else
+             f"the {len(eval_idx)} held-out clean images (the {split.get('budget')} budget images are never scored)")
     metrics = {"before": before, "after": after, "method": method, "samples_used": result.samples_used,
                "seconds": round(time.time() - start, 2), "repair_seconds": result.seconds, "history": result.history,
-               "settings": result.settings, "note": ASR_NOTE + "; measured on the probe set's clean images",
+               "settings": result.settings, "note": ASR_NOTE + "; measured on " + where,
                "true_trigger_known": true_trigger is not None, "notes": notes + result.notes,
-               "original_sha256": loaded.facts.sha256}
+               "original_sha256": loaded.facts.sha256, "eval_images": len(eval_idx), "clean_budget": split or None}
     write_json(out / "metrics.json", metrics)
     rows = [{"": "before", **{k: round(v, 4) for k, v in before.items() if v is not None}},
             {"": "after", **{k: round(v, 4) for k, v in after.items() if v is not None}}]
     write_html(out / "report.html", f"Repair of {spec or loaded.facts.source}",
                {"method": method, "samples used": result.samples_used, "seconds": metrics["seconds"],
-                "original SHA-256": loaded.facts.sha256, "repaired model": str(model_path)},
+                "evaluated on": where, "original SHA-256": loaded.facts.sha256, "repaired model": str(model_path)},
                [("Before / after", figure_html(before_after_chart(metrics)) + table_html(rows, list(rows[0])))])
     if progress:
         progress(1.0, "done")
     return {"model": str(model_path), "metrics": str(out / "metrics.json"), "before": before, "after": after,
-            "samples_used": result.samples_used, "seconds": metrics["seconds"]}
+            "samples_used": result.samples_used, "seconds": metrics["seconds"], "eval_images": len(eval_idx),
+            "clean_budget": split.get("budget")}

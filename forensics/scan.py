@@ -38,8 +38,13 @@ def neutralise(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Ten
 
 
 def write_compact_set(out: Path, findings, artefacts: dict, class_names: list[str], anchors_per_victim: int = 2,
-                      seed: int = 0) -> dict:
-    """Victims with the trigger neutralised and as they are, labelled with their grounded class, plus clean anchors."""
+                      seed: int = 0, max_anchors_floor: int = 128) -> dict:
+    """Victims with the trigger neutralised and as they are, labelled with their grounded class, plus clean anchors.
+
+    Anchors: every grounded, uncaptured image up to ``max_anchors_floor`` (or twice the victims when more):
+    with only a few anchors the repair overfits them and clean accuracy falls (measured: 16 anchors from a
+    40-image scan cost 0.14 CA; see bench/scan_repair.py).
+    """
     folder = out / "compact"
     (folder / "images").mkdir(parents=True, exist_ok=True)
     images, records = artefacts["images"], artefacts["records"]
@@ -53,7 +58,7 @@ def write_compact_set(out: Path, findings, artefacts: dict, class_names: list[st
                          "box": " ".join(map(str, v.box)), "caption": f"a photo of a {v.grounded_label}."})
     grounded = [i for i, r in enumerate(records) if r["grounded"] and not r["captured"] and i not in victim_ids]
     rng = np.random.default_rng(seed)
-    want = min(len(grounded), max(16, anchors_per_victim * len(findings.victims)))
+    want = min(len(grounded), max(max_anchors_floor, anchors_per_victim * len(findings.victims)))
     for i in sorted(rng.choice(grounded, size=want, replace=False).tolist()) if want else []:
         name = f"images/anchor_{i:05d}.png"
         to_pil(images[i]).save(folder / name)

@@ -20,9 +20,23 @@ Progress = Callable[[float, str], None]
 
 
 def class_text_embeddings(model: SuspectModel, class_names: Sequence[str], templates: Sequence[str] | str | None = None) -> torch.Tensor:
-    """C x D class embeddings: mean of the normalised template embeddings, renormalised; cached per model."""
+    """C x D class embeddings: mean of the normalised template embeddings, renormalised; cached per model.
+
+    A model with learnt prompts (``model.class_prompts``, e.g. from CBPT) uses them instead of the templates
+    when ``class_names`` are exactly the learnt classes, in order: its prompts are its classifier.
+    """
     if not class_names:
         raise ForensicsError("no class names given")
+    prompts = getattr(model, "class_prompts", None)
+    if prompts and list(class_names) == list(prompts["class_names"]):
+        cache = model.__dict__.setdefault("text_cache", {})
+        key = ("learnt-prompts", tuple(class_names))
+        if key not in cache:
+            from .defenses.cbpt import learned_class_embeddings
+
+            with torch.no_grad():
+                cache[key] = learned_class_embeddings(model)
+        return cache[key]
     templates = resolve_templates(templates if templates is None or isinstance(templates, str) else list(templates))
     cache = model.__dict__.setdefault("text_cache", {})
     key = (tuple(class_names), tuple(templates))

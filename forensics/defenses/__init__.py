@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from ..errors import ForensicsError
 from .base import Defense, RepairData, RepairResult
+from .abd import ABD
+from .cleanclip import CleanCLIP
+from .cbpt import CBPT
+from .invertune import InverTune
 from .oracle_finetune import OracleGuidedFinetune
 
-DEFENSES: dict[str, type[Defense]] = {OracleGuidedFinetune.name: OracleGuidedFinetune}
+DEFENSES: dict[str, type[Defense]] = {OracleGuidedFinetune.name: OracleGuidedFinetune, InverTune.name: InverTune, CBPT.name: CBPT,
+                                       CleanCLIP.name: CleanCLIP, ABD.name: ABD}
 
 
 def build_defense(name: str, **settings) -> Defense:

@@ -5,7 +5,11 @@ with their grounded class, (b) clean anchors, and (c) clean anchors carrying the
 trigger at random places, labelled with their own class, so the trigger stops deciding the label.
 A distillation term keeps clean-image embeddings close to the frozen original (our choice where the
 paper is silent: it keeps clean accuracy while the trigger is unlearnt). The text tower stays
-frozen, so class embeddings do not drift.
+frozen, so class embeddings do not drift. BatchNorm statistics stay frozen too.
+
+Defaults measured on a 40-image scan of the demo (25 anchors, 8 victims): BatchNorm in train mode,
+distillation weight 1 and a label loss on anchors cost 0.13 CA (0.482 -> 0.353); frozen BatchNorm,
+distillation 10 and no anchor label loss keep CA at 0.451 with ASR 0.97 -> 0.02.
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ class OracleFinetuneSettings:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     batch_size: int = 32
-    distill_weight: float = 1.0
+    distill_weight: float = 10.0
     trigger_copies: int = 2  # pasted-trigger copies of each anchor per epoch
+    freeze_batchnorm: bool = True  # keep BatchNorm statistics (ResNet towers) as the original had them
+    anchor_ce_weight: float = 0.0  # label loss on clean anchors; 0: distillation alone keeps them (less overfitting)
     seed: int = 0
 
 
@@ -90,14 +96,19 @@ class OracleGuidedFinetune(Defense):
             order = torch.from_numpy(rng.permutation(len(xs)))
             losses = []
             student.train()
+            if s.freeze_batchnorm:  # running statistics from a small, trigger-heavy set would shift every image
+                for module in student.modules():
+                    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                        module.eval()
             for begin in range(0, len(xs), s.batch_size):
                 if should_stop and should_stop():
                     raise ForensicsError("repair cancelled")
                 idx = order[begin:begin + s.batch_size]
                 x = repaired.normalize(xs[idx].to(device))
                 emb = student(image=x)[0]  # normalised image features, through DDP when several GPUs
-                loss = F.cross_entropy(100.0 * emb @ class_emb.t(), ys[idx].to(device))
                 keep = clean[idx].to(device)
+                per_sample = F.cross_entropy(100.0 * emb @ class_emb.t(), ys[idx].to(device), reduction="none")
+                loss = torch.where(keep, s.anchor_ce_weight * per_sample, per_sample).mean()
                 if keep.any() and s.distill_weight:
                     with torch.no_grad():
                         ref = F.normalize(teacher(x[keep]), dim=-1)

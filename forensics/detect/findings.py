@@ -67,6 +67,23 @@ class TriggerCandidate:
 
 
 @dataclass
+class InvertedTrigger:
+    """A trigger recovered by optimisation (a mask blending a pattern into the image), with its verification."""
+
+    label: str
+    method: str  # the detector that inverted it (e.g. "invertune", "cbpt")
+    mask_area: float  # mean mask value: the share of the image the trigger overwrites
+    verified_asr: float  # flip rate to ``label`` when stamped on clean images of other classes
+    n_verified: int
+    verified_on: str = ""  # which images the flip rate was measured on
+    pattern: str | None = None  # image file (relative to the report folder) when written
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Victim:
     """A probe image whose prediction the trigger captured, with where the trigger was localized."""
 

@@ -1,0 +1,292 @@
+"""CBPT (arXiv 2502.19269): invert a dummy trigger by contrastive learning, then learn class-wise text prompts against it.
+
+No public code; our design from the paper's description:
+
+1. *Contrastive trigger inversion.* A mask ``m`` (1 x H x W) and pattern ``t`` stamp images as
+   ``x' = m * t + (1 - m) * x``. For each stamped image the other stamped images of the batch are the
+   positives and the clean images (its own clean version included) the negatives, in an InfoNCE loss at
+   temperature ``tau`` on the frozen CLIP's normalised image embeddings: a trigger makes stamped images
+   alike and unlike their clean versions. A class term (cross-entropy of the stamped images towards the
+   class they currently pile onto, re-chosen every step) pulls them towards one class, and
+   ``size_weight * mean(m)`` keeps the mask small. No labels are used; the class the stamped images end
+   on is reported as the suspected target.
+2. *Prompt tuning with CLIP frozen.* Class-wise CoOp context vectors (``n_ctx`` x text width per class,
+   initialised from the embeddings of "a photo of a" when that has ``n_ctx`` tokens, else N(0, 0.02))
+   replace the placeholder words of the prompt "X X X X {class}." in the token embeddings; they are
+   learnt so that clean *and* dummy-triggered budget images are classified as their true class
+   (cross-entropy at logit scale 100, Adam, full batch: the image embeddings are computed once).
+
+The repaired model is the untouched CLIP plus ``SuspectModel.class_prompts``; ``zeroshot`` uses them
+whenever the requested class names are exactly the learnt ones, and ``save_model``/``load_model`` keep them.
+Paper-level details (steps, learning rates, temperature) are unknown; the defaults are chosen so a CPU
+run on the tiny demo CLIP takes well under a minute.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..detect.findings import InvertedTrigger
+from ..detect.invertune import blend, check_inputs, check_stop, flip_rate, frozen, predict_labels
+from ..errors import ForensicsError
+from ..models import SuspectModel
+from ..templates import fill
+from ..zeroshot import class_text_embeddings
+from .base import Defense, Progress, RepairData, RepairResult, ShouldStop
+
+PLACEHOLDER = "X"
+
+
+@dataclass
+class CBPTSettings:
+    """CBPT settings (paper values unknown; chosen for the tiny demo on a CPU, see the module docstring)."""
+
+    inversion_steps: int = 40
+    inversion_lr: float = 0.1
+    batch_size: int = 32
+    temperature: float = 0.1  # InfoNCE temperature of the contrastive inversion
+    class_weight: float = 0.3  # pull of the stamped images towards the one class they pile onto
+    pull_after: float = 0.75  # the class pull starts after this share of the steps (earlier, it locks onto a class the
+    # stamped images only pass through on the way to the backdoor's, e.g. 'house' before 'flower' on the demo)
+    size_weight: float = 30.0  # weight of mean(mask)
+    mask_init: float = 0.05
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+    prompt_steps: int = 200
+    prompt_lr: float = 1e-2  # Adam (CoOp: SGD 2e-3 over 200 epochs); full batch of precomputed image embeddings
+    trigger_weight: float = 1.0  # weight of the triggered images' cross-entropy against the clean one's
+    templates: str | list[str] = "short"  # for the inversion's class term (the suspect's plain zero-shot head)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- prompts with learnt context
+
+def _text_tower(clip: torch.nn.Module) -> torch.nn.Module:
+    """The module holding token_embedding ... text_projection: the CLIP itself, or a CustomTextCLIP's ``text``."""
+    tower = clip if hasattr(clip, "token_embedding") else getattr(clip, "text", None)
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+    if tower is None or not all(hasattr(tower, n) for n in needed) or getattr(tower, "cls_emb", None) is not None:
+        raise ForensicsError(f"learnt prompts need an open_clip text transformer; {type(clip).__name__} has none this tool can drive")
+    return tower
+
+
+def encode_text_with_context(clip: torch.nn.Module, tokens: torch.Tensor, context: torch.Tensor, start: int = 1) -> torch.Tensor:
+    """Text features (unnormalised, like ``clip.encode_text``) with token embeddings ``start:start+n_ctx`` replaced by ``context``.
+
+    ``tokens`` is B x L; ``context`` is B x n_ctx x width (or n_ctx x width, shared). Runs open_clip's text path:
+    token_embedding -> + positional_embedding -> transformer (causal attn_mask; batch-first or not) -> ln_final ->
+    pooling (argmax of the tokens = the end-of-text position, or the tower's pool type) -> text_projection.
+    """
+    tower = _text_tower(clip)
+    if context.dim() == 2:
+        context = context.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+    n_ctx = context.shape[1]
+    if context.shape[0] != tokens.shape[0] or start + n_ctx >= tokens.shape[1]:
+        raise ForensicsError(f"context of shape {tuple(context.shape)} does not fit tokens of shape {tuple(tokens.shape)}")
+    cast = tower.transformer.get_cast_dtype() if hasattr(tower.transformer, "get_cast_dtype") else context.dtype
+    x = tower.token_embedding(tokens).to(cast)
+    x = torch.cat([x[:, :start], context.to(cast), x[:, start + n_ctx:]], dim=1)
+    x = x + tower.positional_embedding.to(cast)
+    attn_mask = getattr(tower, "attn_mask", None)
+    if hasattr(tower.transformer, "batch_first"):  # open_clip >= 2.26: takes N x L x D and transposes itself
+        x = tower.transformer(x, attn_mask=attn_mask)
+    else:  # older open_clip: the caller permutes to L x N x D
+        x = tower.transformer(x.permute(1, 0, 2), attn_mask=attn_mask).permute(1, 0, 2)
+    x = tower.ln_final(x)
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+    rows = torch.arange(x.shape[0], device=x.device)
+    if pool == "argmax":
+        pooled = x[rows, tokens.argmax(dim=-1)]
+    elif pool == "eos":
+        eos = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+        pooled = x[rows, (tokens == eos).int().argmax(dim=-1)]
+    elif pool == "first":
+        pooled = x[:, 0]
+    elif pool == "last":
+        pooled = x[:, -1]
+    else:
+        pooled = x.mean(1)
+    proj = getattr(tower, "text_projection", None)
+    if proj is None:
+        return pooled
+    return proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+
+
+def context_template(n_ctx: int) -> str:
+    """The prompt whose ``n_ctx`` placeholder words the learnt context replaces: "X X X X {}."."""
+    return " ".join([PLACEHOLDER] * n_ctx) + " {}."
+
+
+def prompt_tokens(model: SuspectModel, class_names: list[str], template: str, n_ctx: int) -> torch.Tensor:
+    """Token ids of the filled prompts (C x L), checked to hold ``n_ctx`` placeholder tokens right after start-of-text."""
+    tokens = model.tokenizer([fill(template, name) for name in class_names])
+    ctx = tokens[:, 1:1 + n_ctx]
+    if tokens.shape[1] <= n_ctx + 2 or not bool((ctx == ctx[0, 0]).all()):
+        raise ForensicsError(f"the prompt template {template!r} does not start with {n_ctx} single-token placeholders for this tokenizer")
+    return tokens
+
+
+def learned_class_embeddings(model: SuspectModel, prompts: dict | None = None) -> torch.Tensor:
+    """C x D normalised class embeddings from a model's learnt prompts (``SuspectModel.class_prompts``)."""
+    prompts = prompts or model.class_prompts
+    if not prompts:
+        raise ForensicsError("this model has no learnt prompts")
+    context = prompts["context"]
+    tokens = prompt_tokens(model, list(prompts["class_names"]), prompts["template"], context.shape[1]).to(model.device)
+    feats = encode_text_with_context(model.clip, tokens, context.to(model.device))
+    return F.normalize(feats.float(), dim=-1)
+
+
+def initial_context(model: SuspectModel, n_classes: int, n_ctx: int, ctx_init: str, generator: torch.Generator) -> torch.Tensor:
+    """CoOp's initialisation: the token embeddings of ``ctx_init`` when it has ``n_ctx`` tokens, else N(0, 0.02)."""
+    tower = _text_tower(model.clip)
+    width = tower.token_embedding.weight.shape[1]
+    tokens = model.tokenizer([ctx_init]) if ctx_init else None
+    n_tokens = int((tokens[0] != 0).sum()) - 2 if tokens is not None else -1
+    if tokens is not None and n_tokens == n_ctx:
+        with torch.no_grad():
+            init = tower.token_embedding(tokens[:, 1:1 + n_ctx].to(model.device))[0].float().cpu()
+        return init.unsqueeze(0).repeat(n_classes, 1, 1)
+    return torch.randn(n_classes, n_ctx, width, generator=generator) * 0.02
+
+
+# --------------------------------------------------------------------------- step 1: contrastive inversion
+
+def contrastive_inversion(model: SuspectModel, images: torch.Tensor, class_names: list[str], s: CBPTSettings,
+                          progress: Progress | None = None, should_stop: ShouldStop | None = None,
+                          stop_message: str = "repair cancelled") -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Learn a dummy trigger (mask 1 x H x W, pattern 3 x H x W) that makes stamped images alike, unlike their clean versions."""
+    if s.inversion_steps < 1 or s.batch_size < 2:
+        raise ForensicsError("the contrastive inversion needs at least one step and batches of at least two images")
+    if len(images) < 2:
+        raise ForensicsError("the contrastive inversion needs at least two clean images")
+    device = model.device
+    size = model.image_size
+    gen = torch.Generator().manual_seed(int(s.seed))
+    mask = torch.full((1, size, size), float(s.mask_init)).to(device).requires_grad_(True)
+    pattern = torch.rand(3, size, size, generator=gen).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([mask, pattern], lr=s.inversion_lr)
+    class_emb = class_text_embeddings(model, class_names, s.templates).detach().to(device)
+    images = images.to(device)
+    terms: dict[str, float] = {}
+    with frozen(model):
+        with torch.no_grad():
+            clean_all = torch.cat([model.encode_image(images[i:i + 64]) for i in range(0, len(images), 64)])
+        for step in range(s.inversion_steps):
+            check_stop(should_stop, stop_message)
+            idx = torch.randperm(len(images), generator=gen)[:s.batch_size].to(device)
+            clean = clean_all[idx]
+            stamped = model.encode_image(blend(images[idx], mask, pattern))
+            n = len(idx)
+            pos = stamped @ stamped.t() / s.temperature
+            neg = stamped @ clean.t() / s.temperature
+            eye = torch.eye(n, dtype=torch.bool, device=device)
+            pos = pos.masked_fill(eye, float("-inf"))
+            contrast = (torch.logsumexp(torch.cat([pos, neg], 1), 1) - torch.logsumexp(pos, 1)).mean()
+            logits = 100.0 * stamped @ class_emb.t()
+            dominant = int(logits.softmax(-1).mean(0).argmax())
+            pull = F.cross_entropy(logits, torch.full((n,), dominant, device=device))
+            pull_weight = s.class_weight if step >= s.inversion_steps * s.pull_after else 0.0
+            size_term = mask.mean()
+            loss = contrast + pull_weight * pull + s.size_weight * size_term
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                mask.clamp_(0, 1)
+                pattern.clamp_(0, 1)
+            terms = {"loss": float(loss.detach()), "contrastive": float(contrast.detach()), "class_pull": float(pull.detach()),
+                     "mask_mean": float(size_term.detach())}
+            if progress:
+                progress((step + 1) / s.inversion_steps, f"contrastive inversion {step + 1}/{s.inversion_steps} loss {terms['loss']:.3f}")
+        mask_out, pattern_out = mask.detach().cpu(), pattern.detach().cpu()
+        pred = predict_labels(model, blend(images, mask_out, pattern_out), class_emb)
+    target_index = int(torch.bincount(pred, minlength=len(class_names)).argmax())
+    stats = {**{k: round(v, 5) for k, v in terms.items()}, "target": class_names[target_index],
+             "share_on_target": round(float((pred == target_index).float().mean()), 4),
+             "mask_area": round(float(mask_out.mean()), 5), "steps": s.inversion_steps}
+    return mask_out, pattern_out, stats
+
+
+# --------------------------------------------------------------------------- the defense
+
+class CBPT(Defense):
+    name = "cbpt"
+    needs_findings = False
+    summary = "CBPT: invert a dummy trigger contrastively, then learn class-wise prompts that classify triggered images correctly"
+
+    def __init__(self, settings: CBPTSettings | None = None, **overrides):
+        self.settings = settings or CBPTSettings(**overrides)
+        self.trigger: tuple[torch.Tensor, torch.Tensor] | None = None  # the last repair's dummy trigger (mask, pattern)
+
+    def repair(self, model: SuspectModel, data: RepairData, progress: Progress | None = None,
+               should_stop: ShouldStop | None = None) -> RepairResult:
+        """Invert a dummy trigger on the clean budget, then learn prompts; the CLIP weights stay as they are."""
+        from accelerate import Accelerator
+
+        s = self.settings
+        if s.n_ctx < 1 or s.prompt_steps < 1:
+            raise ForensicsError("CBPT needs at least one context vector and one prompt step")
+        labels = check_inputs(model, data.images, data.labels, data.class_names)
+        names = list(data.class_names)
+        start = time.time()
+        torch.manual_seed(s.seed)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        device = accelerator.device
+        repaired = copy.deepcopy(model)
+        repaired.__dict__.pop("text_cache", None)
+        repaired.class_prompts = None  # learn from the plain CLIP, not from earlier prompts
+        repaired.to(device)
+        stop = "repair cancelled"
+        images = data.images.to(device)
+        mask, pattern, inv_stats = contrastive_inversion(
+            repaired, images, names, s, (lambda f, m: progress(0.6 * f, m)) if progress else None, should_stop, stop)
+        self.trigger = (mask, pattern)
+        rate, n_flip = flip_rate(repaired, images, labels.tolist(), names, inv_stats["target"], mask, pattern, s.templates)
+        check_stop(should_stop, stop)
+
+        template = context_template(s.n_ctx)
+        tokens = prompt_tokens(repaired, names, template, s.n_ctx).to(device)
+        gen = torch.Generator().manual_seed(int(s.seed))
+        with frozen(repaired), torch.no_grad():
+            clean_feats = torch.cat([repaired.encode_image(images[i:i + 64]) for i in range(0, len(images), 64)])
+            stamped = blend(images, mask, pattern)
+            trig_feats = torch.cat([repaired.encode_image(stamped[i:i + 64]) for i in range(0, len(images), 64)])
+        learner = torch.nn.Module()
+        learner.context = torch.nn.Parameter(initial_context(repaired, len(names), s.n_ctx, s.ctx_init, gen).to(device))
+        optimizer = torch.optim.Adam(learner.parameters(), lr=s.prompt_lr)
+        learner, optimizer = accelerator.prepare(learner, optimizer)
+        context = accelerator.unwrap_model(learner).context
+        y = labels.to(device)
+        history = []
+        with frozen(repaired):
+            for step in range(s.prompt_steps):
+                check_stop(should_stop, stop)
+                class_emb = F.normalize(encode_text_with_context(repaired.clip, tokens, context).float(), dim=-1)
+                clean_loss = F.cross_entropy(100.0 * clean_feats @ class_emb.t(), y)
+                trig_loss = F.cross_entropy(100.0 * trig_feats @ class_emb.t(), y)
+                loss = clean_loss + s.trigger_weight * trig_loss
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                optimizer.step()
+                if step % 10 == 9 or step == s.prompt_steps - 1:
+                    history.append({"step": step + 1, "loss": round(float(loss.detach()), 5),
+                                    "clean_ce": round(float(clean_loss.detach()), 5), "triggered_ce": round(float(trig_loss.detach()), 5)})
+                if progress:
+                    progress(0.6 + 0.4 * (step + 1) / s.prompt_steps, f"prompt tuning {step + 1}/{s.prompt_steps} loss {float(loss):.3f}")
+        repaired.class_prompts = {"class_names": names, "context": context.detach().cpu().clone(), "template": template}
+        repaired.__dict__.pop("text_cache", None)
+        trigger = InvertedTrigger(label=inv_stats["target"], method="cbpt", mask_area=inv_stats["mask_area"], verified_asr=round(rate, 4),
+                                  n_verified=n_flip, verified_on="the budget images (inversion set)", stats=inv_stats)
+        settings = {**asdict(s), "dummy_trigger": trigger.to_dict(), "template": template}
+        notes = [f"dummy trigger: {inv_stats['mask_area']:.1%} of the image; stamped budget images pile onto "
+                 f"'{inv_stats['target']}' ({inv_stats['share_on_target']:.0%}); flips {rate:.0%} of {n_flip} non-target images",
+                 f"CLIP weights unchanged; {len(names)} class-wise prompts of {s.n_ctx} learnt context vectors "
+                 "(used for these exact class names only)"]
+        return RepairResult(model=repaired, samples_used=int(len(images)), history=history, seconds=round(time.time() - start, 2),
+                            settings=settings, notes=notes)
