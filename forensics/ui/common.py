@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -24,8 +25,12 @@ MODEL_SOURCES = [*DEMO_MODELS, CHECKPOINT, HUB]
 
 
 def initial_state() -> dict[str, Any]:
-    """What one browser session remembers: the model, oracle, probe set, and the latest scan."""
-    return {"model": "demo", "arch": None, "quick_gelu": None, "oracle": "fallback", "sam_checkpoint": None,
+    """What one browser session remembers: the model, oracle, probe set, and the latest scan.
+
+    FORENSICS_SAM_CHECKPOINT (a segment-anything .pth on the server) makes SAM the starting oracle.
+    """
+    sam = os.environ.get("FORENSICS_SAM_CHECKPOINT") or None
+    return {"model": "demo", "arch": None, "quick_gelu": None, "oracle": "sam" if sam else "fallback", "sam_checkpoint": sam,
             "probe": "demo", "scan_dir": None, "report": None, "order": [], "selected": None}
 
 
