@@ -149,6 +149,13 @@ def run_repair(model: str | SuspectModel, findings: str | Path | None = None, ou
                              + (f", or choose a method that needs none ({', '.join(others)})" if others else ""))
     report = read_findings(findings) if findings is not None else None
     spec = model if isinstance(model, str) else None
+    if not needs:  # check the probe and the budget before loading anything big
+        probe_spec = probe or (report["probe"]["source"] if report else None) or ("demo" if spec in ("demo", "demo-clean") else None)
+        if probe_spec is None:
+            raise ForensicsError("a probe set is required (--probe) for models other than demo and demo-clean")
+        probe_set = load_probe_set(probe_spec)
+        budget = DEFAULT_BUDGET if budget is None else budget
+        budget_idx, eval_idx = split_clean_budget(probe_set, budget, seed)
     loaded = load_model(model, arch=arch) if spec else model
     notes = []
     if report and report["model"].get("sha256") and loaded.facts.sha256 and report["model"]["sha256"] != loaded.facts.sha256:
@@ -165,12 +172,6 @@ def run_repair(model: str | SuspectModel, findings: str | Path | None = None, ou
         probe_set = load_probe_set(report["probe"]["source"])
         eval_idx = probe_set.clean_indices()
     else:
-        probe_spec = probe or (report["probe"]["source"] if report else None) or ("demo" if spec in ("demo", "demo-clean") else None)
-        if probe_spec is None:
-            raise ForensicsError("a probe set is required (--probe) for models other than demo and demo-clean")
-        probe_set = load_probe_set(probe_spec)
-        budget = DEFAULT_BUDGET if budget is None else budget
-        budget_idx, eval_idx = split_clean_budget(probe_set, budget, seed)
         if progress:
             progress(0.01, f"loading {len(budget_idx)} clean budget images")
         data = budget_repair_data(probe_set, budget_idx, loaded.image_size)

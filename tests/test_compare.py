@@ -12,7 +12,7 @@ from forensics.data import load_probe_set
 from forensics.defenses import DEFENSES
 from forensics.errors import ForensicsError
 from forensics.models import load_model
-from forensics.repair import split_clean_budget
+from forensics.repair import run_repair, split_clean_budget
 from forensics.service import default_trigger
 from forensics.zeroshot import evaluate
 from tests.test_cli import assert_one_line_error, run_cli
@@ -59,13 +59,18 @@ def test_repair_without_findings_uses_the_budget_and_held_out_images(cli_repair)
     assert sidecar["repair"]["findings"] is None and sidecar["repair"]["clean_budget"]["budget"] == BUDGET
 
 
-def test_repair_cli_errors():
-    assert_one_line_error(run_cli("repair", "demo", "--method", "oracle-finetune", "--out", "/tmp/x", check=False),
+def test_repair_and_compare_errors(tmp_path):
+    assert_one_line_error(run_cli("repair", "demo", "--method", "oracle-finetune", "--out", str(tmp_path), check=False),
                           "needs a scan's findings")
-    assert_one_line_error(run_cli("repair", "demo", "--method", "cleanclip", "--budget", "400", "--out", "/tmp/x",
-                                  check=False), "leaves none")
-    assert_one_line_error(run_cli("compare", "demo", "--methods", "cleanclip,nosuch", "--out", "/tmp/x", check=False),
-                          "unknown repair method")
+    with pytest.raises(ForensicsError, match="leaves none"):
+        run_repair("demo", None, tmp_path, method="cleanclip", budget=400)
+    with pytest.raises(ForensicsError, match="unknown repair method"):
+        run_compare("demo", "cleanclip,nosuch", tmp_path)
+    with pytest.raises(ForensicsError, match="not compared"):
+        run_compare("demo", "cleanclip", tmp_path, settings={"abd": {"epochs": 1}})
+    with pytest.raises(ForensicsError, match="probe set is required"):
+        run_compare("random:tiny-vit", "cleanclip", tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing written before the inputs are checked
 
 
 @pytest.mark.slow

@@ -14,7 +14,9 @@ No public code; our design from the paper's description:
    initialised from the embeddings of "a photo of a" when that has ``n_ctx`` tokens, else N(0, 0.02))
    replace the placeholder words of the prompt "X X X X {class}." in the token embeddings; they are
    learnt so that clean *and* dummy-triggered budget images are classified as their true class
-   (cross-entropy at logit scale 100, Adam, full batch: the image embeddings are computed once).
+   (cross-entropy at logit scale 100, Adam, full batch: the image embeddings are computed once). Our
+   addition for clean accuracy on a small budget: ``anchor_weight * mean(1 - cos)`` between each learnt
+   class embedding and the suspect's plain template embedding of that class (12 images a class overfit).
 
 The repaired model is the untouched CLIP plus ``SuspectModel.class_prompts``; ``zeroshot`` uses them
 whenever the requested class names are exactly the learnt ones, and ``save_model``/``load_model`` keep them.
@@ -60,6 +62,7 @@ class CBPTSettings:
     prompt_steps: int = 200
     prompt_lr: float = 1e-2  # Adam (CoOp: SGD 2e-3 over 200 epochs); full batch of precomputed image embeddings
     trigger_weight: float = 1.0  # weight of the triggered images' cross-entropy against the clean one's
+    anchor_weight: float = 5.0  # our addition: mean (1 - cos) of each learnt class embedding to the plain template one
     templates: str | list[str] = "short"  # for the inversion's class term (the suspect's plain zero-shot head)
     seed: int = 0
 
@@ -263,6 +266,7 @@ class CBPT(Defense):
         learner, optimizer = accelerator.prepare(learner, optimizer)
         context = accelerator.unwrap_model(learner).context
         y = labels.to(device)
+        plain = class_text_embeddings(repaired, names, s.templates).detach().to(device)
         history = []
         with frozen(repaired):
             for step in range(s.prompt_steps):
@@ -270,15 +274,18 @@ class CBPT(Defense):
                 class_emb = F.normalize(encode_text_with_context(repaired.clip, tokens, context).float(), dim=-1)
                 clean_loss = F.cross_entropy(100.0 * clean_feats @ class_emb.t(), y)
                 trig_loss = F.cross_entropy(100.0 * trig_feats @ class_emb.t(), y)
-                loss = clean_loss + s.trigger_weight * trig_loss
+                anchor = (1 - (class_emb * plain).sum(-1)).mean()
+                loss = clean_loss + s.trigger_weight * trig_loss + s.anchor_weight * anchor
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()
                 if step % 10 == 9 or step == s.prompt_steps - 1:
                     history.append({"step": step + 1, "loss": round(float(loss.detach()), 5),
-                                    "clean_ce": round(float(clean_loss.detach()), 5), "triggered_ce": round(float(trig_loss.detach()), 5)})
+                                    "clean_ce": round(float(clean_loss.detach()), 5), "triggered_ce": round(float(trig_loss.detach()), 5),
+                                    "anchor": round(float(anchor.detach()), 5)})
                 if progress:
-                    progress(0.6 + 0.4 * (step + 1) / s.prompt_steps, f"prompt tuning {step + 1}/{s.prompt_steps} loss {float(loss):.3f}")
+                    progress(0.6 + 0.4 * (step + 1) / s.prompt_steps,
+                             f"prompt tuning {step + 1}/{s.prompt_steps} loss {float(loss.detach()):.3f}")
         repaired.class_prompts = {"class_names": names, "context": context.detach().cpu().clone(), "template": template}
         repaired.__dict__.pop("text_cache", None)
         trigger = InvertedTrigger(label=inv_stats["target"], method="cbpt", mask_area=inv_stats["mask_area"], verified_asr=round(rate, 4),

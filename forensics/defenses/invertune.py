@@ -38,7 +38,8 @@ from .base import Defense, Progress, RepairData, RepairResult, ShouldStop
 @dataclass
 class InverTuneSettings:
     """InverTune repair settings (tuning: paper AdamW lr 2e-6, wd 1e-4, cosine, clip 1.0, 200 its, batch 64;
-    scaled here to lr 5e-4, 40 its, batch 32 for the tiny demo on a CPU). ``detect`` holds the detection's."""
+    scaled here to lr 5e-4, 40 its, batch 32 for the tiny demo on a CPU). ``detect`` holds the detection's
+    settings (its own keys may also be given flat to the constructor); the detection runs with ``seed``."""
 
     n_layers: int = 3
     iterations: int = 40
@@ -125,6 +126,12 @@ class InverTune(Defense):
     summary = "InverTune: find the target by adversarial patch, invert the trigger, tune the activations it drives"
 
     def __init__(self, settings: InverTuneSettings | None = None, **overrides):
+        # detection settings may come flat (e.g. ``--param inversion_steps=20``) as well as under ``detect``
+        own = set(InverTuneSettings.__dataclass_fields__)
+        flat = {k: overrides.pop(k) for k in list(overrides) if k not in own and k in InverTuneDetectSettings.__dataclass_fields__}
+        if flat:
+            detect = overrides.get("detect") or {}
+            overrides["detect"] = {**(asdict(detect) if isinstance(detect, InverTuneDetectSettings) else detect), **flat}
         self.settings = settings or InverTuneSettings(**overrides)
         self.detection: InverTuneDetection | None = None  # the last repair's detection (mask and pattern included)
 
@@ -209,7 +216,8 @@ class InverTune(Defense):
                 history.append({"iteration": it + 1, "loss": round(float(loss.detach()), 5), "gap": round(float(gap.detach()), 5),
                                 "keep": round(float(keep.detach()), 5)})
                 if progress:
-                    progress(0.5 + 0.5 * (it + 1) / s.iterations, f"activation tuning {it + 1}/{s.iterations} gap {float(gap):.3f}")
+                    progress(0.5 + 0.5 * (it + 1) / s.iterations,
+                             f"activation tuning {it + 1}/{s.iterations} gap {float(gap.detach()):.3f}")
         finally:
             srec.remove()
         repaired.clip.visual = accelerator.unwrap_model(student)
@@ -219,9 +227,11 @@ class InverTune(Defense):
         summary = detection.to_dict()
         settings = {**asdict(s), "detection": summary, "layer_scores": {n: round(v, 5) for n, v in scores.items()},
                     "tuned_layers": chosen, "critical_neurons": {n: int(crit[n].sum()) for n in chosen}}
-        notes = [f"target '{detection.target}' " + ("given by the flagged labels" if "share_before" not in summary["identification"] else
-                 f"identified by the adversarial patch (share of predictions {summary['identification']['share_before'][detection.target]:.0%}"
-                 f" -> {summary['identification']['share_after'][detection.target]:.0%})"),
+        ident = summary["identification"]
+        how = ("given by the flagged labels" if "share_before" not in ident else
+               f"identified by the adversarial patch (share of predictions {ident['share_before'][detection.target]:.0%}"
+               f" -> {ident['share_after'][detection.target]:.0%})")
+        notes = [f"target '{detection.target}' {how}",
                  f"inverted trigger covers {detection.trigger.mask_area:.1%} of the image and flips "
                  f"{detection.trigger.verified_asr:.0%} of {detection.trigger.n_verified} non-target budget images",
                  f"tuned critical neurons in {', '.join(chosen)}; image tower only, text tower frozen"]

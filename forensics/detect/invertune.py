@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -347,7 +346,8 @@ def run_invertune_detection(model: SuspectModel, images: torch.Tensor, labels: S
         if target not in names:
             raise ForensicsError(f"target label {target!r} is not one of the classes ({', '.join(names)})")
         ident = {"target": target, "given": True}
-        flagged = FlaggedLabel(label=target, score=1.0, captured=0, predicted=0, explanation="target given (flagged earlier); identification skipped")
+        flagged = FlaggedLabel(label=target, score=1.0, captured=0, predicted=0,
+                               explanation="target given (flagged earlier); identification skipped")
     mask, pattern, stats = invert_trigger(model, images, labels, names, target, s, part(0.3 if "given" not in ident else 0.0, 1.0),
                                           should_stop, stop_message)
     if verify_images is not None:

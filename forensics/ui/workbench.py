@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .common import WORK_ROOT, initial_state
+from .compare_tab import build_compare_tab
 from .findings_tab import build_findings_tab
 from .investigate_tab import build_investigate_tab, scan
 from .learn_tab import build_learn_tab
@@ -32,6 +33,8 @@ def build_app() -> gr.Blocks:
                 fnd = build_findings_tab(state)
             with gr.Tab("Repair", id="repair"):
                 build_repair_tab(state)
+            with gr.Tab("Compare", id="compare"):
+                build_compare_tab(state)
             with gr.Tab("Learn", id="learn"):
                 build_learn_tab()
         model["load"].click(lambda s: s, model["status"], status, api_name=False)
