@@ -462,8 +462,16 @@ def test_random_unknown_arch():
 
 def test_random_word_arch_needs_vocabulary():
     with pytest.raises(ForensicsError) as excinfo:
-        load_model("random:tiny-rn")
+        new_model("tiny-rn")
     assert_clear(excinfo, "word vocabulary")
+
+
+def test_random_project_arch_takes_the_demo_vocabulary():
+    """`random:tiny-vit` (speed checks, ViT smoke runs) borrows the demo lab's word vocabulary."""
+    model = load_model("random:tiny-vit")
+    demo = load_model("demo")
+    assert model.tower == "vit" and model.facts.vocab_size == demo.facts.vocab_size
+    assert torch.equal(model.tokenizer(["a photo of a flower."]), demo.tokenizer(["a photo of a flower."]))
 
 
 def test_hf_hub_offline():
