@@ -216,7 +216,9 @@ def cmd_compare(args: argparse.Namespace) -> dict:
             settings = json.loads(Path(args.settings).read_text() if Path(args.settings).is_file() else args.settings)
         except (OSError, json.JSONDecodeError) as exc:
             raise ForensicsError(f"--settings must be JSON (or a JSON file) like '{{\"cleanclip\": {{\"epochs\": 2}}}}': {exc}") from None
-    attacks = [a for a in (args.attacks or "").split(",") if a.strip()] or None
+    if settings is not None and not isinstance(settings, dict):
+        raise ForensicsError("--settings must be a JSON object mapping method names to their settings")
+    attacks = [a.strip() for a in (args.attacks or "").split(",") if a.strip()] or None
     with tqdm_progress("compare", not args.quiet) as progress:
         result = run_compare(args.model, args.methods, args.out, probe=args.probe, budget=args.budget, seed=args.seed,
                              findings=args.findings, attacks=attacks, target=args.target, settings=settings,

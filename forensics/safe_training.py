@@ -14,6 +14,11 @@ random resized crop (scale 0.5-1), a horizontal flip and brightness/contrast jit
 drop and swap words (EDA's deletion and swap, alpha 0.1; no synonym lists, which need WordNet);
 the unimodal temperature is CLIP's own logit scale, as in CleanCLIP. SafeCLIP's nearest-neighbour
 pool and its data augmentation for the CLIP loss are left out.
+
+Measured (fine-tuning the demo's clean twin, lr 1e-4, 1 warm-up + 2 safe epochs, on 200 demo probe
+pairs of which 21 carry the demo's BadNet trigger captioned "a photo of a flower."): 18 and then 19
+of the 21 poisoned pairs fall in the risky set while it holds 90 and then 100 of the 200 pairs.
+From scratch the warm-up leaves images and captions unaligned, so the first GMM split is weak.
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from forensics.zeroshot import evaluate
 from tests.test_cli import assert_one_line_error, run_cli
 
 BUDGET = 120
-FIRST = ("cleanclip", {"epochs": 1})  # small settings: the tests' time, not the methods' best
-SECOND = ("invertune", {"iterations": 10})
+FIRST = ("cleanclip", {"epochs": 2})  # small settings: the tests' time, not the methods' best
+SECOND = ("cbpt", {})
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_repair_without_findings_uses_the_budget_and_held_out_images(cli_repair)
     assert result["clean_budget"] == BUDGET and metrics["eval_images"] == 135 == result["eval_images"]
     assert metrics["clean_budget"]["captions"] is True and metrics["samples_used"] == BUDGET
     before, after = metrics["before"], metrics["after"]
-    # measured: CA 0.496 -> 0.519, ASR 0.966 -> 0.27-0.29 (cleanclip, 1-2 epochs on the 120-image budget)
+    # measured: CA 0.496 -> 0.519, ASR 0.966 -> 0.291 (cleanclip, 2 epochs on the 120-image budget)
     assert before["asr"] > 0.9 and after["asr"] < before["asr"] - 0.3, metrics
     assert after["ca"] >= before["ca"] - 0.1, metrics
     assert "held-out" in metrics["note"] and Path(result["model"]).is_file()

@@ -119,7 +119,7 @@ def test_safeclip_training_keeps_the_poisoned_pairs_in_the_risky_set(poisoned, t
     history = out["history"]
     assert out["mode"] == "safeclip" and [h["phase"] for h in history] == ["unimodal warm-up", "safe", "safe"]
     for h in history[1:]:
-        # measured on the 300-pair set: 24-26 of 30 poisoned pairs risky while about half the pairs are
+        # measured: 18 then 19 of the 21 poisoned pairs risky (90, then 100 of 200 pairs risky); 3 then 2 in the safe set
         assert h["poisoned_risky"] >= 0.75 * n_poison, h
         assert h["risky"] <= 0.6 * 200, h
         assert h["poisoned_safe"] / max(1, h["safe"]) < 0.5 * n_poison / 200, h

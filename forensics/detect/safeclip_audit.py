@@ -8,10 +8,12 @@ pairs match poorly under a model that has not learnt them). Pairs whose risk is 
 ``poisoned`` column), precision and recall of the risky set and the ranking's AUROC are reported.
 
 Which model scores: given a reference (e.g. a clean or independently trained CLIP), the reference
-scores by default. Measured on the demo (the bundled probe set poisoned at 10 % with the demo's
-BadNet trigger and target "flower"): the clean twin ranks poison with AUROC 0.99, the backdoored
-suspect only 0.53, because the suspect has learnt to match its trigger with the target caption.
-Without a reference the suspect scores, and the report says it is the weaker choice.
+scores by default. Measured on the demo (the 300 clean probe pairs, 30 of them poisoned with the
+demo's BadNet trigger and the caption "a photo of a flower."): scored by the clean twin, AUROC 0.77,
+and the GMM cut flags 107 pairs with precision 0.20 and recall 0.70; scored by the backdoored
+suspect, AUROC 0.48 (chance), precision 0.04, recall 0.10, because the suspect has learnt to match
+its trigger with the target caption. Without a reference the suspect scores, and the report says
+it is the weaker choice.
 """
 from __future__ import annotations
 
@@ -145,7 +147,7 @@ def audit_dataset(csv_path: str | Path, model: str | SuspectModel, reference: st
     }
     if score_with == "suspect":
         summary["note"] += "; scored by the suspect itself, which matches its own trigger with the target caption " \
-                           "(measured AUROC 0.53 on the demo vs 0.99 with the clean twin): give a --reference when you can"
+                           "(measured AUROC 0.48 on the demo vs 0.77 with the clean twin): give a --reference when you can"
     if flags is not None:
         summary["metrics"] = audit_metrics(flags, risky, order)
     summary["seconds"] = round(time.time() - start, 2)
