@@ -193,7 +193,7 @@ def cmd_scan(args: argparse.Namespace) -> dict:
     settings = ScanSettings(seed=args.seed, templates=args.templates, batch_size=args.batch_size)
     with tqdm_progress("scan", not args.quiet) as progress:
         return run_scan(args.model, args.out, probe=args.probe, oracle=args.oracle, sam_checkpoint=args.sam_checkpoint,
-                        settings=settings, arch=args.arch, progress=progress)
+                        settings=settings, arch=args.arch, max_images=args.max_images, progress=progress)
 
 
 def cmd_repair(args: argparse.Namespace) -> dict:
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", help="demo, demo-clean, a CSV or an ImageFolder (default for demo models: demo)")
     p.add_argument("--oracle", help="segmentation oracle (default: sam with --sam-checkpoint, else fallback)")
     p.add_argument("--sam-checkpoint", help="path to a segment-anything checkpoint (vit_b/vit_l/vit_h)")
+    p.add_argument("--max-images", type=int, help="scan a seeded random subset of this many probe images (quicker)")
     p.add_argument("--templates", default="short")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
