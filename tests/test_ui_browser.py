@@ -44,7 +44,7 @@ def test_scan_flags_the_demo_target_then_repair_lowers_asr(page):
     expect(page.locator("#model-status")).to_contain_text("Loaded: demo", timeout=2 * MINUTE)
     shot(page, "1-loaded")
     images = page.locator("#scan-images input[type=number]")
-    images.fill("40")
+    images.fill("60")
     images.press("Enter")
     page.locator("#scan-button").click()
     expect(page.locator("#scan-summary")).to_contain_text("Flagged labels: flower", timeout=20 * MINUTE)

@@ -7,9 +7,11 @@ A distillation term keeps clean-image embeddings close to the frozen original (o
 paper is silent: it keeps clean accuracy while the trigger is unlearnt). The text tower stays
 frozen, so class embeddings do not drift. BatchNorm statistics stay frozen too.
 
-Defaults measured on a 40-image scan of the demo (25 anchors, 8 victims): BatchNorm in train mode,
-distillation weight 1 and a label loss on anchors cost 0.13 CA (0.482 -> 0.353); frozen BatchNorm,
-distillation 10 and no anchor label loss keep CA at 0.451 with ASR 0.97 -> 0.02.
+Defaults measured on the demo (BatchNorm frozen, no label loss on anchors; CA / ASR of the planted
+trigger after repair, from 0.482 / 0.973): full 300-image scan (45 victims, 128 anchors): distillation
+weight 3 -> 0.494 / 0.053, weight 10 -> 0.471 / 0.138; 40-image scan (8 victims, 25 anchors): weight 3 ->
+0.404 / 0.000, weight 10 -> 0.451 / 0.022. With BatchNorm in train mode and a label loss on anchors the
+40-image case fell to CA 0.353.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class OracleFinetuneSettings:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     batch_size: int = 32
-    distill_weight: float = 10.0
+    distill_weight: float = 3.0
     trigger_copies: int = 2  # pasted-trigger copies of each anchor per epoch
     freeze_batchnorm: bool = True  # keep BatchNorm statistics (ResNet towers) as the original had them
     anchor_ce_weight: float = 0.0  # label loss on clean anchors; 0: distillation alone keeps them (less overfitting)
