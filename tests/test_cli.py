@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "forensics", "--quiet", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=600)
+                          cwd=ROOT, env=env, timeout=1500)  # a full demo scan: ~6 min alone on 2 cores, more when busy
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
