@@ -35,7 +35,7 @@ from .detect.safeclip_audit import gmm_risk
 from .errors import ForensicsError
 from .models import SuspectModel
 from .tokenizer import split_words
-from .training import CaptionDataset, Progress, TrainConfig, _param_groups, clip_loss
+from .training import CaptionDataset, Progress, TrainConfig, clip_loss, clip_step, decay_groups, warmup_cosine
 
 
 @dataclass
@@ -151,17 +151,11 @@ def safe_train_clip(model: SuspectModel, rows: list[dict[str, str]], config: Tra
     loader = DataLoader(torch.arange(len(dataset)), batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
     clip = model.clip
     clip.train()
-    optimizer = torch.optim.AdamW(_param_groups(clip, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(decay_groups(clip, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     total_epochs = config.epochs
     total_steps = max(1, total_epochs * len(loader))
 
-    def schedule(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        t = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps, config.min_lr_ratio))
     clip, optimizer, loader, scheduler = accelerator.prepare(clip, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(clip)
     device = accelerator.device
@@ -214,14 +208,7 @@ def safe_train_clip(model: SuspectModel, rows: list[dict[str, str]], config: Tra
                 loss = loss + settings.unimodal_weight * uni
             if not loss.requires_grad:
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if config.grad_clip:
-                accelerator.clip_grad_norm_(clip.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                unwrapped.logit_scale.clamp_(0, max_log_scale)
+            clip_step(accelerator, clip, unwrapped, optimizer, scheduler, loss, config.grad_clip, max_log_scale)
             losses.append(loss.item())
             step += 1
             if progress and (step % 5 == 0 or step == total_steps):

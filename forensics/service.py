@@ -18,7 +18,7 @@ DEMO_MODELS = ("demo", "demo-clean")
 def model_facts(model: str | SuspectModel, arch: str | None = None, quick_gelu: bool | None = None) -> dict:
     """The model's facts plus its planted backdoor when known (the demo reveals it, for teaching)."""
     spec = model if isinstance(model, str) else None
-    loaded = load_model(model, arch=arch, quick_gelu=quick_gelu) if isinstance(model, str) else model
+    loaded = get_model(model, arch, quick_gelu) if isinstance(model, str) else model  # cached: the UI asks again
     out = loaded.facts.to_dict()
     out["backdoor"] = loaded.backdoor
     if spec == "demo" and out["backdoor"] is None:

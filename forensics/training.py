@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -97,13 +97,37 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: no weight decay on norms, biases, 1-d parameters and the logit scale (as CLIP/CleanCLIP)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 or "logit_scale" in name or "bn" in name or "ln" in name else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return factor
+
+
+def clip_step(accelerator: Any, clip: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler: Any, loss: torch.Tensor, grad_clip: float, max_log_scale: float) -> None:
+    """One optimiser step of CLIP training: backward, optional gradient clipping, step, schedule, logit-scale clamp."""
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    if grad_clip:
+        accelerator.clip_grad_norm_(clip.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    with torch.no_grad():
+        unwrapped.logit_scale.clamp_(0, max_log_scale)
 
 
 def train_clip(model: SuspectModel, rows: list[dict[str, str]], config: TrainConfig,
@@ -123,16 +147,10 @@ def train_clip(model: SuspectModel, rows: list[dict[str, str]], config: TrainCon
                         generator=generator)
     clip = model.clip
     clip.train()
-    optimizer = torch.optim.AdamW(_param_groups(clip, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(decay_groups(clip, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     total_steps = max(1, config.epochs * len(loader))
 
-    def schedule(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        t = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps, config.min_lr_ratio))
     clip, optimizer, loader, scheduler = accelerator.prepare(clip, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(clip)
     mean = torch.tensor(model.mean, device=accelerator.device).view(1, 3, 1, 1)
@@ -147,14 +165,7 @@ def train_clip(model: SuspectModel, rows: list[dict[str, str]], config: TrainCon
             pixels = (images.float() / 255.0 - mean) / std
             image_emb, text_emb, logit_scale = clip(pixels, tokens)[:3]  # through DDP when several GPUs
             loss = clip_loss(image_emb, text_emb, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if config.grad_clip:
-                accelerator.clip_grad_norm_(clip.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                unwrapped.logit_scale.clamp_(0, max_log_scale)
+            clip_step(accelerator, clip, unwrapped, optimizer, scheduler, loss, config.grad_clip, max_log_scale)
             losses.append(loss.item())
             step += 1
             if progress and (step % 10 == 0 or step == total_steps):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..errors import ForensicsError
 from ..models import SuspectModel
 from .augment import autoaugment_views, eda_views, tokenizer_vocabulary
+from ..training import clip_loss, clip_step, decay_groups, warmup_cosine
 from .base import Defense, Progress, RepairData, RepairResult, ShouldStop
 
 ImageViews = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (batch of [0, 1] images, generator) -> views
@@ -61,33 +62,11 @@ def cleanclip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_view_e
                    inmodal_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """CleanCLIP's loss on normalised embeddings (N x D each); returns the loss and its two parts as floats."""
     targets = torch.arange(len(image_emb), device=image_emb.device)
-    logits = logit_scale * image_emb @ text_emb.t()
-    crossmodal = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    crossmodal = clip_loss(image_emb, text_emb, logit_scale)
     inmodal = (F.cross_entropy(logit_scale * image_emb @ image_view_emb.t(), targets)
                + F.cross_entropy(logit_scale * text_emb @ text_view_emb.t(), targets)) / 2
     loss = clip_weight * crossmodal + inmodal_weight * inmodal
     return loss, {"clip": float(crossmodal.detach()), "inmodal": float(inmodal.detach())}
-
-
-def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups as CleanCLIP: no weight decay on norms, biases, 1-d parameters and the logit scale."""
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        plain = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if plain else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return factor
 
 
 def check_budget(images: torch.Tensor, captions: list[str], size: int, what: str) -> None:
@@ -154,14 +133,7 @@ def cleanclip_finetune(model: SuspectModel, images: torch.Tensor, captions: list
             n = len(batch)
             loss, part = cleanclip_loss(image_emb[:n], text_emb[:n], image_emb[n:], text_emb[n:], logit_scale,
                                         s.clip_weight, s.inmodal_weight)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if s.grad_clip:
-                accelerator.clip_grad_norm_(clip.parameters(), s.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                unwrapped.logit_scale.clamp_(0, max_log_scale)
+            clip_step(accelerator, clip, unwrapped, optimizer, scheduler, loss, s.grad_clip, max_log_scale)
             parts["loss"].append(float(loss.detach()))
             for key, value in part.items():
                 parts[key].append(value)

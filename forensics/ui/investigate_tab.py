@@ -6,13 +6,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..data import extract_probe_archive, load_probe_set
+from ..data import extract_probe_archive
 from ..inspect import explain_image
 from ..oracles import build_oracle
 from ..report import flagged_chart
 from ..scan import run_scan
 from ..service import get_model
-from .common import gr_progress, guarded, new_job_dir
+from .common import gr_progress, guarded, need_scan, new_job_dir
 
 GALLERY_SIZE = 60  # most discrepant images shown
 EXPLAIN = """**How the scan works.** For every probe image, a *segmentation oracle* outlines the objects and CLIP
@@ -72,9 +72,7 @@ def scan(state: dict, probe_choice: str, upload: str | None, max_images: float, 
 @guarded
 def show_image(state: dict, evt: gr.SelectData) -> tuple:
     """One gallery image: oracle regions, Grad-CAM, occlusion, and CLIP's label for the whole image and each region."""
-    report = state.get("report")
-    if not report:
-        raise gr.Error("run a scan first", print_exception=False)
+    report = need_scan(state)
     index = state["order"][evt.index]
     record = report["images"][index]
     model = get_model(state["model"], state["arch"], state["quick_gelu"])
@@ -116,7 +114,3 @@ def build_investigate_tab(state: gr.State) -> dict:
     gallery.select(show_image, state, [annotated, cam, occ, regions, detail, state], api_name=False)
     return {"probe": probe, "upload": upload, "max_images": max_images, "run": run, "summary": summary, "gallery": gallery}
 
-
-def probe_classes(spec: str) -> list[str]:
-    """Class names of a probe set (for views that need them without a scan)."""
-    return load_probe_set(spec).class_names

@@ -8,7 +8,7 @@ import gradio as gr
 
 from ..models import list_architectures
 from ..oracles import list_oracles
-from ..service import evaluate_model, get_model, model_facts
+from ..service import evaluate_model, model_facts
 from .common import CHECKPOINT, DEMO_MODELS, HUB, MODEL_SOURCES, gr_progress, guarded, new_job_dir
 
 EXPLAIN = """**What this shows.** A CLIP model matches images with text. A *backdoored* CLIP behaves normally until
@@ -72,7 +72,6 @@ def load_model_choice(source: str, upload: str | None, path_text: str, arch: str
     if oracle == "sam" and not (sam_checkpoint or "").strip():
         raise gr.Error("the SAM oracle needs a checkpoint path (vit_b / vit_l / vit_h .pth on the server)",
                        print_exception=False)
-    get_model(spec, arch, quick_gelu or None)  # loads and checks once; later clicks reuse it
     facts = model_facts(spec, arch=arch, quick_gelu=quick_gelu or None)
     state = {**state, "model": spec, "arch": arch, "quick_gelu": quick_gelu or None, "oracle": oracle,
              "sam_checkpoint": (sam_checkpoint or "").strip() or None, "scan_dir": None, "report": None, "order": []}
