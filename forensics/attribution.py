@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from captum.attr import FeatureAblation, LayerAttribution, LayerGradCam, Occlusion
+from captum.attr import FeatureAblation, InputXGradient, LayerAttribution, LayerGradCam, Occlusion
 from PIL import Image
 from torch import nn
 
@@ -36,6 +36,8 @@ __all__ = [
     "heatmap_to_image",
     "mass_inside",
     "occlusion",
+    "occlusion_estimate",
+    "occlusion_estimate_signed",
     "overlay",
     "region_ablation",
     "region_ablation_map",
@@ -288,6 +290,37 @@ def occlusion(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets
     return _normalise(torch.cat(maps))
 
 
+# --------------------------------------------------------------------------- first-order occlusion
+
+def occlusion_estimate_signed(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets: Targets,
+                              baseline: Baseline = "mean", batch_size: int = 32) -> torch.Tensor:
+    """Per-pixel first-order estimate of how much replacing that pixel by the baseline lowers log p(target).
+
+    ``(x - baseline) . d log p / dx`` summed over colour channels (captum ``InputXGradient`` on the input
+    shifted by the baseline): N x S x S, signed, unnormalised, so a window's estimated drop is the sum over
+    it. One forward and backward per image instead of one forward per occluder placement; on the demo it
+    localizes a pasted trigger better than a fine occlusion sweep (bench/attribution_mass.py).
+    """
+    images = _check_images(model, images)
+    head = ZeroShotHead(model, class_emb)
+    maps = []
+    with _attribution_mode(model):
+        targets = _check_targets(head, images, targets, batch_size)
+        for part in _chunks(len(images), batch_size):
+            x = images[part].to(model.device)
+            base = _baseline(x, baseline)
+            method = InputXGradient(lambda shifted, base=base: head(shifted + base).log_softmax(-1))
+            attr = method.attribute((x - base).requires_grad_(True), target=targets[part])
+            maps.append(attr.detach().sum(dim=1).cpu())
+    return torch.cat(maps)
+
+
+def occlusion_estimate(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets: Targets,
+                       baseline: Baseline = "mean", batch_size: int = 32) -> torch.Tensor:
+    """:func:`occlusion_estimate_signed`, positive part, each map divided by its max: N x S x S in [0, 1]."""
+    return _normalise(occlusion_estimate_signed(model, images, class_emb, targets, baseline, batch_size))
+
+
 # --------------------------------------------------------------------------- region ablation
 
 def _region_masks(regions: Sequence[torch.Tensor], n: int, size: int) -> list[torch.Tensor]:
@@ -424,7 +457,8 @@ def overlay(image01: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.45, c
 
 # --------------------------------------------------------------------------- registry
 
-ATTRIBUTIONS: dict[str, Callable[..., torch.Tensor]] = {"gradcam": gradcam, "occlusion": occlusion}
+ATTRIBUTIONS: dict[str, Callable[..., torch.Tensor]] = {"gradcam": gradcam, "occlusion": occlusion,
+                                                         "occlusion-estimate": occlusion_estimate}
 
 
 def attribute(name: str, model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets: Targets,

@@ -18,7 +18,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
+from ..attribution import occlusion_estimate_signed
 from ..data import ProbeSet
 from ..errors import ForensicsError
 from ..models import SuspectModel
@@ -34,9 +36,10 @@ class ScanSettings:
     """Knobs of the scan; defaults are relative to image size and to the probe set, never to a trigger."""
 
     window: float = 0.1875  # occluding window side, as a fraction of the image side
-    coarse_stride: float = 0.5  # coarse sweep stride, as a fraction of the window
-    fine_stride_px: int = 2  # stride of the small occluder that refines the trigger box (model pixels)
-    box_threshold: float = 0.3  # share of the refined map's peak that still counts as trigger
+    coarse_stride: float = 0.5  # stride of the grid of candidate windows, as a fraction of the window
+    proposals: int = 12  # windows per image really occluded: those whose estimated drop is largest
+    smooth: float = 1 / 32  # side of the box filter on the estimated-drop map, as a fraction of the image side
+    box_threshold: float = 0.3  # share of the map's peak that still counts as trigger
     min_object_area: float = 0.02  # regions smaller than this share of the image cannot ground a label
     max_regions: int = 6
     hijack_share: float = 0.5  # the window must remove at least this share of the prediction's probability
@@ -47,7 +50,7 @@ class ScanSettings:
     min_flag_share: float = 0.02  # of the probe set
     flag_ratio: float = 3.0  # captured count vs (median over labels + 1)
     verify_images: int = 64
-    batch_size: int = 64
+    batch_size: int = 32  # measured on 2 CPU cores (demo RN, 128 px): 32 gives ~570 img/s, 64 only ~250 (cache)
     seed: int = 0
     templates: str = "short"
 
@@ -82,19 +85,32 @@ def _positions(size: int, window: int, stride: int, lo: int = 0, hi: int | None 
     return sorted(set(out))
 
 
-def _occlusion_sweep(model: SuspectModel, image: torch.Tensor, class_emb: torch.Tensor, window: int,
-                     xs: Sequence[int], ys: Sequence[int], batch_size: int) -> tuple[torch.Tensor, list[Box]]:
-    """Probabilities (W x C) of the image with each window occluded by its mean colour, and the windows."""
-    fill = image.mean(dim=(1, 2), keepdim=True)
-    boxes = [(x, y, x + window, y + window) for y in ys for x in xs]
-    probs = []
-    for start in range(0, len(boxes), batch_size):
-        chunk = boxes[start:start + batch_size]
-        batch = image.expand(len(chunk), -1, -1, -1).clone()
-        for j, (x0, y0, x1, y1) in enumerate(chunk):
-            batch[j, :, y0:y1, x0:x1] = fill
-        probs.append(predict(model, batch, class_emb, batch_size))
-    return torch.cat(probs), boxes
+def zero_shot_logits_batched(model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor,
+                             batch_size: int) -> torch.Tensor:
+    """Zero-shot logits (N x C) without gradients, in batches."""
+    with torch.no_grad():
+        return torch.cat([zero_shot_logits(model, images[k:k + batch_size], class_emb).cpu()
+                          for k in range(0, len(images), batch_size)])
+
+
+def occluded_logits(model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, jobs: Sequence[tuple[int, Box]],
+                    batch_size: int, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Zero-shot logits (J x C) of ``images[i]`` with ``box`` filled by that image's mean colour, for each job (i, box).
+
+    Jobs of many images share batches (small CPU batches run fastest), built lazily so memory stays flat.
+    """
+    fills = images.mean(dim=(2, 3), keepdim=True)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            batch = images[[i for i, _ in chunk]].clone()
+            for j, (i, (x0, y0, x1, y1)) in enumerate(chunk):
+                batch[j, :, y0:y1, x0:x1] = fills[i]
+            out.append(zero_shot_logits(model, batch, class_emb).cpu())
+            if progress:
+                progress(start + len(chunk))
+    return torch.cat(out) if out else torch.empty(0, len(class_emb))
 
 
 def box_iou(a: Box, b: Box) -> float:
@@ -130,64 +146,38 @@ class OracleGuidedScan:
         regions = self.oracle.segment(image)
         return regions[: self.settings.max_regions]
 
-    def _localize(self, model: SuspectModel, image: torch.Tensor, class_emb: torch.Tensor, label: int, window: Box) -> Box:
-        """Refine a decisive window to the trigger's box: a graded map of logit drops under a small occluder.
-
-        Around the window, a window a third as wide is swept with a small stride; each pixel gets the mean
-        drop of the label's logit over the placements covering it. The box of the connected area above
-        half the peak is the trigger's extent (a coarse window may defuse a trigger by covering a part).
-        """
-        from scipy import ndimage
-
-        s = self.settings
-        size = image.shape[-1]
+    def _trigger_box(self, heat: torch.Tensor, window: Box, size: int) -> Box:
+        """The box of the connected area above ``box_threshold`` of the peak of ``heat`` (S x S) that holds the
+        peak, searched within the decisive window and half its side around it."""
         x0, y0, x1, y1 = window
-        w = x1 - x0
-        small = max(2, round(w / 3))
-        lo_x, hi_x = max(0, x0 - w // 2), min(size, x1 + w // 2)
-        lo_y, hi_y = max(0, y0 - w // 2), min(size, y1 + w // 2)
-        xs = _positions(size, small, s.fine_stride_px, lo_x, hi_x - small)
-        ys = _positions(size, small, s.fine_stride_px, lo_y, hi_y - small)
-        fill = image.mean(dim=(1, 2), keepdim=True)
-        placements = [(x, y) for y in ys for x in xs]
-        with torch.no_grad():
-            base = zero_shot_logits(model, image[None], class_emb)[0, label]
-            drops = []
-            for start in range(0, len(placements), s.batch_size):
-                chunk = placements[start:start + s.batch_size]
-                batch = image.expand(len(chunk), -1, -1, -1).clone()
-                for j, (x, y) in enumerate(chunk):
-                    batch[j, :, y:y + small, x:x + small] = fill
-                drops.append(base - zero_shot_logits(model, batch, class_emb)[:, label])
-        drops = torch.cat(drops).clamp(min=0).cpu()
-        total = torch.zeros(size, size)
-        count = torch.zeros(size, size)
-        for (x, y), d in zip(placements, drops):
-            total[y:y + small, x:x + small] += float(d)
-            count[y:y + small, x:x + small] += 1
-        heat = (total / count.clamp(min=1)).numpy()
-        peak = float(heat.max())
+        margin = (x1 - x0) // 2
+        X0, Y0, X1, Y1 = max(0, x0 - margin), max(0, y0 - margin), min(size, x1 + margin), min(size, y1 + margin)
+        area = heat[Y0:Y1, X0:X1].numpy()
+        peak = float(area.max())
         if peak <= 0:
             return window
-        components, _ = ndimage.label(heat >= s.box_threshold * peak)
-        py, px = np.unravel_index(int(heat.argmax()), heat.shape)
-        ys_, xs_ = np.nonzero(components == components[py, px])
-        return (int(xs_.min()), int(ys_.min()), int(xs_.max()) + 1, int(ys_.max()) + 1)
+        components, _ = ndimage.label(area >= self.settings.box_threshold * peak)
+        py, px = np.unravel_index(int(area.argmax()), area.shape)
+        ys, xs = np.nonzero(components == components[py, px])
+        return (X0 + int(xs.min()), Y0 + int(ys.min()), X0 + int(xs.max()) + 1, Y0 + int(ys.max()) + 1)
 
     def examine(self, model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, class_names: list[str],
                 progress: Progress | None = None) -> tuple[list[dict], torch.Tensor]:
-        """Evidence for every image (a dict per image) and the occlusion attribution maps (N x S x S)."""
+        """Evidence for every image (a dict per image) and the occlusion attribution maps (N x S x S).
+
+        Three passes, each batched across images: oracle grounding, the coarse small-window sweep, and the fine
+        sweep that refines the candidate hijacks.
+        """
         s = self.settings
         n, size = len(images), images.shape[-1]
+        report = progress or (lambda f, m: None)
         full = predict(model, images, class_emb, s.batch_size)
         pred = full.argmax(-1)
-        window = max(4, round(size * s.window))
-        coarse = _positions(size, window, max(1, round(window * s.coarse_stride)))
-        maps = torch.zeros(n, size, size)
-        records = []
+
+        # 1. grounding: the oracle's regions, CLIP on each region crop and on the objects alone
+        grounding = []
         for i in range(n):
             image, label = images[i], int(pred[i])
-            p_label = float(full[i, label])
             regions = self._regions(image)
             big = [r for r in regions if r.area >= s.min_object_area * size * size]
             object_mask = torch.zeros(size, size, dtype=torch.bool)
@@ -205,37 +195,69 @@ class OracleGuidedScan:
             ]
             grounded = bool(big) and (int(object_view.argmax()) == label or any(
                 rl["object"] and rl["label"] == class_names[label] and rl["probability"] >= 0.5 for rl in region_labels))
+            grounding.append((regions, big, object_mask, object_view, region_labels, grounded))
+            report(0.25 * (i + 1) / n, f"oracle regions {i + 1}/{n}")
 
-            # small-window hijack test: coarse sweep, then a fine sweep around the most decisive window
-            probs, boxes = _occlusion_sweep(model, image, class_emb, window, coarse, coarse, s.batch_size)
-            drops = p_label - probs[:, label]
-            best = int(drops.argmax())
-            new_label = int(probs[best].argmax())
-            new_conf = float(probs[best].max())
+        # 2. small-window hijack test: where would covering a window take the prediction away? A first-order
+        # estimate for every pixel (one backward pass) ranks the windows of a grid; the top few are really occluded
+        estimate = occlusion_estimate_signed(model, images, class_emb, pred, batch_size=s.batch_size)
+        report(0.35, "estimated occlusion drops")
+        window = max(4, round(size * s.window))
+        grid = _positions(size, window, max(1, round(window * s.coarse_stride)))
+        boxes = [(x, y, x + window, y + window) for y in grid for x in grid]
+        per_window = torch.stack([estimate[:, y0:y1, x0:x1].sum(dim=(1, 2)) for x0, y0, x1, y1 in boxes], 1)
+        top = per_window.topk(min(s.proposals, len(boxes)), dim=1).indices
+        jobs = [(i, boxes[b]) for i in range(n) for b in top[i].tolist()]
+        probs = occluded_logits(model, images, class_emb, jobs, s.batch_size,
+                                lambda k: report(0.35 + 0.55 * k / len(jobs), f"occluding windows {k}/{len(jobs)}"))
+        probs = probs.softmax(-1).view(n, top.shape[1], -1)
+        sweeps = []
+        for i in range(n):
+            label, p_label = int(pred[i]), float(full[i, int(pred[i])])
+            drops = p_label - probs[i, :, label]
+            k = int(drops.argmax())
+            new_label, new_conf = int(probs[i, k].argmax()), float(probs[i, k].max())
             flips = new_label != label
-            share = float(drops[best]) / p_label if p_label > 0 else 0.0
-            hijack_box = boxes[best]
-            if flips and share >= s.hijack_share:
-                hijack_box = self._localize(model, image, class_emb, label, boxes[best])
+            share = float(drops[k]) / p_label if p_label > 0 else 0.0
+            candidate = flips and share >= s.hijack_share and new_conf >= s.new_confidence
+            sweeps.append((boxes[int(top[i, k])], new_label, flips, share, candidate))
 
-            # occlusion attribution map (the estimator of captum's Occlusion) from the coarse sweep
-            for (x0, y0, x1, y1), d in zip(boxes, drops.clamp(min=0)):
-                maps[i, y0:y1, x0:x1] += float(d)
+        # 3. the trigger's extent: the estimated-drop map around the decisive window; then the box itself is
+        # occluded, and it must take the prediction away on its own
+        smooth = max(1, round(size * s.smooth))
+        heat = torch.from_numpy(ndimage.uniform_filter(estimate.clamp(min=0).numpy(), size=(1, smooth, smooth)))
+        hijack_boxes = {i: self._trigger_box(heat[i], sw[0], size) for i, sw in enumerate(sweeps) if sw[4]}
+        check_jobs = list(hijack_boxes.items())
+        check = occluded_logits(model, images, class_emb, check_jobs, s.batch_size).softmax(-1)
+        decisive = {}
+        for (i, _), p in zip(check_jobs, check):
+            label, p_label = int(pred[i]), float(full[i, int(pred[i])])
+            decisive[i] = int(p.argmax()) != label and p_label - float(p[label]) >= s.hijack_share * p_label
+        report(0.95, f"localized {len(hijack_boxes)} candidate hijacks")
+
+        maps = torch.zeros(n, size, size)
+        records = []
+        for i in range(n):
+            label, p_label = int(pred[i]), float(full[i, int(pred[i])])
+            regions, big, object_mask, object_view, region_labels, grounded = grounding[i]
+            best_window, new_label, flips, share, candidate = sweeps[i]
+            hijack_box = hijack_boxes.get(i, best_window)
+            maps[i] = heat[i]
             total = float(maps[i].sum())
             outside = float(maps[i][~object_mask].sum() / total) if total > 0 and big else (1.0 if total > 0 else 0.0)
             bw, bh = hijack_box[2] - hijack_box[0], hijack_box[3] - hijack_box[1]
             compact = bw * bh <= s.compact_share * window * window
-            captured = bool(flips and share >= s.hijack_share and new_conf >= s.new_confidence and compact)
+            captured = bool(candidate and compact and decisive.get(i, False))
             discrepancy = float(np.clip(0.45 * share * flips + 0.3 * (not grounded) + 0.25 * outside, 0, 1))
             records.append({
                 "predicted": class_names[label], "confidence": p_label,
                 "object_view_label": class_names[int(object_view.argmax())], "object_view_support": float(object_view[label]),
                 "region_labels": region_labels, "grounded": grounded, "hijack_drop": share,
                 "hijack_box": tuple(int(v) for v in hijack_box), "hijack_flips": flips, "hijack_new_label": class_names[new_label],
-                "outside_mass": outside, "discrepancy": discrepancy, "captured": captured, "regions": regions,
+                "outside_mass": outside, "discrepancy": discrepancy, "captured": captured, "localized": candidate,
+                "regions": regions,
             })
-            if progress:
-                progress((i + 1) / n, f"examining images {i + 1}/{n}")
+        report(1.0, f"examined {n} images")
         mx = maps.flatten(1).max(-1).values.clamp(min=1e-12)
         return records, maps / mx[:, None, None]
 
