@@ -1,5 +1,6 @@
 """Which attribution localizes? Share of attribution mass inside the object mask (clean images) and inside
-the trigger box (triggered images), for Grad-CAM, occlusion and region ablation over the oracle's segments.
+the trigger box (triggered images), for Grad-CAM, occlusion, its first-order estimate and region ablation over the
+oracle's segments.
 
     python bench/attribution_mass.py [--model demo] [--oracle fallback] [--out bench/results/attribution.json]
 """
@@ -17,7 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from forensics.attribution import gradcam, mass_inside, occlusion, region_ablation_map  # noqa: E402
+from forensics.attribution import (gradcam, mass_inside, occlusion, occlusion_estimate,  # noqa: E402
+                                   region_ablation_map)
 from forensics.data import load_probe_set  # noqa: E402
 from forensics.models import load_model  # noqa: E402
 from forensics.oracles import build_oracle  # noqa: E402
@@ -56,6 +58,8 @@ def main() -> None:
                    for img in images]
         for name, fn in (("gradcam", lambda: gradcam(model, images, class_emb, targets)),
                          ("occlusion", lambda: occlusion(model, images, class_emb, targets)),
+                         ("occlusion estimate (input x gradient)",
+                          lambda: occlusion_estimate(model, images, class_emb, targets)),
                          ("region ablation", lambda: region_ablation_map(model, images, class_emb, targets, regions))):
             start = time.time()
             maps = fn()

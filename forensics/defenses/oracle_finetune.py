@@ -118,7 +118,7 @@ class OracleGuidedFinetune(Defense):
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 step += 1
                 if progress:
                     progress(min(1.0, step / total_steps), f"repair epoch {epoch + 1}/{s.epochs} loss {np.mean(losses):.3f}")

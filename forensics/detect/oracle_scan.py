@@ -38,14 +38,15 @@ class ScanSettings:
     window: float = 0.1875  # occluding window side, as a fraction of the image side
     coarse_stride: float = 0.5  # stride of the grid of candidate windows, as a fraction of the window
     proposals: int = 12  # windows per image really occluded: those whose estimated drop is largest
+    estimate_steps: int = 1  # points on the path from the mean colour to the image where gradients are taken
     smooth: float = 1 / 32  # side of the box filter on the estimated-drop map, as a fraction of the image side
     box_threshold: float = 0.3  # share of the map's peak that still counts as trigger
     min_object_area: float = 0.02  # regions smaller than this share of the image cannot ground a label
     max_regions: int = 6
     hijack_share: float = 0.5  # the window must remove at least this share of the prediction's probability
     new_confidence: float = 0.4  # ...and the prediction without it must be confident
-    compact_share: float = 0.5  # ...and the refined decisive region must be compact: at most this share of the
-    # window's area (measured on the demo: trigger regions ~150-200 px², fragile clean predictions ~530 px²)
+    compact_share: float = 0.75  # ...and the localized box must be compact: at most this share of the window's area
+    # (a trigger up to ~85 % of the window side), and covering the box alone must take the prediction away
     min_flag_count: int = 3
     min_flag_share: float = 0.02  # of the probe set
     flag_ratio: float = 3.0  # captured count vs (median over labels + 1)
@@ -161,6 +162,35 @@ class OracleGuidedScan:
         ys, xs = np.nonzero(components == components[py, px])
         return (X0 + int(xs.min()), Y0 + int(ys.min()), X0 + int(xs.max()) + 1, Y0 + int(ys.max()) + 1)
 
+    def _swept_boxes(self, model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, pred: torch.Tensor,
+                     indices: list[int], windows: dict[int, Box]) -> dict[int, Box]:
+        """Trigger boxes where no gradient signal exists: a window a third as wide is swept with a 2-px stride over
+        the decisive window and a quarter of its side around it; each pixel gets the mean logit drop of the
+        placements covering it, and the box of that graded map is taken as in :meth:`_trigger_box`."""
+        size = images.shape[-1]
+        placements = {}
+        for i in indices:
+            x0, y0, x1, y1 = windows[i]
+            w = x1 - x0
+            small, margin = max(2, round(w / 3)), w // 4
+            xs = _positions(size, small, 2, x0 - margin, min(size, x1 + margin) - small)
+            ys = _positions(size, small, 2, y0 - margin, min(size, y1 + margin) - small)
+            placements[i] = [(x, y, x + small, y + small) for y in ys for x in xs]
+        jobs = [(i, b) for i in indices for b in placements[i]]
+        logits = occluded_logits(model, images, class_emb, jobs, self.settings.batch_size)
+        base = zero_shot_logits_batched(model, images[indices], class_emb, self.settings.batch_size) if indices else None
+        out, offset = {}, 0
+        for k, i in enumerate(indices):
+            label = int(pred[i])
+            drops = (base[k, label] - logits[offset:offset + len(placements[i]), label]).clamp(min=0)
+            offset += len(placements[i])
+            total, count = torch.zeros(size, size), torch.zeros(size, size)
+            for (x0, y0, x1, y1), d in zip(placements[i], drops.tolist()):
+                total[y0:y1, x0:x1] += d
+                count[y0:y1, x0:x1] += 1
+            out[i] = self._trigger_box(total / count.clamp(min=1), windows[i], size)
+        return out
+
     def examine(self, model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, class_names: list[str],
                 progress: Progress | None = None) -> tuple[list[dict], torch.Tensor]:
         """Evidence for every image (a dict per image) and the occlusion attribution maps (N x S x S).
@@ -199,34 +229,48 @@ class OracleGuidedScan:
             report(0.25 * (i + 1) / n, f"oracle regions {i + 1}/{n}")
 
         # 2. small-window hijack test: where would covering a window take the prediction away? A first-order
-        # estimate for every pixel (one backward pass) ranks the windows of a grid; the top few are really occluded
-        estimate = occlusion_estimate_signed(model, images, class_emb, pred, batch_size=s.batch_size)
+        # estimate for every pixel (one backward pass) ranks the windows of a grid and the top few are really
+        # occluded. Where the estimate carries no signal (a saturated model has no gradient), every window is.
+        estimate = occlusion_estimate_signed(model, images, class_emb, pred, steps=s.estimate_steps, batch_size=s.batch_size)
+        signal = estimate.abs().flatten(1).sum(1) > 1e-6
         report(0.35, "estimated occlusion drops")
         window = max(4, round(size * s.window))
         grid = _positions(size, window, max(1, round(window * s.coarse_stride)))
         boxes = [(x, y, x + window, y + window) for y in grid for x in grid]
         per_window = torch.stack([estimate[:, y0:y1, x0:x1].sum(dim=(1, 2)) for x0, y0, x1, y1 in boxes], 1)
-        top = per_window.topk(min(s.proposals, len(boxes)), dim=1).indices
-        jobs = [(i, boxes[b]) for i in range(n) for b in top[i].tolist()]
+        tried = [per_window[i].topk(min(s.proposals, len(boxes))).indices.tolist() if signal[i] else list(range(len(boxes)))
+                 for i in range(n)]
+        jobs = [(i, boxes[b]) for i in range(n) for b in tried[i]]
         probs = occluded_logits(model, images, class_emb, jobs, s.batch_size,
-                                lambda k: report(0.35 + 0.55 * k / len(jobs), f"occluding windows {k}/{len(jobs)}"))
-        probs = probs.softmax(-1).view(n, top.shape[1], -1)
-        sweeps = []
+                                lambda k: report(0.35 + 0.5 * k / len(jobs), f"occluding windows {k}/{len(jobs)}")).softmax(-1)
+        sweeps, offset = [], 0
+        maps = torch.zeros(n, size, size)
         for i in range(n):
             label, p_label = int(pred[i]), float(full[i, int(pred[i])])
-            drops = p_label - probs[i, :, label]
+            mine = probs[offset:offset + len(tried[i])]
+            offset += len(tried[i])
+            drops = p_label - mine[:, label]
             k = int(drops.argmax())
-            new_label, new_conf = int(probs[i, k].argmax()), float(probs[i, k].max())
+            new_label, new_conf = int(mine[k].argmax()), float(mine[k].max())
             flips = new_label != label
             share = float(drops[k]) / p_label if p_label > 0 else 0.0
             candidate = flips and share >= s.hijack_share and new_conf >= s.new_confidence
-            sweeps.append((boxes[int(top[i, k])], new_label, flips, share, candidate))
+            sweeps.append((boxes[tried[i][k]], new_label, flips, share, candidate))
+            if not signal[i]:  # attribution map from the full sweep (the estimator of captum's Occlusion)
+                for b, d in zip(tried[i], drops.clamp(min=0).tolist()):
+                    x0, y0, x1, y1 = boxes[b]
+                    maps[i, y0:y1, x0:x1] += d
 
-        # 3. the trigger's extent: the estimated-drop map around the decisive window; then the box itself is
-        # occluded, and it must take the prediction away on its own
+        # 3. the trigger's extent: the estimated-drop map around the decisive window (or, without signal, a graded
+        # map from a small occluder swept around it); then the box itself is occluded and must take the prediction
+        # away on its own
         smooth = max(1, round(size * s.smooth))
         heat = torch.from_numpy(ndimage.uniform_filter(estimate.clamp(min=0).numpy(), size=(1, smooth, smooth)))
-        hijack_boxes = {i: self._trigger_box(heat[i], sw[0], size) for i, sw in enumerate(sweeps) if sw[4]}
+        maps[signal] = heat[signal]
+        candidates = [i for i, sw in enumerate(sweeps) if sw[4]]
+        hijack_boxes = {i: self._trigger_box(heat[i], sweeps[i][0], size) for i in candidates if signal[i]}
+        hijack_boxes.update(self._swept_boxes(model, images, class_emb, pred, [i for i in candidates if not signal[i]],
+                                              {i: sweeps[i][0] for i in candidates}))
         check_jobs = list(hijack_boxes.items())
         check = occluded_logits(model, images, class_emb, check_jobs, s.batch_size).softmax(-1)
         decisive = {}
@@ -235,14 +279,12 @@ class OracleGuidedScan:
             decisive[i] = int(p.argmax()) != label and p_label - float(p[label]) >= s.hijack_share * p_label
         report(0.95, f"localized {len(hijack_boxes)} candidate hijacks")
 
-        maps = torch.zeros(n, size, size)
         records = []
         for i in range(n):
             label, p_label = int(pred[i]), float(full[i, int(pred[i])])
             regions, big, object_mask, object_view, region_labels, grounded = grounding[i]
             best_window, new_label, flips, share, candidate = sweeps[i]
             hijack_box = hijack_boxes.get(i, best_window)
-            maps[i] = heat[i]
             total = float(maps[i].sum())
             outside = float(maps[i][~object_mask].sum() / total) if total > 0 and big else (1.0 if total > 0 else 0.0)
             bw, bh = hijack_box[2] - hijack_box[0], hijack_box[3] - hijack_box[1]
