@@ -57,7 +57,7 @@ def image_panels(image: torch.Tensor, masks: Sequence[np.ndarray], gradcam: torc
 
     fig, axes = plt.subplots(1, 4, figsize=(10, 2.8))
     panels = [to_pil(image), mask_overlay(image, masks), overlay(image, gradcam), overlay(image, occlusion)]
-    names = ["image", "oracle regions", "Grad-CAM", "occlusion (where the prediction rests)"]
+    names = ["image", "oracle regions", "Grad-CAM", "estimated occlusion drop (where the prediction rests)"]
     for ax, panel, name in zip(axes, panels, names):
         ax.imshow(panel)
         ax.set_title(name, fontsize=8)

@@ -159,7 +159,8 @@ def _write_scan_html(out: Path, report: dict, findings, artefacts: dict, model: 
         ("Trigger candidates", patterns or "<p>None.</p>"),
         ("Victims", table_html(report["victims"][:50], ["index", "image", "label", "box", "grounded_label", "discrepancy"])),
         ("Metrics", table_html([metrics], list(metrics))),
-        ("Images (most discrepant first): image | oracle regions | Grad-CAM | occlusion; red = localized trigger, green = true trigger",
+        ("Images (most discrepant first): image | oracle regions | Grad-CAM | estimated occlusion drop; red = localized trigger, "
+         "green = true trigger",
          "".join(panels)),
     ]
     write_html(out / "report.html", f"Backdoor scan of {report['model']['spec']}", summary, sections)

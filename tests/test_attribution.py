@@ -284,6 +284,42 @@ def test_occlusion_finds_planted_cue(planted):
     assert (maps[:, ~near] == 0).all()  # no 8-px window there touches the box: no drop at all
 
 
+def test_occlusion_estimate_matches_hand_computed(tiny_models, images):
+    for arch in ("tiny-rn", "tiny-vit"):
+        model, emb = tiny_models[arch]
+        x = images[:1]
+        est = A.occlusion_estimate_signed(model, x, emb, [1])
+        assert est.shape == (1, SIZE, SIZE) and torch.isfinite(est).all()
+        xr = x.clone().requires_grad_(True)
+        logits = 100 * model.encode_image(xr) @ emb.t()
+        log_odds = logits[0, 1] - torch.cat([logits[0, :1], logits[0, 2:]]).logsumexp(0)
+        grad, = torch.autograd.grad(log_odds, xr)
+        ref = ((x - x.mean((2, 3), keepdim=True)) * grad).sum(1)
+        assert torch.allclose(est, ref, atol=1e-4 * float(ref.abs().max()))
+        assert torch.equal(A.occlusion_estimate(model, x, emb, [1]), normalise(est.clamp_min(0)))
+        # first order: a small window's estimated drop predicts the real one
+        fill = x.mean((2, 3), keepdim=True)
+        shaded = x.clone()
+        shaded[..., 40:48, 40:48] = 0.9 * x[..., 40:48, 40:48] + 0.1 * fill
+        with torch.no_grad():
+            lo = 100 * model.encode_image(shaded) @ emb.t()
+        real = float(log_odds.detach() - (lo[0, 1] - torch.cat([lo[0, :1], lo[0, 2:]]).logsumexp(0)))
+        assert real == pytest.approx(0.1 * float(est[0, 40:48, 40:48].sum()), rel=0.1, abs=1e-3)
+
+
+def test_occlusion_estimate_finds_planted_cue_and_survives_no_gradient(planted):
+    model, x, emb, box = planted
+    maps = A.occlusion_estimate(model, x, emb, [0, 0])
+    check_maps(maps, 2, FAKE_SIZE)
+    assert (A.mass_inside(maps, box) >= 0.99).all()  # the model sees nothing else
+
+    class Constant(BoxClassifier):
+        def encode_image(self, x):
+            return F.normalize(torch.ones(len(x), 4), dim=-1)
+
+    assert (A.occlusion_estimate_signed(Constant(), x, emb, [0, 0]) == 0).all()  # no gradient: zero, no error
+
+
 def test_region_ablation_finds_planted_cue(planted):
     model, x, emb, box = planted
     quads = torch.zeros(4, FAKE_SIZE, FAKE_SIZE, dtype=torch.bool)
@@ -400,7 +436,7 @@ def test_overlay_and_heatmap_image():
 
 
 def test_registry(tiny_models, images):
-    assert set(A.ATTRIBUTIONS) == {"gradcam", "occlusion"}
+    assert set(A.ATTRIBUTIONS) == {"gradcam", "occlusion", "occlusion-estimate"}
     model, emb = tiny_models["tiny-vit"]
     assert torch.equal(A.attribute("gradcam", model, images, emb, [0, 1]), A.gradcam(model, images, emb, [0, 1]))
     predicted = A.gradcam(model, images, emb, None)  # None: the model's own prediction

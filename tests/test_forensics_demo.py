@@ -24,10 +24,10 @@ def test_scan_finds_the_demo_backdoor(poisoned_scan):
     target = demo_backdoor()["target"]
     assert report["flagged_labels"][0]["label"] == target
     m = report["metrics"]
-    # measured: precision 0.89, recall 0.89, IoU >= 0.5 on 0.82 of triggered images (issue asks 0.9/0.9/0.8)
-    assert m["victim_precision"] >= 0.85 and m["victim_recall"] >= 0.85, m
-    assert m["box_iou_at_0.5"] >= 0.75, m
-    assert report["triggers"][0]["verified_asr"] >= 0.75  # measured 0.81 (52 of 64); the issue asks 0.8
+    # measured: precision 0.95, recall 0.91, IoU >= 0.5 on 0.91 of triggered images, flip rate 0.95 (the issue's targets)
+    assert m["victim_precision"] >= 0.9 and m["victim_recall"] >= 0.9, m
+    assert m["box_iou_at_0.5"] >= 0.8, m
+    assert report["triggers"][0]["verified_asr"] >= 0.8
     assert (out / report["triggers"][0]["pattern"]).is_file()
     for victim in report["victims"]:
         x0, y0, x1, y1 = victim["box"]
@@ -48,9 +48,12 @@ def test_repair_lowers_asr_and_keeps_ca(poisoned_scan, tmp_path):
     result = json.loads(run_cli("repair", "demo", "--findings", str(out / "report.json"), "--out", str(tmp_path)).stdout)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
-    assert after["asr"] < 0.5 * before["asr"], metrics
-    assert after["asr_reconstructed"] < before["asr_reconstructed"]
-    assert after["ca"] >= before["ca"] - 0.1, metrics
+    # the issue's targets: ASR (true trigger) at most 5 %, clean accuracy down by at most 3 points (measured
+    # 0.973 -> 0.027, CA 0.482 -> 0.467), from a compact set of a few hundred images
+    assert before["asr"] > 0.9 and after["asr"] <= 0.05, metrics
+    assert after["asr_reconstructed"] < 0.1 < before["asr_reconstructed"], metrics
+    assert after["ca"] >= before["ca"] - 0.03, metrics
+    assert result["samples_used"] <= 400, result
     assert Path(result["model"]).is_file() and (tmp_path / "model.json").is_file()
     reloaded = json.loads(run_cli("evaluate", str(tmp_path / "model.safetensors"), "--probe", "demo", "--attack", "badnet",
                                   "--attack-file", _trigger_file(tmp_path), "--target", demo_backdoor()["target"]).stdout)
