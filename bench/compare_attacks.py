@@ -102,6 +102,25 @@ def backdoored_model(name: str, attack: dict, args: argparse.Namespace, work: Pa
     return result["model"]
 
 
+def write_table(results: dict, args: argparse.Namespace, out: Path) -> None:
+    """compare_attacks.md from the attacks done so far (rewritten after each, so a long run keeps what it measured)."""
+    lines = ["# Repair methods against each attack (demo-scale tiny CLIPs)", "",
+             f"Training: {args.train}, {args.epochs} epochs, {args.train_per_class} images per class, poison rate {args.rate}; "
+             f"clean budget {args.budget}; seed {args.seed}. ASR of the planted trigger on held-out clean non-target images.", "",
+             "| attack | method | CA before | CA after | ASR before | ASR after | seconds | peak MiB | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, res in results["attacks"].items():
+        for r in res["rows"]:
+            def f(v):
+                return "-" if v is None else f"{v:.3f}"
+            lines.append(f"| {name} | {r['method']} | {f(r['ca_before'])} | {f(r['ca_after'])} | "
+                         f"{f(r['asr_before'].get('planted'))} | {f(r['asr_after'].get('planted'))} | {r['seconds']} | "
+                         f"{r['peak_mib']} | {r['status'] if r['status'] == 'ok' else 'error: ' + str(r['error'])[:80]} |")
+    lines += ["", "Models: " + "; ".join(f"{name}: `{res['model']}` ({res['seconds']} s with its compare)"
+                                      for name, res in results["attacks"].items())]
+    atomic_write_text(out / "compare_attacks.md", "\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--attacks", default=",".join(ATTACKS))
@@ -150,19 +169,7 @@ def main() -> None:
         results["attacks"][name] = {"model": model, "attack": attack, "seconds": round(time.time() - start, 1),
                                     "before": report["before"], "rows": report["rows"], "held_out": report["held_out"]}
         atomic_write_text(out / "compare_attacks.json", json.dumps(results, indent=2, default=str))
-    lines = ["# Repair methods against each attack (demo-scale tiny CLIPs)", "",
-             f"Training: {args.train}, {args.epochs} epochs, {args.train_per_class} images per class, poison rate {args.rate}; "
-             f"clean budget {args.budget}; seed {args.seed}. ASR of the planted trigger on held-out clean non-target images.", "",
-             "| attack | method | CA before | CA after | ASR before | ASR after | seconds | peak MiB | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, res in results["attacks"].items():
-        for r in res["rows"]:
-            def f(v):
-                return "-" if v is None else f"{v:.3f}"
-            lines.append(f"| {name} | {r['method']} | {f(r['ca_before'])} | {f(r['ca_after'])} | "
-                         f"{f(r['asr_before'].get('planted'))} | {f(r['asr_after'].get('planted'))} | {r['seconds']} | "
-                         f"{r['peak_mib']} | {r['status'] if r['status'] == 'ok' else 'error: ' + str(r['error'])[:80]} |")
-    atomic_write_text(out / "compare_attacks.md", "\n".join(lines) + "\n")
+        write_table(results, args, out)
     print(json.dumps({"json": str(out / "compare_attacks.json"), "md": str(out / "compare_attacks.md")}))
 
 
