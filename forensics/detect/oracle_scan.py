@@ -1,10 +1,10 @@
 """The oracle-guided scan (EftCLIP, with Grad-CAM/occlusion from the product card).
 
 Per probe image: CLIP's prediction; the oracle's object regions and CLIP's prediction for each
-region crop and for the image with everything but the objects blanked (grounding); a sweep of one
-small occluding window over the image, which finds whether a small area decides the prediction
-(a backdoor trigger does; an object rarely does); and the attribution mass that falls outside every
-object region. Across the probe set: labels that such hijacked predictions pile onto are flagged,
+region crop and for the image with everything but the objects blanked (grounding); whether covering
+one small window takes the prediction away (a backdoor trigger does; an object rarely does), with the
+windows to try ranked by a first-order occlusion estimate and the decisive area boxed on that map;
+and the attribution mass that falls outside every object region. Across the probe set: labels that such hijacked predictions pile onto are flagged,
 their images are victims, the hijacking crops are aggregated into a reconstructed trigger, which is
 verified by pasting it on clean images of other classes. Nothing here knows any trigger, target,
 colour or position: every threshold is relative to the model's own behaviour on the probe set.
@@ -195,8 +195,8 @@ class OracleGuidedScan:
                 progress: Progress | None = None) -> tuple[list[dict], torch.Tensor]:
         """Evidence for every image (a dict per image) and the occlusion attribution maps (N x S x S).
 
-        Three passes, each batched across images: oracle grounding, the coarse small-window sweep, and the fine
-        sweep that refines the candidate hijacks.
+        Passes, each batched across images: oracle grounding; the estimated occlusion drop (one backward pass)
+        and real occlusion of the windows it ranks highest; the trigger's box on that map, checked by occluding it.
         """
         s = self.settings
         n, size = len(images), images.shape[-1]
