@@ -45,12 +45,12 @@ from forensics.models import DEMO_MODELS, atomic_write_text  # noqa: E402
 ATTACKS = ("badnet", "blended", "wanet", "sig", "optimized_patch")
 
 
-def attack_spec(name: str, work: Path, target: str, seed: int) -> dict:
-    """The attack as a dict: the demo's BadNet, the lab's defaults for the others, a trained patch for optimized_patch."""
-    if name == "badnet":
+def attack_spec(name: str, work: Path, target: str, seed: int, params: dict | None = None) -> dict:
+    """The attack as a dict: the demo's BadNet, the lab's defaults (or ``params``) for the others, a trained patch for optimized_patch."""
+    if name == "badnet" and not params:
         return demo_backdoor()["trigger"]
     if name != "optimized_patch":
-        return build_attack(name, seed=seed).to_dict()
+        return build_attack(name, seed=seed, **(params or {})).to_dict()
     path = work / "optimized_patch.json"
     if not path.is_file():
         from forensics.models import load_model
@@ -84,6 +84,14 @@ def triggered_probe(attack: dict, target: str, folder: Path, share: float = 0.15
     return out
 
 
+def training_record(name: str, args: argparse.Namespace) -> str:
+    """How this attack's model was made, in words (one line of the table's notes)."""
+    if name == "badnet" and args.reuse_demo:
+        return "the bundled demo model (500 images per class, 14 epochs from scratch)"
+    return (f"{args.train}, {args.epochs} epochs, {args.train_per_class} images per class, poison rate {args.rate}"
+            + (f", lr {args.lr}" if args.lr is not None else ""))
+
+
 def backdoored_model(name: str, attack: dict, args: argparse.Namespace, work: Path, data_dir: Path) -> str:
     """A model carrying ``attack``'s backdoor: the bundled demo for BadNet with --reuse-demo, else trained here."""
     if name == "badnet" and args.reuse_demo:
@@ -102,11 +110,12 @@ def backdoored_model(name: str, attack: dict, args: argparse.Namespace, work: Pa
     return result["model"]
 
 
-def write_table(results: dict, args: argparse.Namespace, out: Path) -> None:
+def write_table(results: dict, out: Path) -> None:
     """compare_attacks.md from the attacks done so far (rewritten after each, so a long run keeps what it measured)."""
+    budgets = sorted({str(res.get("budget", results["args"]["budget"])) for res in results["attacks"].values()})
     lines = ["# Repair methods against each attack (demo-scale tiny CLIPs)", "",
-             f"Training: {args.train}, {args.epochs} epochs, {args.train_per_class} images per class, poison rate {args.rate}; "
-             f"clean budget {args.budget}; seed {args.seed}. ASR of the planted trigger on held-out clean non-target images.", "",
+             f"Clean budget {', '.join(budgets)}; seed {results['args']['seed']}. ASR of the planted trigger on held-out "
+             "clean images whose true class is not the target.", "",
              "| attack | method | CA before | CA after | ASR before | ASR after | seconds | peak MiB | status |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, res in results["attacks"].items():
@@ -116,8 +125,12 @@ def write_table(results: dict, args: argparse.Namespace, out: Path) -> None:
             lines.append(f"| {name} | {r['method']} | {f(r['ca_before'])} | {f(r['ca_after'])} | "
                          f"{f(r['asr_before'].get('planted'))} | {f(r['asr_after'].get('planted'))} | {r['seconds']} | "
                          f"{r['peak_mib']} | {r['status'] if r['status'] == 'ok' else 'error: ' + str(r['error'])[:80]} |")
-    lines += ["", "Models: " + "; ".join(f"{name}: `{res['model']}` ({res['seconds']} s with its compare)"
-                                      for name, res in results["attacks"].items())]
+    lines += ["", "Models:", ""]
+    legacy = results["args"]
+    for name, res in results["attacks"].items():
+        made = res.get("training") or training_record(name, argparse.Namespace(**legacy))
+        params = {k: v for k, v in res["attack"].items() if k not in ("attack", "patch")}
+        lines.append(f"- {name} ({json.dumps(params)}): {made}; `{res['model']}`, {res['seconds']} s with its compare")
     atomic_write_text(out / "compare_attacks.md", "\n".join(lines) + "\n")
 
 
@@ -133,6 +146,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.1, help="poison rate of the training data (the demo's: 0.1)")
     parser.add_argument("--train-per-class", type=int, default=500, help="training images per class (the demo's: 500)")
     parser.add_argument("--reuse-demo", action="store_true", help="BadNet: use the bundled demo model, no training")
+    parser.add_argument("--attack-params", help='attack settings as JSON, e.g. \'{"wanet": {"strength": 4}}\' '
+                        "(default: the attack lab's defaults; BadNet: the demo's trigger)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other attacks already in OUT/compare_attacks.json (rerun only --attacks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "forensics_compare_attacks"),
                         help="folder for training data, models and each compare (default: in the system temp folder)")
@@ -140,14 +157,17 @@ def main() -> None:
     args = parser.parse_args()
     args.epochs = args.epochs or (14 if args.train == "scratch" else 3)
     torch.manual_seed(args.seed)
-    work, out = Path(args.work), Path(args.out)
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     names = [a.strip() for a in args.attacks.split(",") if a.strip()]
     unknown = [a for a in names if a not in ATTACKS]
     if unknown:
         parser.error(f"unknown attack(s) {unknown}; choose from {ATTACKS}")
     settings = json.loads(args.settings) if args.settings else None
+    attack_params = json.loads(args.attack_params) if args.attack_params else {}
+    if set(attack_params) - set(names):
+        parser.error(f"--attack-params names attacks not being run: {sorted(set(attack_params) - set(names))}")
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     target = demo_backdoor()["target"]
     data_dir = work / "data"
     if not (data_dir / "train" / "data.csv").is_file() and not (names == ["badnet"] and args.reuse_demo):
@@ -156,9 +176,13 @@ def main() -> None:
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "cuda": torch.cuda.is_available()},
                "args": vars(args), "attacks": {}}
+    if args.merge and (out / "compare_attacks.json").is_file():
+        previous = json.loads((out / "compare_attacks.json").read_text())
+        results["args"] = previous.get("args", results["args"])  # the run that made the kept attacks
+        results["attacks"] = {k: v for k, v in previous["attacks"].items() if k not in names}
     for name in names:
         start = time.time()
-        attack = attack_spec(name, work, target, args.seed)
+        attack = attack_spec(name, work, target, args.seed, attack_params.get(name))
         model = backdoored_model(name, attack, args, work, data_dir)
         probe = triggered_probe(attack, target, work / name / "probe", seed=args.seed)
         print(f"{name}: comparing on {model}", file=sys.stderr)
@@ -167,9 +191,11 @@ def main() -> None:
                              progress=lambda f, m: print(f"  {name} compare {100 * f:5.1f}% {m[:60]:60s}", file=sys.stderr, end="\r"))
         print(file=sys.stderr)
         results["attacks"][name] = {"model": model, "attack": attack, "seconds": round(time.time() - start, 1),
+                                    "training": training_record(name, args), "budget": args.budget,
+                                    "machine": results["machine"],
                                     "before": report["before"], "rows": report["rows"], "held_out": report["held_out"]}
         atomic_write_text(out / "compare_attacks.json", json.dumps(results, indent=2, default=str))
-        write_table(results, args, out)
+        write_table(results, out)
     print(json.dumps({"json": str(out / "compare_attacks.json"), "md": str(out / "compare_attacks.md")}))
 
 
