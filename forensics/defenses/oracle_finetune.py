@@ -128,4 +128,15 @@ class OracleGuidedFinetune(Defense):
         repaired.__dict__.pop("text_cache", None)
         return RepairResult(model=repaired, samples_used=int(len(images)), history=history,
                             seconds=round(time.time() - start, 2), settings=asdict(s),
-                            notes=["image tower fine-tuned; text tower frozen; distillation to the original on clean anchors"])
+                            notes=["image tower fine-tuned; text tower frozen; distillation to the original on clean anchors"]
+                            + self._coverage_notes(data))
+
+    @staticmethod
+    def _coverage_notes(data: RepairData) -> list[str]:
+        """Say plainly when the findings gave this repair nothing to unlearn (no flagged label, no victim)."""
+        victims = sum(k != "anchor" for k in data.kinds)
+        if victims:
+            return [f"{victims} victim samples (as found and with the trigger neutralised) for flagged label(s) {', '.join(data.flagged) or '(none named)'}"]
+        return ["the scan flagged no label and found no victim, so there was nothing to unlearn: this run only "
+                "distilled clean anchors toward the original (the oracle-guided method looks for visible, localized "
+                "triggers; a trigger spread over the whole image, such as Blended, SIG or WaNet, escapes it)"]
