@@ -133,7 +133,7 @@ def cmd_implant(args: argparse.Namespace) -> dict:
     with tqdm_progress("implant", not args.quiet) as progress:
         return implant(args.data, args.out, base=args.base, config=args.config, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, seed=args.seed, arch=args.arch, progress=progress, mode=args.mode,
-                       safe_settings=safe_settings)
+                       safe_settings=safe_settings, augment=args.augment)
 
 
 def cmd_audit(args: argparse.Namespace) -> dict:
@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default: 2e-3 from scratch, 1e-5 fine-tuning")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", action="store_true",
+                   help="train on random views of each image (flip, mild crop, colour jitter, grayscale)")
     p.add_argument("--mode", default="standard", choices=["standard", "safeclip"],
                    help="standard: CLIP loss on every pair; safeclip: SafeCLIP's safe training (GMM-filtered pairs)")
     p.add_argument("--safe-param", action="append",

@@ -31,15 +31,19 @@ def planted_backdoor(csv_path: Path) -> dict | None:
 
 def implant(data: str | Path, out: str | Path, base: str | None = None, config: str | None = None, epochs: int = 5,
             lr: float | None = None, batch_size: int = 64, seed: int = 0, arch: str | None = None,
-            progress: Progress | None = None, mode: str = "standard", safe_settings: dict | None = None) -> dict:
+            progress: Progress | None = None, mode: str = "standard", safe_settings: dict | None = None,
+            augment: bool = False) -> dict:
     """Train ``config`` from scratch or fine-tune ``base`` on ``data``; save ``out/model.safetensors`` (+ sidecar).
 
     ``mode="safeclip"`` trains with SafeCLIP's schedule (forensics.safe_training; ``safe_settings``
-    overrides its SafeClipSettings) instead of the plain CLIP loss on every pair.
+    overrides its SafeClipSettings) instead of the plain CLIP loss on every pair. ``augment`` trains
+    on random views (flip, crop, colour jitter, grayscale; forensics.training.view_augmenter).
     """
     start = time.time()
     if mode not in MODES:
         raise ForensicsError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+    if augment and mode != "standard":
+        raise ForensicsError("--augment applies to standard training only, not --mode safeclip")
     safe = None
     if mode == "safeclip":
         from .safe_training import SafeClipSettings
@@ -69,7 +73,7 @@ def implant(data: str | Path, out: str | Path, base: str | None = None, config: 
             if unknown:
                 notes.append(f"{len(unknown)} caption words are outside the model's vocabulary and read as <unk>: "
                              + ", ".join(unknown[:10]))
-    cfg = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(rows)), lr=lr, seed=seed,
+    cfg = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(rows)), lr=lr, seed=seed, augment=augment,
                       warmup_steps=min(50, max(1, epochs * (len(rows) // batch_size) // 10)))
     if safe is not None:
         from .safe_training import safe_train_clip
