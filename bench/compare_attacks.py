@@ -11,13 +11,14 @@ held-out images with 15 % of the non-target ones carrying that attack's trigger 
 probe does), so the scan behind oracle-finetune has suspects. Then ``run_compare`` runs the chosen
 methods on each model with the same clean budget.
 
-    python bench/compare_attacks.py --out bench/results                      # hours on 2 CPU cores
+    python bench/compare_attacks.py --reuse-demo --train-per-class 200      # the README's table; ~1 h on 2 CPU cores
+    python bench/compare_attacks.py --attacks wanet --attack-params '{"wanet": {"strength": 8}}' --rate 0.3 --merge
     python bench/compare_attacks.py --attacks blended --train finetune --train-per-class 50 \\
         --epochs 2 --methods cleanclip --settings '{"cleanclip": {"epochs": 1}}' --out /tmp/check  # a quick check
 
-Writes ``OUT/compare_attacks.json`` and ``OUT/compare_attacks.md`` (one table: attack x method) and
-keeps each compare's own folder under ``--work``. Checked here only with the quick command above
-(blended, fine-tuned on 500 pairs: a weak backdoor, ASR 0.17); the full run was not made.
+Writes ``OUT/compare_attacks.json`` and ``OUT/compare_attacks.md`` (one table: attack x method, and
+how each attack's model was made) and keeps each compare's own folder under ``--work``. ``--merge``
+reruns only ``--attacks`` and keeps the other attacks of an earlier run.
 """
 from __future__ import annotations
 
