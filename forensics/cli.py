@@ -177,7 +177,7 @@ def cmd_make_demo(args: argparse.Namespace) -> dict:
     from .demo.build import DEMO_DIR, DemoSpec, make_demo
     from .progress import tqdm_progress
 
-    spec = DemoSpec(seed=args.seed)
+    spec = DemoSpec(seed=args.seed, augment=args.augment)
     with tqdm_progress("make-demo", not args.quiet) as progress:
         summary = make_demo(Path(args.out) if args.out else DEMO_DIR, data_only=args.data_only, spec=spec,
                             progress=progress)
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-demo", help="rebuild the demo lab (images, probe sets, both demo models)")
     p.add_argument("--out", help="output folder (default: the bundled assets/demo)")
     p.add_argument("--data-only", action="store_true", help="write the image-caption CSVs with masks and labels, no training")
+    p.add_argument("--augment", action="store_true",
+                   help="train both models on random views (flip, crop, colour jitter); the bundled demo was built without")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo)
 

@@ -47,6 +47,7 @@ class DemoSpec:
     epochs: int = 14
     batch_size: int = 64
     lr: float = 2e-3
+    augment: bool = False  # random training views (forensics.training.view_augmenter); the shipped demo has none
 
 
 def _split_objects(objects: dict, spec: DemoSpec) -> tuple[dict, dict]:
@@ -246,7 +247,7 @@ def train_demo_model(data_dir: Path, models_dir: Path, spec: DemoSpec, name: str
         raise ForensicsError(f"unknown demo model {name!r}")
     start = time.time()
     model = new_model(spec.arch, tokenizer=tokenizer, seed=spec.seed)
-    cfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed)
+    cfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, augment=spec.augment)
     hook = None if on_epoch_end is None else (lambda epoch, rec: on_epoch_end(name, epoch, rec, model))
     history = train_clip(model, rows + generic_rows, cfg, progress, on_epoch_end=hook)
     backdoor = None
