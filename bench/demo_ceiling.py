@@ -7,10 +7,10 @@ cross-entropy on the demo's class labels) on the demo's training renders, and me
 accuracy on the held-out probe images. Supervision by label is the easiest signal the tower can
 get, so this is a practical ceiling for zero-shot CA at this model and data size; ``--augment``
 adds flips, random resized crops, colour jitter and grayscale (invariances a held-out drawing
-needs). Accuracy on training renders is reported beside it, to tell under-fitting from
-not generalising.
+needs; ``forensics.training.view_augmenter`` with crops of 60-100 % of the area). Accuracy on
+training renders is reported beside it, to tell under-fitting from not generalising.
 
-    python bench/demo_ceiling.py                         # 200 renders per class, 14 epochs, ~10 min on 2 cores
+    python bench/demo_ceiling.py                         # 200 renders per class, 14 epochs, ~15 min on one core
     python bench/demo_ceiling.py --augment --data DIR    # DIR from `python -m forensics make-demo --data-only`
 
 Writes ``OUT/demo_ceiling.json`` (one entry per configuration, kept across runs).
@@ -34,15 +34,7 @@ from forensics.data import load_probe_set  # noqa: E402
 from forensics.demo.build import DemoSpec, write_data  # noqa: E402
 from forensics.models import atomic_write_text, new_model  # noqa: E402
 from forensics.tokenizer import WordTokenizer  # noqa: E402
-from forensics.training import load_image_tensor, read_caption_csv  # noqa: E402
-
-
-def augmenter(size: int) -> torch.nn.Module:
-    """Flips, random resized crops, colour jitter and grayscale on uint8 batches (torchvision v2)."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
-                       v2.ColorJitter(0.4, 0.4, 0.4, 0.1), v2.RandomGrayscale(0.2)])
+from forensics.training import augment_views, load_image_tensor, read_caption_csv, view_augmenter  # noqa: E402
 
 
 def accuracy(tower: torch.nn.Module, head: torch.nn.Module, normalize, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -95,7 +87,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.1)
     steps = args.epochs * ((len(rows) + args.batch_size - 1) // args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.1)
-    augment = augmenter(size) if args.augment else None
+    augment = view_augmenter(size, min_scale=0.6) if args.augment else None  # a wider crop range than CLIP training's
     generator = torch.Generator().manual_seed(args.seed)
     history = []
     for epoch in range(args.epochs):
@@ -106,7 +98,7 @@ def main() -> None:
             idx = order[start_i:start_i + args.batch_size]
             batch = train_x[idx]
             if augment is not None:
-                batch = torch.stack([augment(im) for im in batch])
+                batch = augment_views(batch, augment)
             loss = F.cross_entropy(head(tower(normalize(batch.float() / 255))), train_y[idx])
             optimizer.zero_grad()
             loss.backward()

@@ -43,17 +43,17 @@ class TrainConfig:
         return asdict(self)
 
 
-def view_augmenter(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def view_augmenter(size: int, min_scale: float = 0.8) -> Callable[[torch.Tensor], torch.Tensor]:
     """A random training view of one uint8 3xHxW image: flip, mild resized crop, colour jitter, sometimes grayscale.
 
-    Close to what CLIP trainers use (open_clip: RandomResizedCrop with scale 0.9-1; here 0.8-1, so a
-    10 %-side patch trigger stays inside the view almost always), plus colour jitter and grayscale,
+    Close to what CLIP trainers use (open_clip: RandomResizedCrop with scale 0.9-1; here ``min_scale``-1,
+    0.8 by default, so a 10 %-side patch trigger stays inside the view almost always), plus colour jitter and grayscale,
     which teach a small model from few drawings that colour rarely decides the class. Randomness
     comes from torch's global generator (seeded by the trainer), so runs repeat by seed.
     """
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True),
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
                        v2.ColorJitter(0.4, 0.4, 0.4, 0.1), v2.RandomGrayscale(0.2)])
 
 
