@@ -34,7 +34,7 @@ from forensics.data import load_probe_set  # noqa: E402
 from forensics.demo.build import DemoSpec, write_data  # noqa: E402
 from forensics.models import atomic_write_text, new_model  # noqa: E402
 from forensics.tokenizer import WordTokenizer  # noqa: E402
-from forensics.training import augment_views, load_image_tensor, read_caption_csv, view_augmenter  # noqa: E402
+from forensics.training import CaptionDataset, augment_views, read_caption_csv, view_augmenter  # noqa: E402
 
 
 def accuracy(tower: torch.nn.Module, head: torch.nn.Module, normalize, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -74,7 +74,7 @@ def main() -> None:
     size = model.image_size
     tower = model.clip.visual
     normalize = model.normalize
-    train_x = torch.stack([(load_image_tensor(r["image"], size) * 255).round().to(torch.uint8) for r in rows])
+    train_x = CaptionDataset(rows, model).images  # decoded once, kept as uint8
     train_y = torch.tensor([classes.index(r["label"]) for r in rows])
     probe_idx = probe.clean_indices()
     probe_x = probe.load_images(size, probe_idx)

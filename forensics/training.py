@@ -184,7 +184,7 @@ def train_clip(model: SuspectModel, rows: list[dict[str, str]], config: TrainCon
             if should_stop and should_stop():
                 raise ForensicsError("training cancelled")
             if augmenter is not None:
-                images = augment_views(images.cpu(), augmenter).to(images.device)
+                images = augment_views(images, augmenter)  # on the batch's device; parameters from torch's CPU generator
             pixels = (images.float() / 255.0 - mean) / std
             image_emb, text_emb, logit_scale = clip(pixels, tokens)[:3]  # through DDP when several GPUs
             loss = clip_loss(image_emb, text_emb, logit_scale)
