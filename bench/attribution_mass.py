@@ -20,10 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 from forensics.attribution import (gradcam, mass_inside, occlusion, occlusion_estimate,  # noqa: E402
                                    region_ablation_map)
-from forensics.data import load_probe_set  # noqa: E402
-from forensics.models import load_model  # noqa: E402
+from forensics.core.data import load_probe_set  # noqa: E402
+from forensics.core.models import load_model  # noqa: E402
 from forensics.oracles import build_oracle  # noqa: E402
-from forensics.zeroshot import class_text_embeddings, predict  # noqa: E402
+from forensics.core.zeroshot import class_text_embeddings, predict  # noqa: E402
 
 
 def main() -> None:

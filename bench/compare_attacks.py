@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from forensics.attacks import attack_from_dict, build_attack, poison_dataset, train_optimized_patch  # noqa: E402
-from forensics.compare import run_compare  # noqa: E402
-from forensics.data import demo_backdoor, load_probe_set  # noqa: E402
+from forensics.pipelines.compare import run_compare  # noqa: E402
+from forensics.core.data import demo_backdoor, load_probe_set  # noqa: E402
 from forensics.demo.build import DemoSpec, write_data  # noqa: E402
-from forensics.implant import implant  # noqa: E402
-from forensics.models import DEMO_MODELS, atomic_write_text  # noqa: E402
+from forensics.pipelines.implant import implant  # noqa: E402
+from forensics.core.models import DEMO_MODELS, atomic_write_text  # noqa: E402
 
 ATTACKS = ("badnet", "blended", "wanet", "sig", "optimized_patch")
 
@@ -54,7 +54,7 @@ def attack_spec(name: str, work: Path, target: str, seed: int, params: dict | No
         return build_attack(name, seed=seed, **(params or {})).to_dict()
     path = work / "optimized_patch.json"
     if not path.is_file():
-        from forensics.models import load_model
+        from forensics.core.models import load_model
 
         probe = load_probe_set("demo-clean")
         clean = load_model("demo-clean")

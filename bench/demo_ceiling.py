@@ -7,7 +7,7 @@ cross-entropy on the demo's class labels) on the demo's training renders, and me
 accuracy on the held-out probe images. Supervision by label is the easiest signal the tower can
 get, so this is a practical ceiling for zero-shot CA at this model and data size; ``--augment``
 adds flips, random resized crops, colour jitter and grayscale (invariances a held-out drawing
-needs; ``forensics.training.view_augmenter`` with crops of 60-100 % of the area). Accuracy on
+needs; ``forensics.training.clip.view_augmenter`` with crops of 60-100 % of the area). Accuracy on
 training renders is reported beside it, to tell under-fitting from not generalising.
 
     python bench/demo_ceiling.py                         # 200 renders per class, 14 epochs, ~15 min on one core
@@ -30,11 +30,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from forensics.data import load_probe_set  # noqa: E402
+from forensics.core.data import load_probe_set  # noqa: E402
 from forensics.demo.build import DemoSpec, write_data  # noqa: E402
-from forensics.models import atomic_write_text, new_model  # noqa: E402
-from forensics.tokenizer import WordTokenizer  # noqa: E402
-from forensics.training import CaptionDataset, augment_views, read_caption_csv, view_augmenter  # noqa: E402
+from forensics.core.models import atomic_write_text, new_model  # noqa: E402
+from forensics.core.tokenizer import WordTokenizer  # noqa: E402
+from forensics.training.augment import augment_views, view_augmenter  # noqa: E402
+from forensics.training.clip import CaptionDataset, read_caption_csv  # noqa: E402
 
 
 def accuracy(tower: torch.nn.Module, head: torch.nn.Module, normalize, images: torch.Tensor, labels: torch.Tensor) -> float:

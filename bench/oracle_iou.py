@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from forensics.errors import ForensicsError  # noqa: E402
+from forensics.core.errors import ForensicsError  # noqa: E402
 from forensics.oracles import ORACLES, build_oracle, list_oracles, mask_iou, union_mask  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(max(1, args.threads))
         cv2.setNumThreads(max(1, args.threads))
-        names = args.oracles.split(",") if args.oracles else [n for n in list_oracles(weight_free=True) if n != "ground_truth"]
+        names = args.oracles.split(",") if args.oracles else [n for n in list_oracles(weight_free=True) if n != "ground-truth"]
         csv_path = Path(args.csv)
         if args.csv == DEFAULT_CSV and not csv_path.is_file():
             csv_path = REPO / DEFAULT_CSV
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "sam":
                 kwargs["checkpoint"] = args.sam_checkpoint
             oracle = build_oracle(name, **kwargs)
-            if oracle.name == "ground_truth":  # a sanity row: the truth against itself
+            if oracle.name == "ground-truth":  # a sanity row: the truth against itself
                 lookup = {id(img): m for _, img, m in pairs}
                 oracle = build_oracle("ground_truth", mask_lookup=lambda image: lookup[id(image)])
             results.append(measure(oracle, pairs, args.per_image))

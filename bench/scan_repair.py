@@ -22,12 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from forensics.data import load_probe_set  # noqa: E402
+from forensics.core.data import load_probe_set  # noqa: E402
 from forensics.detect import OracleGuidedScan, ScanSettings  # noqa: E402
-from forensics.models import load_model  # noqa: E402
+from forensics.core.models import load_model  # noqa: E402
 from forensics.oracles import Oracle, build_oracle, list_oracles  # noqa: E402
-from forensics.repair import run_repair  # noqa: E402
-from forensics.scan import run_scan  # noqa: E402
+from forensics.pipelines.repair import run_repair  # noqa: E402
+from forensics.pipelines.scan import run_scan  # noqa: E402
 
 
 class NoRegions(Oracle):
@@ -56,7 +56,7 @@ def oracle_seconds(probe, size: int, n: int = 30) -> dict:
     images = probe.load_images(size, list(range(min(n, len(probe)))))
     out = {}
     for name in list_oracles(weight_free=True):
-        if name == "ground_truth":  # needs known masks, not an image alone
+        if name == "ground-truth":  # needs known masks, not an image alone
             continue
         oracle = build_oracle(name)
         start = time.time()

@@ -1,4 +1,4 @@
-from .cli import main
+from forensics.cli import main
 import sys
 
 sys.exit(main())

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ForensicsError
+from forensics.core.errors import ForensicsError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +51,7 @@ def _parse_params(pairs: Sequence[str] | None, file: str | None = None) -> dict:
 
 
 def _model(args: argparse.Namespace):
-    from .models import load_model
+    from forensics.core.models import load_model
 
     return load_model(args.model, arch=getattr(args, "arch", None), quick_gelu=getattr(args, "quick_gelu", None),
                       device=getattr(args, "device", None) or _default_device())
@@ -70,14 +70,14 @@ def _is_demo(spec: str) -> bool:
 # --------------------------------------------------------------------------- commands
 
 def cmd_info(args: argparse.Namespace) -> dict:
-    from .service import model_facts
+    from forensics.pipelines.evaluate import model_facts
 
     return model_facts(args.model, arch=args.arch, quick_gelu=args.quick_gelu)
 
 
 def _requested_attack(args: argparse.Namespace):
     """The attack given by --attack/--attack-file/--param, or None."""
-    from .attacks import build_attack
+    from forensics.attacks import build_attack
 
     if not (args.attack or args.attack_file):
         if args.target or args.param:
@@ -94,8 +94,8 @@ def _requested_attack(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from .progress import tqdm_progress
-    from .service import evaluate_model
+    from forensics.core.progress import tqdm_progress
+    from forensics.pipelines.evaluate import evaluate_model
 
     attack = _requested_attack(args)
     with tqdm_progress("evaluate", not args.quiet) as progress:
@@ -106,8 +106,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
 
 def cmd_poison(args: argparse.Namespace) -> dict:
-    from .attacks import build_attack, poison_dataset
-    from .progress import tqdm_progress
+    from forensics.attacks import build_attack, poison_dataset
+    from forensics.core.progress import tqdm_progress
 
     params = _parse_params(args.param, args.attack_file)
     name = args.attack or params.get("attack")
@@ -124,8 +124,8 @@ def cmd_poison(args: argparse.Namespace) -> dict:
 
 
 def cmd_implant(args: argparse.Namespace) -> dict:
-    from .implant import implant
-    from .progress import tqdm_progress
+    from forensics.pipelines.implant import implant
+    from forensics.core.progress import tqdm_progress
 
     if bool(args.base) == bool(args.config):
         raise ForensicsError("give exactly one of --base MODEL (fine-tune) or --config NAME (train from scratch)")
@@ -137,8 +137,8 @@ def cmd_implant(args: argparse.Namespace) -> dict:
 
 
 def cmd_audit(args: argparse.Namespace) -> dict:
-    from .detect.safeclip_audit import AuditSettings, audit_dataset
-    from .progress import tqdm_progress
+    from forensics.detect.safeclip_audit import AuditSettings, audit_dataset
+    from forensics.core.progress import tqdm_progress
 
     settings = AuditSettings(seed=args.seed, batch_size=args.batch_size, risk_threshold=args.risk_threshold)
     with tqdm_progress("audit", not args.quiet) as progress:
@@ -150,10 +150,10 @@ def cmd_audit(args: argparse.Namespace) -> dict:
 
 
 def cmd_train_patch(args: argparse.Namespace) -> dict:
-    from .attacks import train_optimized_patch
-    from .data import load_probe_set
-    from .models import atomic_write_text
-    from .progress import tqdm_progress
+    from forensics.attacks import train_optimized_patch
+    from forensics.core.data import load_probe_set
+    from forensics.core.models import atomic_write_text
+    from forensics.core.progress import tqdm_progress
 
     probe_spec = args.probe or ("demo-clean" if _is_demo(args.model) else None)
     if probe_spec is None:
@@ -174,8 +174,8 @@ def cmd_train_patch(args: argparse.Namespace) -> dict:
 
 
 def cmd_make_demo(args: argparse.Namespace) -> dict:
-    from .demo.build import DEMO_DIR, DemoSpec, make_demo
-    from .progress import tqdm_progress
+    from forensics.demo.build import DEMO_DIR, DemoSpec, make_demo
+    from forensics.core.progress import tqdm_progress
 
     spec = DemoSpec(seed=args.seed, augment=args.augment)
     with tqdm_progress("make-demo", not args.quiet) as progress:
@@ -186,9 +186,9 @@ def cmd_make_demo(args: argparse.Namespace) -> dict:
 
 
 def cmd_scan(args: argparse.Namespace) -> dict:
-    from .detect import ScanSettings
-    from .progress import tqdm_progress
-    from .scan import run_scan
+    from forensics.detect import ScanSettings
+    from forensics.core.progress import tqdm_progress
+    from forensics.pipelines.scan import run_scan
 
     settings = ScanSettings(seed=args.seed, templates=args.templates, batch_size=args.batch_size)
     with tqdm_progress("scan", not args.quiet) as progress:
@@ -197,8 +197,8 @@ def cmd_scan(args: argparse.Namespace) -> dict:
 
 
 def cmd_repair(args: argparse.Namespace) -> dict:
-    from .progress import tqdm_progress
-    from .repair import run_repair
+    from forensics.core.progress import tqdm_progress
+    from forensics.pipelines.repair import run_repair
 
     settings = _parse_params(args.param)
     with tqdm_progress("repair", not args.quiet) as progress:
@@ -207,8 +207,8 @@ def cmd_repair(args: argparse.Namespace) -> dict:
 
 
 def cmd_compare(args: argparse.Namespace) -> dict:
-    from .compare import run_compare
-    from .progress import tqdm_progress
+    from forensics.pipelines.compare import run_compare
+    from forensics.core.progress import tqdm_progress
 
     settings = None
     if args.settings:
@@ -227,11 +227,11 @@ def cmd_compare(args: argparse.Namespace) -> dict:
 
 
 def cmd_list(args: argparse.Namespace) -> dict:
-    from .attacks import list_attacks
-    from .models import list_architectures, project_configs
+    from forensics.attacks import list_attacks
+    from forensics.core.models import list_architectures, project_configs
 
-    from .defenses import DEFENSES
-    from .oracles import list_oracles
+    from forensics.defenses import DEFENSES
+    from forensics.oracles import list_oracles
 
     return {"attacks": list_attacks(), "oracles": list_oracles(), "defenses": list(DEFENSES),
             "project_configs": list(project_configs()), "architectures": list_architectures()}

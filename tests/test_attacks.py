@@ -26,10 +26,10 @@ from forensics.attacks import (
     to_tensor,
     train_optimized_patch,
 )
-from forensics.errors import ForensicsError
+from forensics.core.errors import ForensicsError
 
 
-ALL = ["badnet", "blended", "wanet", "sig", "optimized_patch"]
+ALL = ["badnet", "blended", "wanet", "sig", "optimized-patch"]
 # variants worth checking separately (name, params)
 VARIANTS = [
     ("badnet", {}),
@@ -81,7 +81,8 @@ def test_unknown_attack_names_valid_ones():
 
 def test_name_aliases():
     assert build_attack("BadNet").name == "badnet"
-    assert build_attack("optimized-patch").name == "optimized_patch"
+    assert build_attack("optimized-patch").name == "optimized-patch"
+    assert build_attack("optimized_patch").name == "optimized-patch"  # the old name stays an alias
 
 
 @pytest.mark.parametrize("name,params", [
@@ -464,7 +465,7 @@ def test_train_optimized_patch():
     kwargs = dict(size=0.25, epochs=2, lr=0.05, batch_size=4, seed=0)
     a = train_optimized_patch(model, images, labels, ["apple", "banana", "cloud"], "banana",
                               progress=lambda f, m: calls.append((f, m)), **kwargs)
-    assert isinstance(a, OptimizedPatch) and a.name == "optimized_patch"
+    assert isinstance(a, OptimizedPatch) and a.name == "optimized-patch"
     assert len(a.history) == 2 and a.history[-1] < a.history[0]
     assert [f for f, _ in calls] == [0.5, 1.0]
     assert a.patch.shape == (3, 8, 8) and a.patch.min() >= 0 and a.patch.max() <= 1

@@ -8,6 +8,8 @@ guarantees one of the two targets has positive evidence.
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,10 +17,13 @@ from PIL import Image
 from torch import nn
 
 from forensics import attribution as A
-from forensics.errors import ForensicsError
-from forensics.models import new_model
-from forensics.tokenizer import WordTokenizer
-from forensics.zeroshot import class_text_embeddings
+from forensics.core.errors import ForensicsError
+from forensics.core.models import new_model
+from forensics.core.tokenizer import WordTokenizer
+from forensics.core.zeroshot import class_text_embeddings
+
+G = importlib.import_module("forensics.attribution.gradcam")  # the module (the package exports the function)
+R = importlib.import_module("forensics.attribution.region_ablation")
 
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "car"]
 SIZE = 128
@@ -129,8 +134,8 @@ def test_gradcam_layer_choices(tiny_models, images):
     visual = model.clip.visual
     auto = A.gradcam(model, images[:1], emb, 0, layer="auto")
     assert torch.equal(auto, A.gradcam(model, images[:1], emb, 0, layer="layer4"))  # 128 px: layer4 is 4x4
-    assert A._resnet_layer(visual, "auto", 96) is visual.layer3  # layer4 would be 3x3
-    assert A._resnet_layer(visual, None, 224) is visual.layer4
+    assert G._resnet_layer(visual, "auto", 96) is visual.layer3  # layer4 would be 3x3
+    assert G._resnet_layer(visual, None, 224) is visual.layer4
     check_maps(A.gradcam(model, images[:1], emb, 2, layer="layer3"), 1, SIZE)
     with pytest.raises(ForensicsError):
         A.gradcam(model, images[:1], emb, 0, layer="layer9")
@@ -206,7 +211,7 @@ def test_region_ablation_matches_hand_computed(tiny_models, images):
     regions[1] = regions[1][:2]  # a different number of regions per image
     drops = A.region_ablation(model, images, emb, [0, 3], regions, batch_size=2)
     assert [d.shape for d in drops] == [(3,), (2,)]
-    owner = A._feature_ids(regions, SIZE)
+    owner = R._feature_ids(regions, SIZE)
     with torch.no_grad():
         for n, t in enumerate([0, 3]):
             x = images[n:n + 1]
@@ -436,7 +441,7 @@ def test_overlay_and_heatmap_image():
 
 
 def test_registry(tiny_models, images):
-    assert set(A.ATTRIBUTIONS) == {"gradcam", "occlusion", "occlusion-estimate"}
+    assert set(A.ATTRIBUTIONS) == {"gradcam", "occlusion", "occlusion-estimate", "region-ablation"}
     model, emb = tiny_models["tiny-vit"]
     assert torch.equal(A.attribute("gradcam", model, images, emb, [0, 1]), A.gradcam(model, images, emb, [0, 1]))
     predicted = A.gradcam(model, images, emb, None)  # None: the model's own prediction

@@ -34,7 +34,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
 
 def test_list_is_json():
     out = json.loads(run_cli("list").stdout)
-    assert {"badnet", "blended", "wanet", "sig", "optimized_patch"} <= set(out["attacks"])
+    assert {"badnet", "blended", "wanet", "sig", "optimized-patch"} <= set(out["attacks"])
     assert {"tiny-rn", "tiny-vit"} <= set(out["project_configs"])
     assert "ViT-B-32" in out["architectures"] and "RN50" in out["architectures"]
 

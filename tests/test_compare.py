@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from forensics.compare import PeakMemory, resolve_methods, run_compare
-from forensics.data import load_probe_set
+from forensics.pipelines.compare import PeakMemory, resolve_methods, run_compare
+from forensics.core.data import load_probe_set
 from forensics.defenses import DEFENSES
-from forensics.errors import ForensicsError
-from forensics.models import load_model
-from forensics.repair import run_repair, split_clean_budget
-from forensics.service import default_trigger
-from forensics.zeroshot import evaluate
+from forensics.core.errors import ForensicsError
+from forensics.core.models import load_model
+from forensics.pipelines.repair import run_repair, split_clean_budget
+from forensics.pipelines.evaluate import default_trigger
+from forensics.core.zeroshot import evaluate
 from tests.test_cli import assert_one_line_error, run_cli
 
 BUDGET = 120

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from forensics.attacks import build_attack
-from forensics.data import load_image, load_probe_set, map_box
-from forensics.errors import ForensicsError
-from forensics.models import new_model
-from forensics.templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill, resolve_templates
-from forensics.tokenizer import WordTokenizer
-from forensics.zeroshot import ASR_NOTE, class_text_embeddings, evaluate
+from forensics.core.data import load_image, load_probe_set, map_box
+from forensics.core.errors import ForensicsError
+from forensics.core.models import new_model
+from forensics.core.templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill, resolve_templates
+from forensics.core.tokenizer import WordTokenizer
+from forensics.core.zeroshot import ASR_NOTE, class_text_embeddings, evaluate
 
 
 def _png(path: Path, colour, size=(40, 30)) -> Path:
@@ -96,7 +96,7 @@ def test_bad_probe_inputs(tmp_path):
 
 
 def test_oversized_image_refused(tmp_path, monkeypatch):
-    import forensics.data as data
+    import forensics.core.data as data
 
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ForensicsError, match="too large"):

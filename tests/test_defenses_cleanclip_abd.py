@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from forensics.data import load_probe_set
+from forensics.core.data import load_probe_set
 from forensics.defenses import DEFENSES, RepairData, build_defense
 from forensics.defenses.abd import ABD, find_universal_patch, paste_patch, patch_side
-from forensics.defenses.augment import (
+from forensics.training.augment import (
     STOP_WORDS,
     SYNONYMS,
     autoaugment_views,
@@ -25,11 +25,11 @@ from forensics.defenses.augment import (
     synonyms_of,
 )
 from forensics.defenses.cleanclip import CleanCLIP, cleanclip_loss
-from forensics.errors import ForensicsError
-from forensics.models import load_model, new_model
-from forensics.service import default_trigger
-from forensics.tokenizer import WordTokenizer
-from forensics.zeroshot import class_text_embeddings, evaluate, predict
+from forensics.core.errors import ForensicsError
+from forensics.core.models import load_model, new_model
+from forensics.pipelines.evaluate import default_trigger
+from forensics.core.tokenizer import WordTokenizer
+from forensics.core.zeroshot import class_text_embeddings, evaluate, predict
 
 BUDGET = 120
 

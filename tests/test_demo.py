@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from forensics.data import DEMO_DIR, demo_backdoor, load_probe_set
+from forensics.core.data import DEMO_DIR, demo_backdoor, load_probe_set
 from forensics.demo.clipart import CLIPART_ROOT
 from tests.test_cli import run_cli
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from forensics.data import demo_backdoor
+from forensics.core.data import demo_backdoor
 from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.slow

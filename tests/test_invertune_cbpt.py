@@ -12,16 +12,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from forensics.data import load_probe_set
+from forensics.core.data import load_probe_set
 from forensics.defenses import DEFENSES, RepairData
-from forensics.defenses.cbpt import CBPT, context_template, encode_text_with_context, prompt_tokens
+from forensics.core.prompts import context_template, encode_text_with_context, prompt_tokens
+from forensics.defenses.cbpt import CBPT
 from forensics.defenses.invertune import InverTune
-from forensics.detect.invertune import flip_rate, identify_target, run_invertune_detection, InverTuneDetectSettings
-from forensics.errors import ForensicsError
-from forensics.models import PROMPT_CONTEXT_KEY, load_model, save_model
-from forensics.repair import budget_repair_data, make_defense, split_clean_budget
-from forensics.service import default_trigger
-from forensics.zeroshot import class_text_embeddings, evaluate
+from forensics.core.zeroshot import flip_rate
+from forensics.detect.invertune import InverTuneDetectSettings, identify_target, run_invertune_detection
+from forensics.core.errors import ForensicsError
+from forensics.core.models import PROMPT_CONTEXT_KEY, load_model, save_model
+from forensics.pipelines.repair import budget_repair_data, make_defense, split_clean_budget
+from forensics.pipelines.evaluate import default_trigger
+from forensics.core.zeroshot import class_text_embeddings, evaluate
 
 # fewer steps than the defaults (20 patch / 40 inversion / 40 tuning): ~half the time; the larger mask
 # that 25 inversion steps leave is balanced by a doubled clean-embedding keep term (paper 0.5)

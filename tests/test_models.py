@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from forensics.errors import CheckpointMismatchError, ForensicsError, UnsafeCheckpointError
-from forensics.models import (
+from forensics.core.errors import CheckpointMismatchError, ForensicsError, UnsafeCheckpointError
+from forensics.core.models import (
     SIDECAR_FORMAT,
     architecture_config,
     build_clip,
@@ -33,7 +33,7 @@ from forensics.models import (
     read_state_dict,
     save_model,
 )
-from forensics.tokenizer import WordTokenizer
+from forensics.core.tokenizer import WordTokenizer
 
 BIG = ["ViT-B-32", "RN50"]
 TOWER = {"ViT-B-32": "vit", "RN50": "resnet", "tiny-vit": "vit", "tiny-rn": "resnet"}

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from forensics.data import load_probe_set
+from forensics.core.data import load_probe_set
 from forensics.defenses import RepairData, build_defense
-from forensics.models import load_model
+from forensics.core.models import load_model
 
 
 def _data(kinds: list[str], flagged: list[str]) -> RepairData:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from forensics.errors import ForensicsError
+from forensics.core.errors import ForensicsError
 from forensics.oracles import (
     ORACLES,
     GroundTruthOracle,
@@ -95,22 +95,23 @@ def check_regions(regions: list[Region], shape: tuple[int, int]) -> None:
 def test_registry_lists_and_builds_every_weight_free_oracle():
     names = list_oracles()
     assert names == sorted(ORACLES)
-    assert {"sam", "fallback", "background", "superpixel", "ground_truth"} <= set(names)
+    assert {"sam", "fallback", "background", "superpixel", "ground-truth"} <= set(names)
     assert "sam" not in list_oracles(weight_free=True) and list_oracles(weight_free=False) == ["sam"]
-    for name in WEIGHT_FREE + ["ground_truth"]:
+    for name in WEIGHT_FREE + ["ground-truth"]:
         oracle = build_oracle(name)
         assert isinstance(oracle, Oracle) and oracle.name == name
         d = oracle.describe()
         assert d["name"] == name and d["needs_weights"] is False and isinstance(d["settings"], dict)
         json.dumps(d)  # reports and the UI store it
-    assert build_oracle("Ground-Truth").name == "ground_truth"
+    assert build_oracle("Ground-Truth").name == "ground-truth"
+    assert build_oracle("ground_truth").name == "ground-truth"  # the old name stays an alias
     assert default_oracle().name == "fallback"
 
 
 def test_unknown_oracle_names_and_settings_are_refused_with_the_valid_ones():
     with pytest.raises(ForensicsError) as exc:
         build_oracle("fastsam")
-    for name in ("fallback", "sam", "ground_truth"):
+    for name in ("fallback", "sam", "ground-truth"):
         assert name in str(exc.value)
     with pytest.raises(ForensicsError, match="unknown oracle"):
         build_oracle(None)  # type: ignore[arg-type]
@@ -380,8 +381,8 @@ def test_bench_script_writes_a_table_and_json(tmp_path, capsys):
     out = tmp_path / "res.json"
     assert bench.main([str(tmp_path / "probe.csv"), "--oracles", "fallback,ground_truth", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| fallback | 2 |" in table and "| ground_truth | 2 | 1.000 |" in table
+    assert "| fallback | 2 |" in table and "| ground-truth | 2 | 1.000 |" in table
     res = json.loads(out.read_text())["results"]
-    assert [r["oracle"]["name"] for r in res] == ["fallback", "ground_truth"]
+    assert [r["oracle"]["name"] for r in res] == ["fallback", "ground-truth"]
     assert res[0]["union_iou_mean"] >= 0.8 and res[1]["union_iou_mean"] == 1.0
     assert bench.main([str(tmp_path / "missing.csv")]) == 2

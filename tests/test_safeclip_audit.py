@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from forensics.attacks import attack_from_dict, poison_dataset
-from forensics.data import demo_backdoor
+from forensics.core.data import demo_backdoor
 from forensics.detect.safeclip_audit import AuditSettings, audit_dataset, gmm_risk
-from forensics.errors import ForensicsError
-from forensics.models import ASSETS_DIR, load_model
-from forensics.safe_training import SafeClipSettings, augment_caption, safe_train_clip, select_safe
-from forensics.training import TrainConfig, read_caption_csv
+from forensics.core.errors import ForensicsError
+from forensics.core.models import ASSETS_DIR, load_model
+from forensics.training.safeclip import SafeClipSettings, augment_caption, safe_train_clip, select_safe
+from forensics.training.clip import TrainConfig, read_caption_csv
 from tests.test_cli import assert_one_line_error, run_cli
 
 PROBE_CLEAN = ASSETS_DIR / "demo" / "probe" / "probe_clean.csv"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from forensics.attacks import build_attack
-from forensics.data import ProbeItem, ProbeSet
+from forensics.core.data import ProbeItem, ProbeSet
 from forensics.detect import OracleGuidedScan, ScanSettings
 from forensics.oracles import build_oracle
 
@@ -71,7 +71,7 @@ def _probe(tmp_path, target: str, seed: int, n_per_class: int = 12, trigger_shar
                 tensor, box = attack.apply(tensor, np.random.default_rng([seed, c, j]))
                 triggered = True
             path = tmp_path / f"{name}_{j}.png"
-            from forensics.report import to_pil
+            from forensics.pipelines.report import to_pil
 
             to_pil(tensor).save(path)
             items.append(ProbeItem(image=path, label=c, triggered=triggered, trigger_box=box))

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from forensics.errors import ForensicsError
-from forensics.implant import implant
-from forensics.training import augment_views, view_augmenter
+from forensics.core.errors import ForensicsError
+from forensics.pipelines.implant import implant
+from forensics.training.augment import augment_views, view_augmenter
 
-from .test_cli import _tiny_caption_csv, assert_one_line_error, run_cli
+from tests.test_cli import _tiny_caption_csv, assert_one_line_error, run_cli
 
 
 def _batch(n: int = 6, size: int = 64) -> torch.Tensor:

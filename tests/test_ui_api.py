@@ -110,7 +110,7 @@ def test_corrupt_and_mismatched_checkpoints_are_named(workbench, tmp_path):
     corrupt.write_bytes(b"\0garbage" * 64)
     assert "corrupt.safetensors is not a readable" in _error(lambda: _load(client, CHECKPOINT, [handle_file(str(corrupt))]))
     # the demo's ResNet weights with a ViT model's sidecar: every missing/unexpected key is reported by name
-    from forensics.models import load_model, save_model
+    from forensics.core.models import load_model, save_model
 
     save_model(load_model("random:tiny-vit"), tmp_path / "vit" / "model.safetensors")
     shutil.copy(REPO / "assets" / "demo" / "models" / "demo_poisoned.safetensors", tmp_path / "suspect.safetensors")

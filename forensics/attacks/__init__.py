@@ -14,8 +14,7 @@ from forensics.attacks.optimized_patch import OptimizedPatch, train_optimized_pa
 from forensics.attacks.poison import poison_dataset
 from forensics.attacks.sig import SIG
 from forensics.attacks.wanet import WaNet
-from forensics.errors import ForensicsError
-from forensics.registry import build
+from forensics.core.errors import ForensicsError
 
 __all__ = [
     "ATTACKS", "POSITIONS", "Attack", "Box", "BadNet", "Blended", "WaNet", "SIG", "OptimizedPatch",
@@ -26,12 +25,12 @@ __all__ = [
 
 def list_attacks() -> list[str]:
     """Names of the registered attacks, sorted."""
-    return sorted(ATTACKS)
+    return ATTACKS.names()
 
 
 def build_attack(name: str, **params: Any) -> Attack:
     """Build a registered attack from its name and keyword parameters; unknown names or parameters raise ForensicsError."""
-    return build(ATTACKS, name, "attack", "parameter", **params)
+    return ATTACKS.build(name, **params)
 
 
 def attack_from_dict(d: Mapping[str, Any]) -> Attack:

@@ -17,30 +17,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from forensics.errors import ForensicsError
+from forensics.core.checks import check_choice, check_image, check_int, check_number, check_seed
+from forensics.core.errors import ForensicsError
+from forensics.core.images import Box, to_pil, to_tensor
+from forensics.core.progress import Progress
+from forensics.core.registry import Registry
 
-Box = tuple[int, int, int, int]
-"""A trigger box (x0, y0, x1, y1) in pixels, end exclusive."""
-
-ATTACKS: dict[str, type["Attack"]] = {}
-"""Registered attack classes by name; filled by :func:`register` when the attack modules import."""
+ATTACKS: Registry = Registry("attack", "parameter")
+"""Registered attack classes by name; filled by ``@ATTACKS.register`` when the attack modules import."""
+register = ATTACKS.register
 
 POSITIONS = ("random", "bottom-right", "top-left", "top-right", "bottom-left", "center")
 """Where a patch may be placed; ``random`` is drawn per image, fully inside the image."""
-
-_A = TypeVar("_A", bound="type[Attack]")
-
-
-def register(cls: _A) -> _A:
-    """Class decorator: add an :class:`Attack` subclass to :data:`ATTACKS` under its ``name``."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'name' to be registered")
-    if name in ATTACKS and ATTACKS[name] is not cls:
-        raise TypeError(f"attack name {name!r} is already registered by {ATTACKS[name].__name__}")
-    ATTACKS[name] = cls
-    return cls
-
 
 class Attack(ABC):
     """A backdoor trigger: fixed parts come from ``seed``, per-image randomness from ``rng``.
@@ -97,34 +85,7 @@ def _count(v: Any) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# image helpers
-
-
-def to_tensor(pil: Image.Image) -> torch.Tensor:
-    """A PIL image (any mode) as a float32 3xHxW tensor in [0, 1] (converted to RGB first)."""
-    arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
-
-
-def to_pil(tensor: torch.Tensor) -> Image.Image:
-    """A 3xHxW (or HxW) float tensor in [0, 1] as an 8-bit RGB (or L) PIL image; values are clamped and rounded."""
-    t = tensor.detach().to("cpu", torch.float32).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
-    if t.dim() == 3 and t.shape[0] == 3:
-        return Image.fromarray(t.permute(1, 2, 0).numpy(), mode="RGB")
-    if t.dim() == 2:
-        return Image.fromarray(t.numpy(), mode="L")
-    raise ForensicsError(f"to_pil: expected a 3xHxW or HxW tensor, got shape {tuple(tensor.shape)}")
-
-
-def check_image(image: Any, who: str) -> torch.Tensor:
-    """Refuse anything that is not a floating 3xHxW tensor, with a plain message."""
-    if not isinstance(image, torch.Tensor):
-        raise ForensicsError(f"{who}: expected a torch tensor image, got {type(image).__name__}")
-    if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
-        raise ForensicsError(f"{who}: expected an RGB image tensor of shape 3xHxW, got {tuple(image.shape)}")
-    if not image.is_floating_point():
-        raise ForensicsError(f"{who}: expected a float image in [0,1], got dtype {image.dtype}")
-    return image
+# patch placement
 
 
 def patch_side(size: float, height: int, width: int) -> int:
@@ -161,57 +122,7 @@ def patch_box(height: int, width: int, side: int, position: str, margin: int, rn
     return (x0, y0, x0 + side, y0 + side)
 
 
-# ----------------------------------------------------------------------------------------------
-# parameter validation (every failure is a one-line ForensicsError)
+ProgressFn = Progress
 
-
-def check_seed(seed: Any) -> int:
-    """Seeds are non-negative integers (what numpy's default_rng accepts)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ForensicsError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
-def check_number(who: str, name: str, value: Any, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False, hi_open: bool = False) -> float:
-    """A finite real number within the given (open or closed) bounds, returned as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ForensicsError(f"{who}: {name} must be a number, got {value!r}")
-    v = float(value)
-    ok = math.isfinite(v)
-    if ok and lo is not None:
-        ok = v > lo if lo_open else v >= lo
-    if ok and hi is not None:
-        ok = v < hi if hi_open else v <= hi
-    if not ok:
-        lo_s = "-inf" if lo is None else f"{lo:g}"
-        hi_s = "inf" if hi is None else f"{hi:g}"
-        rng = f"{'(' if lo_open or lo is None else '['}{lo_s}, {hi_s}{')' if hi_open or hi is None else ']'}"
-        raise ForensicsError(f"{who}: {name} must be in {rng}, got {value!r}")
-    return v
-
-
-def check_int(who: str, name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """An integer (floats with an integral value are accepted, as JSON may produce them) within bounds."""
-    if isinstance(value, bool):
-        raise ForensicsError(f"{who}: {name} must be an integer, got {value!r}")
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        value = int(value)
-    if not isinstance(value, (int, np.integer)):
-        raise ForensicsError(f"{who}: {name} must be an integer, got {value!r}")
-    v = int(value)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ForensicsError(f"{who}: {name} must be an integer {bounds}, got {value!r}")
-    return v
-
-
-def check_choice(who: str, name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """One of a fixed set of strings."""
-    if not isinstance(value, str) or value not in choices:
-        raise ForensicsError(f"{who}: {name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-ProgressFn = Callable[[float, str], None]
-"""Optional progress callback: ``progress(fraction_done, message)``."""
+__all__ = ["ATTACKS", "POSITIONS", "Attack", "Box", "ProgressFn", "check_choice", "check_image", "check_int", "check_number",
+           "check_seed", "patch_box", "patch_side", "register", "to_pil", "to_tensor"]

@@ -21,7 +21,7 @@ from forensics.attacks.base import (
     patch_side,
     register,
 )
-from forensics.errors import ForensicsError
+from forensics.core.errors import ForensicsError
 
 DEFAULT_PATCH_PX = 16
 """Side of the untrained random patch drawn from ``seed`` when no patch is given (the paper's 16 px)."""
@@ -53,7 +53,7 @@ def _patch_tensor(patch: Any) -> torch.Tensor:
     return t
 
 
-@register
+@register(aliases=("optimized_patch",))
 class OptimizedPatch(Attack):
     """Paste a learnt 3xPxP patch, resized (bilinear) to ``size`` times the shorter image side, at ``position``.
 
@@ -63,7 +63,7 @@ class OptimizedPatch(Attack):
     came from :func:`train_optimized_patch` (it is not a parameter).
     """
 
-    name = "optimized_patch"
+    name = "optimized-patch"
 
     def __init__(self, seed: int = 0, patch: Any = None, size: float = 0.1, position: str = "center",
                  margin: int = 0) -> None:

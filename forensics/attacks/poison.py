@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from forensics.attacks.base import Attack, ProgressFn, check_seed, to_pil, to_tensor
-from forensics.errors import ForensicsError
+from forensics.core.errors import ForensicsError
 
 PATH_COLUMNS = ("image", "mask")
 """Columns holding file paths relative to the CSV's folder; they are rewritten as absolute paths."""

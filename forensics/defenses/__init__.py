@@ -1,13 +1,13 @@
 """Repair methods by name."""
 from __future__ import annotations
 
-from ..errors import ForensicsError
-from .base import Defense, RepairData, RepairResult
-from .abd import ABD
-from .cleanclip import CleanCLIP
-from .cbpt import CBPT
-from .invertune import InverTune
-from .oracle_finetune import OracleGuidedFinetune
+from forensics.core.errors import ForensicsError
+from forensics.defenses.base import Defense, RepairData, RepairResult
+from forensics.defenses.abd import ABD
+from forensics.defenses.cleanclip import CleanCLIP
+from forensics.defenses.cbpt import CBPT
+from forensics.defenses.invertune import InverTune
+from forensics.defenses.oracle_finetune import OracleGuidedFinetune
 
 DEFENSES: dict[str, type[Defense]] = {OracleGuidedFinetune.name: OracleGuidedFinetune, InverTune.name: InverTune, CBPT.name: CBPT,
                                        CleanCLIP.name: CleanCLIP, ABD.name: ABD}

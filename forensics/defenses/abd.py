@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ForensicsError
-from ..models import SuspectModel
-from .base import Defense, Progress, RepairData, RepairResult, ShouldStop
-from .cleanclip import CleanCLIPSettings, check_budget, cleanclip_finetune
+from forensics.core.errors import ForensicsError
+from forensics.core.models import SuspectModel
+from forensics.defenses.base import Defense, Progress, RepairData, RepairResult, ShouldStop
+from forensics.defenses.cleanclip import CleanCLIPSettings, check_budget, cleanclip_finetune
 
 PAPER_PATCH_RATIO = 16 / 224  # the paper's 16 x 16 patch on 224 px images
 

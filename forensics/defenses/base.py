@@ -7,7 +7,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..models import SuspectModel
+from forensics.core.models import SuspectModel
 
 Progress = Callable[[float, str], None]
 ShouldStop = Callable[[], bool]

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ForensicsError
-from ..models import SuspectModel
-from .augment import autoaugment_views, eda_views, tokenizer_vocabulary
-from ..training import clip_loss, clip_step, decay_groups, warmup_cosine
-from .base import Defense, Progress, RepairData, RepairResult, ShouldStop
+from forensics.core.errors import ForensicsError
+from forensics.core.models import SuspectModel
+from forensics.training.augment import autoaugment_views, eda_views, tokenizer_vocabulary
+from forensics.training.clip import clip_loss, clip_step, decay_groups, warmup_cosine
+from forensics.defenses.base import Defense, Progress, RepairData, RepairResult, ShouldStop
 
 ImageViews = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (batch of [0, 1] images, generator) -> views
 

@@ -29,10 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..detect.invertune import InverTuneDetectSettings, InverTuneDetection, blend, check_inputs, check_stop, run_invertune_detection
-from ..errors import ForensicsError
-from ..models import SuspectModel
-from .base import Defense, Progress, RepairData, RepairResult, ShouldStop
+from forensics.core.checks import check_labelled_images
+from forensics.core.images import blend
+from forensics.core.progress import check_stop
+from forensics.detect.invertune import InverTuneDetection, InverTuneDetectSettings, run_invertune_detection
+from forensics.core.errors import ForensicsError
+from forensics.core.models import SuspectModel
+from forensics.defenses.base import Defense, Progress, RepairData, RepairResult, ShouldStop
 
 
 @dataclass
@@ -143,7 +146,7 @@ class InverTune(Defense):
         s = self.settings
         if s.iterations < 1 or s.batch_size < 1 or s.n_layers < 1:
             raise ForensicsError("InverTune needs positive iterations, batch size and layer count")
-        check_inputs(model, data.images, data.labels, data.class_names)
+        check_labelled_images(model, data.images, data.labels, data.class_names)
         if data.flagged and data.flagged[0] not in data.class_names:
             raise ForensicsError(f"flagged label {data.flagged[0]!r} is not one of the classes")
         start = time.time()

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ForensicsError
-from ..zeroshot import class_text_embeddings
-from .base import Defense, Progress, RepairData, RepairResult, ShouldStop
+from forensics.core.errors import ForensicsError
+from forensics.core.zeroshot import class_text_embeddings
+from forensics.defenses.base import Defense, Progress, RepairData, RepairResult, ShouldStop
 
 
 @dataclass

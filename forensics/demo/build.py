@@ -19,10 +19,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from ..errors import ForensicsError
-from ..models import ASSETS_DIR, atomic_write_text
-from .clipart import CLIPART_ROOT, GENERIC, collect_objects
-from .compose import compose
+from forensics.core.errors import ForensicsError
+from forensics.core.models import ASSETS_DIR, atomic_write_text
+from forensics.demo.clipart import CLIPART_ROOT, GENERIC, collect_objects
+from forensics.demo.compose import compose
 
 Progress = Callable[[float, str], None]
 DEMO_DIR = ASSETS_DIR / "demo"
@@ -47,7 +47,7 @@ class DemoSpec:
     epochs: int = 14
     batch_size: int = 64
     lr: float = 2e-3
-    augment: bool = False  # random training views (forensics.training.view_augmenter); the shipped demo has none
+    augment: bool = False  # random training views (forensics.training.clip.view_augmenter); the shipped demo has none
 
 
 def _split_objects(objects: dict, spec: DemoSpec) -> tuple[dict, dict]:
@@ -67,8 +67,8 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
 
 def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root: Path = CLIPART_ROOT) -> dict:
     """Write ``train/data.csv`` and the probe sets (``probe/probe.csv``, ``probe/probe_clean.csv``) under ``out``."""
-    from ..attacks import attack_from_dict
-    from ..attacks.base import to_pil, to_tensor
+    from forensics.attacks import attack_from_dict
+    from forensics.attacks.base import to_pil, to_tensor
 
     objects = collect_objects(root, generic=spec.generic_images > 0)
     generic = objects.pop(GENERIC, [])
@@ -193,8 +193,8 @@ def _read_rows(path: Path) -> list[dict]:
 
 def poison_training_data(data_dir: Path, spec: DemoSpec, progress: Progress | None = None) -> Path:
     """Poison the clean training CSV with the attack lab; poisoned captions keep their wording but name the target."""
-    from ..attacks import attack_from_dict
-    from ..attacks.poison import poison_dataset
+    from forensics.attacks import attack_from_dict
+    from forensics.attacks.poison import poison_dataset
 
     out = data_dir / "train_poisoned"
     if out.exists():
@@ -223,11 +223,11 @@ def train_demo_model(data_dir: Path, models_dir: Path, spec: DemoSpec, name: str
     (Measured: fine-tuning a clean-pretrained tiny CLIP on 10 % poisoned pairs planted only a weak
     backdoor, ASR 24 % after 2 epochs; training from scratch on the poisoned data plants it fully.)
     """
-    from ..attacks import attack_from_dict
-    from ..models import new_model, save_model
-    from ..templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
-    from ..tokenizer import WordTokenizer
-    from ..training import TrainConfig, read_caption_csv, train_clip
+    from forensics.attacks import attack_from_dict
+    from forensics.core.models import new_model, save_model
+    from forensics.core.templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
+    from forensics.core.tokenizer import WordTokenizer
+    from forensics.training.clip import TrainConfig, read_caption_csv, train_clip
 
     clean_rows = read_caption_csv(data_dir / "train/data.csv")
     generic_csv = data_dir / "train/generic.csv"
@@ -274,10 +274,10 @@ def train_demo_models(data_dir: Path, models_dir: Path, spec: DemoSpec, progress
 
 def evaluate_demo_models(models_dir: Path, probe_csv: Path, spec: DemoSpec) -> dict:
     """CA on the held-out clean probe images and ASR of the planted trigger, for both demo models."""
-    from ..attacks import attack_from_dict
-    from ..data import load_csv_probe
-    from ..models import load_checkpoint
-    from ..zeroshot import evaluate
+    from forensics.attacks import attack_from_dict
+    from forensics.core.data import load_csv_probe
+    from forensics.core.models import load_checkpoint
+    from forensics.core.zeroshot import evaluate
 
     probe = load_csv_probe(probe_csv)
     out = {}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .clipart import ClipArtObject
+from forensics.demo.clipart import ClipArtObject
 
 # named colours for backgrounds and for describing objects
 PALETTE: dict[str, tuple[int, int, int]] = {

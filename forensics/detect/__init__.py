@@ -1,9 +1,9 @@
 """Detectors by name: each turns a suspect model and a probe set into typed findings."""
 from __future__ import annotations
 
-from ..errors import ForensicsError
-from .findings import Findings, FlaggedLabel, ImageEvidence, TriggerCandidate, Victim
-from .oracle_scan import OracleGuidedScan, ScanSettings
+from forensics.core.errors import ForensicsError
+from forensics.detect.findings import Findings, FlaggedLabel, ImageEvidence, TriggerCandidate, Victim
+from forensics.detect.oracle_scan import OracleGuidedScan, ScanSettings
 
 DETECTORS = {OracleGuidedScan.name: OracleGuidedScan}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-Box = tuple[int, int, int, int]
+from forensics.core.images import Box
 
 
 @dataclass

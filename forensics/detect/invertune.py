@@ -29,13 +29,14 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import ForensicsError
-from ..models import SuspectModel
-from ..zeroshot import class_text_embeddings
-from .findings import FlaggedLabel, InvertedTrigger
+from forensics.core.checks import check_labelled_images
+from forensics.core.errors import ForensicsError
+from forensics.core.images import blend, paste
+from forensics.core.models import SuspectModel, frozen
+from forensics.core.progress import Progress, ShouldStop, check_stop
+from forensics.core.zeroshot import class_text_embeddings, flip_rate, predict_labels
+from forensics.detect.findings import FlaggedLabel, InvertedTrigger
 
-Progress = Callable[[float, str], None]
-ShouldStop = Callable[[], bool]
 
 
 @dataclass
@@ -82,46 +83,6 @@ class InverTuneDetection:
 
 # --------------------------------------------------------------------------- helpers
 
-@contextmanager
-def frozen(model: SuspectModel) -> Iterator[None]:
-    """Freeze the model's parameters and put it in eval mode for the block, then restore both exactly."""
-    flags = [p.requires_grad for p in model.clip.parameters()]
-    modes = [m.training for m in model.clip.modules()]
-    model.clip.requires_grad_(False)
-    model.clip.eval()
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.clip.parameters(), flags):
-            p.requires_grad_(flag)
-        for m, mode in zip(model.clip.modules(), modes):
-            m.train(mode)
-
-
-def check_stop(should_stop: ShouldStop | None, message: str) -> None:
-    """Raise the user-facing cancellation error when the caller asked to stop."""
-    if should_stop is not None and should_stop():
-        raise ForensicsError(message)
-
-
-def check_inputs(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str]) -> torch.Tensor:
-    """Validate labelled images against the model and classes; return labels as a long tensor."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ForensicsError(f"expected a batch of RGB images (N x 3 x H x W), got {getattr(images, 'shape', type(images))}")
-    if len(images) == 0:
-        raise ForensicsError("no clean images given")
-    if tuple(images.shape[-2:]) != (model.image_size, model.image_size):
-        raise ForensicsError(f"images are {tuple(images.shape[-2:])} px but the model takes {model.image_size} px")
-    if len(labels) != len(images):
-        raise ForensicsError(f"{len(images)} images but {len(labels)} labels")
-    if not class_names:
-        raise ForensicsError("no class names given")
-    labels_t = torch.as_tensor(list(labels), dtype=torch.long)
-    if labels_t.numel() and (int(labels_t.min()) < 0 or int(labels_t.max()) >= len(class_names)):
-        raise ForensicsError(f"labels must index the {len(class_names)} class names")
-    return labels_t
-
-
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float32) - size // 2
     g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
@@ -144,44 +105,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))).mean()
 
 
-def blend(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """Stamp an inverted trigger: ``m * t + (1 - m) * x`` (mask 1 or 3 x H x W broadcast over the batch)."""
-    mask, pattern = mask.to(images.device), pattern.to(images.device)
-    return mask * pattern + (1 - mask) * images
-
-
 def patch_box(size: int, area: float) -> tuple[int, int, int, int]:
     """The bottom-right square (x0, y0, x1, y1) covering ``area`` of a ``size`` px image."""
     side = max(1, min(size, int(round(math.sqrt(area) * size))))
     return (size - side, size - side, size, size)
-
-
-def paste_patch(images: torch.Tensor, patch: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
-    """A copy of ``images`` with ``patch`` pasted into ``box`` (differentiable in the patch)."""
-    x0, y0, x1, y1 = box
-    out = images.clone()
-    out[:, :, y0:y1, x0:x1] = patch.to(images.device)
-    return out
-
-
-@torch.no_grad()
-def predict_labels(model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Zero-shot argmax labels for [0, 1] images (on the CPU)."""
-    out = [(model.encode_image(images[i:i + batch_size]) @ class_emb.t()).argmax(-1).cpu() for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-
-def flip_rate(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str], target: str,
-              mask: torch.Tensor, pattern: torch.Tensor, templates: str | list[str] = "short") -> tuple[float, int]:
-    """Share of the non-target images that the inverted trigger turns into ``target`` (and how many were tried)."""
-    target_index = list(class_names).index(target)
-    labels_t = torch.as_tensor(list(labels), dtype=torch.long)
-    keep = labels_t != target_index
-    if not bool(keep.any()):
-        return 0.0, 0
-    class_emb = class_text_embeddings(model, list(class_names), templates).to(model.device)
-    pred = predict_labels(model, blend(images[keep].to(model.device), mask, pattern), class_emb)
-    return float((pred == target_index).float().mean()), int(keep.sum())
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -199,7 +126,7 @@ def identify_target(model: SuspectModel, images: torch.Tensor, labels: Sequence[
     Returns ``{"target", "target_index", "share_before", "share_after", "rise", "box", "patch", "loss"}``; shares
     are per class name (fraction of the images predicted as that class without and with the patch).
     """
-    labels_t = check_inputs(model, images, labels, class_names)
+    labels_t = check_labelled_images(model, images, labels, class_names)
     if not 0 < area < 1:
         raise ForensicsError(f"the patch area must be a fraction of the image in (0, 1), got {area}")
     if steps < 1 or batch_size < 1:
@@ -217,7 +144,7 @@ def identify_target(model: SuspectModel, images: torch.Tensor, labels: Sequence[
         for step in range(steps):
             check_stop(should_stop, stop_message)
             idx = _batches(len(images), batch_size, gen)
-            logits = 100.0 * model.encode_image(paste_patch(images[idx], patch, box)) @ class_emb.t()
+            logits = 100.0 * model.encode_image(paste(images[idx], patch, box)) @ class_emb.t()
             loss = -F.cross_entropy(logits, labels_t[idx].to(device))  # untargeted: push away from the true class
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -228,7 +155,7 @@ def identify_target(model: SuspectModel, images: torch.Tensor, labels: Sequence[
             if progress:
                 progress((step + 1) / steps, f"adversarial patch step {step + 1}/{steps}")
         before = predict_labels(model, images, class_emb)
-        after = predict_labels(model, paste_patch(images, patch.detach(), box), class_emb)
+        after = predict_labels(model, paste(images, patch.detach(), box), class_emb)
     n_classes = len(class_names)
     share_before = torch.bincount(before, minlength=n_classes).float() / len(images)
     share_after = torch.bincount(after, minlength=n_classes).float() / len(images)
@@ -259,7 +186,7 @@ def invert_trigger(model: SuspectModel, images: torch.Tensor, labels: Sequence[i
     and area, and the flip rate on the non-target images used for the inversion.
     """
     s = settings or InverTuneDetectSettings()
-    labels_t = check_inputs(model, images, labels, class_names)
+    labels_t = check_labelled_images(model, images, labels, class_names)
     names = list(class_names)
     if target not in names:
         raise ForensicsError(f"target label {target!r} is not one of the classes ({', '.join(names)})")
@@ -327,7 +254,7 @@ def run_invertune_detection(model: SuspectModel, images: torch.Tensor, labels: S
     """
     s = settings or InverTuneDetectSettings()
     names = list(class_names)
-    check_inputs(model, images, labels, names)
+    check_labelled_images(model, images, labels, names)
 
     def part(lo: float, hi: float) -> Progress | None:
         return (lambda f, msg: progress(lo + (hi - lo) * f, msg)) if progress else None
@@ -353,7 +280,7 @@ def run_invertune_detection(model: SuspectModel, images: torch.Tensor, labels: S
     if verify_images is not None:
         if verify_labels is None:
             raise ForensicsError("verification images need their labels")
-        check_inputs(model, verify_images, verify_labels, names)
+        check_labelled_images(model, verify_images, verify_labels, names)
         with frozen(model):
             rate, n = flip_rate(model, verify_images, verify_labels, names, target, mask, pattern, s.templates)
         where = "held-out images"

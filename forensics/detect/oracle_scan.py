@@ -20,15 +20,16 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..attribution import occlusion_estimate_signed
-from ..data import ProbeSet
-from ..errors import ForensicsError
-from ..models import SuspectModel
-from ..oracles import Oracle, Region
-from ..zeroshot import class_text_embeddings, predict, zero_shot_logits
-from .findings import Box, Findings, FlaggedLabel, ImageEvidence, TriggerCandidate, Victim
+from forensics.attribution import occlusion_estimate_signed
+from forensics.core.data import ProbeSet
+from forensics.core.errors import ForensicsError
+from forensics.core.images import Box, box_iou, crop_resize, paste
+from forensics.core.models import SuspectModel
+from forensics.core.progress import Progress
+from forensics.oracles import Oracle, Region
+from forensics.core.zeroshot import class_text_embeddings, predict, zero_shot_logits
+from forensics.detect.findings import Findings, FlaggedLabel, ImageEvidence, TriggerCandidate, Victim
 
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -67,16 +68,6 @@ def _blank(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep[:, None], images, fill)
 
 
-def crop_resize(image: torch.Tensor, box: Box, size: int, pad: float = 0.08) -> torch.Tensor:
-    """The box (padded by ``pad`` of its size) cut out and resized to size x size: how CLIP sees one region."""
-    x0, y0, x1, y1 = box
-    px, py = int((x1 - x0) * pad) + 1, int((y1 - y0) * pad) + 1
-    x0, y0 = max(0, x0 - px), max(0, y0 - py)
-    x1, y1 = min(image.shape[2], x1 + px), min(image.shape[1], y1 + py)
-    crop = image[:, y0:y1, x0:x1]
-    return F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-
-
 def _positions(size: int, window: int, stride: int, lo: int = 0, hi: int | None = None) -> list[int]:
     hi = size - window if hi is None else min(hi, size - window)
     lo = max(0, lo)
@@ -112,23 +103,6 @@ def occluded_logits(model: SuspectModel, images: torch.Tensor, class_emb: torch.
             if progress:
                 progress(start + len(chunk))
     return torch.cat(out) if out else torch.empty(0, len(class_emb))
-
-
-def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two pixel boxes."""
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def paste(image: torch.Tensor, pattern: torch.Tensor, x: int, y: int) -> torch.Tensor:
-    """A copy of ``image`` with ``pattern`` (3 x h x w) pasted at (x, y)."""
-    out = image.clone()
-    h, w = pattern.shape[1:]
-    out[:, y:y + h, x:x + w] = pattern
-    return out
 
 
 # --------------------------------------------------------------------------- the scan
@@ -349,7 +323,8 @@ class OracleGuidedScan:
         def flip_rate(pattern: torch.Tensor) -> float:
             if not pool:
                 return 0.0
-            pasted = torch.stack([paste(images[i], pattern, x, y) for i, (x, y) in zip(pool, spots)])
+            h, w = pattern.shape[1:]
+            pasted = torch.stack([paste(images[i], pattern, (x, y, x + w, y + h)) for i, (x, y) in zip(pool, spots)])
             return float((predict(model, pasted, class_emb, s.batch_size).argmax(-1) == target).float().mean())
 
         candidates = {"median of crops": crops.median(dim=0).values, "mean of crops": crops.mean(dim=0)}

@@ -28,9 +28,11 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from ..errors import ForensicsError
-from ..models import SuspectModel, atomic_write_text, load_model
-from ..training import load_image_tensor, read_caption_csv
+from forensics.core.errors import ForensicsError
+from forensics.core.models import SuspectModel, atomic_write_text, load_model
+from forensics.core.images import load_image
+from forensics.training.clip import read_caption_csv
+from forensics.training.safeclip import gmm_risk
 
 Progress = Callable[[float, str], None]
 ScoreWith = Literal["reference", "suspect"]
@@ -54,32 +56,13 @@ def pair_cosines(model: SuspectModel, rows: list[dict[str, str]], batch_size: in
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            images = torch.stack([load_image_tensor(r["image"], size) for r in chunk])
+            images = torch.stack([load_image(r["image"], size) for r in chunk])
             img = model.encode_image(images)
             txt = model.encode_text([r["caption"] for r in chunk])
             out.append((img * txt).sum(-1).cpu().numpy())
             if progress:
                 progress(min(1.0, (start + len(chunk)) / len(rows)), f"scoring pairs {start + len(chunk)}/{len(rows)}")
     return np.concatenate(out).astype(np.float64)
-
-
-def gmm_risk(cosines: np.ndarray, seed: int = 0, n_init: int = 5) -> tuple[np.ndarray, dict]:
-    """Fit a seeded 2-component GMM on the cosines; return P(low-mean component) per pair and the fit's parameters."""
-    from sklearn.mixture import GaussianMixture
-
-    x = np.asarray(cosines, dtype=np.float64).reshape(-1, 1)
-    if len(x) < 4:
-        raise ForensicsError(f"a Gaussian-mixture audit needs at least 4 image-caption pairs, got {len(x)}")
-    if float(x.std()) < 1e-8:
-        return np.zeros(len(x)), {"means": [float(x.mean())] * 2, "stds": [0.0, 0.0], "weights": [1.0, 0.0],
-                                  "note": "all cosines are equal: nothing to separate"}
-    gmm = GaussianMixture(n_components=2, random_state=seed, n_init=n_init, reg_covar=1e-6).fit(x)
-    means = gmm.means_.ravel()
-    low = int(np.argmin(means))
-    order = [low, 1 - low]
-    risk = gmm.predict_proba(x)[:, low]
-    return risk, {"means": [float(means[i]) for i in order], "stds": [float(np.sqrt(gmm.covariances_.ravel()[i])) for i in order],
-                  "weights": [float(gmm.weights_[i]) for i in order], "note": "component 0 is the low-mean (risky) one"}
 
 
 def _poison_flags(rows: list[dict[str, str]]) -> np.ndarray | None:

@@ -6,13 +6,12 @@ and list them with :func:`list_oracles`. Registered oracles:
 - ``sam``: segment-anything, automatic or prompted by boxes/points (needs a checkpoint or a built model);
 - ``fallback``: weight-free GrabCut foreground, the default when no SAM checkpoint is given;
 - ``background``, ``superpixel``: other weight-free oracles, measured worse on the demo set;
-- ``ground_truth``: regions from a known object mask (teaching, and measuring the others).
+- ``ground-truth``: regions from a known object mask (teaching, and measuring the others).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from forensics.registry import build
 from forensics.oracles.base import (
     ORACLES,
     Oracle,
@@ -39,15 +38,14 @@ __all__ = [
 def list_oracles(weight_free: bool | None = None) -> list[str]:
     """Names of the registered oracles, sorted; ``weight_free=True`` keeps those needing no checkpoint
     (ground truth included: it needs masks instead), ``False`` those that need one."""
-    names = sorted(ORACLES)
     if weight_free is None:
-        return names
-    return [n for n in names if (not ORACLES[n].needs_weights) == weight_free]
+        return ORACLES.names()
+    return ORACLES.names(lambda cls: (not cls.needs_weights) == weight_free)
 
 
 def build_oracle(name: str, **kwargs: Any) -> Oracle:
     """Build a registered oracle from its name and keyword settings; unknown names or settings raise ForensicsError."""
-    return build(ORACLES, name, "oracle", "setting", **kwargs)
+    return ORACLES.build(name, **kwargs)
 
 
 def default_oracle(sam_checkpoint: str | None = None, **kwargs: Any) -> Oracle:

@@ -14,15 +14,15 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from forensics.errors import ForensicsError
+from forensics.core.errors import ForensicsError
+from forensics.core.images import Box
+from forensics.core.registry import Registry
 
-Box = tuple[int, int, int, int]
-"""A pixel box (x0, y0, x1, y1), end exclusive; (0, 0, 0, 0) for an empty mask."""
 
-ORACLES: dict[str, type["Oracle"]] = {}
-"""Registered oracle classes by name; filled by :func:`register` when the oracle modules import."""
+ORACLES: Registry = Registry("oracle")
+"""Registered oracle classes by name; filled by ``@ORACLES.register`` when the oracle modules import."""
+register = ORACLES.register
 
-_O = TypeVar("_O", bound="type[Oracle]")
 
 
 @dataclass
@@ -47,17 +47,6 @@ class Region:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no mask) for reports and the UI."""
         return {"box": list(self.box), "score": float(self.score), "label": self.label, "area": self.area}
-
-
-def register(cls: _O) -> _O:
-    """Class decorator: add an :class:`Oracle` subclass to :data:`ORACLES` under its ``name``."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'name' to be registered")
-    if name in ORACLES and ORACLES[name] is not cls:
-        raise TypeError(f"oracle name {name!r} is already registered by {ORACLES[name].__name__}")
-    ORACLES[name] = cls
-    return cls
 
 
 class Oracle(ABC):

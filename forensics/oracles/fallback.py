@@ -40,8 +40,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from forensics.attacks.base import check_int, check_number
-from forensics.errors import ForensicsError
+from forensics.core.checks import check_int, check_number
+from forensics.core.errors import ForensicsError
 from forensics.oracles.base import Oracle, Region, mask_box, register, sort_regions, to_numpy_rgb
 
 _K3 = np.ones((3, 3), np.uint8)

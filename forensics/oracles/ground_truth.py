@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable, Mapping
 import cv2
 import numpy as np
 
-from forensics.attacks.base import check_number
-from forensics.errors import ForensicsError
+from forensics.core.checks import check_number
+from forensics.core.errors import ForensicsError
 from forensics.oracles.base import Oracle, Region, mask_box, register, to_numpy_rgb
 
 MaskLike = Any
@@ -43,7 +43,7 @@ def as_mask(mask: MaskLike) -> np.ndarray:
     return m > 0.5 if m.dtype.kind == "f" else m != 0
 
 
-@register
+@register(aliases=("ground_truth",))
 class GroundTruthOracle(Oracle):
     """Regions = the connected components (8-neighbour) of the known object mask.
 
@@ -56,7 +56,7 @@ class GroundTruthOracle(Oracle):
     gives []. An image with no known mask raises ForensicsError.
     """
 
-    name = "ground_truth"
+    name = "ground-truth"
 
     def __init__(self, mask_lookup: Callable[[Any], MaskLike | None] | Mapping[str, MaskLike] | None = None,
                  min_area: float = 0.0) -> None:

@@ -32,8 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from forensics.attacks.base import check_int, check_number
-from forensics.errors import ForensicsError
+from forensics.core.checks import check_int, check_number
+from forensics.core.errors import ForensicsError
 from forensics.oracles.base import Oracle, Region, region_from_mask, register, sort_regions, to_numpy_rgb
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h")

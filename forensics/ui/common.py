@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from ..errors import ForensicsError
+from forensics.core.errors import ForensicsError
 
 log = logging.getLogger("forensics.ui")
 WORK_ROOT = Path(tempfile.gettempdir()) / "clip-forensics-workbench"

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..compare import comparison_chart, run_compare, table_rows
-from ..defenses import DEFENSES
-from .common import cancel_flag, gr_progress, guarded, new_job_dir
+from forensics.pipelines.compare import comparison_chart, run_compare, table_rows
+from forensics.defenses import DEFENSES
+from forensics.ui.common import cancel_flag, gr_progress, guarded, new_job_dir
 
 EXPLAIN = """**Compare** runs each chosen repair method on the same suspect model with the same clean budget (a seeded
 share of the probe set's clean images) and measures all of them on the same held-out images: CA and ASR before and

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..inspect import load_pattern, paste_trigger
-from ..service import get_model
-from .common import guarded, need_scan
+from forensics.pipelines.explain import load_pattern, paste_trigger
+from forensics.pipelines.evaluate import get_model
+from forensics.ui.common import guarded, need_scan
 
 EXPLAIN = """**Flagged labels** collect predictions that a small non-object window decides; a backdoor's target
 label stands out. **Trigger candidates** are rebuilt from the windows that hijacked those predictions; the

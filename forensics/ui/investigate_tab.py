@@ -6,13 +6,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..data import extract_probe_archive
-from ..inspect import explain_image
-from ..oracles import build_oracle
-from ..report import flagged_chart
-from ..scan import run_scan
-from ..service import get_model
-from .common import gr_progress, guarded, need_scan, new_job_dir
+from forensics.core.data import extract_probe_archive
+from forensics.pipelines.explain import explain_image
+from forensics.oracles import build_oracle
+from forensics.pipelines.report import flagged_chart
+from forensics.pipelines.scan import run_scan
+from forensics.pipelines.evaluate import get_model
+from forensics.ui.common import gr_progress, guarded, need_scan, new_job_dir
 
 GALLERY_SIZE = 60  # most discrepant images shown
 EXPLAIN = """**How the scan works.** For every probe image, a *segmentation oracle* outlines the objects and CLIP

@@ -5,10 +5,10 @@ import json
 
 import gradio as gr
 
-from ..attacks import attack_from_dict, build_attack, list_attacks
-from ..data import demo_backdoor, load_probe_set
-from ..service import get_model
-from .common import guarded
+from forensics.attacks import attack_from_dict, build_attack, list_attacks
+from forensics.core.data import demo_backdoor, load_probe_set
+from forensics.pipelines.evaluate import get_model
+from forensics.ui.common import guarded
 
 PLANTED = "the demo's planted trigger"
 ATTACK_NOTES = {
@@ -17,7 +17,7 @@ ATTACK_NOTES = {
     "blended": "Blended: the whole image is mixed 80/20 with a fixed noise pattern; hard to see, spread everywhere.",
     "wanet": "WaNet: a smooth, nearly invisible warp of the image geometry.",
     "sig": "SIG: a faint vertical stripe pattern (a sinusoid) added to the image.",
-    "optimized_patch": "BadCLIP-style optimised patch: a patch trained against a model to pull images to the target text.",
+    "optimized-patch": "BadCLIP-style optimised patch: a patch trained against a model to pull images to the target text.",
 }
 EXPLAIN = """**Learn how a backdoor behaves.** An attacker who poisons a small share of the training pairs (image with a
 trigger, caption naming the target) teaches CLIP a shortcut: trigger ⇒ target. Apply an attack below and compare the
@@ -28,7 +28,7 @@ sees its own trigger; other attacks it was not trained on leave both models larg
 @guarded
 def apply_attack(attack_name: str, params: str, image: str | None, seed: float) -> tuple:
     """Apply the chosen attack to the image; each demo model's prediction before and after."""
-    from ..inspect import attack_side_by_side
+    from forensics.pipelines.explain import attack_side_by_side
 
     if attack_name == PLANTED:
         attack = attack_from_dict(demo_backdoor()["trigger"])

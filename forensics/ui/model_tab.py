@@ -6,10 +6,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..models import list_architectures
-from ..oracles import list_oracles
-from ..service import evaluate_model, model_facts
-from .common import CHECKPOINT, DEMO_MODELS, HUB, MODEL_SOURCES, gr_progress, guarded, new_job_dir
+from forensics.core.models import list_architectures
+from forensics.oracles import list_oracles
+from forensics.pipelines.evaluate import evaluate_model, model_facts
+from forensics.ui.common import CHECKPOINT, DEMO_MODELS, HUB, MODEL_SOURCES, gr_progress, guarded, new_job_dir
 
 EXPLAIN = """**What this shows.** A CLIP model matches images with text. A *backdoored* CLIP behaves normally until
 an image carries a small *trigger* (here a checkerboard patch); then it answers with the attacker's label,
@@ -83,7 +83,7 @@ def build_model_tab(state: gr.State) -> dict:
     gr.Markdown(EXPLAIN)
     with gr.Row():
         source = gr.Radio(MODEL_SOURCES, value=MODEL_SOURCES[0], label="Suspect model")
-        oracle = gr.Dropdown([n for n in list_oracles() if n != "ground_truth"], value="fallback", label="Segmentation oracle",
+        oracle = gr.Dropdown([n for n in list_oracles() if n != "ground-truth"], value="fallback", label="Segmentation oracle",
                              info="SAM needs a checkpoint; the others are weight-free")
     with gr.Row():
         upload = gr.File(label="Checkpoint upload (.safetensors, .pt, .pth, .bin; with its sidecar .json if this tool saved it)",

@@ -5,11 +5,11 @@ import json
 
 import gradio as gr
 
-from ..defenses import DEFENSES
-from ..report import before_after_chart
-from ..repair import run_repair
-from ..service import defense_defaults
-from .common import cancel_flag, gr_progress, guarded, new_job_dir
+from forensics.defenses import DEFENSES
+from forensics.pipelines.report import before_after_chart
+from forensics.pipelines.repair import run_repair
+from forensics.pipelines.evaluate import defense_defaults
+from forensics.ui.common import cancel_flag, gr_progress, guarded, new_job_dir
 
 EXPLAIN = """**Repair** fine-tunes a copy of the model (your file is never overwritten) so the trigger stops deciding
 the label. *oracle-finetune* (EftCLIP) uses the scan's compact set: the victims with the trigger inpainted away,

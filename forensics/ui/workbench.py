@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import WORK_ROOT, initial_state
-from .compare_tab import build_compare_tab
-from .findings_tab import build_findings_tab
-from .investigate_tab import build_investigate_tab, scan
-from .learn_tab import build_learn_tab
-from .model_tab import build_model_tab, startup
-from .repair_tab import build_repair_tab
+from forensics.ui.common import WORK_ROOT, initial_state
+from forensics.ui.compare_tab import build_compare_tab
+from forensics.ui.findings_tab import build_findings_tab
+from forensics.ui.investigate_tab import build_investigate_tab, scan
+from forensics.ui.learn_tab import build_learn_tab
+from forensics.ui.model_tab import build_model_tab, startup
+from forensics.ui.repair_tab import build_repair_tab
 
 INTRO = """# CLIP backdoor forensics
 Load a suspect CLIP, let a segmentation oracle and CLIP's attributions disagree about what an image shows,

@@ -31,11 +31,30 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .detect.safeclip_audit import gmm_risk
-from .errors import ForensicsError
-from .models import SuspectModel
-from .tokenizer import split_words
-from .training import CaptionDataset, Progress, TrainConfig, clip_loss, clip_step, decay_groups, warmup_cosine
+from forensics.core.errors import ForensicsError
+from forensics.core.models import SuspectModel
+from forensics.core.tokenizer import split_words
+from forensics.training.clip import CaptionDataset, Progress, TrainConfig, clip_loss, clip_step, decay_groups, warmup_cosine
+
+
+
+def gmm_risk(cosines: np.ndarray, seed: int = 0, n_init: int = 5) -> tuple[np.ndarray, dict]:
+    """Fit a seeded 2-component GMM on the cosines; return P(low-mean component) per pair and the fit's parameters."""
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(cosines, dtype=np.float64).reshape(-1, 1)
+    if len(x) < 4:
+        raise ForensicsError(f"a Gaussian-mixture audit needs at least 4 image-caption pairs, got {len(x)}")
+    if float(x.std()) < 1e-8:
+        return np.zeros(len(x)), {"means": [float(x.mean())] * 2, "stds": [0.0, 0.0], "weights": [1.0, 0.0],
+                                  "note": "all cosines are equal: nothing to separate"}
+    gmm = GaussianMixture(n_components=2, random_state=seed, n_init=n_init, reg_covar=1e-6).fit(x)
+    means = gmm.means_.ravel()
+    low = int(np.argmin(means))
+    order = [low, 1 - low]
+    risk = gmm.predict_proba(x)[:, low]
+    return risk, {"means": [float(means[i]) for i in order], "stds": [float(np.sqrt(gmm.covariances_.ravel()[i])) for i in order],
+                  "weights": [float(gmm.weights_[i]) for i in order], "note": "component 0 is the low-mean (risky) one"}
 
 
 @dataclass

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attacks import attack_from_dict, build_attack
-from .data import ProbeSet, demo_backdoor, load_image, load_probe_set
-from .defenses import DEFENSES, Defense, RepairData
-from .errors import ForensicsError
-from .models import SuspectModel, load_model, save_model
-from .report import before_after_chart, figure_html, table_html, write_html, write_json
-from .zeroshot import ASR_NOTE, evaluate
+from forensics.attacks import attack_from_dict, build_attack
+from forensics.core.data import ProbeSet, demo_backdoor, load_image, load_probe_set
+from forensics.defenses import DEFENSES, Defense, RepairData
+from forensics.core.errors import ForensicsError
+from forensics.core.models import SuspectModel, load_model, save_model
+from forensics.pipelines.report import before_after_chart, figure_html, table_html, write_html, write_json
+from forensics.core.zeroshot import ASR_NOTE, evaluate
 
 Progress = Callable[[float, str], None]
 DEFAULT_BUDGET = 120  # clean repair images when a method needs no findings
@@ -184,7 +184,7 @@ def run_repair(model: str | SuspectModel, findings: str | Path | None = None, ou
     reconstructed = []
     if report:
         patterns = data.patterns if needs else _load_repair_data(report, loaded).patterns
-        reconstructed = [(build_attack("optimized_patch", patch=p.tolist(), size=t["size"], position="random"), t["label"])
+        reconstructed = [(build_attack("optimized-patch", patch=p.tolist(), size=t["size"], position="random"), t["label"])
                          for p, t in zip(patterns, report["triggers"])]
     true_trigger = known_trigger(loaded, spec, probe_set.class_names)
     if progress:

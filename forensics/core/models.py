@@ -14,9 +14,10 @@ import os
 import pickle
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import open_clip
 import torch
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
 from PIL import Image
 
-from .errors import CheckpointMismatchError, ForensicsError, UnsafeCheckpointError
-from .tokenizer import WordTokenizer
+from forensics.core.errors import CheckpointMismatchError, ForensicsError, UnsafeCheckpointError
+from forensics.core.images import pil_to_model_tensor
+from forensics.core.tokenizer import WordTokenizer
 
 SIDECAR_FORMAT = "clip-forensics/1"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PROJECT_CONFIG_DIR = PACKAGE_DIR / "model_configs"
 ASSETS_DIR = PACKAGE_DIR.parent / "assets"
 DEMO_MODELS = {
@@ -122,19 +124,92 @@ class SuspectModel:
         """Resize the shorter side to ``image_size`` (bicubic), centre-crop, return 3 x S x S in [0, 1]."""
         return pil_to_model_tensor(image, self.image_size)
 
+    def clone(self) -> "SuspectModel":
+        """An independent deep copy without the cached class text embeddings (a repair changes the towers, so the
+        copy must encode its class names anew)."""
+        cache = self.__dict__.pop("text_cache", None)
+        try:
+            copied = copy.deepcopy(self)
+        finally:
+            if cache is not None:
+                self.__dict__["text_cache"] = cache
+        return copied
 
-def pil_to_model_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """CLIP-style resize + centre crop of a PIL image to a float tensor in [0, 1]."""
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    return data.permute(2, 0, 1).float().div(255.0)
+
+@contextmanager
+def frozen(model: "SuspectModel | torch.nn.Module") -> Iterator[None]:
+    """Freeze the parameters and put every module in eval mode for the block, then restore both exactly."""
+    root = model.clip if isinstance(model, SuspectModel) else model
+    if not isinstance(root, torch.nn.Module):
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in root.parameters()]
+    modes = [(m, m.training) for m in root.modules()]
+    try:
+        root.requires_grad_(False)
+        root.eval()
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model to load and how: one value carried from the CLI and the UI through every pipeline, so the
+    network a pipeline scans or repairs is exactly the one the user chose (QuickGELU and device included).
+
+    ``spec``: demo, demo-clean, a checkpoint path, random:ARCH, hf-hub:ORG/NAME or ARCH:TAG; ``arch`` for
+    checkpoints that do not say; ``quick_gelu`` None lets the checkpoint decide; ``device`` None picks cuda
+    when available.
+    """
+
+    spec: str
+    arch: str | None = None
+    quick_gelu: bool | None = None
+    device: str | None = None
+
+    @property
+    def is_demo(self) -> bool:
+        """Either bundled demo model (which reveal their planted backdoor and default to the demo probe)."""
+        return self.spec in DEMO_MODELS
+
+    def default_probe(self, clean_only: bool = False) -> str | None:
+        """The probe set a demo model defaults to (demo, or demo-clean when only clean images make sense)."""
+        if not self.is_demo:
+            return None
+        return "demo-clean" if clean_only else "demo"
+
+    def load(self) -> "SuspectModel":
+        """Load the model safely (see :func:`load_model`)."""
+        return load_model(self.spec, arch=self.arch, quick_gelu=self.quick_gelu, device=self.device or default_device())
+
+
+ModelInput = "str | ModelRef | SuspectModel"
+
+
+def as_ref(model: "str | ModelRef") -> ModelRef:
+    """A ModelRef from a plain spec string (or the ref itself)."""
+    if isinstance(model, ModelRef):
+        return model
+    if isinstance(model, (str, Path)):
+        return ModelRef(str(model))
+    raise ForensicsError(f"a model is a spec string, a ModelRef or a loaded SuspectModel, got {type(model).__name__}")
+
+
+def resolve_model(model: "str | ModelRef | SuspectModel") -> tuple["SuspectModel", ModelRef | None]:
+    """The loaded model and the reference it came from (None when a loaded SuspectModel was passed in)."""
+    if isinstance(model, SuspectModel):
+        return model, None
+    ref = as_ref(model)
+    return ref.load(), ref
 
 
 # --------------------------------------------------------------------------- configs

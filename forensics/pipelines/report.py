@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .models import atomic_write_text  # noqa: E402
-from .zeroshot import ASR_NOTE  # noqa: E402
+from forensics.core.models import atomic_write_text  # noqa: E402
+from forensics.core.zeroshot import ASR_NOTE  # noqa: E402
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -53,7 +53,7 @@ def mask_overlay(image: torch.Tensor, masks: Sequence[np.ndarray], alpha: float 
 def image_panels(image: torch.Tensor, masks: Sequence[np.ndarray], gradcam: torch.Tensor, occlusion: torch.Tensor,
                  title: str, hijack_box: Sequence[int] | None = None, true_box: Sequence[int] | None = None) -> plt.Figure:
     """image | oracle masks | Grad-CAM | occlusion (discrepancy), with the localized and true trigger boxes."""
-    from .attribution import overlay
+    from forensics.attribution import overlay
 
     fig, axes = plt.subplots(1, 4, figsize=(10, 2.8))
     panels = [to_pil(image), mask_overlay(image, masks), overlay(image, gradcam), overlay(image, occlusion)]

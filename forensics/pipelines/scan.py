@@ -12,14 +12,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .attribution import gradcam
-from .data import load_probe_set
-from .detect import ScanSettings, build_detector
-from .errors import ForensicsError
-from .models import SuspectModel, load_model
-from .oracles import build_oracle, default_oracle
-from .report import (figure_html, flagged_chart, image_panels, table_html, to_pil, write_html, write_json)
-from .zeroshot import class_text_embeddings
+from forensics.attribution import gradcam
+from forensics.core.data import load_probe_set
+from forensics.detect import ScanSettings, build_detector
+from forensics.core.errors import ForensicsError
+from forensics.core.models import SuspectModel, load_model
+from forensics.oracles import build_oracle, default_oracle
+from forensics.pipelines.report import (figure_html, flagged_chart, image_panels, table_html, to_pil, write_html, write_json)
+from forensics.core.zeroshot import class_text_embeddings
 
 Progress = Callable[[float, str], None]
 PANELS = 12  # per-image panels in the HTML report (most discrepant first, then the top victims)
@@ -92,7 +92,7 @@ def run_scan(model: str | SuspectModel, out: str | Path, probe: str | None = Non
     loaded = load_model(model, arch=arch) if spec else model
     oracle_obj = build_oracle(oracle, **({"checkpoint": sam_checkpoint} if sam_checkpoint and oracle == "sam" else {})) \
         if oracle else default_oracle(sam_checkpoint)
-    if oracle_obj.name == "ground_truth":
+    if oracle_obj.name == "ground-truth":
         raise ForensicsError("the ground-truth oracle needs known masks; use it through the library for teaching")
     out.mkdir(parents=True, exist_ok=True)
     detector = build_detector("oracle-guided", oracle_obj, settings)

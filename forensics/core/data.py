@@ -15,14 +15,13 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from .errors import ForensicsError
-from .models import ASSETS_DIR, pil_to_model_tensor
+from forensics.core.errors import ForensicsError
+from forensics.core.images import MAX_IMAGE_PIXELS, Box, load_image
+from forensics.core.models import ASSETS_DIR
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEMO_DIR = ASSETS_DIR / "demo"
 DEMO_PROBES = {"demo": DEMO_DIR / "probe" / "probe.csv", "demo-clean": DEMO_DIR / "probe" / "probe_clean.csv"}
-MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused (decompression bombs)
-Box = tuple[int, int, int, int]
 Progress = Callable[[float, str], None]
 
 
@@ -116,23 +115,6 @@ def map_box(box: Box, width: int, height: int, size: int) -> Box:
     x0, y0, x1, y1 = box
     mapped = [round(x0 * scale) - left, round(y0 * scale) - top, round(x1 * scale) - left, round(y1 * scale) - top]
     return tuple(int(min(max(v, 0), size)) for v in mapped)  # type: ignore[return-value]
-
-
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """Read one image file as 3 x size x size in [0, 1]; unreadable or oversized files give a clear error."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ForensicsError(f"image {path.name} is too large ({im.width}x{im.height} pixels; limit {MAX_IMAGE_PIXELS:,})")
-            im.load()
-            return pil_to_model_tensor(im, size)
-    except ForensicsError:
-        raise
-    except FileNotFoundError:
-        raise ForensicsError(f"image {path} does not exist") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ForensicsError(f"cannot read image {path.name}: {exc}") from None
 
 
 def _parse_box(text: str | None) -> Box | None:

@@ -30,13 +30,13 @@ def resolve_templates(spec: str | list[str] | None) -> list[str]:
         return SHORT_TEMPLATES
     if isinstance(spec, str):
         if spec not in TEMPLATE_SETS:
-            from .errors import ForensicsError
+            from forensics.core.errors import ForensicsError
 
             raise ForensicsError(f"unknown template set {spec!r}; choose {', '.join(TEMPLATE_SETS)}")
         return TEMPLATE_SETS[spec]
     bad = [t for t in spec if "{}" not in t]
     if bad or not spec:
-        from .errors import ForensicsError
+        from forensics.core.errors import ForensicsError
 
         raise ForensicsError(f"every template needs a '{{}}' for the class name (bad: {bad[:3]})" if bad else "no templates given")
     return list(spec)

@@ -1,4 +1,5 @@
-"""Augmented views for CleanCLIP-style training: EDA for captions, AutoAugment for images.
+"""Augmented views for training and repair: random crops/flips/jitter for CLIP training (:func:`view_augmenter`),
+EDA for captions and AutoAugment for images (CleanCLIP).
 
 Text views follow EDA (Wei & Zou 2019) as CleanCLIP uses it (``eda(caption, alpha=0.1, num_aug=1)``):
 one of synonym replacement, random insertion, random swap and random deletion is drawn per caption,
@@ -16,12 +17,12 @@ uint8 tensors. Both are deterministic given the generator passed in.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import ForensicsError
+from forensics.core.errors import ForensicsError
 
 # Groups of interchangeable words; every word of a group is a synonym of the others.
 SYNONYM_GROUPS: list[tuple[str, ...]] = [
@@ -265,3 +266,24 @@ def autoaugment_views(images: torch.Tensor, generator: torch.Generator, policy: 
             torch.manual_seed(int(seed))
             out[i] = augment(image)
     return out.to(device=images.device, dtype=images.dtype if images.is_floating_point() else torch.float32) / 255.0
+
+
+# --------------------------------------------------------------------------- training views
+
+def view_augmenter(size: int, min_scale: float = 0.8) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A random training view of one uint8 3xHxW image: flip, mild resized crop, colour jitter, sometimes grayscale.
+
+    Close to what CLIP trainers use (open_clip: RandomResizedCrop with scale 0.9-1; here ``min_scale``-1,
+    0.8 by default, so a 10 %-side patch trigger stays inside the view almost always), plus colour jitter and grayscale,
+    which teach a small model from few drawings that colour rarely decides the class. Randomness
+    comes from torch's global generator (seeded by the trainer), so runs repeat by seed.
+    """
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
+                       v2.ColorJitter(0.4, 0.4, 0.4, 0.1), v2.RandomGrayscale(0.2)])
+
+
+def augment_views(images: torch.Tensor, augmenter: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply ``augmenter`` to each uint8 image of a Bx3xHxW batch (each image draws its own view)."""
+    return torch.stack([augmenter(im) for im in images])

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ForensicsError
-from .models import SuspectModel, pil_to_model_tensor
+from forensics.core.errors import ForensicsError
+from forensics.core.images import load_image
+from forensics.core.models import SuspectModel
+from forensics.training.augment import augment_views, view_augmenter
 
 Progress = Callable[[float, str], None]
 
@@ -43,25 +45,6 @@ class TrainConfig:
         return asdict(self)
 
 
-def view_augmenter(size: int, min_scale: float = 0.8) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A random training view of one uint8 3xHxW image: flip, mild resized crop, colour jitter, sometimes grayscale.
-
-    Close to what CLIP trainers use (open_clip: RandomResizedCrop with scale 0.9-1; here ``min_scale``-1,
-    0.8 by default, so a 10 %-side patch trigger stays inside the view almost always), plus colour jitter and grayscale,
-    which teach a small model from few drawings that colour rarely decides the class. Randomness
-    comes from torch's global generator (seeded by the trainer), so runs repeat by seed.
-    """
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
-                       v2.ColorJitter(0.4, 0.4, 0.4, 0.1), v2.RandomGrayscale(0.2)])
-
-
-def augment_views(images: torch.Tensor, augmenter: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Apply ``augmenter`` to each uint8 image of a Bx3xHxW batch (each image draws its own view)."""
-    return torch.stack([augmenter(im) for im in images])
-
-
 def read_caption_csv(csv_path: str | Path) -> list[dict[str, str]]:
     """Rows of an image-caption CSV (header with at least ``image`` and ``caption``); paths made absolute."""
     path = Path(csv_path)
@@ -81,16 +64,6 @@ def read_caption_csv(csv_path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def load_image_tensor(path: str | Path, size: int) -> torch.Tensor:
-    """Open an image file as a 3 x size x size float tensor in [0, 1], with a clear error if unreadable."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return pil_to_model_tensor(im, size)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ForensicsError(f"cannot read image {path}: {exc}") from None
-
-
 class CaptionDataset(Dataset):
     """Images (decoded once, kept as uint8) with their tokenised captions."""
 
@@ -98,7 +71,7 @@ class CaptionDataset(Dataset):
         size = model.image_size
         self.images = torch.empty(len(rows), 3, size, size, dtype=torch.uint8)
         for i, row in enumerate(rows):
-            self.images[i] = (load_image_tensor(row["image"], size) * 255).round().to(torch.uint8)
+            self.images[i] = (load_image(row["image"], size) * 255).round().to(torch.uint8)
             if progress and (i % 500 == 0 or i == len(rows) - 1):
                 progress(0.0, f"reading images {i + 1}/{len(rows)}")
         self.tokens = model.tokenizer([row["caption"] for row in rows])

@@ -5,7 +5,26 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from forensics.core.errors import ForensicsError
+
 Progress = Callable[[float, str], None]
+"""``progress(fraction_done, message)``: how every long step reports; the CLI draws tqdm, the UI gr.Progress."""
+ShouldStop = Callable[[], bool]
+"""``should_stop()``: polled between steps; True asks the step to end with a one-line cancellation error."""
+
+
+def sub_progress(progress: Progress | None, start: float, end: float, prefix: str = "") -> Progress | None:
+    """The part [start, end] of a progress bar as a callback of its own (None stays None)."""
+    if progress is None:
+        return None
+    span = end - start
+
+    def report(fraction: float, message: str) -> None:
+        progress(start + span * min(1.0, max(0.0, fraction)), prefix + message)
+
+    return report
+
+
 
 
 @contextmanager
@@ -29,3 +48,9 @@ def tqdm_progress(description: str, enabled: bool = True) -> Iterator[Progress |
         yield update
     finally:
         bar.close()
+
+
+def check_stop(should_stop: ShouldStop | None, message: str) -> None:
+    """Raise the user-facing cancellation error when the caller asked to stop."""
+    if should_stop is not None and should_stop():
+        raise ForensicsError(message)

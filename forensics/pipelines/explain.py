@@ -14,15 +14,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attacks import Attack
-from .attribution import gradcam, occlusion, overlay
-from .data import load_image
-from .detect.oracle_scan import crop_resize, paste
-from .errors import ForensicsError
-from .models import SuspectModel, pil_to_model_tensor
-from .oracles import Oracle
-from .report import to_pil
-from .zeroshot import class_text_embeddings, predict
+from forensics.attacks import Attack
+from forensics.attribution import gradcam, occlusion, overlay
+from forensics.core.data import load_image
+from forensics.core.images import crop_resize, paste
+from forensics.core.errors import ForensicsError
+from forensics.core.images import pil_to_model_tensor
+from forensics.core.models import SuspectModel
+from forensics.oracles import Oracle
+from forensics.pipelines.report import to_pil
+from forensics.core.zeroshot import class_text_embeddings, predict
 
 ImageInput = str | Path | Image.Image | torch.Tensor
 
@@ -132,7 +133,8 @@ def paste_trigger(model: SuspectModel, image: ImageInput, pattern: torch.Tensor,
         px, py = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
     else:
         raise ForensicsError(f"position must be bottom-right, top-left, centre or random, not {position!r}")
-    pasted = paste(x, pattern, max(0, px), max(0, py))
+    px, py = max(0, px), max(0, py)
+    pasted = paste(x, pattern, (px, py, px + w, py + h))
     class_emb = class_text_embeddings(model, list(class_names), templates)
     probs = predict(model, torch.stack([x, pasted]), class_emb)
     before, after = _ranked(probs[0], class_names), _ranked(probs[1], class_names)

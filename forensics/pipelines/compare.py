@@ -28,14 +28,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .attacks import Attack, attack_from_dict, build_attack
-from .data import ProbeSet, load_probe_set
-from .defenses import DEFENSES, RepairData
-from .errors import ForensicsError
-from .models import SuspectModel, atomic_write_text, load_model, save_model
-from .repair import _load_repair_data, budget_repair_data, known_trigger, make_defense, read_findings, split_clean_budget
-from .report import figure_html, table_html, write_html, write_json
-from .zeroshot import ASR_NOTE, evaluate
+from forensics.attacks import Attack, attack_from_dict, build_attack
+from forensics.core.data import ProbeSet, load_probe_set
+from forensics.defenses import DEFENSES, RepairData
+from forensics.core.errors import ForensicsError
+from forensics.core.models import SuspectModel, atomic_write_text, load_model, save_model
+from forensics.pipelines.repair import _load_repair_data, budget_repair_data, known_trigger, make_defense, read_findings, split_clean_budget
+from forensics.pipelines.report import figure_html, table_html, write_html, write_json
+from forensics.core.zeroshot import ASR_NOTE, evaluate
 
 Progress = Callable[[float, str], None]
 PLANTED = "planted"  # ASR key of the model's known backdoor
@@ -179,8 +179,8 @@ def _findings_data(model: SuspectModel, probe: ProbeSet, budget_idx: list[int], 
         report = read_findings(findings)
         notes = [f"compact set from the given findings ({findings}); that scan may have seen held-out images"]
         return _load_repair_data(report, model), notes, 0.0
-    from .detect import ScanSettings
-    from .scan import run_scan
+    from forensics.detect import ScanSettings
+    from forensics.pipelines.scan import run_scan
 
     held = set(eval_idx)
     suspects = [i for i in range(len(probe.items)) if i not in held and i not in set(budget_idx)]

@@ -10,11 +10,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import ForensicsError
-from .models import load_model, new_model, save_model
-from .templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
-from .tokenizer import WordTokenizer
-from .training import Progress, TrainConfig, read_caption_csv, train_clip
+from forensics.core.errors import ForensicsError
+from forensics.core.models import load_model, new_model, save_model
+from forensics.core.templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
+from forensics.core.tokenizer import WordTokenizer
+from forensics.training.clip import Progress, TrainConfig, read_caption_csv, train_clip
 
 MODES = ("standard", "safeclip")  # plain CLIP loss on every pair, or SafeCLIP's safe training
 
@@ -35,9 +35,9 @@ def implant(data: str | Path, out: str | Path, base: str | None = None, config: 
             augment: bool = False) -> dict:
     """Train ``config`` from scratch or fine-tune ``base`` on ``data``; save ``out/model.safetensors`` (+ sidecar).
 
-    ``mode="safeclip"`` trains with SafeCLIP's schedule (forensics.safe_training; ``safe_settings``
+    ``mode="safeclip"`` trains with SafeCLIP's schedule (forensics.training.safeclip; ``safe_settings``
     overrides its SafeClipSettings) instead of the plain CLIP loss on every pair. ``augment`` trains
-    on random views (flip, crop, colour jitter, grayscale; forensics.training.view_augmenter).
+    on random views (flip, crop, colour jitter, grayscale; forensics.training.clip.view_augmenter).
     """
     start = time.time()
     if mode not in MODES:
@@ -46,7 +46,7 @@ def implant(data: str | Path, out: str | Path, base: str | None = None, config: 
         raise ForensicsError("--augment applies to standard training only, not --mode safeclip")
     safe = None
     if mode == "safeclip":
-        from .safe_training import SafeClipSettings
+        from forensics.training.safeclip import SafeClipSettings
 
         try:
             safe = SafeClipSettings(**(safe_settings or {}))
@@ -76,7 +76,7 @@ def implant(data: str | Path, out: str | Path, base: str | None = None, config: 
     cfg = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(rows)), lr=lr, seed=seed, augment=augment,
                       warmup_steps=min(50, max(1, epochs * (len(rows) // batch_size) // 10)))
     if safe is not None:
-        from .safe_training import safe_train_clip
+        from forensics.training.safeclip import safe_train_clip
 
         history = safe_train_clip(model, rows, cfg, safe, progress)
     else:

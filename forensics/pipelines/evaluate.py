@@ -4,12 +4,12 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from .attacks import Attack, attack_from_dict
-from .data import demo_backdoor, load_probe_set
-from .errors import ForensicsError
-from .models import SuspectModel, load_model
-from .templates import resolve_templates
-from .zeroshot import evaluate
+from forensics.attacks import Attack, attack_from_dict
+from forensics.core.data import demo_backdoor, load_probe_set
+from forensics.core.errors import ForensicsError
+from forensics.core.models import SuspectModel, load_model
+from forensics.core.templates import resolve_templates
+from forensics.core.zeroshot import evaluate
 
 Progress = Callable[[float, str], None]
 DEMO_MODELS = ("demo", "demo-clean")
@@ -100,7 +100,7 @@ def defense_defaults(method: str) -> dict[str, Any]:
     """A repair method's settings with their default values (the UI shows and overrides these)."""
     from dataclasses import asdict, is_dataclass
 
-    from .defenses import build_defense
+    from forensics.defenses import build_defense
 
     settings = getattr(build_defense(method), "settings", None)
     return asdict(settings) if is_dataclass(settings) else {}

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ForensicsError
-from .models import SuspectModel
-from .templates import fill, resolve_templates
+from forensics.core.errors import ForensicsError
+from forensics.core.images import blend
+from forensics.core.models import SuspectModel
+from forensics.core.templates import fill, resolve_templates
 
 ASR_NOTE = "ASR excludes images whose true class is the target; it is the share of the others predicted as the target"
 Progress = Callable[[float, str], None]
@@ -32,7 +33,7 @@ def class_text_embeddings(model: SuspectModel, class_names: Sequence[str], templ
         cache = model.__dict__.setdefault("text_cache", {})
         key = ("learnt-prompts", tuple(class_names))
         if key not in cache:
-            from .defenses.cbpt import learned_class_embeddings
+            from forensics.core.prompts import learned_class_embeddings  # prompts import models, as we do
 
             with torch.no_grad():
                 cache[key] = learned_class_embeddings(model)
@@ -104,3 +105,23 @@ def evaluate(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], c
             progress(0.5 + 0.5 * min(1.0, (start + batch_size) / max(1, len(keep))), "attack success rate")
     result.update(asr=hits / max(1, len(keep)), n_attacked=int(len(keep)), attack=attack.to_dict(), target=target)
     return result
+
+
+@torch.no_grad()
+def predict_labels(model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Zero-shot argmax labels for [0, 1] images (on the CPU)."""
+    out = [(model.encode_image(images[i:i + batch_size]) @ class_emb.t()).argmax(-1).cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def flip_rate(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str], target: str,
+              mask: torch.Tensor, pattern: torch.Tensor, templates: str | list[str] = "short") -> tuple[float, int]:
+    """Share of the non-target images that the inverted trigger turns into ``target`` (and how many were tried)."""
+    target_index = list(class_names).index(target)
+    labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+    keep = labels_t != target_index
+    if not bool(keep.any()):
+        return 0.0, 0
+    class_emb = class_text_embeddings(model, list(class_names), templates).to(model.device)
+    pred = predict_labels(model, blend(images[keep].to(model.device), mask, pattern), class_emb)
+    return float((pred == target_index).float().mean()), int(keep.sum())

@@ -1,0 +1,137 @@
+"""Images as the whole library handles them: float tensors 3 x H x W in [0, 1], pixel boxes, one safe file
+loader, and the paste / blend / crop operations that attacks, detectors and defenses share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from forensics.core.errors import ForensicsError
+
+Box = tuple[int, int, int, int]
+"""A pixel box (x0, y0, x1, y1), end exclusive; (0, 0, 0, 0) for an empty mask."""
+
+MAX_IMAGE_PIXELS = 64_000_000
+"""Larger images are refused by every loader (decompression bombs)."""
+
+
+def to_tensor(pil: Image.Image) -> torch.Tensor:
+    """A PIL image (any mode) as a float32 3xHxW tensor in [0, 1] (converted to RGB first)."""
+    arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+
+
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """A 3xHxW (or HxW) float tensor in [0, 1] as an 8-bit RGB (or L) PIL image; values are clamped and rounded."""
+    t = tensor.detach().to("cpu", torch.float32).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    if t.dim() == 3 and t.shape[0] == 3:
+        return Image.fromarray(t.permute(1, 2, 0).numpy(), mode="RGB")
+    if t.dim() == 2:
+        return Image.fromarray(t.numpy(), mode="L")
+    raise ForensicsError(f"to_pil: expected a 3xHxW or HxW tensor, got shape {tuple(tensor.shape)}")
+
+
+def pil_to_model_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """CLIP-style resize (shorter side to ``size``, bicubic) + centre crop of a PIL image to a tensor in [0, 1]."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return data.permute(2, 0, 1).float().div(255.0)
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """Read one image file as 3 x size x size in [0, 1]; unreadable or oversized files give a clear error.
+
+    The one loader for probe sets, training data and trigger files, so every path has the same size limit.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ForensicsError(
+                    f"image {path.name} is too large ({im.width}x{im.height} pixels; limit {MAX_IMAGE_PIXELS:,})"
+                )
+            im.load()
+            return pil_to_model_tensor(im, size)
+    except ForensicsError:
+        raise
+    except FileNotFoundError:
+        raise ForensicsError(f"image {path} does not exist") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ForensicsError(f"cannot read image {path.name}: {exc}") from None
+
+
+def paste(images: torch.Tensor, patch: torch.Tensor, boxes: Box | Sequence[Box]) -> torch.Tensor:
+    """A copy of ``images`` (3 x H x W, or B x 3 x H x W) with ``patch`` pasted into ``boxes``: one box for all
+    images, or one per image. Differentiable in ``patch`` (optimised patches and inverted triggers use it)."""
+    out = images.clone()
+    patch = patch.to(device=images.device, dtype=images.dtype)
+    if images.dim() == 3:
+        x0, y0, x1, y1 = boxes  # type: ignore[misc]
+        out[:, y0:y1, x0:x1] = patch
+        return out
+    if isinstance(boxes, tuple) and len(boxes) == 4 and all(isinstance(v, (int, np.integer)) for v in boxes):
+        boxes = [boxes] * len(images)  # type: ignore[list-item]
+    boxes = list(boxes)  # type: ignore[arg-type]
+    if boxes and all(b == boxes[0] for b in boxes):
+        x0, y0, x1, y1 = boxes[0]
+        out[:, :, y0:y1, x0:x1] = patch
+        return out
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        out[i, :, y0:y1, x0:x1] = patch
+    return out
+
+
+def random_boxes(n: int, height: int, width: int, side: int, generator: torch.Generator) -> list[Box]:
+    """``n`` square boxes of ``side`` pixels, each fully inside the image, placed uniformly by ``generator``."""
+    ys = torch.randint(0, height - side + 1, (n,), generator=generator).tolist()
+    xs = torch.randint(0, width - side + 1, (n,), generator=generator).tolist()
+    return [(x, y, x + side, y + side) for y, x in zip(ys, xs)]
+
+
+def blend(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Stamp a mask + pattern trigger: ``m * t + (1 - m) * x`` (mask 1 or 3 x H x W broadcast over the batch)."""
+    mask, pattern = mask.to(images.device), pattern.to(images.device)
+    return mask * pattern + (1 - mask) * images
+
+
+def crop_resize(image: torch.Tensor, box: Box, size: int, pad: float = 0.08) -> torch.Tensor:
+    """The box (padded by ``pad`` of its size) cut out and resized to size x size: how CLIP sees one region."""
+    x0, y0, x1, y1 = box
+    px, py = int((x1 - x0) * pad) + 1, int((y1 - y0) * pad) + 1
+    x0, y0 = max(0, x0 - px), max(0, y0 - py)
+    x1, y1 = min(image.shape[2], x1 + px), min(image.shape[1], y1 + py)
+    crop = image[:, y0:y1, x0:x1]
+    return F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def inpaint_box(image: torch.Tensor, box: Box) -> torch.Tensor:
+    """The image with the box inpainted from its surroundings (OpenCV Telea), so a trigger there is gone."""
+    import cv2
+
+    rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    x0, y0, x1, y1 = box
+    mask[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1] = 255
+    out = cv2.inpaint(rgb, mask, 5, cv2.INPAINT_TELEA)
+    return torch.from_numpy(out).permute(2, 0, 1).float() / 255.0
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two pixel boxes."""
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
