@@ -40,8 +40,8 @@ VARIANTS = [
     ("wanet", {}),
     ("wanet", {"strength": 4.0, "k": 8}),
     ("sig", {}),
-    ("optimized_patch", {}),
-    ("optimized_patch", {"position": "random", "size": 0.3}),
+    ("optimized-patch", {}),
+    ("optimized-patch", {"position": "random", "size": 0.3}),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items()) or 'default'}" for n, p in VARIANTS]
 

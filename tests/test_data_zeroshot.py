@@ -96,9 +96,9 @@ def test_bad_probe_inputs(tmp_path):
 
 
 def test_oversized_image_refused(tmp_path, monkeypatch):
-    import forensics.core.data as data
+    import forensics.core.images as images  # the one image loader lives there
 
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ForensicsError, match="too large"):
         load_image(_png(tmp_path / "big.png", "red", (20, 20)), 8)
 

@@ -51,7 +51,7 @@ class ZeroShotHead(nn.Module):
 
 # --------------------------------------------------------------------------- shared glue
 
-def _clip_module(model: Any) -> nn.Module | None:
+def clip_module(model: Any) -> nn.Module | None:
     clip = getattr(model, "clip", None)
     return clip if isinstance(clip, nn.Module) else None
 
@@ -59,7 +59,7 @@ def _clip_module(model: Any) -> nn.Module | None:
 @contextmanager
 def attribution_mode(model: Any) -> Iterator[None]:
     """Eval mode and frozen parameters while attributing; every flag restored afterwards."""
-    root = _clip_module(model)
+    root = clip_module(model)
     if root is None:
         yield
         return

@@ -14,7 +14,7 @@ from torch import nn
 from forensics.core.errors import ForensicsError
 from forensics.core.zeroshot import zero_shot_logits
 
-from forensics.attribution.base import ATTRIBUTIONS, Targets, ZeroShotHead, attribution_mode, check_images, check_targets, chunks, normalise
+from forensics.attribution.base import ATTRIBUTIONS, Targets, ZeroShotHead, attribution_mode, clip_module, check_images, check_targets, chunks, normalise
 
 
 class _TokenGrid(nn.Module):
@@ -51,7 +51,7 @@ def _resnet_layer(visual: nn.Module, layer: str | nn.Module | None, size: int) -
 @contextmanager
 def _gradcam_layer(model: Any, layer: str | int | nn.Module | None, size: int) -> Iterator[nn.Module]:
     """The module whose NCHW output captum's LayerGradCam uses, with any hook it needs while in use."""
-    visual = getattr(_clip_module(model), "visual", None)
+    visual = getattr(clip_module(model), "visual", None)
     if not isinstance(visual, nn.Module):
         raise ForensicsError("Grad-CAM needs a model with an open_clip image tower (model.clip.visual)")
     if _tower_kind(visual) == "resnet":

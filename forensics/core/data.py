@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from forensics.core.errors import ForensicsError
-from forensics.core.images import MAX_IMAGE_PIXELS, Box, load_image
+from forensics.core.images import MAX_IMAGE_PIXELS, Box, load_image, pil_to_model_tensor
 from forensics.core.models import ASSETS_DIR
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
