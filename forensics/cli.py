@@ -50,21 +50,12 @@ def _parse_params(pairs: Sequence[str] | None, file: str | None = None) -> dict:
     return params
 
 
-def _model(args: argparse.Namespace):
-    from forensics.core.models import load_model
+def _ref(args: argparse.Namespace):
+    """The model reference the user gave (spec, --arch, --quick-gelu, --device), carried into every pipeline."""
+    from forensics.core.models import ModelRef
 
-    return load_model(args.model, arch=getattr(args, "arch", None), quick_gelu=getattr(args, "quick_gelu", None),
-                      device=getattr(args, "device", None) or _default_device())
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _is_demo(spec: str) -> bool:
-    return spec in ("demo", "demo-clean")
+    return ModelRef(args.model, arch=getattr(args, "arch", None), quick_gelu=getattr(args, "quick_gelu", None),
+                    device=getattr(args, "device", None))
 
 
 # --------------------------------------------------------------------------- commands
@@ -72,7 +63,7 @@ def _is_demo(spec: str) -> bool:
 def cmd_info(args: argparse.Namespace) -> dict:
     from forensics.pipelines.evaluate import model_facts
 
-    return model_facts(args.model, arch=args.arch, quick_gelu=args.quick_gelu)
+    return model_facts(_ref(args))
 
 
 def _requested_attack(args: argparse.Namespace):
@@ -99,10 +90,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
     attack = _requested_attack(args)
     with tqdm_progress("evaluate", not args.quiet) as progress:
-        return evaluate_model(args.model, args.probe, attack, args.target, templates=args.templates,
+        return evaluate_model(_ref(args), args.probe, attack, args.target, templates=args.templates,
                               class_names=args.classes.split(",") if args.classes else None, batch_size=args.batch_size,
-                              seed=args.seed, arch=args.arch, quick_gelu=args.quick_gelu,
-                              device=args.device or _default_device(), progress=progress)
+                              seed=args.seed, progress=progress)
 
 
 def cmd_poison(args: argparse.Namespace) -> dict:
@@ -137,13 +127,14 @@ def cmd_implant(args: argparse.Namespace) -> dict:
 
 
 def cmd_audit(args: argparse.Namespace) -> dict:
-    from forensics.detect.safeclip_audit import AuditSettings, audit_dataset
+    from forensics.detect.safeclip_audit import AuditSettings
+    from forensics.pipelines.audit import audit_dataset
     from forensics.core.progress import tqdm_progress
 
     settings = AuditSettings(seed=args.seed, batch_size=args.batch_size, risk_threshold=args.risk_threshold)
     with tqdm_progress("audit", not args.quiet) as progress:
-        result = audit_dataset(args.data, args.model, reference=args.reference, out=args.out, score_with=args.score_with,
-                               settings=settings, arch=args.arch, progress=progress)
+        result = audit_dataset(args.data, _ref(args), reference=args.reference, out=args.out,
+                               score_with=args.score_with, settings=settings, progress=progress)
     top = result.pop("rows")[: args.top]
     return {**result, "top": top, "audit_json": str(Path(args.out) / "audit.json"),
             "audit_csv": str(Path(args.out) / "audit.csv")}
@@ -155,11 +146,12 @@ def cmd_train_patch(args: argparse.Namespace) -> dict:
     from forensics.core.models import atomic_write_text
     from forensics.core.progress import tqdm_progress
 
-    probe_spec = args.probe or ("demo-clean" if _is_demo(args.model) else None)
+    ref = _ref(args)
+    probe_spec = args.probe or ref.default_probe(clean_only=True)
     if probe_spec is None:
         raise ForensicsError("--probe is required for models other than demo and demo-clean")
     probe = load_probe_set(probe_spec)
-    model = _model(args)
+    model = ref.load()
     indices = probe.clean_indices()
     with tqdm_progress("train-patch", not args.quiet) as progress:
         images = probe.load_images(model.image_size, indices)
@@ -192,8 +184,8 @@ def cmd_scan(args: argparse.Namespace) -> dict:
 
     settings = ScanSettings(seed=args.seed, templates=args.templates, batch_size=args.batch_size)
     with tqdm_progress("scan", not args.quiet) as progress:
-        return run_scan(args.model, args.out, probe=args.probe, oracle=args.oracle, sam_checkpoint=args.sam_checkpoint,
-                        settings=settings, arch=args.arch, max_images=args.max_images, progress=progress)
+        return run_scan(_ref(args), args.out, probe=args.probe, oracle=args.oracle, sam_checkpoint=args.sam_checkpoint,
+                        settings=settings, max_images=args.max_images, progress=progress)
 
 
 def cmd_repair(args: argparse.Namespace) -> dict:
@@ -202,7 +194,7 @@ def cmd_repair(args: argparse.Namespace) -> dict:
 
     settings = _parse_params(args.param)
     with tqdm_progress("repair", not args.quiet) as progress:
-        return run_repair(args.model, args.findings, args.out, method=args.method, settings=settings, arch=args.arch,
+        return run_repair(_ref(args), args.findings, args.out, method=args.method, settings=settings,
                           probe=args.probe, budget=args.budget, seed=args.seed, progress=progress)
 
 
@@ -220,9 +212,9 @@ def cmd_compare(args: argparse.Namespace) -> dict:
         raise ForensicsError("--settings must be a JSON object mapping method names to their settings")
     attacks = [a.strip() for a in (args.attacks or "").split(",") if a.strip()] or None
     with tqdm_progress("compare", not args.quiet) as progress:
-        result = run_compare(args.model, args.methods, args.out, probe=args.probe, budget=args.budget, seed=args.seed,
+        result = run_compare(_ref(args), args.methods, args.out, probe=args.probe, budget=args.budget, seed=args.seed,
                              findings=args.findings, attacks=attacks, target=args.target, settings=settings,
-                             arch=args.arch, progress=progress)
+                             progress=progress)
     return {k: v for k, v in result.items() if k != "budget_indices"}
 
 
@@ -231,9 +223,11 @@ def cmd_list(args: argparse.Namespace) -> dict:
     from forensics.core.models import list_architectures, project_configs
 
     from forensics.defenses import DEFENSES
+    from forensics.detect import DETECTORS
     from forensics.oracles import list_oracles
 
     return {"attacks": list_attacks(), "oracles": list_oracles(), "defenses": list(DEFENSES),
+            "detectors": DETECTORS.names(),
             "project_configs": list(project_configs()), "architectures": list_architectures()}
 
 

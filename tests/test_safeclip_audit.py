@@ -11,7 +11,9 @@ import torch
 
 from forensics.attacks import attack_from_dict, poison_dataset
 from forensics.core.data import demo_backdoor
-from forensics.detect.safeclip_audit import AuditSettings, audit_dataset, gmm_risk
+from forensics.detect.safeclip_audit import AuditSettings
+from forensics.pipelines.audit import audit_dataset
+from forensics.training.safeclip import gmm_risk
 from forensics.core.errors import ForensicsError
 from forensics.core.models import ASSETS_DIR, load_model
 from forensics.training.safeclip import SafeClipSettings, augment_caption, safe_train_clip, select_safe

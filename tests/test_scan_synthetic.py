@@ -82,7 +82,7 @@ def _probe(tmp_path, target: str, seed: int, n_per_class: int = 12, trigger_shar
 def test_scan_finds_a_backdoor_it_was_never_told_about(tmp_path, target, seed):
     probe = _probe(tmp_path, target, seed)
     scan = OracleGuidedScan(build_oracle("fallback"), ScanSettings(verify_images=32))
-    findings, _ = scan.run(FakeBackdooredModel(target), probe)
+    findings = scan.run(FakeBackdooredModel(target), probe)
     assert [f.label for f in findings.flagged_labels][:1] == [target]
     m = findings.metrics
     assert m["victim_precision"] >= 0.9 and m["victim_recall"] >= 0.9, m
@@ -94,5 +94,5 @@ def test_scan_finds_a_backdoor_it_was_never_told_about(tmp_path, target, seed):
 
 def test_scan_flags_nothing_without_a_backdoor(tmp_path):
     probe = _probe(tmp_path, "green", 1)
-    findings, _ = OracleGuidedScan(build_oracle("fallback")).run(FakeBackdooredModel(None), probe)
+    findings = OracleGuidedScan(build_oracle("fallback")).run(FakeBackdooredModel(None), probe)
     assert findings.flagged_labels == [] and findings.victims == [] and findings.triggers == []

@@ -11,11 +11,10 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 
 from forensics.core.checks import check_choice, check_image, check_int, check_number, check_seed
 from forensics.core.errors import ForensicsError

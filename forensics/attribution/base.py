@@ -13,13 +13,10 @@ in eval mode on whatever device the model lives on.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from captum.attr import FeatureAblation, InputXGradient, IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
-from PIL import Image
 from torch import nn
 
 from forensics.core.errors import ForensicsError

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from captum.attr import FeatureAblation, InputXGradient, IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
-from PIL import Image
+from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
 from forensics.core.errors import ForensicsError
-from forensics.core.zeroshot import zero_shot_logits
 
 from forensics.attribution.base import ATTRIBUTIONS, Targets, ZeroShotHead, attribution_mode, clip_module, check_images, check_targets, chunks, normalise
 

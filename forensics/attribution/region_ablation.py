@@ -1,18 +1,12 @@
 """Region ablation: the drop in the target logit when each oracle region is replaced by the baseline."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from captum.attr import FeatureAblation, InputXGradient, IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
-from PIL import Image
-from torch import nn
+from captum.attr import FeatureAblation
 
 from forensics.core.errors import ForensicsError
-from forensics.core.zeroshot import zero_shot_logits
 
 from forensics.attribution.base import ATTRIBUTIONS, Baseline, Targets, ZeroShotHead, attribution_mode, baseline_images, check_images, check_targets, chunks, normalise
 

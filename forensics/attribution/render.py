@@ -1,18 +1,13 @@
 """Summaries and pictures of attribution maps: mass inside a mask, colour maps, overlays (as captum's visualization)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from captum.attr import FeatureAblation, InputXGradient, IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 from PIL import Image
-from torch import nn
 
 from forensics.core.errors import ForensicsError
-from forensics.core.zeroshot import zero_shot_logits
 
 
 def mass_inside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

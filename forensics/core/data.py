@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from forensics.core.errors import ForensicsError
-from forensics.core.images import MAX_IMAGE_PIXELS, Box, load_image, pil_to_model_tensor
+from forensics.core.images import Box, load_image, pil_to_model_tensor
 from forensics.core.models import ASSETS_DIR
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -88,6 +88,13 @@ class ProbeSet:
         return ProbeSet(name=f"{self.name} ({max_images} of {len(self.items)})", items=[self.items[i] for i in keep],
                         class_names=self.class_names, meta={**self.meta, "subset_of": len(self.items),
                                                             "subset_indices": keep, "subset_seed": seed})
+
+    def select(self, indices: Sequence[int], name: str | None = None) -> "ProbeSet":
+        """The items at ``indices`` (in that order) as a probe set of their own, same classes (no copy to disk)."""
+        indices = [int(i) for i in indices]
+        return ProbeSet(name=name or f"{self.name} ({len(indices)} of {len(self.items)})",
+                        items=[self.items[i] for i in indices], class_names=self.class_names,
+                        meta={**self.meta, "subset_of": len(self.items), "subset_indices": indices})
 
     def load_mask(self, index: int, size: int) -> torch.Tensor | None:
         """The ground-truth object mask (size x size bool) aligned with :meth:`load_images`, if known."""

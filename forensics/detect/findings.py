@@ -108,8 +108,11 @@ class Findings:
     images: list[ImageEvidence]
     metrics: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    # in-memory results for the pipeline (images, maps, per-image records, trigger tensors); never serialised
+    artefacts: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
+        """The JSON-able findings (report.json's keys); artefacts are left out."""
         return {
             "flagged_labels": [f.to_dict() for f in self.flagged_labels],
             "triggers": [t.to_dict() for t in self.triggers],

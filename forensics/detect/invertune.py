@@ -22,9 +22,8 @@ in tens of steps. The model is never modified: its parameters are frozen only fo
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -28,6 +28,7 @@ from forensics.core.models import SuspectModel
 from forensics.core.progress import Progress
 from forensics.oracles import Oracle, Region
 from forensics.core.zeroshot import class_text_embeddings, predict, zero_shot_logits
+from forensics.detect.base import DETECTORS, Detector
 from forensics.detect.findings import Findings, FlaggedLabel, ImageEvidence, TriggerCandidate, Victim
 
 
@@ -107,10 +108,12 @@ def occluded_logits(model: SuspectModel, images: torch.Tensor, class_emb: torch.
 
 # --------------------------------------------------------------------------- the scan
 
-class OracleGuidedScan:
+@DETECTORS.register
+class OracleGuidedScan(Detector):
     """EftCLIP-style scan: oracle grounding + small-window hijack test + occlusion attribution."""
 
     name = "oracle-guided"
+    summary = "EftCLIP: labels whose predictions a small non-object window decides, their victims and trigger"
 
     def __init__(self, oracle: Oracle, settings: ScanSettings | None = None):
         self.oracle = oracle
@@ -337,8 +340,8 @@ class OracleGuidedScan:
         return candidates[best], {"method": best, "rates": rates, "side": side, "size": side / size,
                                   "n_verified": len(pool), "crops": crops}
 
-    def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> tuple[Findings, dict]:
-        """Scan ``probe`` with ``model``; returns the findings and the artefacts (images, maps, patterns) for reports."""
+    def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:
+        """Scan ``probe`` with ``model``: the findings, with the images, maps and patterns in ``findings.artefacts``."""
         s = self.settings
         start = time.time()
         if len(probe) == 0:
@@ -383,10 +386,11 @@ class OracleGuidedScan:
                                              verified_asr=round(info["rates"][info["method"]], 4), n_verified=info["n_verified"]))
         victims.sort(key=lambda v: -v.discrepancy)
         findings = Findings(flagged_labels=flagged, triggers=triggers, victims=victims, images=evidence,
-                            metrics=self._metrics(probe, records, victims, size), settings=s.to_dict())
+                            metrics=self._metrics(probe, records, victims, size), settings=s.to_dict(),
+                            artefacts=artefacts)
         findings.metrics["seconds"] = round(time.time() - start, 2)
         findings.metrics["images_per_second"] = round(len(probe) / max(1e-9, time.time() - start), 3)
-        return findings, artefacts
+        return findings
 
     @staticmethod
     def _metrics(probe: ProbeSet, records: list[dict], victims: list[Victim], size: int) -> dict:

@@ -16,28 +16,27 @@ its clean samples.
 """
 from __future__ import annotations
 
-import csv
-import html
-import io
 import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from forensics.attacks import Attack, attack_from_dict, build_attack
 from forensics.core.data import ProbeSet, load_probe_set
-from forensics.defenses import DEFENSES, RepairData
 from forensics.core.errors import ForensicsError
-from forensics.core.models import SuspectModel, atomic_write_text, load_model, save_model
-from forensics.pipelines.repair import _load_repair_data, budget_repair_data, known_trigger, make_defense, read_findings, split_clean_budget
-from forensics.pipelines.report import figure_html, table_html, write_html, write_json
-from forensics.core.zeroshot import ASR_NOTE, evaluate
-
-Progress = Callable[[float, str], None]
+from forensics.core.models import ModelRef, SuspectModel, as_ref, save_model
+from forensics.core.progress import Progress, ShouldStop, sub_progress
+from forensics.core.zeroshot import ASR_NOTE
+from forensics.defenses import DEFENSES, RepairData
+from forensics.detect import ScanSettings
+from forensics.pipelines.evaluate import known_trigger, measure
+from forensics.pipelines.repair import (budget_repair_data, load_repair_data, make_defense, read_findings,
+                                        split_clean_budget)
+from forensics.pipelines.report import write_compare_outputs
+from forensics.pipelines.scan import compact_repair_data, scan, write_scan
 PLANTED = "planted"  # ASR key of the model's known backdoor
 
 
@@ -103,7 +102,7 @@ def resolve_methods(methods: str | Sequence[str]) -> list[str]:
     unknown = [m for m in names if m not in DEFENSES]
     if unknown:
         raise ForensicsError(f"unknown repair method(s) {', '.join(unknown)}; choose from {', '.join(DEFENSES)}")
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(DEFENSES.resolve(m) for m in names))
 
 
 def _attack_of(spec: str | dict | Attack) -> Attack:
@@ -120,11 +119,11 @@ def _attack_of(spec: str | dict | Attack) -> Attack:
     return build_attack(spec)
 
 
-def resolve_attacks(model: SuspectModel, spec: str | None, class_names: list[str], attacks: Sequence | None,
+def resolve_attacks(model: SuspectModel, ref: ModelRef | None, class_names: list[str], attacks: Sequence | None,
                     target: str | None) -> list[dict]:
     """The triggers to measure: the model's known backdoor (key ``planted``), then each extra attack aimed at ``target``."""
     out = []
-    planted = known_trigger(model, spec, class_names)
+    planted = known_trigger(model, ref, class_names)
     if planted:
         out.append({"key": PLANTED, "attack": planted[0], "target": planted[1], "origin": "the model's known backdoor"})
     target = target or (planted[1] if planted else None)
@@ -142,64 +141,32 @@ def resolve_attacks(model: SuspectModel, spec: str | None, class_names: list[str
     return out
 
 
-def measure(model: SuspectModel, images: torch.Tensor, labels: list[int], class_names: list[str],
-            attacks: list[dict]) -> dict:
-    """CA on the held-out images and ASR (non-target images only) for each trigger."""
-    if not attacks:
-        return {"ca": evaluate(model, images, labels, class_names)["ca"], "asr": {}}
-    asr, ca = {}, None
-    for a in attacks:
-        result = evaluate(model, images, labels, class_names, a["attack"], a["target"])
-        ca, asr[a["key"]] = result["ca"], result["asr"]
-    return {"ca": ca, "asr": asr}
-
-
-def _write_probe_csv(probe: ProbeSet, indices: list[int], folder: Path) -> Path:
-    """A probe CSV (absolute paths, same class order) holding only ``indices``, for a scan of part of a probe set."""
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "classes.json", json.dumps({"classes": probe.class_names}))
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image", "caption", "label", "mask", "triggered", "trigger_box"])
-    for i in indices:
-        it = probe.items[i]
-        writer.writerow([str(Path(it.image).resolve()), it.caption or "",
-                         "" if it.label is None else probe.class_names[it.label],
-                         "" if it.mask is None else str(Path(it.mask).resolve()),
-                         "" if it.triggered is None else int(it.triggered),
-                         "" if it.trigger_box is None else " ".join(map(str, it.trigger_box))])
-    atomic_write_text(folder / "probe.csv", buf.getvalue())
-    return folder / "probe.csv"
-
-
-def _findings_data(model: SuspectModel, probe: ProbeSet, budget_idx: list[int], eval_idx: list[int], findings: str | None,
-                   out: Path, seed: int, progress: Progress | None) -> tuple[RepairData, list[str], float]:
-    """Repair data for a findings-needing method: from ``findings``, or from a scan of the budget + suspect images here."""
+def findings_data(model: SuspectModel, ref: ModelRef | None, probe: ProbeSet, budget_idx: list[int],
+                  eval_idx: list[int], findings: str | Path | None, out: Path, seed: int,
+                  progress: Progress | None) -> tuple[RepairData, list[str]]:
+    """Repair data for a findings-needing method: from ``findings``, or from a scan (in memory) of the budget
+    images plus the probe's suspect images here; that scan's report is written under ``out/scan`` for reading."""
     if findings is not None:
         report = read_findings(findings)
         notes = [f"compact set from the given findings ({findings}); that scan may have seen held-out images"]
-        return _load_repair_data(report, model), notes, 0.0
-    from forensics.detect import ScanSettings
-    from forensics.pipelines.scan import run_scan
-
-    held = set(eval_idx)
-    suspects = [i for i in range(len(probe.items)) if i not in held and i not in set(budget_idx)]
+        return load_repair_data(report, model), notes
+    held, budget = set(eval_idx), set(budget_idx)
+    suspects = [i for i in range(len(probe.items)) if i not in held and i not in budget]
     scan_idx = sorted(budget_idx + suspects)
-    csv_path = _write_probe_csv(probe, scan_idx, out / "scan" / "probe")
     start = time.time()
-    run_scan(model, out / "scan", probe=str(csv_path), settings=ScanSettings(seed=seed), progress=progress)
+    outcome = scan(model, probe.select(scan_idx), settings=ScanSettings(seed=seed), progress=progress)
     seconds = time.time() - start
-    report = read_findings(out / "scan" / "report.json")
+    write_scan(outcome, out / "scan")
     notes = [f"scanned here ({seconds:.0f} s) on the {len(budget_idx)} budget images + {len(suspects)} probe images "
              "that are not clean-labelled; no held-out image was seen"]
-    return _load_repair_data(report, model), notes, seconds
+    return compact_repair_data(outcome), notes
 
 
-def run_compare(model: str | SuspectModel, methods: str | Sequence[str], out: str | Path, probe: str | None = None,
-                budget: int = 120, seed: int = 0, findings: str | Path | None = None, attacks: Sequence | None = None,
-                settings: dict[str, dict] | None = None, progress: Progress | None = None, target: str | None = None,
-                arch: str | None = None, save_models: bool = False,
-                should_stop: Callable[[], bool] | None = None) -> dict:
+def run_compare(model: str | ModelRef | SuspectModel, methods: str | Sequence[str], out: str | Path,
+                probe: str | None = None, budget: int = 120, seed: int = 0, findings: str | Path | None = None,
+                attacks: Sequence | None = None, settings: dict[str, dict] | None = None,
+                progress: Progress | None = None, target: str | None = None, save_models: bool = False,
+                should_stop: ShouldStop | None = None) -> dict:
     """Run each method on the same clean budget and held-out images; write compare.md, compare.json and report.html.
 
     ``settings`` maps a method name to its settings (e.g. ``{"cleanclip": {"epochs": 2}}``); ``attacks``
@@ -214,16 +181,17 @@ def run_compare(model: str | SuspectModel, methods: str | Sequence[str], out: st
         raise ForensicsError(f"settings given for method(s) not compared: {', '.join(stray)}")
     if any(not isinstance(v, dict) for v in settings.values()):
         raise ForensicsError("settings must map each method name to a dict of its settings")
-    spec = model if isinstance(model, str) else None
-    probe_spec = probe or ("demo" if spec in ("demo", "demo-clean") else None)
+    ref = None if isinstance(model, SuspectModel) else as_ref(model)
+    probe_spec = probe or (ref.default_probe() if ref else None)
     if probe_spec is None:
         raise ForensicsError("a probe set is required (--probe) for models other than demo and demo-clean")
     probe_set = load_probe_set(probe_spec)
     budget_idx, eval_idx = split_clean_budget(probe_set, budget, seed)
     if progress:
         progress(0.0, "loading the model and images")
-    loaded = load_model(model, arch=arch) if spec else model
-    measured = resolve_attacks(loaded, spec, probe_set.class_names, attacks, target)
+    loaded = ref.load() if ref else model
+    measured = resolve_attacks(loaded, ref, probe_set.class_names, attacks, target)
+    triggers = [(a["key"], a["attack"], a["target"]) for a in measured]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = budget_repair_data(probe_set, budget_idx, loaded.image_size)
@@ -231,12 +199,12 @@ def run_compare(model: str | SuspectModel, methods: str | Sequence[str], out: st
     eval_labels = [probe_set.items[i].label for i in eval_idx]
     if progress:
         progress(0.03, "measuring CA/ASR before repair")
-    before = measure(loaded, eval_images, eval_labels, probe_set.class_names, measured)
+    before = measure(loaded, eval_images, eval_labels, probe_set.class_names, triggers)
     rows = []
     share = 0.92 / len(names)
     for k, name in enumerate(names):
         base = 0.05 + k * share
-        sub = (lambda f, m, b=base, n=name: progress(b + share * min(1.0, f), f"{n}: {m}")) if progress else None
+        sub = sub_progress(progress, base, base + share, f"{name}: ")
         row: dict[str, Any] = {"method": name, "status": "ok", "error": None, "ca_before": before["ca"], "ca_after": None,
                                "asr_before": dict(before["asr"]), "asr_after": {}, "clean_samples": len(budget_idx),
                                "samples_used": None, "seconds": None, "peak_mib": None, "notes": []}
@@ -246,19 +214,18 @@ def run_compare(model: str | SuspectModel, methods: str | Sequence[str], out: st
             defense = make_defense(name, settings.get(name), seed)
             with PeakMemory() as memory:
                 if cls.needs_findings:
-                    method_data, notes, _ = _findings_data(loaded, probe_set, budget_idx, eval_idx,
-                                                           None if findings is None else str(findings), out, seed,
-                                                           (lambda f, m: sub(0.4 * f, "scan " + m)) if sub else None)
+                    method_data, notes = findings_data(loaded, ref, probe_set, budget_idx, eval_idx, findings, out, seed,
+                                                       sub_progress(sub, 0.0, 0.4, "scan "))
                     row["notes"] += notes
-                    inner = (lambda f, m: sub(0.4 + 0.5 * f, m)) if sub else None
+                    inner = sub_progress(sub, 0.4, 0.9)
                 else:
-                    method_data, inner = data, (lambda f, m: sub(0.9 * f, m)) if sub else None
+                    method_data, inner = data, sub_progress(sub, 0.0, 0.9)
                 result = defense.repair(loaded, method_data, inner, should_stop)
             row["seconds"] = round(time.time() - t0, 2)
             row["peak_mib"] = round(memory.peak_mib, 1)
             if sub:
                 sub(0.92, "measuring CA/ASR after repair")
-            after = measure(result.model, eval_images, eval_labels, probe_set.class_names, measured)
+            after = measure(result.model, eval_images, eval_labels, probe_set.class_names, triggers)
             row.update(ca_after=after["ca"], asr_after=after["asr"], samples_used=result.samples_used,
                        settings=result.settings, notes=row["notes"] + list(result.notes))
             if save_models:
@@ -273,7 +240,7 @@ def run_compare(model: str | SuspectModel, methods: str | Sequence[str], out: st
                        error=str(exc) if isinstance(exc, ForensicsError) else f"{type(exc).__name__}: {exc}")
         rows.append(row)
     report = {
-        "model": spec or loaded.facts.source, "sha256": loaded.facts.sha256, "architecture": loaded.facts.architecture,
+        "model": ref.spec if ref else loaded.facts.source, "sha256": loaded.facts.sha256, "architecture": loaded.facts.architecture,
         "probe": str(probe_spec), "budget": len(budget_idx), "held_out": len(eval_idx), "seed": seed,
         "budget_indices": budget_idx, "findings": None if findings is None else str(findings),
         "attacks": [{"key": a["key"], "target": a["target"], "origin": a["origin"], **a["attack"].to_dict()} for a in measured],
@@ -285,81 +252,9 @@ def run_compare(model: str | SuspectModel, methods: str | Sequence[str], out: st
                                        "returning freed memory to the OS; a lower bound where memory is reused"),
         "seconds": round(time.time() - start, 2),
     }
-    write_outputs(out, report)
+    write_compare_outputs(out, report)
     if progress:
         progress(1.0, "done")
     return report
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def table_rows(report: dict) -> tuple[list[dict], list[str]]:
-    """The comparison as flat rows of formatted cells, and the column order (shared by compare.md and report.html)."""
-    keys = [a["key"] for a in report["attacks"]]
-    columns = ["method", "CA before", "CA after"] + [f"ASR {k} {w}" for k in keys for w in ("before", "after")] + \
-        ["clean samples", "repair samples", "seconds", "peak MiB", "status"]
-    flat = []
-    for r in report["rows"]:
-        cells = {"method": r["method"], "CA before": _fmt(r["ca_before"]), "CA after": _fmt(r["ca_after"]),
-                 "clean samples": _fmt(r["clean_samples"]), "repair samples": _fmt(r["samples_used"]),
-                 "seconds": _fmt(r["seconds"], 1), "peak MiB": _fmt(r["peak_mib"], 1),
-                 "status": "ok" if r["status"] == "ok" else f"error: {r['error']}"}
-        for k in keys:
-            cells[f"ASR {k} before"] = _fmt(r["asr_before"].get(k))
-            cells[f"ASR {k} after"] = _fmt(r["asr_after"].get(k))
-        flat.append(cells)
-    return flat, columns
-
-
-def comparison_chart(report: dict):
-    """CA and each ASR after repair, per method, with the values before repair as dashed lines."""
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in report["rows"] if r["status"] == "ok"]
-    keys = ["ca"] + [a["key"] for a in report["attacks"]]
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(ok) + 2), 3))
-    width = 0.8 / len(keys)
-    x = np.arange(len(ok))
-    colours = plt.get_cmap("tab10")
-    for j, key in enumerate(keys):
-        values = [r["ca_after"] if key == "ca" else r["asr_after"].get(key) for r in ok]
-        label = "CA" if key == "ca" else f"ASR {key}"
-        ax.bar(x + (j - (len(keys) - 1) / 2) * width, [v or 0 for v in values], width, label=label, color=colours(j))
-        before = report["before"]["ca"] if key == "ca" else report["before"]["asr"].get(key)
-        if before is not None:
-            ax.axhline(before, color=colours(j), ls="--", lw=1)
-    ax.set_xticks(x, [r["method"] for r in ok], fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title("After repair (bars) vs before (dashed lines)", fontsize=9)
-    return fig
-
-
-def write_outputs(out: Path, report: dict) -> None:
-    """compare.json, compare.md (one markdown table) and report.html (chart + table), each written atomically."""
-    write_json(out / "compare.json", report)
-    flat, columns = table_rows(report)
-    lines = [f"# Repair comparison: {report['model']}", "",
-             f"Probe `{report['probe']}`: {report['budget']} clean budget images (seed {report['seed']}), "
-             f"CA/ASR on {report['held_out']} held-out clean images.", ""]
-    for a in report["attacks"]:
-        lines.append(f"- ASR `{a['key']}`: {a['attack']} -> {a['target']} ({a['origin']})")
-    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(c[col]).replace("|", "/") for col in columns) + " |" for c in flat]
-    notes = [f"- {r['method']}: {n}" for r in report["rows"] for n in r["notes"]]
-    lines += ["", f"{report['note']}.", f"{report['memory_note']}."] + ([""] + notes if notes else [])
-    atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
-    write_html(out / "report.html", f"Repair comparison: {report['model']}",
-               {"model": report["model"], "SHA-256": report["sha256"], "probe": report["probe"],
-                "clean budget": report["budget"], "held-out images": report["held_out"], "seed": report["seed"],
-                "triggers": ", ".join(f"{a['key']} -> {a['target']}" for a in report["attacks"]) or "none known",
-                "seconds": report["seconds"]},
-               [("Defenses compared", figure_html(comparison_chart(report), "comparison chart") + table_html(flat, columns)),
-                ("Notes", f"<p class='note'>{html.escape(report['memory_note'])}.</p><ul>"
-                          + "".join(f"<li>{html.escape(n[2:])}</li>" for n in notes) + "</ul>")])

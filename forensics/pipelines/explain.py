@@ -22,7 +22,7 @@ from forensics.core.errors import ForensicsError
 from forensics.core.images import pil_to_model_tensor
 from forensics.core.models import SuspectModel
 from forensics.oracles import Oracle
-from forensics.pipelines.report import to_pil
+from forensics.core.images import to_pil
 from forensics.core.zeroshot import class_text_embeddings, predict
 
 ImageInput = str | Path | Image.Image | torch.Tensor

@@ -12,21 +12,22 @@ import csv
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from forensics.attacks import attack_from_dict, build_attack
-from forensics.core.data import ProbeSet, demo_backdoor, load_image, load_probe_set
-from forensics.defenses import DEFENSES, Defense, RepairData
+from forensics.attacks import build_attack
+from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
-from forensics.core.models import SuspectModel, load_model, save_model
-from forensics.pipelines.report import before_after_chart, figure_html, table_html, write_html, write_json
-from forensics.core.zeroshot import ASR_NOTE, evaluate
-
-Progress = Callable[[float, str], None]
+from forensics.core.images import load_image
+from forensics.core.models import ModelRef, SuspectModel, as_ref, save_model
+from forensics.core.progress import Progress, ShouldStop, sub_progress
+from forensics.core.zeroshot import ASR_NOTE
+from forensics.defenses import DEFENSES, Defense, RepairData
+from forensics.pipelines.evaluate import known_trigger, measure
+from forensics.pipelines.report import write_json, write_repair_html
 DEFAULT_BUDGET = 120  # clean repair images when a method needs no findings
 
 
@@ -48,7 +49,8 @@ def read_findings(path: str | Path) -> dict:
     return report
 
 
-def _load_repair_data(report: dict, model: SuspectModel) -> RepairData:
+def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
+    """The scan's compact set and trigger patterns, read from beside its report.json."""
     folder = Path(report["_dir"])
     csv_path = folder / report["compact_set"]["csv"]
     if not csv_path.is_file():
@@ -58,24 +60,31 @@ def _load_repair_data(report: dict, model: SuspectModel) -> RepairData:
     class_names = report["probe"]["classes"]
     images = torch.stack([load_image(csv_path.parent / r["image"], model.image_size) for r in rows]) if rows \
         else torch.empty(0, 3, model.image_size, model.image_size)
+    return RepairData(images=images, labels=[class_names.index(r["label"]) for r in rows], kinds=[r["kind"] for r in rows],
+                      class_names=class_names, patterns=read_patterns(report),
+                      flagged=[f["label"] for f in report["flagged_labels"]])
+
+
+def read_patterns(report: dict) -> list[torch.Tensor]:
+    """The scan's reconstructed trigger patterns (3 x h x w in [0, 1]) at their own size: they are pasted, not resized."""
     patterns = []
     for t in report["triggers"]:
-        with Image.open(folder / t["pattern"]) as im:  # at its own size: the pattern is pasted, not resized
+        with Image.open(Path(report["_dir"]) / t["pattern"]) as im:
             patterns.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255)
-    return RepairData(images=images, labels=[class_names.index(r["label"]) for r in rows], kinds=[r["kind"] for r in rows],
-                      class_names=class_names, patterns=patterns, flagged=[f["label"] for f in report["flagged_labels"]])
+    return patterns
 
 
-def _measure(model: SuspectModel, images: torch.Tensor, labels: list[int], class_names: list[str],
-             reconstructed: list[tuple[Any, str]], true_trigger: tuple[Any, str] | None) -> dict:
-    out: dict[str, Any] = {}
-    base = evaluate(model, images, labels, class_names)
-    out["ca"] = base["ca"]
-    for k, (attack, target) in enumerate(reconstructed):
-        key = "asr_reconstructed" if k == 0 else f"asr_reconstructed_{k}"
-        out[key] = evaluate(model, images, labels, class_names, attack, target)["asr"]
-    if true_trigger:
-        out["asr_true"] = evaluate(model, images, labels, class_names, *true_trigger)["asr"]
+def reconstructed_triggers(patterns: list[torch.Tensor], triggers: list[dict]) -> list[tuple[str, Any, str]]:
+    """The scan's trigger candidates as attacks to measure ASR with (pasted at random places): (key, attack, target)."""
+    return [("asr_reconstructed" if k == 0 else f"asr_reconstructed_{k}",
+             build_attack("optimized-patch", patch=p.tolist(), size=t["size"], position="random"), t["label"])
+            for k, (p, t) in enumerate(zip(patterns, triggers))]
+
+
+def flat_scores(scores: dict) -> dict:
+    """metrics.json's form of :func:`measure`'s result: ca, asr_reconstructed[_k], asr_true and asr (the true
+    trigger's when known, else the first reconstructed one)."""
+    out = {"ca": scores["ca"], **scores["asr"]}
     out["asr"] = out.get("asr_true", out.get("asr_reconstructed"))
     return out
 
@@ -106,32 +115,21 @@ def budget_repair_data(probe: ProbeSet, indices: list[int], image_size: int) -> 
 
 
 def make_defense(method: str, settings: dict | None = None, seed: int | None = None) -> Defense:
-    """A registered defense with ``settings`` (unknown keys give a clear error); ``seed`` fills the settings' seed unless given."""
-    if method not in DEFENSES:
-        raise ForensicsError(f"unknown repair method {method!r}; choose one of {', '.join(DEFENSES)}")
+    """A registered defense with ``settings`` (unknown keys give a clear error); ``seed`` fills the settings' seed
+    unless given."""
     settings = dict(settings or {})
+    if seed is not None and "seed" not in settings and "seed" in DEFENSES.accepted(method):
+        settings["seed"] = seed
     try:
-        defense = DEFENSES[method](**settings)
+        return DEFENSES.build(method, **settings)
     except TypeError as exc:
         raise ForensicsError(f"bad setting for {method}: {exc}") from None
-    inner = getattr(defense, "settings", None)
-    if seed is not None and "seed" not in settings and inner is not None and hasattr(inner, "seed"):
-        inner.seed = seed
-    return defense
 
 
-def known_trigger(model: SuspectModel, spec: str | None, class_names: list[str]) -> tuple[Any, str] | None:
-    """The model's planted backdoor (its sidecar's, or the demo's) as (attack, target), when its target is a probe class."""
-    planted = model.backdoor or (demo_backdoor() if spec in ("demo", "demo-clean") else None)
-    if planted and planted.get("trigger") and planted.get("target") in class_names:
-        return attack_from_dict(planted["trigger"]), planted["target"]
-    return None
-
-
-def run_repair(model: str | SuspectModel, findings: str | Path | None = None, out: str | Path | None = None,
-               method: str = "oracle-finetune", settings: dict | None = None, arch: str | None = None,
-               probe: str | None = None, budget: int | None = None, seed: int = 0, progress: Progress | None = None,
-               should_stop: Callable[[], bool] | None = None) -> dict:
+def run_repair(model: str | ModelRef | SuspectModel, findings: str | Path | None = None, out: str | Path | None = None,
+               method: str = "oracle-finetune", settings: dict | None = None, probe: str | None = None,
+               budget: int | None = None, seed: int = 0, progress: Progress | None = None,
+               should_stop: ShouldStop | None = None) -> dict:
     """Repair ``model`` with ``method``; writes model.safetensors, metrics.json and report.html under ``out``.
 
     Methods with ``needs_findings`` use the scan's ``findings``; the others use a seeded clean budget
@@ -140,23 +138,23 @@ def run_repair(model: str | SuspectModel, findings: str | Path | None = None, ou
     start = time.time()
     if out is None:
         raise ForensicsError("an output folder is required (--out)")
-    if method not in DEFENSES:
-        raise ForensicsError(f"unknown repair method {method!r}; choose one of {', '.join(DEFENSES)}")
-    needs = DEFENSES[method].needs_findings
+    cls = DEFENSES.get(method)
+    method = cls.name
+    needs = cls.needs_findings
     if needs and findings is None:
-        others = [n for n, c in DEFENSES.items() if not c.needs_findings]
+        others = DEFENSES.names(lambda c: not c.needs_findings)
         raise ForensicsError(f"{method} needs a scan's findings (--findings); run `python -m forensics scan` first"
                              + (f", or choose a method that needs none ({', '.join(others)})" if others else ""))
     report = read_findings(findings) if findings is not None else None
-    spec = model if isinstance(model, str) else None
+    ref = None if isinstance(model, SuspectModel) else as_ref(model)
     if not needs:  # check the probe and the budget before loading anything big
-        probe_spec = probe or (report["probe"]["source"] if report else None) or ("demo" if spec in ("demo", "demo-clean") else None)
+        probe_spec = probe or (report["probe"]["source"] if report else None) or (ref.default_probe() if ref else None)
         if probe_spec is None:
             raise ForensicsError("a probe set is required (--probe) for models other than demo and demo-clean")
         probe_set = load_probe_set(probe_spec)
         budget = DEFAULT_BUDGET if budget is None else budget
         budget_idx, eval_idx = split_clean_budget(probe_set, budget, seed)
-    loaded = load_model(model, arch=arch) if spec else model
+    loaded = ref.load() if ref else model
     notes = []
     if report and report["model"].get("sha256") and loaded.facts.sha256 and report["model"]["sha256"] != loaded.facts.sha256:
         notes.append("the findings were made on a different model file (SHA-256 differs)")
@@ -168,33 +166,33 @@ def run_repair(model: str | SuspectModel, findings: str | Path | None = None, ou
     if needs:
         if budget is not None:
             notes.append(f"{method} repairs with the scan's compact set; the budget of {budget} is not used")
-        data = _load_repair_data(report, loaded)
+        data = load_repair_data(report, loaded)
+        patterns = data.patterns
         probe_set = load_probe_set(report["probe"]["source"])
         eval_idx = probe_set.clean_indices()
     else:
         if progress:
             progress(0.01, f"loading {len(budget_idx)} clean budget images")
         data = budget_repair_data(probe_set, budget_idx, loaded.image_size)
+        patterns = read_patterns(report) if report else []
         split = {"probe": str(probe_spec), "budget": len(budget_idx), "held_out": len(eval_idx), "split_seed": seed,
                  "budget_indices": budget_idx, "captions": data.captions is not None}
         if report:
             notes.append("findings used only for the reconstructed-trigger ASR; the method repairs with the clean budget")
     eval_images = probe_set.load_images(loaded.image_size, eval_idx)
     eval_labels = [probe_set.items[i].label for i in eval_idx]
-    reconstructed = []
-    if report:
-        patterns = data.patterns if needs else _load_repair_data(report, loaded).patterns
-        reconstructed = [(build_attack("optimized-patch", patch=p.tolist(), size=t["size"], position="random"), t["label"])
-                         for p, t in zip(patterns, report["triggers"])]
-    true_trigger = known_trigger(loaded, spec, probe_set.class_names)
+    triggers = reconstructed_triggers(patterns, report["triggers"]) if report else []
+    true_trigger = known_trigger(loaded, ref, probe_set.class_names)
+    if true_trigger:
+        triggers.append(("asr_true", *true_trigger))
     if progress:
         progress(0.02, "measuring CA/ASR before repair")
-    before = _measure(loaded, eval_images, eval_labels, probe_set.class_names, reconstructed, true_trigger)
+    before = flat_scores(measure(loaded, eval_images, eval_labels, probe_set.class_names, triggers))
     defense = make_defense(method, settings, seed)
-    result = defense.repair(loaded, data, (lambda f, m: progress(0.1 + 0.8 * f, m)) if progress else None, should_stop)
+    result = defense.repair(loaded, data, sub_progress(progress, 0.1, 0.9), should_stop)
     if progress:
         progress(0.92, "measuring CA/ASR after repair")
-    after = _measure(result.model, eval_images, eval_labels, probe_set.class_names, reconstructed, true_trigger)
+    after = flat_scores(measure(result.model, eval_images, eval_labels, probe_set.class_names, triggers))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
@@ -214,14 +212,9 @@ def run_repair(model: str | SuspectModel, findings: str | Path | None = None, ou
                "true_trigger_known": true_trigger is not None, "notes": notes + result.notes,
                "original_sha256": loaded.facts.sha256, "eval_images": len(eval_idx), "clean_budget": split or None}
     write_json(out / "metrics.json", metrics)
-    rows = [{"": "before", **{k: round(v, 4) for k, v in before.items() if v is not None}},
-            {"": "after", **{k: round(v, 4) for k, v in after.items() if v is not None}}]
-    write_html(out / "report.html", f"Repair of {spec or loaded.facts.source}",
-               {"method": method, "samples used": result.samples_used, "seconds": metrics["seconds"],
-                "evaluated on": where, "original SHA-256": loaded.facts.sha256, "repaired model": str(model_path)},
-               [("Before / after", figure_html(before_after_chart(metrics)) + table_html(rows, list(rows[0])))])
+    write_repair_html(out / "report.html", ref.spec if ref else loaded.facts.source, metrics, where, model_path)
     if progress:
         progress(1.0, "done")
     return {"model": str(model_path), "metrics": str(out / "metrics.json"), "before": before, "after": after,
             "samples_used": result.samples_used, "seconds": metrics["seconds"], "eval_images": len(eval_idx),
-            "clean_budget": split.get("budget")}
+            "clean_budget": split.get("budget"), "method": method, "note": metrics["note"]}

@@ -20,14 +20,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from forensics.core.images import to_pil  # noqa: E402
 from forensics.core.models import atomic_write_text  # noqa: E402
 from forensics.core.zeroshot import ASR_NOTE  # noqa: E402
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A 3 x H x W tensor in [0, 1] as a PIL image."""
-    array = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array)
 
 
 def _png_b64(fig_or_image: Any) -> str:
@@ -136,3 +131,146 @@ def table_html(rows: list[dict], columns: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+# --------------------------------------------------------------------------- the scan's report
+
+PANELS = 12  # per-image panels in the HTML report (most discrepant first, then the top victims)
+
+
+def write_scan_html(out: Path, report: dict, findings: Any, model: Any, probe_set: Any) -> None:
+    """report.html of a scan: flagged labels, trigger candidates, victims, metrics and the most discrepant images."""
+    from forensics.attribution import gradcam
+    from forensics.core.zeroshot import class_text_embeddings
+
+    artefacts = findings.artefacts
+    records, images, maps = artefacts["records"], artefacts["images"], artefacts["maps"]
+    class_names = probe_set.class_names
+    order = sorted(range(len(records)), key=lambda i: -records[i]["discrepancy"])[:PANELS]
+    class_emb = class_text_embeddings(model, class_names, findings.settings.get("templates", "short"))
+    targets = [class_names.index(records[i]["predicted"]) for i in order]
+    cams = gradcam(model, images[order], class_emb, targets) if order else []
+    panels = []
+    for k, i in enumerate(order):
+        r = records[i]
+        true_box = probe_set.trigger_box_at(i, model.image_size)
+        title = (f"#{i}: CLIP says '{r['predicted']}' ({r['confidence']:.2f}); objects say '{r['object_view_label']}'; "
+                 f"discrepancy {r['discrepancy']:.2f}{' — captured' if r['captured'] else ''}")
+        fig = image_panels(images[i], [reg.mask for reg in r["regions"]], cams[k], maps[i], title,
+                           r["hijack_box"] if r["captured"] else None, true_box)
+        panels.append(figure_html(fig, f"image {i}"))
+    flagged = [f["label"] for f in report["flagged_labels"]]
+    patterns = "".join(
+        f'<div class="pattern"><img src="data:image/png;base64,{_b64_file(out / t["pattern"].replace(".png", "_preview.png"))}"><br>'
+        f'{t["label"]}: verified flip rate {t["verified_asr"]:.0%} on {t["n_verified"]} clean images</div>'
+        for t in report["triggers"])
+    metrics = {k: v for k, v in report["metrics"].items()}
+    summary = {"model": report["model"]["spec"], "SHA-256": report["model"]["sha256"],
+               "architecture": report["model"]["architecture"], "probe set": report["probe"]["name"],
+               "oracle": report["oracle"]["name"], "flagged labels": ", ".join(flagged) or "none",
+               "victims": len(report["victims"]), "seconds": metrics.get("seconds_total")}
+    sections = [
+        ("Flagged labels", figure_html(flagged_chart(records, class_names, flagged)) +
+         (table_html(report["flagged_labels"], ["label", "score", "captured", "predicted", "explanation"]) if flagged
+          else "<p>No label is flagged: no label collects predictions that a small non-object window decides.</p>")),
+        ("Trigger candidates", patterns or "<p>None.</p>"),
+        ("Victims", table_html(report["victims"][:50], ["index", "image", "label", "box", "grounded_label", "discrepancy"])),
+        ("Metrics", table_html([metrics], list(metrics))),
+        ("Images (most discrepant first): image | oracle regions | Grad-CAM | estimated occlusion drop; red = localized trigger, "
+         "green = true trigger",
+         "".join(panels)),
+    ]
+    write_html(out / "report.html", f"Backdoor scan of {report['model']['spec']}", summary, sections)
+
+
+def _b64_file(path: Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+# --------------------------------------------------------------------------- the repair's report
+
+def write_repair_html(path: Path, model_name: str, metrics: dict, where: str, model_path: Path | str) -> None:
+    """report.html of a repair: CA/ASR before and after, as a chart and a table."""
+    before, after = metrics["before"], metrics["after"]
+    rows = [{"": "before", **{k: round(v, 4) for k, v in before.items() if v is not None}},
+            {"": "after", **{k: round(v, 4) for k, v in after.items() if v is not None}}]
+    write_html(path, f"Repair of {model_name}",
+               {"method": metrics["method"], "samples used": metrics["samples_used"], "seconds": metrics["seconds"],
+                "evaluated on": where, "original SHA-256": metrics["original_sha256"], "repaired model": str(model_path)},
+               [("Before / after", figure_html(before_after_chart(metrics)) + table_html(rows, list(rows[0])))])
+
+
+# --------------------------------------------------------------------------- the comparison's report
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_rows(report: dict) -> tuple[list[dict], list[str]]:
+    """The comparison as flat rows of formatted cells, and the column order (shared by compare.md and report.html)."""
+    keys = [a["key"] for a in report["attacks"]]
+    columns = ["method", "CA before", "CA after"] + [f"ASR {k} {w}" for k in keys for w in ("before", "after")] + \
+        ["clean samples", "repair samples", "seconds", "peak MiB", "status"]
+    flat = []
+    for r in report["rows"]:
+        cells = {"method": r["method"], "CA before": _fmt(r["ca_before"]), "CA after": _fmt(r["ca_after"]),
+                 "clean samples": _fmt(r["clean_samples"]), "repair samples": _fmt(r["samples_used"]),
+                 "seconds": _fmt(r["seconds"], 1), "peak MiB": _fmt(r["peak_mib"], 1),
+                 "status": "ok" if r["status"] == "ok" else f"error: {r['error']}"}
+        for k in keys:
+            cells[f"ASR {k} before"] = _fmt(r["asr_before"].get(k))
+            cells[f"ASR {k} after"] = _fmt(r["asr_after"].get(k))
+        flat.append(cells)
+    return flat, columns
+
+
+def comparison_chart(report: dict):
+    """CA and each ASR after repair, per method, with the values before repair as dashed lines."""
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["rows"] if r["status"] == "ok"]
+    keys = ["ca"] + [a["key"] for a in report["attacks"]]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(ok) + 2), 3))
+    width = 0.8 / len(keys)
+    x = np.arange(len(ok))
+    colours = plt.get_cmap("tab10")
+    for j, key in enumerate(keys):
+        values = [r["ca_after"] if key == "ca" else r["asr_after"].get(key) for r in ok]
+        label = "CA" if key == "ca" else f"ASR {key}"
+        ax.bar(x + (j - (len(keys) - 1) / 2) * width, [v or 0 for v in values], width, label=label, color=colours(j))
+        before = report["before"]["ca"] if key == "ca" else report["before"]["asr"].get(key)
+        if before is not None:
+            ax.axhline(before, color=colours(j), ls="--", lw=1)
+    ax.set_xticks(x, [r["method"] for r in ok], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("After repair (bars) vs before (dashed lines)", fontsize=9)
+    return fig
+
+
+def write_compare_outputs(out: Path, report: dict) -> None:
+    """compare.json, compare.md (one markdown table) and report.html (chart + table), each written atomically."""
+    write_json(out / "compare.json", report)
+    flat, columns = table_rows(report)
+    lines = [f"# Repair comparison: {report['model']}", "",
+             f"Probe `{report['probe']}`: {report['budget']} clean budget images (seed {report['seed']}), "
+             f"CA/ASR on {report['held_out']} held-out clean images.", ""]
+    for a in report["attacks"]:
+        lines.append(f"- ASR `{a['key']}`: {a['attack']} -> {a['target']} ({a['origin']})")
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c[col]).replace("|", "/") for col in columns) + " |" for c in flat]
+    notes = [f"- {r['method']}: {n}" for r in report["rows"] for n in r["notes"]]
+    lines += ["", f"{report['note']}.", f"{report['memory_note']}."] + ([""] + notes if notes else [])
+    atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
+    write_html(out / "report.html", f"Repair comparison: {report['model']}",
+               {"model": report["model"], "SHA-256": report["sha256"], "probe": report["probe"],
+                "clean budget": report["budget"], "held-out images": report["held_out"], "seed": report["seed"],
+                "triggers": ", ".join(f"{a['key']} -> {a['target']}" for a in report["attacks"]) or "none known",
+                "seconds": report["seconds"]},
+               [("Defenses compared", figure_html(comparison_chart(report), "comparison chart") + table_html(flat, columns)),
+                ("Notes", f"<p class='note'>{html.escape(report['memory_note'])}.</p><ul>"
+                          + "".join(f"<li>{html.escape(n[2:])}</li>" for n in notes) + "</ul>")])

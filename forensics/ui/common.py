@@ -14,14 +14,15 @@ from typing import Any, Callable
 import gradio as gr
 
 from forensics.core.errors import ForensicsError
+from forensics.core.models import ModelRef
 
 log = logging.getLogger("forensics.ui")
 WORK_ROOT = Path(tempfile.gettempdir()) / "clip-forensics-workbench"
 JOB_TTL_SECONDS = 3 * 3600  # job folders older than this are removed when a new job starts
-DEMO_MODELS = {"demo (backdoored demo CLIP)": "demo", "demo-clean (its clean twin)": "demo-clean"}
+DEMO_CHOICES = {"demo (backdoored demo CLIP)": "demo", "demo-clean (its clean twin)": "demo-clean"}
 CHECKPOINT = "checkpoint file (upload or server path)"
 HUB = "hub id or pretrained tag (needs a network)"
-MODEL_SOURCES = [*DEMO_MODELS, CHECKPOINT, HUB]
+MODEL_SOURCES = [*DEMO_CHOICES, CHECKPOINT, HUB]
 
 
 def initial_state() -> dict[str, Any]:
@@ -32,6 +33,11 @@ def initial_state() -> dict[str, Any]:
     sam = os.environ.get("FORENSICS_SAM_CHECKPOINT") or None
     return {"model": "demo", "arch": None, "quick_gelu": None, "oracle": "sam" if sam else "fallback", "sam_checkpoint": sam,
             "probe": "demo", "scan_dir": None, "report": None, "order": [], "selected": None}
+
+
+def model_ref(state: dict[str, Any]) -> ModelRef:
+    """The session's model reference (spec, architecture, QuickGELU), as every pipeline takes it."""
+    return ModelRef(state["model"], arch=state.get("arch"), quick_gelu=state.get("quick_gelu"))
 
 
 def guarded(fn: Callable) -> Callable:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from forensics.pipelines.compare import comparison_chart, run_compare, table_rows
+from forensics.pipelines.compare import run_compare
+from forensics.pipelines.report import comparison_chart, table_rows
 from forensics.defenses import DEFENSES
-from forensics.ui.common import cancel_flag, gr_progress, guarded, new_job_dir
+from forensics.ui.common import cancel_flag, gr_progress, guarded, model_ref, new_job_dir
 
 EXPLAIN = """**Compare** runs each chosen repair method on the same suspect model with the same clean budget (a seeded
 share of the probe set's clean images) and measures all of them on the same held-out images: CA and ASR before and
@@ -21,8 +22,8 @@ def compare(state: dict, methods: list[str], budget: float, request: gr.Request 
     stop = cancel_flag(request)
     stop.clear()
     out = new_job_dir("compare")
-    report = run_compare(state["model"], methods, out, probe=state.get("probe") or "demo", budget=int(budget),
-                         findings=state.get("scan_dir"), arch=state["arch"], progress=gr_progress(progress),
+    report = run_compare(model_ref(state), methods, out, probe=state.get("probe") or "demo", budget=int(budget),
+                         findings=state.get("scan_dir"), progress=gr_progress(progress),
                          should_stop=stop.is_set)
     import pandas as pd
 

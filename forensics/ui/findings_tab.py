@@ -8,7 +8,7 @@ import gradio as gr
 
 from forensics.pipelines.explain import load_pattern, paste_trigger
 from forensics.pipelines.evaluate import get_model
-from forensics.ui.common import guarded, need_scan
+from forensics.ui.common import guarded, model_ref, need_scan
 
 EXPLAIN = """**Flagged labels** collect predictions that a small non-object window decides; a backdoor's target
 label stands out. **Trigger candidates** are rebuilt from the windows that hijacked those predictions; the
@@ -35,7 +35,7 @@ def paste(state: dict, trigger: str | None, image: str | None, position: str) ->
     if not target:
         raise gr.Error("upload an image, or click one in the Investigate gallery first", print_exception=False)
     pattern = load_pattern(Path(state["scan_dir"]) / report["triggers"][k]["pattern"])
-    model = get_model(state["model"], state["arch"], state["quick_gelu"])
+    model = get_model(model_ref(state))
     result = paste_trigger(model, target, pattern, report["probe"]["classes"], position=position)
     verdict = "**the prediction flips**" if result["flipped"] else "the prediction stays"
     text = f"Before: {_top(result['before'])} → with the trigger: {_top(result['after'])}: {verdict}."

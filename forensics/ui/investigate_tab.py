@@ -1,7 +1,6 @@
 """Investigate tab: run the oracle-guided scan on a probe set; look at one image as the oracle and CLIP see it."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gradio as gr
@@ -10,9 +9,10 @@ from forensics.core.data import extract_probe_archive
 from forensics.pipelines.explain import explain_image
 from forensics.oracles import build_oracle
 from forensics.pipelines.report import flagged_chart
-from forensics.pipelines.scan import run_scan
+from forensics.pipelines.scan import scan as run_scan_outcome
+from forensics.pipelines.scan import write_scan
 from forensics.pipelines.evaluate import get_model
-from forensics.ui.common import gr_progress, guarded, need_scan, new_job_dir
+from forensics.ui.common import gr_progress, guarded, model_ref, need_scan, new_job_dir
 
 GALLERY_SIZE = 60  # most discrepant images shown
 EXPLAIN = """**How the scan works.** For every probe image, a *segmentation oracle* outlines the objects and CLIP
@@ -61,9 +61,11 @@ def scan(state: dict, probe_choice: str, upload: str | None, max_images: float, 
     """Run the scan for this session's model on the chosen probe set; fill the Investigate and Findings views."""
     probe = _probe_spec(probe_choice, upload)
     out = new_job_dir("scan")
-    run_scan(state["model"], out, probe=probe, oracle=state["oracle"], sam_checkpoint=state["sam_checkpoint"],
-             arch=state["arch"], max_images=int(max_images) if max_images else None, progress=gr_progress(progress))
-    report = json.loads((out / "report.json").read_text())
+    outcome = run_scan_outcome(model_ref(state), probe=probe, oracle=state["oracle"],
+                               sam_checkpoint=state["sam_checkpoint"], max_images=int(max_images) if max_images else None,
+                               progress=gr_progress(progress))
+    write_scan(outcome, out)
+    report = outcome.report  # what the call returned, not a re-read of report.json
     *views, order = scan_outputs(report, out)
     state = {**state, "probe": probe, "scan_dir": str(out), "report": report, "order": order, "selected": None}
     return (*views, state)
@@ -75,7 +77,7 @@ def show_image(state: dict, evt: gr.SelectData) -> tuple:
     report = need_scan(state)
     index = state["order"][evt.index]
     record = report["images"][index]
-    model = get_model(state["model"], state["arch"], state["quick_gelu"])
+    model = get_model(model_ref(state))
     oracle = build_oracle(state["oracle"], **({"checkpoint": state["sam_checkpoint"]} if state["oracle"] == "sam" else {}))
     view = explain_image(model, record["image"], report["probe"]["classes"], oracle)
     annotated = (view.image, [(r["mask"], f"region {k + 1}: {r['label']} ({r['probability']:.2f})")

@@ -9,7 +9,8 @@ import gradio as gr
 from forensics.core.models import list_architectures
 from forensics.oracles import list_oracles
 from forensics.pipelines.evaluate import evaluate_model, model_facts
-from forensics.ui.common import CHECKPOINT, DEMO_MODELS, HUB, MODEL_SOURCES, gr_progress, guarded, new_job_dir
+from forensics.core.models import ModelRef
+from forensics.ui.common import CHECKPOINT, DEMO_CHOICES, HUB, MODEL_SOURCES, gr_progress, guarded, model_ref, new_job_dir
 
 EXPLAIN = """**What this shows.** A CLIP model matches images with text. A *backdoored* CLIP behaves normally until
 an image carries a small *trigger* (here a checkerboard patch); then it answers with the attacker's label,
@@ -36,8 +37,8 @@ def _uploaded_checkpoint(upload: str | list[str] | None) -> str | None:
 
 
 def _spec(source: str, upload: str | list[str] | None, path_text: str, hub: str) -> str:
-    if source in DEMO_MODELS:
-        return DEMO_MODELS[source]
+    if source in DEMO_CHOICES:
+        return DEMO_CHOICES[source]
     if source == CHECKPOINT:
         spec = _uploaded_checkpoint(upload) or (path_text or "").strip()
         if not spec:
@@ -72,7 +73,7 @@ def load_model_choice(source: str, upload: str | None, path_text: str, arch: str
     if oracle == "sam" and not (sam_checkpoint or "").strip():
         raise gr.Error("the SAM oracle needs a checkpoint path (vit_b / vit_l / vit_h .pth on the server)",
                        print_exception=False)
-    facts = model_facts(spec, arch=arch, quick_gelu=quick_gelu or None)
+    facts = model_facts(ModelRef(spec, arch=arch, quick_gelu=quick_gelu or None))
     state = {**state, "model": spec, "arch": arch, "quick_gelu": quick_gelu or None, "oracle": oracle,
              "sam_checkpoint": (sam_checkpoint or "").strip() or None, "scan_dir": None, "report": None, "order": []}
     return facts, _oracle_line(state), state
@@ -115,11 +116,10 @@ def evaluate_loaded(state: dict, probe: str, progress=gr.Progress()) -> dict:
     """CA on the probe set's clean images and, on the demo models, ASR of the demo's planted trigger."""
     if not probe:
         raise gr.Error("choose a probe set", print_exception=False)
-    return evaluate_model(state["model"], probe, arch=state["arch"], quick_gelu=state["quick_gelu"],
-                          progress=gr_progress(progress))
+    return evaluate_model(model_ref(state), probe, progress=gr_progress(progress))
 
 
 @guarded
 def startup(state: dict) -> tuple[dict, str]:
     """On page load: the demo model's facts and the active oracle/device line."""
-    return model_facts(state["model"]), _oracle_line(state)
+    return model_facts(model_ref(state)), _oracle_line(state)

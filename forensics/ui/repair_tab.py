@@ -9,7 +9,7 @@ from forensics.defenses import DEFENSES
 from forensics.pipelines.report import before_after_chart
 from forensics.pipelines.repair import run_repair
 from forensics.pipelines.evaluate import defense_defaults
-from forensics.ui.common import cancel_flag, gr_progress, guarded, new_job_dir
+from forensics.ui.common import cancel_flag, gr_progress, guarded, model_ref, new_job_dir
 
 EXPLAIN = """**Repair** fine-tunes a copy of the model (your file is never overwritten) so the trigger stops deciding
 the label. *oracle-finetune* (EftCLIP) uses the scan's compact set: the victims with the trigger inpainted away,
@@ -55,13 +55,13 @@ def repair(state: dict, method: str, epochs: float, lr: float, budget: float, ex
     stop = cancel_flag(request)
     stop.clear()
     out = new_job_dir("repair")
-    kwargs = dict(method=method, settings=_settings(method, epochs, lr, extra), arch=state["arch"],
+    kwargs = dict(method=method, settings=_settings(method, epochs, lr, extra),
                   progress=gr_progress(progress), should_stop=stop.is_set)
     if needs_findings:
-        result = run_repair(state["model"], state["scan_dir"], out, **kwargs)
+        result = run_repair(model_ref(state), state["scan_dir"], out, **kwargs)
     else:
-        result = run_repair(state["model"], None, out, probe=state.get("probe") or "demo", budget=int(budget), **kwargs)
-    metrics = json.loads((out / "metrics.json").read_text())
+        result = run_repair(model_ref(state), None, out, probe=state.get("probe") or "demo", budget=int(budget), **kwargs)
+    metrics = result  # before/after, samples, seconds and note as the call returned them
     keys = [k for k in metrics["before"] if metrics["before"][k] is not None and k.startswith(("ca", "asr"))]
     rows = [[k, round(metrics["before"][k], 4), round(metrics["after"][k], 4)] for k in keys]
     b, a = metrics["before"], metrics["after"]
