@@ -182,7 +182,8 @@ def cmd_scan(args: argparse.Namespace) -> dict:
     from forensics.core.progress import tqdm_progress
     from forensics.pipelines.scan import run_scan
 
-    settings = ScanSettings(seed=args.seed, templates=args.templates, batch_size=args.batch_size)
+    settings = ScanSettings(seed=args.seed, templates=args.templates,
+                            **({} if args.batch_size is None else {"batch_size": args.batch_size}))
     with tqdm_progress("scan", not args.quiet) as progress:
         return run_scan(_ref(args), args.out, probe=args.probe, oracle=args.oracle, sam_checkpoint=args.sam_checkpoint,
                         settings=settings, max_images=args.max_images, progress=progress)
@@ -331,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-checkpoint", help="path to a segment-anything checkpoint (vit_b/vit_l/vit_h)")
     p.add_argument("--max-images", type=int, help="scan a seeded random subset of this many probe images (quicker)")
     p.add_argument("--templates", default="short")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="images per forward (default: the scan's own, 32: fastest on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for report.json, report.html, trigger patterns, compact set")
     p.set_defaults(func=cmd_scan)

@@ -1,6 +1,6 @@
 """The detector interface: a suspect model and a probe set in, typed :class:`Findings` out; one registry for all.
 
-DESIGN.md's ``run(model, probe, progress) -> Findings``. What a pipeline needs beyond the JSON-able findings
+``run(model, probe, progress) -> Findings``. What a pipeline needs beyond the JSON-able findings
 (the loaded images, attribution maps, reconstructed trigger tensors) rides along in ``Findings.artefacts``,
 so reports and the compact set are drawn from memory, never re-read from disk.
 """

@@ -1,4 +1,4 @@
-"""The oracle-guided scan (EftCLIP, with Grad-CAM/occlusion from the product card).
+"""The oracle-guided scan (EftCLIP: oracle grounding, with Grad-CAM and occlusion attribution).
 
 Per probe image: CLIP's prediction; the oracle's object regions and CLIP's prediction for each
 region crop and for the image with everything but the objects blanked (grounding); whether covering

@@ -49,7 +49,7 @@ def build_oracle(name: str, **kwargs: Any) -> Oracle:
 
 
 def default_oracle(sam_checkpoint: str | None = None, **kwargs: Any) -> Oracle:
-    """SAM when a checkpoint path is given, else the weight-free fallback (DESIGN.md: the UI says which is active)."""
+    """SAM when a checkpoint path is given, else the weight-free fallback (the UI says which one is active)."""
     if sam_checkpoint:
         return build_oracle("sam", checkpoint=sam_checkpoint, **kwargs)
     return build_oracle("fallback", **kwargs)

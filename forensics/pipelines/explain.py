@@ -1,6 +1,6 @@
 """One image under the microscope: what the oracle sees, where CLIP looks, and what a trigger does to it.
 
-These are the per-image views of the workbench (and of ``python -m forensics explain``): the oracle's
+These are the per-image views of the workbench (and of `forensics.explain_image` for scripts): the oracle's
 regions with CLIP's label for each crop beside CLIP's label for the whole image, Grad-CAM beside
 occlusion (the map that localizes small triggers), and a trigger pasted on an image.
 """
