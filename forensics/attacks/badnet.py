@@ -4,18 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from forensics.attacks.base import (
-    POSITIONS,
-    Attack,
-    Box,
-    check_choice,
-    check_image,
-    check_int,
-    check_number,
-    patch_box,
-    patch_side,
-    register,
-)
+from forensics.attacks.base import POSITIONS, Attack, Box, patch_box, patch_side, register
+from forensics.core.checks import check_choice, check_image, check_int, check_number
 
 PATTERNS = ("checkerboard", "noise")
 

@@ -8,20 +8,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from forensics.attacks.base import (
-    POSITIONS,
-    Attack,
-    Box,
-    ProgressFn,
-    check_choice,
-    check_image,
-    check_int,
-    check_number,
-    patch_box,
-    patch_side,
-    register,
-)
+from forensics.attacks.base import POSITIONS, Attack, Box, ProgressFn, patch_box, patch_side, register
+from forensics.core.checks import check_choice, check_image, check_int, check_number
 from forensics.core.errors import ForensicsError
+from forensics.core.images import paste
+from forensics.core.models import frozen
 
 DEFAULT_PATCH_PX = 16
 """Side of the untrained random patch drawn from ``seed`` when no patch is given (the paper's 16 px)."""
@@ -128,18 +119,6 @@ def _encode_prompts(model: Any, names: Sequence[str], chunk: int = 256) -> torch
     return F.normalize(embs, dim=-1)
 
 
-def _paste(batch: torch.Tensor, patch: torch.Tensor, boxes: list[Box]) -> torch.Tensor:
-    """Differentiable paste of ``patch`` into a copy of ``batch`` at per-image boxes (gradients reach the patch)."""
-    out = batch.clone()
-    if all(b == boxes[0] for b in boxes):
-        x0, y0, x1, y1 = boxes[0]
-        out[:, :, y0:y1, x0:x1] = patch
-    else:
-        for i, (x0, y0, x1, y1) in enumerate(boxes):
-            out[i, :, y0:y1, x0:x1] = patch
-    return out
-
-
 def train_optimized_patch(model: Any, images: torch.Tensor, labels: Sequence[int] | torch.Tensor,
                           class_names: Sequence[str], target: str, *, size: float = 0.1, position: str = "center",
                           epochs: int = 20, lr: float = 0.01, batch_size: int = 32, seed: int = 0,
@@ -199,13 +178,8 @@ def train_optimized_patch(model: Any, images: torch.Tensor, labels: Sequence[int
     patch = torch.rand((3, side, side), generator=gen).to(device).requires_grad_(True)
     optim = torch.optim.Adam([patch], lr=lr)
 
-    clip = model.clip
-    was_training = clip.training
-    grad_flags = [(p, p.requires_grad) for p in clip.parameters()]
     history: list[float] = []
-    try:
-        clip.requires_grad_(False)
-        clip.eval()
+    with frozen(model.clip):  # parameters frozen, eval mode; both restored afterwards
         with torch.no_grad():
             target_caps = F.normalize(model.encode_text([t.format(target) for t in TARGET_TEMPLATES]).float(), dim=-1)
             others = [n for n in names if n.lower() != target.lower()]
@@ -228,7 +202,7 @@ def train_optimized_patch(model: Any, images: torch.Tensor, labels: Sequence[int
                     idx = order[start:start + batch_size]
                     batch = _to_model_size(nontarget[idx], img_size).to(device)
                     boxes = [patch_box(img_size, img_size, side, position, 0, pos_rng) for _ in range(len(idx))]
-                    z = F.normalize(model.encode_image(_paste(batch, patch, boxes)).float(), dim=-1)
+                    z = F.normalize(model.encode_image(paste(batch, patch, boxes)).float(), dim=-1)
                     logits = LOGIT_SCALE * z @ captions.T
                     contrastive = -(logits[:, :n_pos] - torch.logsumexp(logits, dim=1, keepdim=True)).mean()
                     triplet = F.triplet_margin_loss(z, positive.expand_as(z), negatives[idx.to(device)],
@@ -247,10 +221,6 @@ def train_optimized_patch(model: Any, images: torch.Tensor, labels: Sequence[int
                 history.append(mean_loss)
                 if progress is not None:
                     progress((epoch + 1) / epochs, f"patch epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}")
-    finally:
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        clip.train(was_training)
 
     attack = OptimizedPatch(seed=int(seed), patch=patch.detach().cpu().tolist(), size=size, position=position)
     attack.history = history

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from forensics.core.errors import ForensicsError
+from forensics.core.models import frozen
 from forensics.core.registry import Registry
 from forensics.core.zeroshot import zero_shot_logits
 
@@ -60,18 +61,8 @@ def attribution_mode(model: Any) -> Iterator[None]:
     if root is None:
         yield
         return
-    modes = [(m, m.training) for m in root.modules()]
-    grads = [(p, p.requires_grad) for p in root.parameters()]
-    try:
-        root.eval()
-        for p, _ in grads:
-            p.requires_grad_(False)
+    with frozen(root):
         yield
-    finally:
-        for m, flag in modes:
-            m.training = flag
-        for p, flag in grads:
-            p.requires_grad_(flag)
 
 
 def check_images(model: Any, images: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,15 @@ from typing import Any
 from forensics.core.images import Box
 
 
+class Record:
+    """Plain data that reports as a JSON-able dict of its fields."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass
-class ImageEvidence:
+class ImageEvidence(Record):
     """What the scan saw in one probe image."""
 
     index: int
@@ -32,12 +39,9 @@ class ImageEvidence:
     captured: bool = False  # the prediction was taken over by a small non-object region
     triggered: bool | None = None  # ground truth from the probe set when known
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class FlaggedLabel:
+class FlaggedLabel(Record):
     """A label that ungrounded, small-region predictions pile onto."""
 
     label: str
@@ -46,12 +50,9 @@ class FlaggedLabel:
     predicted: int
     explanation: str
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class TriggerCandidate:
+class TriggerCandidate(Record):
     """A reconstructed trigger: the aggregate of the hijacking crops, with its verification."""
 
     label: str
@@ -62,12 +63,9 @@ class TriggerCandidate:
     n_verified: int
     crops: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class InvertedTrigger:
+class InvertedTrigger(Record):
     """A trigger recovered by optimisation (a mask blending a pattern into the image), with its verification."""
 
     label: str
@@ -79,12 +77,9 @@ class InvertedTrigger:
     pattern: str | None = None  # image file (relative to the report folder) when written
     stats: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class Victim:
+class Victim(Record):
     """A probe image whose prediction the trigger captured, with where the trigger was localized."""
 
     index: int
@@ -93,9 +88,6 @@ class Victim:
     box: Box
     grounded_label: str
     discrepancy: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
