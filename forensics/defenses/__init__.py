@@ -1,22 +1,24 @@
-"""Repair methods by name."""
+"""Repair methods by name: importing this package registers the five defenses in :data:`DEFENSES`."""
 from __future__ import annotations
 
-from forensics.core.errors import ForensicsError
-from forensics.defenses.base import Defense, RepairData, RepairResult
-from forensics.defenses.abd import ABD
-from forensics.defenses.cleanclip import CleanCLIP
-from forensics.defenses.cbpt import CBPT
-from forensics.defenses.invertune import InverTune
+from typing import Any
+
+from forensics.defenses.base import DEFENSES, Defense, Fitted, RepairData, RepairResult
+
+# isort: off
+# import order is registration order, the order DEFENSES lists them in (CLI, UI, compare tables)
 from forensics.defenses.oracle_finetune import OracleGuidedFinetune
-
-DEFENSES: dict[str, type[Defense]] = {OracleGuidedFinetune.name: OracleGuidedFinetune, InverTune.name: InverTune, CBPT.name: CBPT,
-                                       CleanCLIP.name: CleanCLIP, ABD.name: ABD}
-
-
-def build_defense(name: str, **settings) -> Defense:
-    if name not in DEFENSES:
-        raise ForensicsError(f"unknown repair method {name!r}; choose one of {', '.join(DEFENSES)}")
-    return DEFENSES[name](**settings)
+from forensics.defenses.invertune import InverTune
+from forensics.defenses.cbpt import CBPT
+from forensics.defenses.cleanclip import CleanCLIP
+from forensics.defenses.abd import ABD
+# isort: on
 
 
-__all__ = ["DEFENSES", "Defense", "RepairData", "RepairResult", "build_defense"]
+def build_defense(name: str, **settings: Any) -> Defense:
+    """The defense registered as ``name`` with ``settings``; an unknown name or setting is one ForensicsError line."""
+    return DEFENSES.build(name, **settings)
+
+
+__all__ = ["ABD", "CBPT", "CleanCLIP", "DEFENSES", "Defense", "Fitted", "InverTune", "OracleGuidedFinetune",
+           "RepairData", "RepairResult", "build_defense"]

@@ -1,4 +1,5 @@
-"""ABD (arXiv 2409.15968): find a universal adversarial patch that behaves like a backdoor, then unlearn it CleanCLIP-style.
+"""ABD (arXiv 2409.15968): find a universal adversarial patch that behaves like a backdoor, then unlearn it
+CleanCLIP-style.
 
 Step 1, :func:`find_universal_patch`. The paper trains a patch generator with a discriminator and an
 InfoNCE "backdoor loss" that compares the poisoned encoder with a clean one. We have no clean
@@ -9,23 +10,24 @@ and the negatives are the clean embeddings of the batch (its own clean image inc
 that wins this pulls every image it touches to one point, away from what the image shows; on a
 backdoored model the trigger's shortcut is the easiest such point.
 
-Step 2 reuses :func:`~forensics.defenses.cleanclip.cleanclip_finetune`: the CleanCLIP loss with the
+Step 2 reuses :func:`~forensics.defenses.cleanclip.cleanclip_train`: the CleanCLIP loss with the
 patched images (the found patch pasted at fresh random places) as the image views and EDA captions
 as the text views, so the model learns that the patch does not change what an image is.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from forensics.core.errors import ForensicsError
-from forensics.core.models import SuspectModel
-from forensics.defenses.base import Defense, Progress, RepairData, RepairResult, ShouldStop
-from forensics.defenses.cleanclip import CleanCLIPSettings, check_budget, cleanclip_finetune
+from forensics.core.images import paste, random_boxes
+from forensics.core.models import SuspectModel, frozen
+from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, ShouldStop
+from forensics.defenses.cleanclip import CleanCLIPSettings, check_cleanclip, cleanclip_train
 
 PAPER_PATCH_RATIO = 16 / 224  # the paper's 16 x 16 patch on 224 px images
 
@@ -36,19 +38,15 @@ def patch_side(image_size: int, ratio: float) -> int:
 
 
 def paste_patch(images: torch.Tensor, patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Paste ``patch`` (3 x k x k) onto each image at a random place drawn from ``generator``; differentiable in ``patch``."""
+    """Paste ``patch`` (3 x k x k) onto each image at a random place drawn from ``generator`` (ys, then xs);
+    differentiable in ``patch``."""
     n, _, h, w = images.shape
-    k = patch.shape[-1]
-    ys = torch.randint(0, h - k + 1, (n,), generator=generator).tolist()
-    xs = torch.randint(0, w - k + 1, (n,), generator=generator).tolist()
-    out = images.clone()
-    for i, (y, x) in enumerate(zip(ys, xs)):
-        out[i, :, y:y + k, x:x + k] = patch
-    return out
+    return paste(images, patch, random_boxes(n, h, w, patch.shape[-1], generator))
 
 
 def patch_infonce(patched: torch.Tensor, clean: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE: each patched embedding vs the centroid of the other patched ones (positive) and all clean ones (negatives)."""
+    """InfoNCE: each patched embedding vs the centroid of the other patched ones (positive) and all clean ones
+    (negatives)."""
     n = len(patched)
     centroids = (patched.sum(0, keepdim=True) - patched) / max(1, n - 1)
     positive = (patched * F.normalize(centroids, dim=-1)).sum(-1, keepdim=True)
@@ -60,7 +58,8 @@ def find_universal_patch(model: SuspectModel, images: torch.Tensor, ratio: float
                          batch_size: int = 32, lr: float = 0.05, temperature: float = 0.1, seed: int = 0,
                          progress: Progress | None = None, should_stop: ShouldStop | None = None,
                          stats: dict | None = None) -> torch.Tensor:
-    """Optimise a universal patch (3 x k x k in [0, 1], returned on the CPU) on clean images so patched images all embed alike.
+    """Optimise a universal patch (3 x k x k in [0, 1], returned on the CPU) on clean images so patched images all
+    embed alike.
 
     A ``stats`` dict, when given, is filled with the search's statistics: side, first and last loss,
     the mean cosine among patched embeddings and between patched and clean ones, before and after.
@@ -76,14 +75,8 @@ def find_universal_patch(model: SuspectModel, images: torch.Tensor, ratio: float
     k = patch_side(images.shape[-1], ratio)
     patch = torch.rand(3, k, k, generator=generator).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([patch], lr=lr)
-    was_training = model.clip.training
-    model.clip.eval()
-    params = list(model.clip.parameters())
-    flags = [p.requires_grad for p in params]
     stats = {} if stats is None else stats
-    try:
-        for p in params:
-            p.requires_grad_(False)
+    with frozen(model):  # gradients go to the patch only; flags and train/eval modes come back as they were
         with torch.no_grad():
             clean_all = torch.cat([model.encode_image(images[i:i + 64].to(device)) for i in range(0, len(images), 64)])
 
@@ -99,8 +92,7 @@ def find_universal_patch(model: SuspectModel, images: torch.Tensor, ratio: float
         measure("before")
         losses = []
         for step in range(steps):
-            if should_stop and should_stop():
-                raise ForensicsError("repair cancelled")
+            Defense.check_cancel(should_stop)
             idx = torch.from_numpy(rng.choice(len(images), size=min(batch_size, len(images)), replace=False))
             batch = images[idx].to(device)
             patched = model.encode_image(paste_patch(batch, patch, generator))
@@ -112,19 +104,17 @@ def find_universal_patch(model: SuspectModel, images: torch.Tensor, ratio: float
                 patch.clamp_(0.0, 1.0)
             losses.append(float(loss.detach()))
             if progress:
-                progress((step + 1) / steps, f"ABD patch search step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f}")
+                progress((step + 1) / steps,
+                         f"ABD patch search step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f}")
         measure("after")
         stats.update(side=k, loss_first=round(losses[0], 4), loss_last=round(float(np.mean(losses[-5:])), 4))
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        model.clip.train(was_training)
     return patch.detach().cpu()
 
 
 @dataclass
 class ABDSettings(CleanCLIPSettings):
-    """ABD: patch search settings plus the CleanCLIP fine-tuning settings (defaults as :class:`CleanCLIPSettings` but lr 5e-4).
+    """ABD: patch search settings plus the CleanCLIP fine-tuning settings (defaults as :class:`CleanCLIPSettings`
+    but lr 5e-4).
 
     ``patch_ratio`` 0.1: the paper's 16/224 ≈ 0.071 of the image side, a bit larger because at
     128 px that is only 9 px (a 9 px patch reached a weaker optimum in 60 steps on the demo);
@@ -144,22 +134,23 @@ class ABDSettings(CleanCLIPSettings):
     lr: float = 5e-4
 
 
+@DEFENSES.register
 class ABD(Defense):
     name = "abd"
     needs_findings = False
     summary = "ABD: find a universal backdoor-like patch, then CleanCLIP fine-tuning with patched images as image views"
+    settings_cls = ABDSettings
+    last_patch: torch.Tensor | None = None  # the last repair's patch (3 x k x k), for callers that show or reuse it
 
-    def __init__(self, settings: ABDSettings | None = None, **overrides):
-        self.settings = settings or ABDSettings(**overrides)
-        self.last_patch: torch.Tensor | None = None
+    def check(self, model: SuspectModel, data: RepairData) -> None:
+        """Refuse a clean budget or fine-tuning settings ABD cannot use (the patch search checks its own)."""
+        check_cleanclip(data.images, data.captions_or_prompts(), model.image_size, self.settings, "ABD")
 
-    def repair(self, model: SuspectModel, data: RepairData, progress: Progress | None = None,
-               should_stop: ShouldStop | None = None) -> RepairResult:
-        """Return an ABD-repaired copy of ``model``; the patch's statistics are in the notes, the patch in ``last_patch``."""
+    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
+            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+        """Find the patch on ``model``, then fine-tune the copy; the patch's statistics are in the notes."""
         s = self.settings
-        start = time.time()
         captions = data.captions_or_prompts()
-        check_budget(data.images, captions, model.image_size, "ABD")
         share = s.patch_steps / (s.patch_steps + 2 * s.epochs * max(1, int(np.ceil(len(data.images) / s.batch_size))))
 
         def part(lo: float, hi: float) -> Progress | None:
@@ -172,12 +163,13 @@ class ABD(Defense):
         def patched_views(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             return paste_patch(batch, patch.to(batch.device), generator)
 
-        repaired, history = cleanclip_finetune(model, data.images, captions, s, image_views=patched_views,
-                                               progress=part(share, 1.0), should_stop=should_stop, label="ABD")
-        self.last_patch = patch  # the found patch (3 x k x k), for callers that want to show or reuse it
+        history = cleanclip_train(repaired, accelerator, data.images, captions, s, image_views=patched_views,
+                                  progress=part(share, 1.0), should_stop=should_stop, label="ABD")
+        self.last_patch = patch
         notes = [f"universal patch {stats['side']} x {stats['side']} px, mean pixel {float(patch.mean()):.3f}; "
                  f"patched-image cosine {stats['patched_cos_before']:.3f} -> {stats['patched_cos_after']:.3f}, "
-                 f"patched vs clean {stats['patched_vs_clean_cos_before']:.3f} -> {stats['patched_vs_clean_cos_after']:.3f}",
-                 f"all parameters fine-tuned on {len(data.images)} clean pairs; image views: patched images, text views: EDA"]
-        return RepairResult(model=repaired, samples_used=int(len(data.images)), history=history,
-                            seconds=round(time.time() - start, 2), settings=asdict(s), notes=notes)
+                 f"patched vs clean {stats['patched_vs_clean_cos_before']:.3f} -> "
+                 f"{stats['patched_vs_clean_cos_after']:.3f}",
+                 f"all parameters fine-tuned on {len(data.images)} clean pairs; image views: patched images, "
+                 "text views: EDA"]
+        return Fitted(samples_used=int(len(data.images)), history=history, notes=notes)

@@ -1,16 +1,27 @@
-"""The repair interface: every defense turns a suspect model (+ findings + clean data) into a repaired model."""
+"""The repair interface: every defense turns a suspect model (+ findings + clean data) into a repaired model.
+
+:class:`Defense` is a template method (as pytorch-grad-cam's ``BaseCAM``): :meth:`Defense.repair` does
+what every defense shares (validate, seed, make the Accelerator, copy the model, time the run, fill the
+:class:`RepairResult`) and calls the defense's own :meth:`Defense.fit` for the work in between.
+"""
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 
 from forensics.core.models import SuspectModel
+from forensics.core.progress import check_stop
+from forensics.core.registry import Registry
 
 Progress = Callable[[float, str], None]
 ShouldStop = Callable[[], bool]
+
+CANCELLED = "repair cancelled"
+"""The one-line error every defense raises when ``should_stop()`` asks it to end."""
 
 
 @dataclass
@@ -35,6 +46,8 @@ class RepairData:
 
 @dataclass
 class RepairResult:
+    """A repair's outcome: the repaired model, what it used and learnt, how long it took, its settings, notes."""
+
     model: SuspectModel
     samples_used: int
     history: list[dict]
@@ -43,14 +56,86 @@ class RepairResult:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Fitted:
+    """What :meth:`Defense.fit` returns; :meth:`Defense.repair` adds the time and the settings.
+
+    ``model``: the repaired model when it is not the copy ``fit`` was given (None: that copy, changed in
+    place). ``details``: extra keys for ``RepairResult.settings`` after the settings themselves (what the
+    run found, e.g. an inverted trigger), so a saved report shows them with the settings that gave them.
+    """
+
+    samples_used: int
+    history: list[dict]
+    notes: list[str] = field(default_factory=list)
+    model: SuspectModel | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 class Defense(ABC):
-    """One repair method; ``name`` is its registry key."""
+    """One repair method; ``name`` is its registry key, ``settings_cls`` the dataclass of its settings.
+
+    Subclasses implement :meth:`fit` (and, to refuse bad input before any work, :meth:`check`); the
+    settings dataclass must have a ``seed`` field, which :meth:`repair` seeds torch with.
+    """
 
     name: ClassVar[str]
     needs_findings: ClassVar[bool] = False  # True: needs a scan's compact set (kinds/patterns), not just clean data
     summary: ClassVar[str] = ""  # one line for lists and the UI
+    settings_cls: ClassVar[type]
+
+    def __init__(self, settings: Any | None = None, **overrides: Any) -> None:
+        if settings is not None and overrides:
+            raise TypeError(f"{self.name}: give a settings object or keyword settings, not both")
+        self.settings = settings if settings is not None else self.settings_cls(**self.fold_settings(overrides))
+
+    @classmethod
+    def fold_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """Keyword settings as ``settings_cls`` takes them; a defense that accepts other spellings maps them here."""
+        return dict(settings)
+
+    def check(self, model: SuspectModel, data: RepairData) -> None:
+        """Refuse, with one ForensicsError line, settings or data this defense cannot use (before any work)."""
 
     @abstractmethod
+    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
+            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+        """Repair ``repaired`` (a fresh copy of ``model``, which must stay untouched) on ``data``.
+
+        Called with torch seeded from ``settings.seed`` and ``accelerator`` (an ``accelerate.Accelerator``)
+        made; poll ``should_stop`` through :meth:`check_cancel` between steps.
+        """
+
+    @staticmethod
+    def check_cancel(should_stop: ShouldStop | None) -> None:
+        """Raise ForensicsError("repair cancelled") when the caller asked to stop."""
+        check_stop(should_stop, CANCELLED)
+
     def repair(self, model: SuspectModel, data: RepairData, progress: Progress | None = None,
                should_stop: ShouldStop | None = None) -> RepairResult:
         """Return a repaired copy; the input model is left untouched."""
+        from accelerate import Accelerator
+
+        self.check(model, data)
+        start = time.time()
+        torch.manual_seed(self.settings.seed)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        repaired = model.clone()
+        fitted = self.fit(model, repaired, data, accelerator, progress, should_stop)
+        out = fitted.model if fitted.model is not None else repaired
+        out.__dict__.pop("text_cache", None)  # class embeddings cached during the repair belong to the old towers
+        return RepairResult(model=out, samples_used=int(fitted.samples_used), history=fitted.history,
+                            seconds=round(time.time() - start, 2), settings={**asdict(self.settings), **fitted.details},
+                            notes=list(fitted.notes))
+
+
+class DefenseRegistry(Registry):
+    """A :class:`Registry` of defenses whose ``build`` first maps settings through the class's ``fold_settings``
+    (so ``build("invertune", inversion_steps=5)`` works as the constructor does)."""
+
+    def build(self, name: Any, **settings: Any) -> Any:
+        return super().build(name, **self.get(name).fold_settings(settings))
+
+
+DEFENSES = DefenseRegistry("repair method")
+"""Every repair method by name, in registration order (oracle-finetune, invertune, cbpt, cleanclip, abd)."""

@@ -1,4 +1,5 @@
-"""CBPT (arXiv 2502.19269): invert a dummy trigger by contrastive learning, then learn class-wise text prompts against it.
+"""CBPT (arXiv 2502.19269): invert a dummy trigger by contrastive learning, then learn class-wise text prompts
+against it.
 
 No public code; our design from the paper's description:
 
@@ -25,27 +26,21 @@ run on the tiny demo CLIP takes well under a minute.
 """
 from __future__ import annotations
 
-import copy
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from forensics.detect.findings import InvertedTrigger
 from forensics.core.checks import check_labelled_images
-from forensics.core.images import blend
-from forensics.core.models import frozen
-from forensics.core.progress import check_stop
-from forensics.core.zeroshot import flip_rate, predict_labels
 from forensics.core.errors import ForensicsError
-from forensics.core.models import SuspectModel
-from forensics.core.prompts import (PLACEHOLDER, context_template, encode_text_with_context, initial_context,
-                                    learned_class_embeddings, prompt_tokens)
-from forensics.core.templates import fill
-from forensics.core.zeroshot import class_text_embeddings
-from forensics.defenses.base import Defense, Progress, RepairData, RepairResult, ShouldStop
+from forensics.core.images import blend
+from forensics.core.models import SuspectModel, frozen
+from forensics.core.progress import check_stop
+from forensics.core.prompts import context_template, encode_text_with_context, initial_context, prompt_tokens
+from forensics.core.zeroshot import class_text_embeddings, flip_rate, predict_labels
+from forensics.defenses.base import CANCELLED, DEFENSES, Defense, Fitted, Progress, RepairData, ShouldStop
+from forensics.detect.findings import InvertedTrigger
 
 
 @dataclass
@@ -75,8 +70,9 @@ class CBPTSettings:
 
 def contrastive_inversion(model: SuspectModel, images: torch.Tensor, class_names: list[str], s: CBPTSettings,
                           progress: Progress | None = None, should_stop: ShouldStop | None = None,
-                          stop_message: str = "repair cancelled") -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Learn a dummy trigger (mask 1 x H x W, pattern 3 x H x W) that makes stamped images alike, unlike their clean versions."""
+                          stop_message: str = CANCELLED) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Learn a dummy trigger (mask 1 x H x W, pattern 3 x H x W) that makes stamped images alike, unlike their clean
+    versions."""
     if s.inversion_steps < 1 or s.batch_size < 2:
         raise ForensicsError("the contrastive inversion needs at least one step and batches of at least two images")
     if len(images) < 2:
@@ -116,10 +112,11 @@ def contrastive_inversion(model: SuspectModel, images: torch.Tensor, class_names
             with torch.no_grad():
                 mask.clamp_(0, 1)
                 pattern.clamp_(0, 1)
-            terms = {"loss": float(loss.detach()), "contrastive": float(contrast.detach()), "class_pull": float(pull.detach()),
-                     "mask_mean": float(size_term.detach())}
+            terms = {"loss": float(loss.detach()), "contrastive": float(contrast.detach()),
+                     "class_pull": float(pull.detach()), "mask_mean": float(size_term.detach())}
             if progress:
-                progress((step + 1) / s.inversion_steps, f"contrastive inversion {step + 1}/{s.inversion_steps} loss {terms['loss']:.3f}")
+                progress((step + 1) / s.inversion_steps,
+                         f"contrastive inversion {step + 1}/{s.inversion_steps} loss {terms['loss']:.3f}")
         mask_out, pattern_out = mask.detach().cpu(), pattern.detach().cpu()
         pred = predict_labels(model, blend(images, mask_out, pattern_out), class_emb)
     target_index = int(torch.bincount(pred, minlength=len(class_names)).argmax())
@@ -131,40 +128,38 @@ def contrastive_inversion(model: SuspectModel, images: torch.Tensor, class_names
 
 # --------------------------------------------------------------------------- the defense
 
+@DEFENSES.register
 class CBPT(Defense):
     name = "cbpt"
     needs_findings = False
-    summary = "CBPT: invert a dummy trigger contrastively, then learn class-wise prompts that classify triggered images correctly"
+    summary = ("CBPT: invert a dummy trigger contrastively, then learn class-wise prompts that classify triggered "
+               "images correctly")
+    settings_cls = CBPTSettings
+    trigger: tuple[torch.Tensor, torch.Tensor] | None = None  # the last repair's dummy trigger (mask, pattern)
 
-    def __init__(self, settings: CBPTSettings | None = None, **overrides):
-        self.settings = settings or CBPTSettings(**overrides)
-        self.trigger: tuple[torch.Tensor, torch.Tensor] | None = None  # the last repair's dummy trigger (mask, pattern)
-
-    def repair(self, model: SuspectModel, data: RepairData, progress: Progress | None = None,
-               should_stop: ShouldStop | None = None) -> RepairResult:
-        """Invert a dummy trigger on the clean budget, then learn prompts; the CLIP weights stay as they are."""
-        from accelerate import Accelerator
-
-        s = self.settings
-        if s.n_ctx < 1 or s.prompt_steps < 1:
+    def check(self, model: SuspectModel, data: RepairData) -> None:
+        """Refuse no context vectors or prompt steps, and labelled images that do not fit the model and classes."""
+        if self.settings.n_ctx < 1 or self.settings.prompt_steps < 1:
             raise ForensicsError("CBPT needs at least one context vector and one prompt step")
-        labels = check_labelled_images(model, data.images, data.labels, data.class_names)
+        check_labelled_images(model, data.images, data.labels, data.class_names)
+
+    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
+            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+        """Invert a dummy trigger on the clean budget, then learn prompts; the CLIP weights stay as they are."""
+        s = self.settings
+        labels = torch.as_tensor(list(data.labels), dtype=torch.long)
         names = list(data.class_names)
-        start = time.time()
-        torch.manual_seed(s.seed)
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
         device = accelerator.device
-        repaired = copy.deepcopy(model)
-        repaired.__dict__.pop("text_cache", None)
         repaired.class_prompts = None  # learn from the plain CLIP, not from earlier prompts
         repaired.to(device)
-        stop = "repair cancelled"
         images = data.images.to(device)
-        mask, pattern, inv_stats = contrastive_inversion(
-            repaired, images, names, s, (lambda f, m: progress(0.6 * f, m)) if progress else None, should_stop, stop)
+        mask, pattern, inv_stats = contrastive_inversion(repaired, images, names, s,
+                                                         (lambda f, m: progress(0.6 * f, m)) if progress else None,
+                                                         should_stop, CANCELLED)
         self.trigger = (mask, pattern)
-        rate, n_flip = flip_rate(repaired, images, labels.tolist(), names, inv_stats["target"], mask, pattern, s.templates)
-        check_stop(should_stop, stop)
+        rate, n_flip = flip_rate(repaired, images, labels.tolist(), names, inv_stats["target"], mask, pattern,
+                                 s.templates)
+        self.check_cancel(should_stop)
 
         template = context_template(s.n_ctx)
         tokens = prompt_tokens(repaired, names, template, s.n_ctx).to(device)
@@ -183,7 +178,7 @@ class CBPT(Defense):
         history = []
         with frozen(repaired):
             for step in range(s.prompt_steps):
-                check_stop(should_stop, stop)
+                self.check_cancel(should_stop)
                 class_emb = F.normalize(encode_text_with_context(repaired.clip, tokens, context).float(), dim=-1)
                 clean_loss = F.cross_entropy(100.0 * clean_feats @ class_emb.t(), y)
                 trig_loss = F.cross_entropy(100.0 * trig_feats @ class_emb.t(), y)
@@ -194,19 +189,20 @@ class CBPT(Defense):
                 optimizer.step()
                 if step % 10 == 9 or step == s.prompt_steps - 1:
                     history.append({"step": step + 1, "loss": round(float(loss.detach()), 5),
-                                    "clean_ce": round(float(clean_loss.detach()), 5), "triggered_ce": round(float(trig_loss.detach()), 5),
+                                    "clean_ce": round(float(clean_loss.detach()), 5),
+                                    "triggered_ce": round(float(trig_loss.detach()), 5),
                                     "anchor": round(float(anchor.detach()), 5)})
                 if progress:
                     progress(0.6 + 0.4 * (step + 1) / s.prompt_steps,
                              f"prompt tuning {step + 1}/{s.prompt_steps} loss {float(loss.detach()):.3f}")
         repaired.class_prompts = {"class_names": names, "context": context.detach().cpu().clone(), "template": template}
-        repaired.__dict__.pop("text_cache", None)
-        trigger = InvertedTrigger(label=inv_stats["target"], method="cbpt", mask_area=inv_stats["mask_area"], verified_asr=round(rate, 4),
-                                  n_verified=n_flip, verified_on="the budget images (inversion set)", stats=inv_stats)
-        settings = {**asdict(s), "dummy_trigger": trigger.to_dict(), "template": template}
+        trigger = InvertedTrigger(label=inv_stats["target"], method="cbpt", mask_area=inv_stats["mask_area"],
+                                  verified_asr=round(rate, 4), n_verified=n_flip,
+                                  verified_on="the budget images (inversion set)", stats=inv_stats)
         notes = [f"dummy trigger: {inv_stats['mask_area']:.1%} of the image; stamped budget images pile onto "
-                 f"'{inv_stats['target']}' ({inv_stats['share_on_target']:.0%}); flips {rate:.0%} of {n_flip} non-target images",
+                 f"'{inv_stats['target']}' ({inv_stats['share_on_target']:.0%}); "
+                 f"flips {rate:.0%} of {n_flip} non-target images",
                  f"CLIP weights unchanged; {len(names)} class-wise prompts of {s.n_ctx} learnt context vectors "
                  "(used for these exact class names only)"]
-        return RepairResult(model=repaired, samples_used=int(len(images)), history=history, seconds=round(time.time() - start, 2),
-                            settings=settings, notes=notes)
+        return Fitted(samples_used=int(len(images)), history=history, notes=notes,
+                      details={"dummy_trigger": trigger.to_dict(), "template": template})

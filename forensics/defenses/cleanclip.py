@@ -3,16 +3,14 @@
 ``L = λ1·CLIP(I, T) + λ2·[CE(s·I·Ĩᵀ) + CE(s·T·T̃ᵀ)] / 2``: the symmetric CLIP loss on the image-caption
 pairs plus in-modal self-supervision, each image against its AutoAugment view Ĩ and each caption
 against its EDA view T̃ (the other views of the batch are the negatives). Learning each modality on
-its own weakens the spurious trigger-to-caption shortcut a backdoor plants. ABD reuses
-:func:`cleanclip_finetune` with its own image views.
+its own weakens the spurious trigger-to-caption shortcut a backdoor plants. ABD reuses the fine-tuning loop,
+:func:`cleanclip_train`, with its own image views; :func:`cleanclip_finetune` is the stand-alone form.
 """
 from __future__ import annotations
 
-import copy
 import math
-import time
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,9 +18,9 @@ import torch.nn.functional as F
 
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
+from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, ShouldStop
 from forensics.training.augment import autoaugment_views, eda_views, tokenizer_vocabulary
 from forensics.training.clip import clip_loss, clip_step, decay_groups, warmup_cosine
-from forensics.defenses.base import Defense, Progress, RepairData, RepairResult, ShouldStop
 
 ImageViews = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (batch of [0, 1] images, generator) -> views
 
@@ -74,37 +72,39 @@ def check_budget(images: torch.Tensor, captions: list[str], size: int, what: str
     if images.ndim != 4 or images.shape[1] != 3:
         raise ForensicsError(f"{what} needs N x 3 x H x W images, got shape {tuple(images.shape)}")
     if len(images) < 2:
-        raise ForensicsError(f"{what} needs at least two clean image-caption pairs (contrastive loss), got {len(images)}")
+        raise ForensicsError(f"{what} needs at least two clean image-caption pairs (contrastive loss), "
+                             f"got {len(images)}")
     if tuple(images.shape[-2:]) != (size, size):
         raise ForensicsError(f"{what}: images are {images.shape[-1]} px but the model takes {size} px")
     if len(captions) != len(images):
         raise ForensicsError(f"{what}: {len(captions)} captions for {len(images)} images")
 
 
-def cleanclip_finetune(model: SuspectModel, images: torch.Tensor, captions: list[str], settings: CleanCLIPSettings,
-                       image_views: ImageViews | None = None, progress: Progress | None = None,
-                       should_stop: ShouldStop | None = None, label: str = "CleanCLIP") -> tuple[SuspectModel, list[dict]]:
-    """Fine-tune a deep copy of ``model`` (all parameters) with the CleanCLIP loss; returns it and the per-epoch history.
+def check_cleanclip(images: torch.Tensor, captions: list[str], size: int, settings: CleanCLIPSettings,
+                    what: str = "CleanCLIP") -> None:
+    """Refuse a clean budget or settings that CleanCLIP-style fine-tuning cannot use."""
+    check_budget(images, captions, size, what)
+    if settings.epochs < 1 or settings.batch_size < 2 or settings.lr <= 0:
+        raise ForensicsError(f"{what} needs epochs ≥ 1, batch size ≥ 2 and a positive learning rate")
 
-    ``image_views`` makes Ĩ from a batch of [0, 1] images (default: AutoAugment); ABD passes patched images.
+
+def cleanclip_train(repaired: SuspectModel, accelerator: Any, images: torch.Tensor, captions: list[str],
+                    settings: CleanCLIPSettings, image_views: ImageViews | None = None,
+                    progress: Progress | None = None, should_stop: ShouldStop | None = None,
+                    label: str = "CleanCLIP") -> list[dict]:
+    """Fine-tune ``repaired`` in place (all parameters) with the CleanCLIP loss; returns the per-epoch history.
+
+    ``accelerator`` is an ``accelerate.Accelerator``; torch is expected seeded from ``settings.seed``. ``image_views``
+    makes Ĩ from a batch of [0, 1] images (default: AutoAugment); ABD passes patched images.
     """
-    from accelerate import Accelerator
-
     s = settings
-    check_budget(images, captions, model.image_size, label)
-    if s.epochs < 1 or s.batch_size < 2 or s.lr <= 0:
-        raise ForensicsError(f"{label} needs epochs ≥ 1, batch size ≥ 2 and a positive learning rate")
-    torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     generator = torch.Generator().manual_seed(s.seed)
     if image_views is None:
         def image_views(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             return autoaugment_views(batch, gen, s.autoaugment_policy)
 
-    vocabulary = tokenizer_vocabulary(model.tokenizer)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    repaired = copy.deepcopy(model)
-    repaired.__dict__.pop("text_cache", None)
+    vocabulary = tokenizer_vocabulary(repaired.tokenizer)
     clip = repaired.clip
     clip.requires_grad_(True)
     optimizer = torch.optim.AdamW(decay_groups(clip, s.weight_decay), lr=s.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -120,8 +120,7 @@ def cleanclip_finetune(model: SuspectModel, images: torch.Tensor, captions: list
         clip.train()
         parts: dict[str, list[float]] = {"loss": [], "clip": [], "inmodal": []}
         for batch in np.array_split(rng.permutation(len(images)), n_batches):  # near-equal batches, none of one
-            if should_stop and should_stop():
-                raise ForensicsError("repair cancelled")
+            Defense.check_cancel(should_stop)
             idx = torch.from_numpy(batch)
             originals = images[idx]
             views = image_views(originals, generator)
@@ -143,27 +142,48 @@ def cleanclip_finetune(model: SuspectModel, images: torch.Tensor, captions: list
         history.append({"epoch": epoch + 1, **{k: round(float(np.mean(v)), 4) for k, v in parts.items()},
                         "samples": int(len(images))})
     repaired.clip = unwrapped.eval()
+    return history
+
+
+def cleanclip_finetune(model: SuspectModel, images: torch.Tensor, captions: list[str], settings: CleanCLIPSettings,
+                       image_views: ImageViews | None = None, progress: Progress | None = None,
+                       should_stop: ShouldStop | None = None,
+                       label: str = "CleanCLIP") -> tuple[SuspectModel, list[dict]]:
+    """Fine-tune a copy of ``model`` (all parameters) with the CleanCLIP loss; returns it and the per-epoch history.
+
+    The stand-alone form of :class:`CleanCLIP`'s repair (same seeding, so the same numbers) for callers outside
+    the :class:`~forensics.defenses.base.Defense` template; ``image_views`` as in :func:`cleanclip_train`.
+    """
+    from accelerate import Accelerator
+
+    check_cleanclip(images, captions, model.image_size, settings, label)
+    torch.manual_seed(settings.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    repaired = model.clone()
+    history = cleanclip_train(repaired, accelerator, images, captions, settings, image_views, progress, should_stop,
+                              label)
     repaired.__dict__.pop("text_cache", None)
     return repaired, history
 
 
+@DEFENSES.register
 class CleanCLIP(Defense):
     name = "cleanclip"
     needs_findings = False
-    summary = "CleanCLIP: fine-tune all of CLIP on clean pairs with CLIP + in-modal (AutoAugment / EDA) contrastive losses"
+    summary = ("CleanCLIP: fine-tune all of CLIP on clean pairs with CLIP + in-modal (AutoAugment / EDA) "
+               "contrastive losses")
+    settings_cls = CleanCLIPSettings
 
-    def __init__(self, settings: CleanCLIPSettings | None = None, **overrides):
-        self.settings = settings or CleanCLIPSettings(**overrides)
+    def check(self, model: SuspectModel, data: RepairData) -> None:
+        """Refuse a clean budget or settings the fine-tuning cannot use."""
+        check_cleanclip(data.images, data.captions_or_prompts(), model.image_size, self.settings)
 
-    def repair(self, model: SuspectModel, data: RepairData, progress: Progress | None = None,
-               should_stop: ShouldStop | None = None) -> RepairResult:
-        """Return a CleanCLIP-fine-tuned copy of ``model`` trained on the clean budget in ``data``."""
-        start = time.time()
-        captions = data.captions_or_prompts()
-        repaired, history = cleanclip_finetune(model, data.images, captions, self.settings, progress=progress,
-                                               should_stop=should_stop)
+    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
+            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+        """CleanCLIP-fine-tune the copy on the clean budget in ``data`` (its captions, else class prompts)."""
+        history = cleanclip_train(repaired, accelerator, data.images, data.captions_or_prompts(), self.settings,
+                                  progress=progress, should_stop=should_stop)
         source = "given captions" if data.captions is not None else "class prompts ('a photo of a {class}.')"
-        return RepairResult(model=repaired, samples_used=int(len(data.images)), history=history,
-                            seconds=round(time.time() - start, 2), settings=asdict(self.settings),
-                            notes=[f"all parameters fine-tuned on {len(data.images)} clean pairs ({source}); "
-                                   "image views: AutoAugment, text views: EDA"])
+        return Fitted(samples_used=int(len(data.images)), history=history,
+                      notes=[f"all parameters fine-tuned on {len(data.images)} clean pairs ({source}); "
+                             "image views: AutoAugment, text views: EDA"])

@@ -21,7 +21,6 @@ gradient from these losses, so freezing it is the same as the paper's "all param
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,12 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from forensics.core.checks import check_labelled_images
-from forensics.core.images import blend
-from forensics.core.progress import check_stop
-from forensics.detect.invertune import InverTuneDetection, InverTuneDetectSettings, run_invertune_detection
 from forensics.core.errors import ForensicsError
+from forensics.core.images import blend
 from forensics.core.models import SuspectModel
-from forensics.defenses.base import Defense, Progress, RepairData, RepairResult, ShouldStop
+from forensics.defenses.base import CANCELLED, DEFENSES, Defense, Fitted, Progress, RepairData, ShouldStop
+from forensics.detect.invertune import InverTuneDetection, InverTuneDetectSettings, run_invertune_detection
 
 
 @dataclass
@@ -112,7 +110,8 @@ def _channel_means(model: SuspectModel, visual: torch.nn.Module, images: torch.T
 
 
 def critical_neurons(delta: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Channels in the high-|delta| cluster of a 2-means split (sklearn KMeans, seeded): InverTune's critical neurons."""
+    """Channels in the high-|delta| cluster of a 2-means split (sklearn KMeans, seeded): InverTune's critical
+    neurons."""
     from sklearn.cluster import KMeans
 
     values = delta.abs().double().numpy().reshape(-1, 1)
@@ -123,40 +122,41 @@ def critical_neurons(delta: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(km.labels_ == high)
 
 
+@DEFENSES.register
 class InverTune(Defense):
     name = "invertune"
     needs_findings = False
     summary = "InverTune: find the target by adversarial patch, invert the trigger, tune the activations it drives"
+    settings_cls = InverTuneSettings
+    detection: InverTuneDetection | None = None  # the last repair's detection (mask and pattern included)
 
-    def __init__(self, settings: InverTuneSettings | None = None, **overrides):
-        # detection settings may come flat (e.g. ``--param inversion_steps=20``) as well as under ``detect``
+    @classmethod
+    def fold_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """Detection settings may come flat (e.g. ``--param inversion_steps=20``) as well as under ``detect``."""
+        settings = dict(settings)
         own = set(InverTuneSettings.__dataclass_fields__)
-        flat = {k: overrides.pop(k) for k in list(overrides) if k not in own and k in InverTuneDetectSettings.__dataclass_fields__}
+        flat = {k: settings.pop(k) for k in list(settings)
+                if k not in own and k in InverTuneDetectSettings.__dataclass_fields__}
         if flat:
-            detect = overrides.get("detect") or {}
-            overrides["detect"] = {**(asdict(detect) if isinstance(detect, InverTuneDetectSettings) else detect), **flat}
-        self.settings = settings or InverTuneSettings(**overrides)
-        self.detection: InverTuneDetection | None = None  # the last repair's detection (mask and pattern included)
+            detect = settings.get("detect") or {}
+            settings["detect"] = {**(asdict(detect) if isinstance(detect, InverTuneDetectSettings) else detect), **flat}
+        return settings
 
-    def repair(self, model: SuspectModel, data: RepairData, progress: Progress | None = None,
-               should_stop: ShouldStop | None = None) -> RepairResult:
-        """Detect (or take ``data.flagged[0]`` as the target), invert the trigger, tune critical activations."""
-        from accelerate import Accelerator
-
+    def check(self, model: SuspectModel, data: RepairData) -> None:
+        """Refuse non-positive step counts, bad labelled images and a flagged label that is not a class."""
         s = self.settings
         if s.iterations < 1 or s.batch_size < 1 or s.n_layers < 1:
             raise ForensicsError("InverTune needs positive iterations, batch size and layer count")
         check_labelled_images(model, data.images, data.labels, data.class_names)
         if data.flagged and data.flagged[0] not in data.class_names:
             raise ForensicsError(f"flagged label {data.flagged[0]!r} is not one of the classes")
-        start = time.time()
-        torch.manual_seed(s.seed)
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+
+    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
+            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+        """Detect (or take ``data.flagged[0]`` as the target), invert the trigger, tune critical activations."""
+        s = self.settings
         device = accelerator.device
-        repaired = copy.deepcopy(model)
-        repaired.__dict__.pop("text_cache", None)
         repaired.to(device)
-        stop = "repair cancelled"
 
         def part(lo: float, hi: float) -> Progress | None:
             return (lambda f, msg: progress(lo + (hi - lo) * f, msg)) if progress else None
@@ -165,7 +165,7 @@ class InverTune(Defense):
         detect_settings.seed = s.seed
         detection = run_invertune_detection(repaired, data.images, data.labels, data.class_names, detect_settings,
                                             target=data.flagged[0] if data.flagged else None, progress=part(0.0, 0.5),
-                                            should_stop=should_stop, stop_message=stop)
+                                            should_stop=should_stop, stop_message=CANCELLED)
         self.detection = detection
         images = data.images.to(device)
         stamped = blend(images, detection.mask, detection.pattern)
@@ -175,10 +175,11 @@ class InverTune(Defense):
         names = list(candidate_layers(visual))
         clean_means = _channel_means(repaired, teacher, images, names)
         trig_means = _channel_means(repaired, teacher, stamped, names)
-        scores = {n: float((clean_means[n] - trig_means[n]).norm() / clean_means[n].norm().clamp_min(1e-8)) for n in names}
+        scores = {n: float((clean_means[n] - trig_means[n]).norm() / clean_means[n].norm().clamp_min(1e-8))
+                  for n in names}
         chosen = sorted(names, key=lambda n: -scores[n])[:s.n_layers]
         crit = {n: critical_neurons(clean_means[n] - trig_means[n], s.seed).to(device) for n in chosen}
-        check_stop(should_stop, stop)
+        self.check_cancel(should_stop)
 
         # the frozen original's clean embeddings and critical activations, once for the whole budget
         rec = _Recorder(teacher, chosen)
@@ -203,7 +204,7 @@ class InverTune(Defense):
         history: list[dict[str, Any]] = []
         try:
             for it in range(s.iterations):
-                check_stop(should_stop, stop)
+                self.check_cancel(should_stop)
                 idx = torch.randperm(len(images), generator=gen)[:s.batch_size].to(device)
                 feats = F.normalize(student(repaired.normalize(images[idx])), dim=-1)
                 keep = (feats - ref_emb_t[idx]).norm(dim=-1).mean()
@@ -216,8 +217,8 @@ class InverTune(Defense):
                     accelerator.clip_grad_norm_(student.parameters(), s.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                history.append({"iteration": it + 1, "loss": round(float(loss.detach()), 5), "gap": round(float(gap.detach()), 5),
-                                "keep": round(float(keep.detach()), 5)})
+                history.append({"iteration": it + 1, "loss": round(float(loss.detach()), 5),
+                                "gap": round(float(gap.detach()), 5), "keep": round(float(keep.detach()), 5)})
                 if progress:
                     progress(0.5 + 0.5 * (it + 1) / s.iterations,
                              f"activation tuning {it + 1}/{s.iterations} gap {float(gap.detach()):.3f}")
@@ -226,17 +227,15 @@ class InverTune(Defense):
         repaired.clip.visual = accelerator.unwrap_model(student)
         repaired.clip.eval()
         repaired.clip.requires_grad_(True)
-        repaired.__dict__.pop("text_cache", None)
         summary = detection.to_dict()
-        settings = {**asdict(s), "detection": summary, "layer_scores": {n: round(v, 5) for n, v in scores.items()},
-                    "tuned_layers": chosen, "critical_neurons": {n: int(crit[n].sum()) for n in chosen}}
+        details = {"detection": summary, "layer_scores": {n: round(v, 5) for n, v in scores.items()},
+                   "tuned_layers": chosen, "critical_neurons": {n: int(crit[n].sum()) for n in chosen}}
         ident = summary["identification"]
         how = ("given by the flagged labels" if "share_before" not in ident else
-               f"identified by the adversarial patch (share of predictions {ident['share_before'][detection.target]:.0%}"
-               f" -> {ident['share_after'][detection.target]:.0%})")
+               "identified by the adversarial patch (share of predictions "
+               f"{ident['share_before'][detection.target]:.0%} -> {ident['share_after'][detection.target]:.0%})")
         notes = [f"target '{detection.target}' {how}",
                  f"inverted trigger covers {detection.trigger.mask_area:.1%} of the image and flips "
                  f"{detection.trigger.verified_asr:.0%} of {detection.trigger.n_verified} non-target budget images",
                  f"tuned critical neurons in {', '.join(chosen)}; image tower only, text tower frozen"]
-        return RepairResult(model=repaired, samples_used=int(len(images)), history=history, seconds=round(time.time() - start, 2),
-                            settings=settings, notes=notes)
+        return Fitted(samples_used=int(len(images)), history=history, notes=notes, details=details)

@@ -15,17 +15,18 @@ weight 3 -> 0.494 / 0.053, weight 10 -> 0.471 / 0.138; 40-image scan (8 victims,
 """
 from __future__ import annotations
 
-import copy
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from forensics.core.errors import ForensicsError
+from forensics.core.images import paste
+from forensics.core.models import SuspectModel
 from forensics.core.zeroshot import class_text_embeddings
-from forensics.defenses.base import Defense, Progress, RepairData, RepairResult, ShouldStop
+from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, ShouldStop
 
 
 @dataclass
@@ -41,28 +42,25 @@ class OracleFinetuneSettings:
     seed: int = 0
 
 
+@DEFENSES.register
 class OracleGuidedFinetune(Defense):
     name = "oracle-finetune"
     needs_findings = True
-    summary = "EftCLIP: fine-tune the image tower on the scan's compact set (victims neutralised + anchors + pasted trigger)"
+    summary = ("EftCLIP: fine-tune the image tower on the scan's compact set (victims neutralised + anchors + "
+               "pasted trigger)")
+    settings_cls = OracleFinetuneSettings
 
-    def __init__(self, settings: OracleFinetuneSettings | None = None, **overrides):
-        self.settings = settings or OracleFinetuneSettings(**overrides)
-
-    def repair(self, model, data: RepairData, progress: Progress | None = None,
-               should_stop: ShouldStop | None = None) -> RepairResult:
-        from accelerate import Accelerator
-
-        s = self.settings
+    def check(self, model: SuspectModel, data: RepairData) -> None:
+        """Refuse an empty compact set (nothing was found to repair)."""
         if len(data.images) == 0:
             raise ForensicsError("the compact fine-tuning set is empty: the scan found nothing to repair")
-        start = time.time()
-        torch.manual_seed(s.seed)
+
+    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
+            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+        """Fine-tune the copy's image tower on the compact set, distilled towards the original's on clean anchors."""
+        s = self.settings
         rng = np.random.default_rng(s.seed)
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
         class_emb = class_text_embeddings(model, data.class_names, data.templates).detach().clone()
-        repaired = copy.deepcopy(model)
-        repaired.__dict__.pop("text_cache", None)
         teacher = model.clip.visual
         student = repaired.clip
         student.requires_grad_(False)
@@ -77,7 +75,8 @@ class OracleGuidedFinetune(Defense):
         anchors = [i for i, k in enumerate(data.kinds) if k == "anchor"]
         size = images.shape[-1]
         history = []
-        total_steps = s.epochs * max(1, int(np.ceil((len(images) + s.trigger_copies * len(anchors) * bool(data.patterns)) / s.batch_size)))
+        per_epoch = len(images) + s.trigger_copies * len(anchors) * bool(data.patterns)
+        total_steps = s.epochs * max(1, int(np.ceil(per_epoch / s.batch_size)))
         step = 0
         for epoch in range(s.epochs):
             batch_x, batch_y, batch_clean = [images], [labels], [torch.tensor([k == "anchor" for k in data.kinds])]
@@ -88,9 +87,7 @@ class OracleGuidedFinetune(Defense):
                         pattern = data.patterns[int(rng.integers(len(data.patterns)))]
                         h, w = pattern.shape[1:]
                         x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
-                        img = images[i].clone()
-                        img[:, y:y + h, x:x + w] = pattern
-                        pasted.append(img)
+                        pasted.append(paste(images[i], pattern, (x, y, x + w, y + h)))
                     batch_x.append(torch.stack(pasted))
                     batch_y.append(labels[anchors])
                     batch_clean.append(torch.zeros(len(anchors), dtype=torch.bool))
@@ -103,8 +100,7 @@ class OracleGuidedFinetune(Defense):
                     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                         module.eval()
             for begin in range(0, len(xs), s.batch_size):
-                if should_stop and should_stop():
-                    raise ForensicsError("repair cancelled")
+                self.check_cancel(should_stop)
                 idx = order[begin:begin + s.batch_size]
                 x = repaired.normalize(xs[idx].to(device))
                 emb = student(image=x)[0]  # normalised image features, through DDP when several GPUs
@@ -121,22 +117,22 @@ class OracleGuidedFinetune(Defense):
                 losses.append(float(loss.detach()))
                 step += 1
                 if progress:
-                    progress(min(1.0, step / total_steps), f"repair epoch {epoch + 1}/{s.epochs} loss {np.mean(losses):.3f}")
+                    progress(min(1.0, step / total_steps),
+                             f"repair epoch {epoch + 1}/{s.epochs} loss {np.mean(losses):.3f}")
             history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "samples": int(len(xs))})
         repaired.clip = accelerator.unwrap_model(student).eval()
         repaired.clip.requires_grad_(True)
-        repaired.__dict__.pop("text_cache", None)
-        return RepairResult(model=repaired, samples_used=int(len(images)), history=history,
-                            seconds=round(time.time() - start, 2), settings=asdict(s),
-                            notes=["image tower fine-tuned; text tower frozen; distillation to the original on clean anchors"]
-                            + self._coverage_notes(data))
+        return Fitted(samples_used=int(len(images)), history=history,
+                      notes=["image tower fine-tuned; text tower frozen; distillation to the original on clean anchors"]
+                      + self._coverage_notes(data))
 
     @staticmethod
     def _coverage_notes(data: RepairData) -> list[str]:
         """Say plainly when the findings gave this repair nothing to unlearn (no flagged label, no victim)."""
         victims = sum(k != "anchor" for k in data.kinds)
         if victims:
-            return [f"{victims} victim samples (as found and with the trigger neutralised) for flagged label(s) {', '.join(data.flagged) or '(none named)'}"]
+            return [f"{victims} victim samples (as found and with the trigger neutralised) for flagged label(s) "
+                    f"{', '.join(data.flagged) or '(none named)'}"]
         return ["the scan flagged no label and found no victim, so there was nothing to unlearn: this run only "
                 "distilled clean anchors toward the original (the oracle-guided method looks for visible, localized "
                 "triggers; a trigger spread over the whole image, such as Blended, SIG or WaNet, escapes it)"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -119,5 +119,4 @@ def get_model(model: str | ModelRef) -> SuspectModel:
 
 def defense_defaults(method: str) -> dict[str, Any]:
     """A repair method's settings with their default values (the UI shows and overrides these)."""
-    settings = getattr(DEFENSES.build(method), "settings", None)
-    return asdict(settings) if is_dataclass(settings) else {}
+    return asdict(DEFENSES.get(method).settings_cls())

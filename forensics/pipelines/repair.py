@@ -117,12 +117,13 @@ def budget_repair_data(probe: ProbeSet, indices: list[int], image_size: int) -> 
 def make_defense(method: str, settings: dict | None = None, seed: int | None = None) -> Defense:
     """A registered defense with ``settings`` (unknown keys give a clear error); ``seed`` fills the settings' seed
     unless given."""
+    method = DEFENSES.resolve(method)  # an unknown method names the valid ones
     settings = dict(settings or {})
     if seed is not None and "seed" not in settings and "seed" in DEFENSES.accepted(method):
         settings["seed"] = seed
     try:
         return DEFENSES.build(method, **settings)
-    except TypeError as exc:
+    except (TypeError, ForensicsError) as exc:
         raise ForensicsError(f"bad setting for {method}: {exc}") from None
 
 
