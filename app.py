@@ -3,6 +3,7 @@
 Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (Gradio's defaults otherwise);
 GRADIO_SHARE=1 asks for a public share link.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ oracle's segments.
 
     python bench/attribution_mass.py [--model demo] [--oracle fallback] [--out bench/results/attribution.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from forensics.attribution import (gradcam, mass_inside, occlusion, occlusion_estimate,  # noqa: E402
-                                   region_ablation_map)
+from forensics.attribution import gradcam, mass_inside, occlusion, occlusion_estimate, region_ablation_map  # noqa: E402
 from forensics.core.data import load_probe_set  # noqa: E402
 from forensics.core.models import load_model  # noqa: E402
-from forensics.oracles import build_oracle  # noqa: E402
 from forensics.core.zeroshot import class_text_embeddings, predict  # noqa: E402
+from forensics.oracles import build_oracle  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,10 @@ def main() -> None:
     triggered = probe.triggered_indices()
     clean = probe.clean_indices()[:: max(1, len(probe.clean_indices()) // args.clean)][: args.clean]
     rows = {}
-    for kind, indices in (("clean: mass inside the object mask", clean), ("triggered: mass inside the trigger box", triggered)):
+    for kind, indices in (
+        ("clean: mass inside the object mask", clean),
+        ("triggered: mass inside the trigger box", triggered),
+    ):
         if not indices:
             continue
         images = probe.load_images(size, indices)
@@ -54,18 +57,24 @@ def main() -> None:
             for k, i in enumerate(indices):
                 x0, y0, x1, y1 = probe.trigger_box_at(i, size)
                 masks[k, y0:y1, x0:x1] = True
-        regions = [torch.from_numpy(np.stack([r.mask for r in oracle.segment(img)] or [np.zeros((size, size), bool)]))
-                   for img in images]
-        for name, fn in (("gradcam", lambda: gradcam(model, images, class_emb, targets)),
-                         ("occlusion", lambda: occlusion(model, images, class_emb, targets)),
-                         ("occlusion estimate (input x gradient)",
-                          lambda: occlusion_estimate(model, images, class_emb, targets)),
-                         ("region ablation", lambda: region_ablation_map(model, images, class_emb, targets, regions))):
+        regions = [
+            torch.from_numpy(np.stack([r.mask for r in oracle.segment(img)] or [np.zeros((size, size), bool)]))
+            for img in images
+        ]
+        for name, fn in (
+            ("gradcam", lambda: gradcam(model, images, class_emb, targets)),
+            ("occlusion", lambda: occlusion(model, images, class_emb, targets)),
+            ("occlusion estimate (input x gradient)", lambda: occlusion_estimate(model, images, class_emb, targets)),
+            ("region ablation", lambda: region_ablation_map(model, images, class_emb, targets, regions)),
+        ):
             start = time.time()
             maps = fn()
             share = mass_inside(maps, masks)
-            rows.setdefault(name, {})[kind] = {"mean": float(share.mean()), "median": float(share.median()),
-                                               "seconds_per_image": (time.time() - start) / len(indices)}
+            rows.setdefault(name, {})[kind] = {
+                "mean": float(share.mean()),
+                "median": float(share.median()),
+                "seconds_per_image": (time.time() - start) / len(indices),
+            }
         rows.setdefault("area share (chance level)", {})[kind] = {"mean": float(masks.float().mean())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "oracle": args.oracle, "rows": rows}, indent=2))

@@ -20,6 +20,7 @@ Writes ``OUT/compare_attacks.json`` and ``OUT/compare_attacks.md`` (one table: a
 how each attack's model was made) and keeps each compare's own folder under ``--work``. ``--merge``
 reruns only ``--attacks`` and keeps the other attacks of an earlier run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from forensics.attacks import attack_from_dict, build_attack, poison_dataset, train_optimized_patch  # noqa: E402
-from forensics.pipelines.compare import run_compare  # noqa: E402
 from forensics.core.data import demo_backdoor, load_probe_set  # noqa: E402
-from forensics.demo.build import DemoSpec, write_data  # noqa: E402
-from forensics.pipelines.implant import implant  # noqa: E402
 from forensics.core.models import DEMO_MODELS, atomic_write_text  # noqa: E402
+from forensics.demo.build import DemoSpec, write_data  # noqa: E402
+from forensics.pipelines.compare import run_compare  # noqa: E402
+from forensics.pipelines.implant import implant  # noqa: E402
 
 ATTACKS = ("badnet", "blended", "wanet", "sig", "optimized_patch")
 
@@ -59,8 +60,16 @@ def attack_spec(name: str, work: Path, target: str, seed: int, params: dict | No
         probe = load_probe_set("demo-clean")
         clean = load_model("demo-clean")
         idx = probe.clean_indices()
-        patch = train_optimized_patch(clean, probe.load_images(clean.image_size, idx), [probe.items[i].label for i in idx],
-                                      probe.class_names, target, size=0.1, epochs=20, seed=seed)
+        patch = train_optimized_patch(
+            clean,
+            probe.load_images(clean.image_size, idx),
+            [probe.items[i].label for i in idx],
+            probe.class_names,
+            target,
+            size=0.1,
+            epochs=20,
+            seed=seed,
+        )
         atomic_write_text(path, json.dumps(patch.to_dict()))
     return json.loads(path.read_text())
 
@@ -89,8 +98,9 @@ def training_record(name: str, args: argparse.Namespace) -> str:
     """How this attack's model was made, in words (one line of the table's notes)."""
     if name == "badnet" and args.reuse_demo:
         return "the bundled demo model (500 images per class, 14 epochs from scratch)"
-    return (f"{args.train}, {args.epochs} epochs, {args.train_per_class} images per class, poison rate {args.rate}"
-            + (f", lr {args.lr}" if args.lr is not None else ""))
+    return f"{args.train}, {args.epochs} epochs, {args.train_per_class} images per class, poison rate {args.rate}" + (
+        f", lr {args.lr}" if args.lr is not None else ""
+    )
 
 
 def backdoored_model(name: str, attack: dict, args: argparse.Namespace, work: Path, data_dir: Path) -> str:
@@ -101,12 +111,26 @@ def backdoored_model(name: str, attack: dict, args: argparse.Namespace, work: Pa
     if model_path.is_file():
         return str(model_path)
     target = demo_backdoor()["target"]
-    poisoned = poison_dataset(data_dir / "train" / "data.csv", attack_from_dict(attack), target, args.rate,
-                              work / name / "train_poisoned", seed=args.seed)
+    poisoned = poison_dataset(
+        data_dir / "train" / "data.csv",
+        attack_from_dict(attack),
+        target,
+        args.rate,
+        work / name / "train_poisoned",
+        seed=args.seed,
+    )
     kwargs = dict(base="demo-clean") if args.train == "finetune" else dict(config="tiny-rn")
     lr = args.lr if args.lr is not None else (1e-4 if args.train == "finetune" else 2e-3)
-    result = implant(poisoned, work / name / "model", epochs=args.epochs, lr=lr, batch_size=64, seed=args.seed,
-                     progress=lambda f, m: print(f"  {name} training {100 * f:5.1f}% {m}", file=sys.stderr, end="\r"), **kwargs)
+    result = implant(
+        poisoned,
+        work / name / "model",
+        epochs=args.epochs,
+        lr=lr,
+        batch_size=64,
+        seed=args.seed,
+        progress=lambda f, m: print(f"  {name} training {100 * f:5.1f}% {m}", file=sys.stderr, end="\r"),
+        **kwargs,
+    )
     print(file=sys.stderr)
     return result["model"]
 
@@ -114,18 +138,26 @@ def backdoored_model(name: str, attack: dict, args: argparse.Namespace, work: Pa
 def write_table(results: dict, out: Path) -> None:
     """compare_attacks.md from the attacks done so far (rewritten after each, so a long run keeps what it measured)."""
     budgets = sorted({str(res.get("budget", results["args"]["budget"])) for res in results["attacks"].values()})
-    lines = ["# Repair methods against each attack (demo-scale tiny CLIPs)", "",
-             f"Clean budget {', '.join(budgets)}; seed {results['args']['seed']}. ASR of the planted trigger on held-out "
-             "clean images whose true class is not the target.", "",
-             "| attack | method | CA before | CA after | ASR before | ASR after | seconds | peak MiB | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Repair methods against each attack (demo-scale tiny CLIPs)",
+        "",
+        f"Clean budget {', '.join(budgets)}; seed {results['args']['seed']}. ASR of the planted trigger on held-out "
+        "clean images whose true class is not the target.",
+        "",
+        "| attack | method | CA before | CA after | ASR before | ASR after | seconds | peak MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, res in results["attacks"].items():
         for r in res["rows"]:
+
             def f(v):
                 return "-" if v is None else f"{v:.3f}"
-            lines.append(f"| {name} | {r['method']} | {f(r['ca_before'])} | {f(r['ca_after'])} | "
-                         f"{f(r['asr_before'].get('planted'))} | {f(r['asr_after'].get('planted'))} | {r['seconds']} | "
-                         f"{r['peak_mib']} | {r['status'] if r['status'] == 'ok' else 'error: ' + str(r['error'])[:80]} |")
+
+            lines.append(
+                f"| {name} | {r['method']} | {f(r['ca_before'])} | {f(r['ca_after'])} | "
+                f"{f(r['asr_before'].get('planted'))} | {f(r['asr_after'].get('planted'))} | {r['seconds']} | "
+                f"{r['peak_mib']} | {r['status'] if r['status'] == 'ok' else 'error: ' + str(r['error'])[:80]} |"
+            )
     lines += ["", "Models:", ""]
     legacy = results["args"]
     for name, res in results["attacks"].items():
@@ -147,13 +179,22 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.1, help="poison rate of the training data (the demo's: 0.1)")
     parser.add_argument("--train-per-class", type=int, default=500, help="training images per class (the demo's: 500)")
     parser.add_argument("--reuse-demo", action="store_true", help="BadNet: use the bundled demo model, no training")
-    parser.add_argument("--attack-params", help='attack settings as JSON, e.g. \'{"wanet": {"strength": 4}}\' '
-                        "(default: the attack lab's defaults; BadNet: the demo's trigger)")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the other attacks already in OUT/compare_attacks.json (rerun only --attacks)")
+    parser.add_argument(
+        "--attack-params",
+        help='attack settings as JSON, e.g. \'{"wanet": {"strength": 4}}\' '
+        "(default: the attack lab's defaults; BadNet: the demo's trigger)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other attacks already in OUT/compare_attacks.json (rerun only --attacks)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "forensics_compare_attacks"),
-                        help="folder for training data, models and each compare (default: in the system temp folder)")
+    parser.add_argument(
+        "--work",
+        default=str(Path(tempfile.gettempdir()) / "forensics_compare_attacks"),
+        help="folder for training data, models and each compare (default: in the system temp folder)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     args.epochs = args.epochs or (14 if args.train == "scratch" else 3)
@@ -174,9 +215,16 @@ def main() -> None:
     if not (data_dir / "train" / "data.csv").is_file() and not (names == ["badnet"] and args.reuse_demo):
         print(f"writing the demo training images ({args.train_per_class} per class)", file=sys.stderr)
         write_data(data_dir, DemoSpec(seed=args.seed, train_per_class=args.train_per_class))
-    results = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                           "cuda": torch.cuda.is_available()},
-               "args": vars(args), "attacks": {}}
+    results = {
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+        },
+        "args": vars(args),
+        "attacks": {},
+    }
     if args.merge and (out / "compare_attacks.json").is_file():
         previous = json.loads((out / "compare_attacks.json").read_text())
         results["args"] = previous.get("args", results["args"])  # the run that made the kept attacks
@@ -187,14 +235,28 @@ def main() -> None:
         model = backdoored_model(name, attack, args, work, data_dir)
         probe = triggered_probe(attack, target, work / name / "probe", seed=args.seed)
         print(f"{name}: comparing on {model}", file=sys.stderr)
-        report = run_compare(model, args.methods, work / name / "compare", probe=str(probe), budget=args.budget,
-                             seed=args.seed, settings=settings,
-                             progress=lambda f, m: print(f"  {name} compare {100 * f:5.1f}% {m[:60]:60s}", file=sys.stderr, end="\r"))
+        report = run_compare(
+            model,
+            args.methods,
+            work / name / "compare",
+            probe=str(probe),
+            budget=args.budget,
+            seed=args.seed,
+            settings=settings,
+            progress=lambda f, m: print(f"  {name} compare {100 * f:5.1f}% {m[:60]:60s}", file=sys.stderr, end="\r"),
+        )
         print(file=sys.stderr)
-        results["attacks"][name] = {"model": model, "attack": attack, "seconds": round(time.time() - start, 1),
-                                    "training": training_record(name, args), "budget": args.budget,
-                                    "machine": results["machine"],
-                                    "before": report["before"], "rows": report["rows"], "held_out": report["held_out"]}
+        results["attacks"][name] = {
+            "model": model,
+            "attack": attack,
+            "seconds": round(time.time() - start, 1),
+            "training": training_record(name, args),
+            "budget": args.budget,
+            "machine": results["machine"],
+            "before": report["before"],
+            "rows": report["rows"],
+            "held_out": report["held_out"],
+        }
         atomic_write_text(out / "compare_attacks.json", json.dumps(results, indent=2, default=str))
         write_table(results, out)
     print(json.dumps({"json": str(out / "compare_attacks.json"), "md": str(out / "compare_attacks.md")}))

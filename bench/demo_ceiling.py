@@ -15,6 +15,7 @@ training renders is reported beside it, to tell under-fitting from not generalis
 
 Writes ``OUT/demo_ceiling.json`` (one entry per configuration, kept across runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,21 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from forensics.core.data import load_probe_set  # noqa: E402
-from forensics.demo.build import DemoSpec, write_data  # noqa: E402
 from forensics.core.models import atomic_write_text, new_model  # noqa: E402
 from forensics.core.tokenizer import WordTokenizer  # noqa: E402
+from forensics.demo.build import DemoSpec, write_data  # noqa: E402
 from forensics.training.augment import augment_views, view_augmenter  # noqa: E402
 from forensics.training.clip import CaptionDataset, read_caption_csv  # noqa: E402
 
 
-def accuracy(tower: torch.nn.Module, head: torch.nn.Module, normalize, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(
+    tower: torch.nn.Module, head: torch.nn.Module, normalize, images: torch.Tensor, labels: torch.Tensor
+) -> float:
     """Top-1 accuracy of tower + head on [0, 1] images."""
     tower.eval()
     correct = 0
     with torch.no_grad():
         for start in range(0, len(images), 128):
-            logits = head(tower(normalize(images[start:start + 128])))
-            correct += int((logits.argmax(-1) == labels[start:start + 128]).sum())
+            logits = head(tower(normalize(images[start : start + 128])))
+            correct += int((logits.argmax(-1) == labels[start : start + 128]).sum())
     return correct / max(1, len(images))
 
 
@@ -96,7 +99,7 @@ def main() -> None:
         order = torch.randperm(len(rows), generator=generator)
         total = 0.0
         for start_i in range(0, len(rows), args.batch_size):
-            idx = order[start_i:start_i + args.batch_size]
+            idx = order[start_i : start_i + args.batch_size]
             batch = train_x[idx]
             if augment is not None:
                 batch = augment_views(batch, augment)
@@ -108,22 +111,43 @@ def main() -> None:
             total += float(loss) * len(idx)
         probe_acc = accuracy(tower, head, normalize, probe_x, probe_y)
         history.append({"epoch": epoch + 1, "loss": round(total / len(rows), 4), "probe_acc": round(probe_acc, 4)})
-        print(f"epoch {epoch + 1}/{args.epochs} loss {total / len(rows):.3f} held-out acc {probe_acc:.3f}", file=sys.stderr)
+        print(
+            f"epoch {epoch + 1}/{args.epochs} loss {total / len(rows):.3f} held-out acc {probe_acc:.3f}",
+            file=sys.stderr,
+        )
     train_acc = accuracy(tower, head, normalize, train_x.float() / 255, train_y)
     key = f"{args.arch} per_class={len(rows) // len(classes)} epochs={args.epochs} augment={args.augment}"
-    entry = {"arch": args.arch, "train_images": len(rows), "epochs": args.epochs, "lr": args.lr, "augment": args.augment,
-             "seed": args.seed, "held_out_acc": history[-1]["probe_acc"], "best_epoch_held_out_acc": max(h["probe_acc"] for h in history),
-             "train_acc": round(train_acc, 4), "n_probe": len(probe_idx), "seconds": round(time.time() - start, 1),
-             "history": history, "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                                             "threads": torch.get_num_threads()}}
+    entry = {
+        "arch": args.arch,
+        "train_images": len(rows),
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "augment": args.augment,
+        "seed": args.seed,
+        "held_out_acc": history[-1]["probe_acc"],
+        "best_epoch_held_out_acc": max(h["probe_acc"] for h in history),
+        "train_acc": round(train_acc, 4),
+        "n_probe": len(probe_idx),
+        "seconds": round(time.time() - start, 1),
+        "history": history,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "demo_ceiling.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results[key] = entry
     atomic_write_text(path, json.dumps(results, indent=2))
-    print(json.dumps({"config": key, "held_out_acc": entry["held_out_acc"], "train_acc": entry["train_acc"],
-                      "seconds": entry["seconds"]}))
+    print(
+        json.dumps(
+            {
+                "config": key,
+                "held_out_acc": entry["held_out_acc"],
+                "train_acc": entry["train_acc"],
+                "seconds": entry["seconds"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ also writes JSON.
 
 Images are read at their own size (no resize); masks are white = object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,34 +74,51 @@ def measure(oracle, pairs, per_image: bool = False) -> dict:
         best_ious.append(mask_iou(regions[0].mask, m) if regions else 0.0)
         counts.append(len(regions))
     u, b = np.array(union_ious), np.array(best_ious)
-    rows = [{"image": name, "union_iou": float(x), "best_iou": float(y), "regions": int(c)}
-            for (name, _, _), x, y, c in zip(pairs, union_ious, best_ious, counts)]
+    rows = [
+        {"image": name, "union_iou": float(x), "best_iou": float(y), "regions": int(c)}
+        for (name, _, _), x, y, c in zip(pairs, union_ious, best_ious, counts)
+    ]
     return {
-        "oracle": oracle.describe(), "images": len(pairs),
-        "union_iou_mean": float(u.mean()), "union_iou_median": float(np.median(u)),
-        "union_iou_p10": float(np.percentile(u, 10)), "union_iou_below_0.5": int((u < 0.5).sum()),
-        "best_iou_mean": float(b.mean()), "best_iou_median": float(np.median(b)),
-        "regions_mean": float(np.mean(counts)), "empty": int(sum(c == 0 for c in counts)),
-        "seconds_per_image_wall": wall / len(pairs), "seconds_per_image_cpu": cpu / len(pairs),
+        "oracle": oracle.describe(),
+        "images": len(pairs),
+        "union_iou_mean": float(u.mean()),
+        "union_iou_median": float(np.median(u)),
+        "union_iou_p10": float(np.percentile(u, 10)),
+        "union_iou_below_0.5": int((u < 0.5).sum()),
+        "best_iou_mean": float(b.mean()),
+        "best_iou_median": float(np.median(b)),
+        "regions_mean": float(np.mean(counts)),
+        "empty": int(sum(c == 0 for c in counts)),
+        "seconds_per_image_wall": wall / len(pairs),
+        "seconds_per_image_cpu": cpu / len(pairs),
         **({"per_image": rows} if per_image else {}),
     }
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| oracle | images | union IoU mean | median | p10 | <0.5 | best-region IoU mean | regions/img | empty | s/img (cpu) | s/img (wall) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| oracle | images | union IoU mean | median | p10 | <0.5 | best-region IoU mean | regions/img | empty | s/img (cpu) | s/img (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['oracle']['name']} | {r['images']} | {r['union_iou_mean']:.3f} | {r['union_iou_median']:.3f} | "
-                     f"{r['union_iou_p10']:.3f} | {r['union_iou_below_0.5']} | {r['best_iou_mean']:.3f} | "
-                     f"{r['regions_mean']:.2f} | {r['empty']} | {r['seconds_per_image_cpu']:.4f} | {r['seconds_per_image_wall']:.4f} |")
+        lines.append(
+            f"| {r['oracle']['name']} | {r['images']} | {r['union_iou_mean']:.3f} | {r['union_iou_median']:.3f} | "
+            f"{r['union_iou_p10']:.3f} | {r['union_iou_below_0.5']} | {r['best_iou_mean']:.3f} | "
+            f"{r['regions_mean']:.2f} | {r['empty']} | {r['seconds_per_image_cpu']:.4f} | {r['seconds_per_image_wall']:.4f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("csv", nargs="?", default=DEFAULT_CSV, help=f"probe CSV with image and mask columns (default {DEFAULT_CSV})")
-    ap.add_argument("--oracles", default=None,
-                    help="comma-separated oracle names (default: every weight-free one except ground_truth)")
+    ap.add_argument(
+        "csv", nargs="?", default=DEFAULT_CSV, help=f"probe CSV with image and mask columns (default {DEFAULT_CSV})"
+    )
+    ap.add_argument(
+        "--oracles",
+        default=None,
+        help="comma-separated oracle names (default: every weight-free one except ground_truth)",
+    )
     ap.add_argument("-n", type=int, default=None, help="number of images, spread over the CSV (default: all)")
     ap.add_argument("--sam-checkpoint", default=None, help="SAM checkpoint path, for --oracles sam")
     ap.add_argument("--threads", type=int, default=1, help="torch / OpenCV threads (default 1)")
@@ -113,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(max(1, args.threads))
         cv2.setNumThreads(max(1, args.threads))
-        names = args.oracles.split(",") if args.oracles else [n for n in list_oracles(weight_free=True) if n != "ground-truth"]
+        names = (
+            args.oracles.split(",")
+            if args.oracles
+            else [n for n in list_oracles(weight_free=True) if n != "ground-truth"]
+        )
         csv_path = Path(args.csv)
         if args.csv == DEFAULT_CSV and not csv_path.is_file():
             csv_path = REPO / DEFAULT_CSV
@@ -134,8 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown(results))
     if args.out:
-        meta = {"csv": str(csv_path), "threads": args.threads, "python": platform.python_version(),
-                "machine": platform.machine(), "cpu_count": os.cpu_count(), "oracles_known": sorted(ORACLES)}
+        meta = {
+            "csv": str(csv_path),
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "oracles_known": sorted(ORACLES),
+        }
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 0
 

@@ -8,6 +8,7 @@ samples used, and CA/ASR before/after. Models: the demo pair, and a random-weigh
 
     python bench/scan_repair.py --out bench/results          # about 8 minutes on 2 CPU cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from forensics.core.data import load_probe_set  # noqa: E402
-from forensics.detect import OracleGuidedScan, ScanSettings  # noqa: E402
 from forensics.core.models import load_model  # noqa: E402
+from forensics.detect import OracleGuidedScan, ScanSettings  # noqa: E402
 from forensics.oracles import Oracle, build_oracle, list_oracles  # noqa: E402
 from forensics.pipelines.repair import run_repair  # noqa: E402
 from forensics.pipelines.scan import run_scan  # noqa: E402
@@ -85,33 +86,60 @@ def main() -> None:
         t = time.time()
         bare.run(model, probe)
         bare_s = time.time() - t
-        row = {"model": spec, "architecture": model.facts.architecture, "image px": model.image_size,
-               "probe images": len(probe), "scan img/s (oracle)": len(probe) / scan_s,
-               "scan img/s (no oracle)": len(probe) / bare_s, "fwd+bwd img/s": forward_backward_rate(model),
-               "flagged": ", ".join(f["label"] for f in result["flagged_labels"]) or "none",
-               "victims": result["n_victims"]}
+        row = {
+            "model": spec,
+            "architecture": model.facts.architecture,
+            "image px": model.image_size,
+            "probe images": len(probe),
+            "scan img/s (oracle)": len(probe) / scan_s,
+            "scan img/s (no oracle)": len(probe) / bare_s,
+            "fwd+bwd img/s": forward_backward_rate(model),
+            "flagged": ", ".join(f["label"] for f in result["flagged_labels"]) or "none",
+            "victims": result["n_victims"],
+        }
         if result["flagged_labels"]:
             t = time.time()
             repaired = run_repair(spec, scan_dir / "report.json", out / f"repair_{spec}")
-            row.update({"repair s": time.time() - t, "samples used": repaired["samples_used"],
-                        "CA before": repaired["before"]["ca"], "CA after": repaired["after"]["ca"],
-                        "ASR before": repaired["before"]["asr"], "ASR after": repaired["after"]["asr"]})
+            row.update(
+                {
+                    "repair s": time.time() - t,
+                    "samples used": repaired["samples_used"],
+                    "CA before": repaired["before"]["ca"],
+                    "CA after": repaired["after"]["ca"],
+                    "ASR before": repaired["before"]["asr"],
+                    "ASR after": repaired["after"]["asr"],
+                }
+            )
         rows.append(row)
     vit = load_model("random:ViT-B-32")
-    subset = probe.__class__(probe.name, probe.items[:: max(1, len(probe) // args.vit_images)][: args.vit_images],
-                             probe.class_names)
+    subset = probe.__class__(
+        probe.name, probe.items[:: max(1, len(probe) // args.vit_images)][: args.vit_images], probe.class_names
+    )
     for oracle_name, oracle in (("fallback", build_oracle("fallback")), ("none", NoRegions())):
         t = time.time()
         OracleGuidedScan(oracle, ScanSettings()).run(vit, subset)
-        rows.append({"model": f"random ViT-B-32 ({oracle_name} oracle)", "architecture": "ViT-B-32", "image px": 224,
-                     "probe images": len(subset), f"scan img/s ({'oracle' if oracle_name != 'none' else 'no oracle'})":
-                     len(subset) / (time.time() - t), "fwd+bwd img/s": forward_backward_rate(vit, batch=8, steps=2)})
+        rows.append(
+            {
+                "model": f"random ViT-B-32 ({oracle_name} oracle)",
+                "architecture": "ViT-B-32",
+                "image px": 224,
+                "probe images": len(subset),
+                f"scan img/s ({'oracle' if oracle_name != 'none' else 'no oracle'})": len(subset) / (time.time() - t),
+                "fwd+bwd img/s": forward_backward_rate(vit, batch=8, steps=2),
+            }
+        )
     oracles = {size: oracle_seconds(probe, size) for size in (128, 224)}
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     columns = list(dict.fromkeys(k for r in rows for k in r))
     lines = [f"Machine: {machine}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns) + " |")
+        lines.append(
+            "| "
+            + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)
+            + " |"
+        )
     lines += ["", "Oracle seconds per image:", "", "| oracle | 128 px | 224 px |", "|---|---|---|"]
     for name in oracles[128]:
         lines.append(f"| {name} | {oracles[128][name]:.3f} | {oracles[224][name]:.3f} |")

@@ -1,4 +1,5 @@
-from forensics.cli import main
 import sys
+
+from forensics.cli import main
 
 sys.exit(main())

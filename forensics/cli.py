@@ -3,6 +3,7 @@
 Bad arguments and bad inputs give a one-line ``error: ...`` on stderr and exit code 2, never a traceback
 (set FORENSICS_DEBUG=1 to see one for unexpected failures).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,16 @@ def _ref(args: argparse.Namespace):
     """The model reference the user gave (spec, --arch, --quick-gelu, --device), carried into every pipeline."""
     from forensics.core.models import ModelRef
 
-    return ModelRef(args.model, arch=getattr(args, "arch", None), quick_gelu=getattr(args, "quick_gelu", None),
-                    device=getattr(args, "device", None))
+    return ModelRef(
+        args.model,
+        arch=getattr(args, "arch", None),
+        quick_gelu=getattr(args, "quick_gelu", None),
+        device=getattr(args, "device", None),
+    )
 
 
 # --------------------------------------------------------------------------- commands
+
 
 def cmd_info(args: argparse.Namespace) -> dict:
     from forensics.pipelines.evaluate import model_facts
@@ -90,9 +96,17 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
     attack = _requested_attack(args)
     with tqdm_progress("evaluate", not args.quiet) as progress:
-        return evaluate_model(_ref(args), args.probe, attack, args.target, templates=args.templates,
-                              class_names=args.classes.split(",") if args.classes else None, batch_size=args.batch_size,
-                              seed=args.seed, progress=progress)
+        return evaluate_model(
+            _ref(args),
+            args.probe,
+            attack,
+            args.target,
+            templates=args.templates,
+            class_names=args.classes.split(",") if args.classes else None,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=progress,
+        )
 
 
 def cmd_poison(args: argparse.Namespace) -> dict:
@@ -107,37 +121,68 @@ def cmd_poison(args: argparse.Namespace) -> dict:
     params.setdefault("seed", args.seed)
     attack = build_attack(name, **params)
     with tqdm_progress("poison", not args.quiet) as progress:
-        csv_path = poison_dataset(args.data, attack, args.target, args.rate, args.out, seed=args.seed,
-                                  caption_template=args.caption_template, progress=progress)
+        csv_path = poison_dataset(
+            args.data,
+            attack,
+            args.target,
+            args.rate,
+            args.out,
+            seed=args.seed,
+            caption_template=args.caption_template,
+            progress=progress,
+        )
     summary = json.loads((Path(args.out) / "poison.json").read_text())
     return {"data": str(csv_path), **summary}
 
 
 def cmd_implant(args: argparse.Namespace) -> dict:
-    from forensics.pipelines.implant import implant
     from forensics.core.progress import tqdm_progress
+    from forensics.pipelines.implant import implant
 
     if bool(args.base) == bool(args.config):
         raise ForensicsError("give exactly one of --base MODEL (fine-tune) or --config NAME (train from scratch)")
     safe_settings = _parse_params(args.safe_param) or None
     with tqdm_progress("implant", not args.quiet) as progress:
-        return implant(args.data, args.out, base=args.base, config=args.config, epochs=args.epochs, lr=args.lr,
-                       batch_size=args.batch_size, seed=args.seed, arch=args.arch, progress=progress, mode=args.mode,
-                       safe_settings=safe_settings, augment=args.augment)
+        return implant(
+            args.data,
+            args.out,
+            base=args.base,
+            config=args.config,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            arch=args.arch,
+            progress=progress,
+            mode=args.mode,
+            safe_settings=safe_settings,
+            augment=args.augment,
+        )
 
 
 def cmd_audit(args: argparse.Namespace) -> dict:
+    from forensics.core.progress import tqdm_progress
     from forensics.detect.safeclip_audit import AuditSettings
     from forensics.pipelines.audit import audit_dataset
-    from forensics.core.progress import tqdm_progress
 
     settings = AuditSettings(seed=args.seed, batch_size=args.batch_size, risk_threshold=args.risk_threshold)
     with tqdm_progress("audit", not args.quiet) as progress:
-        result = audit_dataset(args.data, _ref(args), reference=args.reference, out=args.out,
-                               score_with=args.score_with, settings=settings, progress=progress)
+        result = audit_dataset(
+            args.data,
+            _ref(args),
+            reference=args.reference,
+            out=args.out,
+            score_with=args.score_with,
+            settings=settings,
+            progress=progress,
+        )
     top = result.pop("rows")[: args.top]
-    return {**result, "top": top, "audit_json": str(Path(args.out) / "audit.json"),
-            "audit_csv": str(Path(args.out) / "audit.csv")}
+    return {
+        **result,
+        "top": top,
+        "audit_json": str(Path(args.out) / "audit.json"),
+        "audit_csv": str(Path(args.out) / "audit.csv"),
+    }
 
 
 def cmd_train_patch(args: argparse.Namespace) -> dict:
@@ -158,35 +203,55 @@ def cmd_train_patch(args: argparse.Namespace) -> dict:
         labels = [probe.items[i].label for i in indices]
         if args.target not in probe.class_names:
             raise ForensicsError(f"target {args.target!r} is not one of the classes ({', '.join(probe.class_names)})")
-        patch = train_optimized_patch(model, images, labels, probe.class_names, args.target, size=args.size,
-                                      epochs=args.epochs, lr=args.lr, seed=args.seed, progress=progress)
+        patch = train_optimized_patch(
+            model,
+            images,
+            labels,
+            probe.class_names,
+            args.target,
+            size=args.size,
+            epochs=args.epochs,
+            lr=args.lr,
+            seed=args.seed,
+            progress=progress,
+        )
     out = Path(args.out)
     atomic_write_text(out, json.dumps(patch.to_dict()))
     return {"attack_file": str(out), "target": args.target, "loss_history": patch.history}
 
 
 def cmd_make_demo(args: argparse.Namespace) -> dict:
-    from forensics.demo.build import DEMO_DIR, DemoSpec, make_demo
     from forensics.core.progress import tqdm_progress
+    from forensics.demo.build import DEMO_DIR, DemoSpec, make_demo
 
     spec = DemoSpec(seed=args.seed, augment=args.augment)
     with tqdm_progress("make-demo", not args.quiet) as progress:
-        summary = make_demo(Path(args.out) if args.out else DEMO_DIR, data_only=args.data_only, spec=spec,
-                            progress=progress)
+        summary = make_demo(
+            Path(args.out) if args.out else DEMO_DIR, data_only=args.data_only, spec=spec, progress=progress
+        )
     print(f"demo lab rebuilt in {summary['seconds']:.0f} s", file=sys.stderr)
     return summary
 
 
 def cmd_scan(args: argparse.Namespace) -> dict:
-    from forensics.detect import ScanSettings
     from forensics.core.progress import tqdm_progress
+    from forensics.detect import ScanSettings
     from forensics.pipelines.scan import run_scan
 
-    settings = ScanSettings(seed=args.seed, templates=args.templates,
-                            **({} if args.batch_size is None else {"batch_size": args.batch_size}))
+    settings = ScanSettings(
+        seed=args.seed, templates=args.templates, **({} if args.batch_size is None else {"batch_size": args.batch_size})
+    )
     with tqdm_progress("scan", not args.quiet) as progress:
-        return run_scan(_ref(args), args.out, probe=args.probe, oracle=args.oracle, sam_checkpoint=args.sam_checkpoint,
-                        settings=settings, max_images=args.max_images, progress=progress)
+        return run_scan(
+            _ref(args),
+            args.out,
+            probe=args.probe,
+            oracle=args.oracle,
+            sam_checkpoint=args.sam_checkpoint,
+            settings=settings,
+            max_images=args.max_images,
+            progress=progress,
+        )
 
 
 def cmd_repair(args: argparse.Namespace) -> dict:
@@ -195,44 +260,70 @@ def cmd_repair(args: argparse.Namespace) -> dict:
 
     settings = _parse_params(args.param)
     with tqdm_progress("repair", not args.quiet) as progress:
-        return run_repair(_ref(args), args.findings, args.out, method=args.method, settings=settings,
-                          probe=args.probe, budget=args.budget, seed=args.seed, progress=progress)
+        return run_repair(
+            _ref(args),
+            args.findings,
+            args.out,
+            method=args.method,
+            settings=settings,
+            probe=args.probe,
+            budget=args.budget,
+            seed=args.seed,
+            progress=progress,
+        )
 
 
 def cmd_compare(args: argparse.Namespace) -> dict:
-    from forensics.pipelines.compare import run_compare
     from forensics.core.progress import tqdm_progress
+    from forensics.pipelines.compare import run_compare
 
     settings = None
     if args.settings:
         try:
             settings = json.loads(Path(args.settings).read_text() if Path(args.settings).is_file() else args.settings)
         except (OSError, json.JSONDecodeError) as exc:
-            raise ForensicsError(f"--settings must be JSON (or a JSON file) like '{{\"cleanclip\": {{\"epochs\": 2}}}}': {exc}") from None
+            raise ForensicsError(
+                f'--settings must be JSON (or a JSON file) like \'{{"cleanclip": {{"epochs": 2}}}}\': {exc}'
+            ) from None
     if settings is not None and not isinstance(settings, dict):
         raise ForensicsError("--settings must be a JSON object mapping method names to their settings")
     attacks = [a.strip() for a in (args.attacks or "").split(",") if a.strip()] or None
     with tqdm_progress("compare", not args.quiet) as progress:
-        result = run_compare(_ref(args), args.methods, args.out, probe=args.probe, budget=args.budget, seed=args.seed,
-                             findings=args.findings, attacks=attacks, target=args.target, settings=settings,
-                             progress=progress)
+        result = run_compare(
+            _ref(args),
+            args.methods,
+            args.out,
+            probe=args.probe,
+            budget=args.budget,
+            seed=args.seed,
+            findings=args.findings,
+            attacks=attacks,
+            target=args.target,
+            settings=settings,
+            progress=progress,
+        )
     return {k: v for k, v in result.items() if k != "budget_indices"}
 
 
 def cmd_list(args: argparse.Namespace) -> dict:
     from forensics.attacks import list_attacks
     from forensics.core.models import list_architectures, project_configs
-
     from forensics.defenses import DEFENSES
     from forensics.detect import DETECTORS
     from forensics.oracles import list_oracles
 
-    return {"attacks": list_attacks(), "oracles": list_oracles(), "defenses": list(DEFENSES),
-            "detectors": DETECTORS.names(),
-            "project_configs": list(project_configs()), "architectures": list_architectures()}
+    return {
+        "attacks": list_attacks(),
+        "oracles": list_oracles(),
+        "defenses": list(DEFENSES),
+        "detectors": DETECTORS.names(),
+        "project_configs": list(project_configs()),
+        "architectures": list_architectures(),
+    }
 
 
 # --------------------------------------------------------------------------- parser
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="demo, demo-clean, a checkpoint path, random:ARCH, hf-hub:ORG/NAME or ARCH:TAG")
@@ -242,7 +333,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m forensics", description="CLIP backdoor forensics: inspect, attack and evaluate CLIP models.")
+    parser = _Parser(
+        prog="python -m forensics", description="CLIP backdoor forensics: inspect, attack and evaluate CLIP models."
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -285,21 +378,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default: 2e-3 from scratch, 1e-5 fine-tuning")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--augment", action="store_true",
-                   help="train on random views of each image (flip, mild crop, colour jitter, grayscale)")
-    p.add_argument("--mode", default="standard", choices=["standard", "safeclip"],
-                   help="standard: CLIP loss on every pair; safeclip: SafeCLIP's safe training (GMM-filtered pairs)")
-    p.add_argument("--safe-param", action="append",
-                   help="SafeCLIP setting key=value (repeatable), e.g. warmup_epochs=1, filter_ratio=0.5")
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="train on random views of each image (flip, mild crop, colour jitter, grayscale)",
+    )
+    p.add_argument(
+        "--mode",
+        default="standard",
+        choices=["standard", "safeclip"],
+        help="standard: CLIP loss on every pair; safeclip: SafeCLIP's safe training (GMM-filtered pairs)",
+    )
+    p.add_argument(
+        "--safe-param",
+        action="append",
+        help="SafeCLIP setting key=value (repeatable), e.g. warmup_epochs=1, filter_ratio=0.5",
+    )
     p.set_defaults(func=cmd_implant)
 
-    p = sub.add_parser("audit", help="SafeCLIP data-set audit: rank image-caption pairs by how likely they are poisoned")
+    p = sub.add_parser(
+        "audit", help="SafeCLIP data-set audit: rank image-caption pairs by how likely they are poisoned"
+    )
     _add_model_args(p)
     p.add_argument("--data", required=True, help="image-caption CSV (e.g. the data.csv written by `poison`)")
-    p.add_argument("--reference", help="a reference model to score with (e.g. demo-clean); scores by default when given")
-    p.add_argument("--score-with", choices=["reference", "suspect"],
-                   help="which model scores the pairs (default: reference when given, else the suspect)")
-    p.add_argument("--risk-threshold", type=float, default=0.5, help="P(low-mean component) above which a pair is risky")
+    p.add_argument(
+        "--reference", help="a reference model to score with (e.g. demo-clean); scores by default when given"
+    )
+    p.add_argument(
+        "--score-with",
+        choices=["reference", "suspect"],
+        help="which model scores the pairs (default: reference when given, else the suspect)",
+    )
+    p.add_argument(
+        "--risk-threshold", type=float, default=0.5, help="P(low-mean component) above which a pair is risky"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=int, default=10, help="riskiest rows to print (all are in audit.csv)")
@@ -319,9 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-demo", help="rebuild the demo lab (images, probe sets, both demo models)")
     p.add_argument("--out", help="output folder (default: the bundled assets/demo)")
-    p.add_argument("--data-only", action="store_true", help="write the image-caption CSVs with masks and labels, no training")
-    p.add_argument("--augment", action="store_true",
-                   help="train both models on random views (flip, crop, colour jitter); the bundled demo was built without")
+    p.add_argument(
+        "--data-only", action="store_true", help="write the image-caption CSVs with masks and labels, no training"
+    )
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="train both models on random views (flip, crop, colour jitter); the bundled demo was built without",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo)
 
@@ -337,14 +454,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.json, report.html, trigger patterns, compact set")
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("repair", help="repair a model (with a scan's findings or a clean budget); CA/ASR before and after")
+    p = sub.add_parser(
+        "repair", help="repair a model (with a scan's findings or a clean budget); CA/ASR before and after"
+    )
     _add_model_args(p)
     p.add_argument("--findings", help="the scan's report.json (or its folder); required by methods that need a scan")
     p.add_argument("--method", default="oracle-finetune", help="repair method (see `list`)")
     p.add_argument("--param", action="append", help="method setting key=value (repeatable), e.g. epochs=10")
     p.add_argument("--probe", help="probe set whose clean images give the budget (default for demo models: demo)")
-    p.add_argument("--budget", type=int, help="clean repair images for methods that need no scan (default 120); "
-                                              "CA/ASR are measured on the rest")
+    p.add_argument(
+        "--budget",
+        type=int,
+        help="clean repair images for methods that need no scan (default 120); CA/ASR are measured on the rest",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the budget split and of the method")
     p.add_argument("--out", required=True, help="folder for model.safetensors, metrics.json, report.html")
     p.set_defaults(func=cmd_repair)
@@ -355,9 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=120, help="clean repair images shared by every method")
     p.add_argument("--probe", help="probe set (default for demo models: demo)")
     p.add_argument("--findings", help="a scan's report.json for methods that need findings (default: scan the budget)")
-    p.add_argument("--attacks", help="extra triggers to measure ASR with: comma-separated attack names or JSON attack files")
+    p.add_argument(
+        "--attacks", help="extra triggers to measure ASR with: comma-separated attack names or JSON attack files"
+    )
     p.add_argument("--target", help="target label of the extra attacks (default: the model's known backdoor target)")
-    p.add_argument("--settings", help="per-method settings as JSON or a JSON file, e.g. '{\"cleanclip\": {\"epochs\": 2}}'")
+    p.add_argument(
+        "--settings", help='per-method settings as JSON or a JSON file, e.g. \'{"cleanclip": {"epochs": 2}}\''
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for compare.md, compare.json, report.html")
     p.set_defaults(func=cmd_compare)

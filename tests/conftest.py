@@ -1,4 +1,5 @@
 """Shared test setup: never touch the network, stay within two CPU threads, register markers."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,14 @@ def workbench(tmp_path_factory):
     """``python app.py`` running on a free local port (as a user starts it); yields its URL, stops it after."""
     port = _free_port()
     log = tmp_path_factory.mktemp("workbench") / "app.log"
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "2"}
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "OMP_NUM_THREADS": "2",
+    }
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -1,4 +1,5 @@
 """Tests for the attack lab: every trigger, the registry, poison_dataset and the optimised patch."""
+
 from __future__ import annotations
 
 import csv
@@ -27,7 +28,6 @@ from forensics.attacks import (
     train_optimized_patch,
 )
 from forensics.core.errors import ForensicsError
-
 
 ALL = ["badnet", "blended", "wanet", "sig", "optimized-patch"]
 # variants worth checking separately (name, params)
@@ -85,34 +85,37 @@ def test_name_aliases():
     assert build_attack("optimized_patch").name == "optimized-patch"  # the old name stays an alias
 
 
-@pytest.mark.parametrize("name,params", [
-    ("badnet", {"size": -0.1}),
-    ("badnet", {"size": 0}),
-    ("badnet", {"size": 1.5}),
-    ("badnet", {"pattern": "stripes"}),
-    ("badnet", {"position": "middle"}),
-    ("badnet", {"margin": -1}),
-    ("badnet", {"cells": 0}),
-    ("badnet", {"size": "big"}),
-    ("badnet", {"colour": "red"}),
-    ("blended", {"alpha": 1.5}),
-    ("blended", {"alpha": -0.1}),
-    ("blended", {"pattern": "kitty"}),
-    ("wanet", {"k": 1}),
-    ("wanet", {"k": 2.5}),
-    ("wanet", {"strength": -1}),
-    ("wanet", {"grid_rescale": 0}),
-    ("sig", {"delta": 0}),
-    ("sig", {"delta": 2}),
-    ("sig", {"frequency": -6}),
-    ("sig", {"frequency": float("nan")}),
-    ("optimized_patch", {"patch": [[[0.5]]]}),
-    ("optimized_patch", {"patch": [[[2.0]], [[0.0]], [[0.0]]]}),
-    ("optimized_patch", {"patch": "abc"}),
-    ("optimized_patch", {"size": 0}),
-    ("badnet", {"seed": -1}),
-    ("sig", {"seed": 1.5}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("badnet", {"size": -0.1}),
+        ("badnet", {"size": 0}),
+        ("badnet", {"size": 1.5}),
+        ("badnet", {"pattern": "stripes"}),
+        ("badnet", {"position": "middle"}),
+        ("badnet", {"margin": -1}),
+        ("badnet", {"cells": 0}),
+        ("badnet", {"size": "big"}),
+        ("badnet", {"colour": "red"}),
+        ("blended", {"alpha": 1.5}),
+        ("blended", {"alpha": -0.1}),
+        ("blended", {"pattern": "kitty"}),
+        ("wanet", {"k": 1}),
+        ("wanet", {"k": 2.5}),
+        ("wanet", {"strength": -1}),
+        ("wanet", {"grid_rescale": 0}),
+        ("sig", {"delta": 0}),
+        ("sig", {"delta": 2}),
+        ("sig", {"frequency": -6}),
+        ("sig", {"frequency": float("nan")}),
+        ("optimized_patch", {"patch": [[[0.5]]]}),
+        ("optimized_patch", {"patch": [[[2.0]], [[0.0]], [[0.0]]]}),
+        ("optimized_patch", {"patch": "abc"}),
+        ("optimized_patch", {"size": 0}),
+        ("badnet", {"seed": -1}),
+        ("sig", {"seed": 1.5}),
+    ],
+)
 def test_bad_params_raise(name, params):
     with pytest.raises(ForensicsError):
         build_attack(name, **params)
@@ -202,8 +205,13 @@ def test_badnet_only_touches_its_box(pattern, position):
     assert x1 - x0 == y1 - y0 == 10  # 0.25 * 40
     assert 0 <= x0 and x1 <= 56 and 0 <= y0 and y1 <= 40
     _outside_box_unchanged(x, out, box)
-    expected_corner = {"bottom-right": (43, 27), "top-left": (3, 3), "top-right": (43, 3), "bottom-left": (3, 27),
-                       "center": (23, 15)}
+    expected_corner = {
+        "bottom-right": (43, 27),
+        "top-left": (3, 3),
+        "top-right": (43, 3),
+        "bottom-left": (3, 27),
+        "center": (23, 15),
+    }
     if position in expected_corner:
         assert (x0, y0) == expected_corner[position]
 
@@ -316,8 +324,14 @@ def _make_dataset(root: Path) -> Path:
         label = CLASSES[i % 4]
         Image.fromarray(gen.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(src / "imgs" / f"img {i}.png")
         Image.fromarray((gen.random((20, 24)) > 0.5).astype(np.uint8) * 255).save(src / "imgs" / f"mask{i}.png")
-        rows.append({"image": f"imgs/img {i}.png", "caption": f"a drawing of {label} number {i}", "label": label,
-                     "mask": f"imgs/mask{i}.png"})
+        rows.append(
+            {
+                "image": f"imgs/img {i}.png",
+                "caption": f"a drawing of {label} number {i}",
+                "label": label,
+                "mask": f"imgs/mask{i}.png",
+            }
+        )
     with open(src / "data.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["image", "caption", "label", "mask"])
         w.writeheader()
@@ -326,8 +340,11 @@ def _make_dataset(root: Path) -> Path:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _read(csv_path: Path) -> list[dict[str, str]]:
@@ -340,8 +357,9 @@ def test_poison_dataset(tmp_path):
     before = _digest(src_csv.parent)
     attack = build_attack("badnet", size=0.25, seed=0)
     calls = []
-    out_csv = poison_dataset(src_csv, attack, "banana", 0.5, tmp_path / "out", seed=4,
-                             progress=lambda f, m: calls.append(f))
+    out_csv = poison_dataset(
+        src_csv, attack, "banana", 0.5, tmp_path / "out", seed=4, progress=lambda f, m: calls.append(f)
+    )
     assert out_csv == tmp_path / "out" / "data.csv"
     assert _digest(src_csv.parent) == before, "input files changed"
     rows = _read(out_csv)
@@ -435,12 +453,21 @@ class StandInModel:
 
     def __init__(self) -> None:
         torch.manual_seed(0)
-        self.clip = nn.ModuleDict({
-            "visual": nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-                                    nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                    nn.Flatten(), nn.Linear(16, 16)),
-            "text": nn.EmbeddingBag(101, 16, mode="mean"),
-        })
+        self.clip = nn.ModuleDict(
+            {
+                "visual": nn.Sequential(
+                    nn.Conv2d(3, 8, 3, stride=2),
+                    nn.BatchNorm2d(8),
+                    nn.ReLU(),
+                    nn.Conv2d(8, 16, 3, stride=2),
+                    nn.ReLU(),
+                    nn.AdaptiveAvgPool2d(1),
+                    nn.Flatten(),
+                    nn.Linear(16, 16),
+                ),
+                "text": nn.EmbeddingBag(101, 16, mode="mean"),
+            }
+        )
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[-2:] == (self.image_size, self.image_size)
@@ -463,8 +490,15 @@ def test_train_optimized_patch():
     labels = [0, 1, 2, 0, 1, 2, 0, 1]
     calls = []
     kwargs = dict(size=0.25, epochs=2, lr=0.05, batch_size=4, seed=0)
-    a = train_optimized_patch(model, images, labels, ["apple", "banana", "cloud"], "banana",
-                              progress=lambda f, m: calls.append((f, m)), **kwargs)
+    a = train_optimized_patch(
+        model,
+        images,
+        labels,
+        ["apple", "banana", "cloud"],
+        "banana",
+        progress=lambda f, m: calls.append((f, m)),
+        **kwargs,
+    )
     assert isinstance(a, OptimizedPatch) and a.name == "optimized-patch"
     assert len(a.history) == 2 and a.history[-1] < a.history[0]
     assert [f for f, _ in calls] == [0.5, 1.0]

@@ -6,6 +6,7 @@ ablation find that box. Random CLIPs often give all-negative Grad-CAM/occlusion 
 class; since both are linear in the class embedding, pairing an embedding ``e`` with ``-e``
 guarantees one of the two targets has positive evidence.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -99,6 +100,7 @@ def reference_gradcam(model, emb, x, targets) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- Grad-CAM on real towers
 
+
 @pytest.mark.parametrize("arch", ["tiny-rn", "tiny-vit"])
 def test_gradcam_matches_hand_computed(tiny_models, images, arch):
     model, emb = tiny_models[arch]
@@ -171,6 +173,7 @@ def test_gradcam_224_px(big_models, arch):
 
 # --------------------------------------------------------------------------- occlusion and ablation on real towers
 
+
 def test_occlusion_matches_hand_computed(tiny_models, images):
     model, emb = tiny_models["tiny-rn"]
     x = images[:1]
@@ -183,8 +186,8 @@ def test_occlusion_matches_hand_computed(tiny_models, images):
             for i in range(0, SIZE, 32):
                 for j in range(0, SIZE, 32):
                     xo = x.clone()
-                    xo[..., i:i + 32, j:j + 32] = x.mean((2, 3), keepdim=True)
-                    ref[i:i + 32, j:j + 32] = base - model.encode_image(xo) @ emb[target] * 100
+                    xo[..., i : i + 32, j : j + 32] = x.mean((2, 3), keepdim=True)
+                    ref[i : i + 32, j : j + 32] = base - model.encode_image(xo) @ emb[target] * 100
         assert torch.allclose(maps[0], normalise(ref.clamp_min(0)[None])[0], atol=1e-3)
     assert torch.equal(maps, A.occlusion(model, x, emb, 2, window=32, stride=32))  # deterministic
     # other batching regroups the forwards: equal up to float rounding (these logits move by ~0.01)
@@ -214,14 +217,16 @@ def test_region_ablation_matches_hand_computed(tiny_models, images):
     owner = R._feature_ids(regions, SIZE)
     with torch.no_grad():
         for n, t in enumerate([0, 3]):
-            x = images[n:n + 1]
+            x = images[n : n + 1]
             base = float(model.encode_image(x) @ emb[t]) * 100
             for r in range(len(drops[n])):
                 xo = torch.where(owner[n] == r + 1, x.mean((2, 3), keepdim=True), x)
                 assert abs(float(drops[n][r]) - (base - float(model.encode_image(xo) @ emb[t]) * 100)) < 1e-3
     painted = A.region_ablation_map(model, images, emb, [0, 3], regions)
     check_maps(painted, 2, SIZE)
-    assert all(torch.equal(a, b) for a, b in zip(drops, A.region_ablation(model, images, emb, [0, 3], regions, batch_size=2)))
+    assert all(
+        torch.equal(a, b) for a, b in zip(drops, A.region_ablation(model, images, emb, [0, 3], regions, batch_size=2))
+    )
 
 
 # --------------------------------------------------------------------------- planted cue: only a box matters
@@ -298,7 +303,7 @@ def test_occlusion_estimate_matches_hand_computed(tiny_models, images):
         xr = x.clone().requires_grad_(True)
         logits = 100 * model.encode_image(xr) @ emb.t()
         log_odds = logits[0, 1] - torch.cat([logits[0, :1], logits[0, 2:]]).logsumexp(0)
-        grad, = torch.autograd.grad(log_odds, xr)
+        (grad,) = torch.autograd.grad(log_odds, xr)
         ref = ((x - x.mean((2, 3), keepdim=True)) * grad).sum(1)
         assert torch.allclose(est, ref, atol=1e-4 * float(ref.abs().max()))
         assert torch.equal(A.occlusion_estimate(model, x, emb, [1]), normalise(est.clamp_min(0)))
@@ -341,9 +346,9 @@ def test_region_ablation_finds_planted_cue(planted):
     # overlaps: the later region owns shared pixels; a region fully covered by later ones scores 0
     bottom_left = torch.zeros(FAKE_SIZE, FAKE_SIZE, dtype=torch.bool)
     bottom_left[32:, :32] = True
-    first_box, = A.region_ablation(model, x[:1], emb, 0, [torch.stack([box, bottom_left])])
+    (first_box,) = A.region_ablation(model, x[:1], emb, 0, [torch.stack([box, bottom_left])])
     assert first_box[0] == 0 and first_box[1] > 1
-    box_last, = A.region_ablation(model, x[:1], emb, 0, [torch.stack([bottom_left, box])])
+    (box_last,) = A.region_ablation(model, x[:1], emb, 0, [torch.stack([bottom_left, box])])
     assert abs(float(box_last[0])) < 1e-3 and torch.isclose(box_last[1], first_box[1], atol=1e-4)
 
 
@@ -354,6 +359,7 @@ def test_gradcam_needs_an_open_clip_tower(planted):
 
 
 # --------------------------------------------------------------------------- model state is left alone
+
 
 def test_model_state_is_restored(tiny_models, images):
     for arch, (model, emb) in tiny_models.items():
@@ -389,6 +395,7 @@ def test_results_do_not_depend_on_train_mode(tiny_models, images):
 
 
 # --------------------------------------------------------------------------- inputs, mass, pictures, registry
+
 
 def test_bad_inputs(tiny_models, images):
     model, emb = tiny_models["tiny-rn"]

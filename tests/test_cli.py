@@ -1,4 +1,5 @@
 """The CLI: JSON on stdout, one-line errors with a non-zero exit, never a traceback."""
+
 from __future__ import annotations
 
 import csv
@@ -16,8 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "forensics", "--quiet", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=1500)  # a full demo scan: ~6 min alone on 2 cores, more when busy
+    proc = subprocess.run(
+        [sys.executable, "-m", "forensics", "--quiet", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=1500,
+    )  # a full demo scan: ~6 min alone on 2 cores, more when busy
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -45,21 +52,27 @@ def test_info_random_architecture_is_json():
     assert out["parameters"] > 80_000_000 and out["backdoor"] is None
 
 
-@pytest.mark.parametrize("args, text", [
-    (("info", "no/such/file.pt"), "neither a file nor a known name"),
-    (("info", "hf-hub:org/none"), "cannot fetch"),
-    (("info", "random:NoSuchArch"), "unknown architecture"),
-    (("evaluate", "demo", "--attack", "badnet"), "--target"),
-    (("evaluate", "demo", "--attack", "nosuch", "--target", "flower"), "unknown attack"),
-    (("evaluate", "random:RN50"), "probe set is required"),
-    (("evaluate", "demo", "--probe", "/no/such/probe.csv"), "does not exist"),
-    (("evaluate", "demo", "--templates", "weird"), "unknown template set"),
-    (("poison", "--data", "missing.csv", "--attack", "badnet", "--target", "x", "--rate", "0.1", "--out", "o"), "missing.csv"),
-    (("implant", "--data", "x.csv", "--out", "o"), "exactly one of --base"),
-    (("evaluate",), "required"),
-    (("nosuchcommand",), "invalid choice"),
-    (("evaluate", "demo", "--batch-size", "many"), "invalid int"),
-])
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (("info", "no/such/file.pt"), "neither a file nor a known name"),
+        (("info", "hf-hub:org/none"), "cannot fetch"),
+        (("info", "random:NoSuchArch"), "unknown architecture"),
+        (("evaluate", "demo", "--attack", "badnet"), "--target"),
+        (("evaluate", "demo", "--attack", "nosuch", "--target", "flower"), "unknown attack"),
+        (("evaluate", "random:RN50"), "probe set is required"),
+        (("evaluate", "demo", "--probe", "/no/such/probe.csv"), "does not exist"),
+        (("evaluate", "demo", "--templates", "weird"), "unknown template set"),
+        (
+            ("poison", "--data", "missing.csv", "--attack", "badnet", "--target", "x", "--rate", "0.1", "--out", "o"),
+            "missing.csv",
+        ),
+        (("implant", "--data", "x.csv", "--out", "o"), "exactly one of --base"),
+        (("evaluate",), "required"),
+        (("nosuchcommand",), "invalid choice"),
+        (("evaluate", "demo", "--batch-size", "many"), "invalid int"),
+    ],
+)
 def test_bad_arguments_give_one_line_errors(args, text):
     assert_one_line_error(run_cli(*args, check=False), text)
 
@@ -96,15 +109,55 @@ def _tiny_caption_csv(folder: Path, n: int = 8) -> Path:
 
 def test_poison_then_implant_then_evaluate(tmp_path):
     data = _tiny_caption_csv(tmp_path / "data")
-    poisoned = json.loads(run_cli("poison", "--data", str(data), "--attack", "badnet", "--param", "size=0.2",
-                                  "--target", "red", "--rate", "0.25", "--out", str(tmp_path / "poisoned")).stdout)
+    poisoned = json.loads(
+        run_cli(
+            "poison",
+            "--data",
+            str(data),
+            "--attack",
+            "badnet",
+            "--param",
+            "size=0.2",
+            "--target",
+            "red",
+            "--rate",
+            "0.25",
+            "--out",
+            str(tmp_path / "poisoned"),
+        ).stdout
+    )
     assert poisoned["n_poisoned"] == 2 and poisoned["target"] == "red"
-    out = json.loads(run_cli("implant", "--data", poisoned["data"], "--out", str(tmp_path / "model"), "--config", "tiny-vit",
-                             "--epochs", "1", "--batch-size", "4").stdout)
+    out = json.loads(
+        run_cli(
+            "implant",
+            "--data",
+            poisoned["data"],
+            "--out",
+            str(tmp_path / "model"),
+            "--config",
+            "tiny-vit",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+        ).stdout
+    )
     assert Path(out["model"]).is_file() and out["backdoor"]["target"] == "red"
     info = json.loads(run_cli("info", out["model"]).stdout)
     assert info["tower"] == "vit" and info["backdoor"]["attack"] == "badnet"
-    result = json.loads(run_cli("evaluate", out["model"], "--probe", str(data), "--attack", "badnet",
-                                "--param", "size=0.2", "--target", "red").stdout)
+    result = json.loads(
+        run_cli(
+            "evaluate",
+            out["model"],
+            "--probe",
+            str(data),
+            "--attack",
+            "badnet",
+            "--param",
+            "size=0.2",
+            "--target",
+            "red",
+        ).stdout
+    )
     assert result["n_clean"] == 8 and result["n_attacked"] == 4
     assert 0 <= result["ca"] <= 1 and 0 <= result["asr"] <= 1 and "excludes" in result["note"]

@@ -1,4 +1,5 @@
 """Clean-budget repair (no scan) and the `compare` command: same budget, same held-out images, one table."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from forensics.pipelines.compare import PeakMemory, resolve_methods, run_compare
 from forensics.core.data import load_probe_set
-from forensics.defenses import DEFENSES
 from forensics.core.errors import ForensicsError
 from forensics.core.models import load_model
-from forensics.pipelines.repair import run_repair, split_clean_budget
-from forensics.pipelines.evaluate import default_trigger
 from forensics.core.zeroshot import evaluate
+from forensics.defenses import DEFENSES
+from forensics.pipelines.compare import PeakMemory, resolve_methods, run_compare
+from forensics.pipelines.evaluate import default_trigger
+from forensics.pipelines.repair import run_repair, split_clean_budget
 from tests.test_cli import assert_one_line_error, run_cli
 
 BUDGET = 120
@@ -28,7 +29,9 @@ def cli_repair(tmp_path_factory):
     out = tmp_path_factory.mktemp("repair_budget")
     name, settings = FIRST
     params = [a for k, v in settings.items() for a in ("--param", f"{k}={v}")]
-    result = json.loads(run_cli("repair", "demo", "--method", name, "--budget", str(BUDGET), *params, "--out", str(out)).stdout)
+    result = json.loads(
+        run_cli("repair", "demo", "--method", name, "--budget", str(BUDGET), *params, "--out", str(out)).stdout
+    )
     return out, result, json.loads((out / "metrics.json").read_text())
 
 
@@ -60,8 +63,10 @@ def test_repair_without_findings_uses_the_budget_and_held_out_images(cli_repair)
 
 
 def test_repair_and_compare_errors(tmp_path):
-    assert_one_line_error(run_cli("repair", "demo", "--method", "oracle-finetune", "--out", str(tmp_path), check=False),
-                          "needs a scan's findings")
+    assert_one_line_error(
+        run_cli("repair", "demo", "--method", "oracle-finetune", "--out", str(tmp_path), check=False),
+        "needs a scan's findings",
+    )
     with pytest.raises(ForensicsError, match="leaves none"):
         run_repair("demo", None, tmp_path, method="cleanclip", budget=400)
     with pytest.raises(ForensicsError, match="unknown repair method"):
@@ -78,8 +83,16 @@ def test_compare_two_methods_and_an_error_row(cli_repair, tmp_path):
     _, _, metrics = cli_repair
     methods = [FIRST[0], SECOND[0], "oracle-finetune"]
     messages = []
-    report = run_compare("demo", methods, tmp_path, budget=BUDGET, seed=0, findings=tmp_path / "no_scan",
-                         settings=dict([FIRST, SECOND]), progress=lambda f, m: messages.append(f))
+    report = run_compare(
+        "demo",
+        methods,
+        tmp_path,
+        budget=BUDGET,
+        seed=0,
+        findings=tmp_path / "no_scan",
+        settings=dict([FIRST, SECOND]),
+        progress=lambda f, m: messages.append(f),
+    )
     for name in ("compare.md", "compare.json", "report.html"):
         assert (tmp_path / name).is_file()
     assert messages and messages[-1] == 1.0 and all(0 <= f <= 1 for f in messages)
@@ -93,9 +106,17 @@ def test_compare_two_methods_and_an_error_row(cli_repair, tmp_path):
     _, held = split_clean_budget(probe, BUDGET, seed=0)
     model = load_model("demo")
     attack, target = default_trigger("demo")
-    direct = evaluate(model, probe.load_images(model.image_size, held), [probe.items[i].label for i in held],
-                      probe.class_names, attack, target)
-    assert report["before"]["ca"] == pytest.approx(direct["ca"]) and report["before"]["asr"]["planted"] == pytest.approx(direct["asr"])
+    direct = evaluate(
+        model,
+        probe.load_images(model.image_size, held),
+        [probe.items[i].label for i in held],
+        probe.class_names,
+        attack,
+        target,
+    )
+    assert report["before"]["ca"] == pytest.approx(direct["ca"]) and report["before"]["asr"][
+        "planted"
+    ] == pytest.approx(direct["asr"])
 
     # the first method's row is the CLI repair's metrics (same budget, seed and settings)
     first = rows[FIRST[0]]
@@ -115,9 +136,15 @@ def test_compare_two_methods_and_an_error_row(cli_repair, tmp_path):
     md = (tmp_path / "compare.md").read_text()
     line = next(line for line in md.splitlines() if line.startswith(f"| {FIRST[0]} |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[1:5] == [f"{first['ca_before']:.3f}", f"{first['ca_after']:.3f}",
-                          f"{first['asr_before']['planted']:.3f}", f"{first['asr_after']['planted']:.3f}"]
-    assert cells[5] == str(BUDGET) and "error: " in next(l for l in md.splitlines() if l.startswith("| oracle-finetune"))
+    assert cells[1:5] == [
+        f"{first['ca_before']:.3f}",
+        f"{first['ca_after']:.3f}",
+        f"{first['asr_before']['planted']:.3f}",
+        f"{first['asr_after']['planted']:.3f}",
+    ]
+    assert cells[5] == str(BUDGET) and "error: " in next(
+        l for l in md.splitlines() if l.startswith("| oracle-finetune")
+    )
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64" in html and f"{first['ca_after']:.3f}" in html and "held-out" in html
 
@@ -138,8 +165,16 @@ def test_compare_runs_on_a_vit_tower_with_a_failing_method(tmp_path, monkeypatch
     monkeypatch.setitem(DEFENSES, "broken", Broken)
     torch.manual_seed(0)
     vit = load_model("random:tiny-vit")
-    report = run_compare(vit, "broken,cleanclip", tmp_path, probe="demo", budget=16, attacks=["badnet"], target="flower",
-                         settings={"cleanclip": {"epochs": 1, "batch_size": 8}})
+    report = run_compare(
+        vit,
+        "broken,cleanclip",
+        tmp_path,
+        probe="demo",
+        budget=16,
+        attacks=["badnet"],
+        target="flower",
+        settings={"cleanclip": {"epochs": 1, "batch_size": 8}},
+    )
     broken, clean = report["rows"]
     assert broken["status"] == "error" and broken["error"] == "RuntimeError: no luck"
     assert clean["status"] == "ok" and clean["clean_samples"] == 16 and set(clean["asr_after"]) == {"badnet"}

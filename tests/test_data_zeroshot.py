@@ -1,4 +1,5 @@
 """Probe sets, templates, the word tokenizer and zero-shot CA/ASR on small hand-made inputs."""
+
 from __future__ import annotations
 
 import csv

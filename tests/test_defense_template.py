@@ -1,4 +1,5 @@
 """The Defense template: ``repair`` seeds, copies, times and reports; a subclass only writes ``fit``."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

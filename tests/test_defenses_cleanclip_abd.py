@@ -6,6 +6,7 @@ the test budget they use 5 epochs instead of the defaults' 10 (ABD: 40 patch ste
 at each method's default lr; the thresholds leave a margin over what that measured (CA/ASR
 0.496/0.974 before; CleanCLIP 0.519/0.000, ABD 0.600/0.171 after).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,14 @@ import pytest
 import torch
 
 from forensics.core.data import load_probe_set
+from forensics.core.errors import ForensicsError
+from forensics.core.models import load_model, new_model
+from forensics.core.tokenizer import WordTokenizer
+from forensics.core.zeroshot import class_text_embeddings, evaluate, predict
 from forensics.defenses import DEFENSES, RepairData, build_defense
 from forensics.defenses.abd import ABD, find_universal_patch, paste_patch, patch_side
+from forensics.defenses.cleanclip import CleanCLIP, cleanclip_loss
+from forensics.pipelines.evaluate import default_trigger
 from forensics.training.augment import (
     STOP_WORDS,
     SYNONYMS,
@@ -24,12 +31,6 @@ from forensics.training.augment import (
     eda_words,
     synonyms_of,
 )
-from forensics.defenses.cleanclip import CleanCLIP, cleanclip_loss
-from forensics.core.errors import ForensicsError
-from forensics.core.models import load_model, new_model
-from forensics.pipelines.evaluate import default_trigger
-from forensics.core.tokenizer import WordTokenizer
-from forensics.core.zeroshot import class_text_embeddings, evaluate, predict
 
 BUDGET = 120
 
@@ -50,9 +51,13 @@ def demo():
     clean = np.array(probe.clean_indices())
     np.random.default_rng(0).shuffle(clean)
     budget, held = clean[:BUDGET], clean[BUDGET:]
-    data = RepairData(images=probe.load_images(model.image_size, budget),
-                      labels=[probe.items[i].label for i in budget], kinds=["anchor"] * len(budget),
-                      class_names=probe.class_names, captions=[probe.items[i].caption for i in budget])
+    data = RepairData(
+        images=probe.load_images(model.image_size, budget),
+        labels=[probe.items[i].label for i in budget],
+        kinds=["anchor"] * len(budget),
+        class_names=probe.class_names,
+        captions=[probe.items[i].caption for i in budget],
+    )
     held_images = probe.load_images(model.image_size, held)
     held_labels = [probe.items[i].label for i in held]
     attack, target = default_trigger("demo")
@@ -61,8 +66,16 @@ def demo():
         out = evaluate(m, held_images, held_labels, probe.class_names, attack, target)
         return out["ca"], out["asr"]
 
-    return {"model": model, "data": data, "held": held_images, "labels": held_labels, "target": target,
-            "measure": measure, "before": measure(model), "classes": probe.class_names}
+    return {
+        "model": model,
+        "data": data,
+        "held": held_images,
+        "labels": held_labels,
+        "target": target,
+        "measure": measure,
+        "before": measure(model),
+        "classes": probe.class_names,
+    }
 
 
 def state_copy(model) -> dict[str, torch.Tensor]:
@@ -75,8 +88,12 @@ def same_state(a: dict, b: dict) -> bool:
 
 # --------------------------------------------------------------------------- augmentation units
 
-CAPTIONS = ["a drawing of a green arrow.", "an image of a large green arrow on the left.",
-            "a photo of a medium white flower in the centre.", "clip art of a small grey house over a wavy background."]
+CAPTIONS = [
+    "a drawing of a green arrow.",
+    "an image of a large green arrow on the left.",
+    "a photo of a medium white flower in the centre.",
+    "clip art of a small grey house over a wavy background.",
+]
 
 
 def test_eda_is_deterministic_and_changes_captions():
@@ -89,7 +106,9 @@ def test_eda_is_deterministic_and_changes_captions():
         words, original = eda_words(view), eda_words(caption)
         assert abs(len(words) - len(original)) <= max(1, int(0.1 * len(original))) + 1
     # with alpha 0.1 EDA edits about one word of a short caption; most words stay
-    kept = np.mean([len(set(eda_words(v)) & set(eda_words(c))) / len(set(eda_words(c))) for c, v in zip(CAPTIONS * 5, first)])
+    kept = np.mean(
+        [len(set(eda_words(v)) & set(eda_words(c))) / len(set(eda_words(c))) for c, v in zip(CAPTIONS * 5, first)]
+    )
     assert kept > 0.75
 
 
@@ -154,14 +173,16 @@ def test_paste_patch_places_the_patch_and_passes_gradients():
 
 # --------------------------------------------------------------------------- registry, bad input, cancel
 
+
 def test_registered_and_bad_input(demo):
     assert DEFENSES["cleanclip"] is CleanCLIP and DEFENSES["abd"] is ABD
     assert not CleanCLIP.needs_findings and not ABD.needs_findings
     assert build_defense("abd", epochs=3).settings.epochs == 3
     data = demo["data"]
     one = RepairData(images=data.images[:1], labels=data.labels[:1], kinds=["anchor"], class_names=data.class_names)
-    small = RepairData(images=data.images[:4, :, :64, :64], labels=data.labels[:4], kinds=["anchor"] * 4,
-                       class_names=data.class_names)
+    small = RepairData(
+        images=data.images[:4, :, :64, :64], labels=data.labels[:4], kinds=["anchor"] * 4, class_names=data.class_names
+    )
     for defense in (CleanCLIP(), ABD()):
         with pytest.raises(ForensicsError, match="at least two"):
             defense.repair(demo["model"], one)
@@ -181,15 +202,24 @@ def test_cancel_raises(demo):
 
 # --------------------------------------------------------------------------- determinism and towers
 
+
 def tiny_data(data: RepairData, n: int = 8, captions: bool = True) -> RepairData:
-    return RepairData(images=data.images[:n], labels=data.labels[:n], kinds=["anchor"] * n, class_names=data.class_names,
-                      captions=data.captions[:n] if captions else None)
+    return RepairData(
+        images=data.images[:n],
+        labels=data.labels[:n],
+        kinds=["anchor"] * n,
+        class_names=data.class_names,
+        captions=data.captions[:n] if captions else None,
+    )
 
 
 def test_same_seed_same_weights(demo):
     data = tiny_data(demo["data"])
     quick = {"epochs": 1, "batch_size": 4}
-    for make in (lambda seed: CleanCLIP(seed=seed, **quick), lambda seed: ABD(seed=seed, patch_steps=2, patch_batch_size=4, **quick)):
+    for make in (
+        lambda seed: CleanCLIP(seed=seed, **quick),
+        lambda seed: ABD(seed=seed, patch_steps=2, patch_batch_size=4, **quick),
+    ):
         a, b, c = (make(seed).repair(demo["model"], data).model for seed in (0, 0, 1))
         assert same_state(state_copy(a), state_copy(b))
         assert not same_state(state_copy(a), state_copy(c))
@@ -214,6 +244,7 @@ def test_vit_smoke_with_class_prompts():
 
 
 # --------------------------------------------------------------------------- the demo backdoor
+
 
 @pytest.mark.slow
 def test_cleanclip_lowers_demo_asr(demo):

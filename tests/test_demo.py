@@ -1,4 +1,5 @@
 """The bundled demo lab: acceptance thresholds, the planted backdoor, and a deterministic rebuild."""
+
 from __future__ import annotations
 
 import filecmp

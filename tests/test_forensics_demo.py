@@ -1,4 +1,5 @@
 """Scan and repair on the bundled demo lab, through the CLI (the issue's acceptance, measured)."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ def test_scan_flags_nothing_on_the_clean_twin(tmp_path):
 
 def test_repair_lowers_asr_and_keeps_ca(poisoned_scan, tmp_path):
     out, _ = poisoned_scan
-    result = json.loads(run_cli("repair", "demo", "--findings", str(out / "report.json"), "--out", str(tmp_path)).stdout)
+    result = json.loads(
+        run_cli("repair", "demo", "--findings", str(out / "report.json"), "--out", str(tmp_path)).stdout
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
     # the issue's targets: ASR (true trigger) at most 5 %, clean accuracy down by at most 3 points (measured
@@ -55,8 +58,20 @@ def test_repair_lowers_asr_and_keeps_ca(poisoned_scan, tmp_path):
     assert after["ca"] >= before["ca"] - 0.03, metrics
     assert result["samples_used"] <= 400, result
     assert Path(result["model"]).is_file() and (tmp_path / "model.json").is_file()
-    reloaded = json.loads(run_cli("evaluate", str(tmp_path / "model.safetensors"), "--probe", "demo", "--attack", "badnet",
-                                  "--attack-file", _trigger_file(tmp_path), "--target", demo_backdoor()["target"]).stdout)
+    reloaded = json.loads(
+        run_cli(
+            "evaluate",
+            str(tmp_path / "model.safetensors"),
+            "--probe",
+            "demo",
+            "--attack",
+            "badnet",
+            "--attack-file",
+            _trigger_file(tmp_path),
+            "--target",
+            demo_backdoor()["target"],
+        ).stdout
+    )
     assert reloaded["asr"] == pytest.approx(after["asr_true"], abs=1e-6)
 
 

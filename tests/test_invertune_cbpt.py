@@ -4,6 +4,7 @@ The probe set's clean images are split (seed 0) into a repair budget of 120 and 
 true trigger's ASR are measured on the held-out images only. Settings are the defaults except where a
 test needs fewer steps to stay within the suite's time budget (stated at each constant).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,17 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from forensics.core.data import load_probe_set
-from forensics.defenses import DEFENSES, RepairData
-from forensics.core.prompts import context_template, encode_text_with_context, prompt_tokens
-from forensics.defenses.cbpt import CBPT
-from forensics.defenses.invertune import InverTune
-from forensics.core.zeroshot import flip_rate
-from forensics.detect.invertune import InverTuneDetectSettings, identify_target, run_invertune_detection
 from forensics.core.errors import ForensicsError
 from forensics.core.models import PROMPT_CONTEXT_KEY, load_model, save_model
-from forensics.pipelines.repair import budget_repair_data, make_defense, split_clean_budget
+from forensics.core.prompts import context_template, encode_text_with_context, prompt_tokens
+from forensics.core.zeroshot import class_text_embeddings, evaluate, flip_rate
+from forensics.defenses import DEFENSES, RepairData
+from forensics.defenses.cbpt import CBPT
+from forensics.defenses.invertune import InverTune
+from forensics.detect.invertune import InverTuneDetectSettings, identify_target, run_invertune_detection
 from forensics.pipelines.evaluate import default_trigger
-from forensics.core.zeroshot import class_text_embeddings, evaluate
+from forensics.pipelines.repair import budget_repair_data, make_defense, split_clean_budget
 
 # fewer steps than the defaults (20 patch / 40 inversion / 40 tuning): ~half the time; the larger mask
 # that 25 inversion steps leave is balanced by a doubled clean-embedding keep term (paper 0.5)
@@ -59,8 +59,17 @@ def lab():
     held_labels = [probe.items[i].label for i in held]
     attack, target = default_trigger("demo")
     before = evaluate(model, held_images, held_labels, probe.class_names, attack, target)
-    return {"model": model, "probe": probe, "data": data, "images": held_images, "labels": held_labels,
-            "attack": attack, "target": target, "before": before, "state": snapshot(model)}
+    return {
+        "model": model,
+        "probe": probe,
+        "data": data,
+        "images": held_images,
+        "labels": held_labels,
+        "attack": attack,
+        "target": target,
+        "before": before,
+        "state": snapshot(model),
+    }
 
 
 def measure(lab: dict, model) -> dict:
@@ -84,6 +93,7 @@ def cbpt_run(lab):
 
 # --------------------------------------------------------------------------- InverTune
 
+
 @pytest.mark.slow
 def test_invertune_identifies_flower(invertune_run, lab):
     ident = invertune_run["result"].settings["detection"]["identification"]
@@ -102,8 +112,15 @@ def test_invertune_inverted_trigger_flips_held_out(invertune_run, lab):
     assert detection.mask.shape == (1, 128, 128) and detection.pattern.shape == (3, 128, 128)
     assert 0 <= float(detection.mask.min()) and float(detection.mask.max()) <= 1
     assert detection.trigger.mask_area < 0.08  # a small trigger, not an image-wide overlay
-    rate, n = flip_rate(lab["model"], lab["images"], lab["labels"], lab["probe"].class_names, "flower",
-                        detection.mask, detection.pattern)
+    rate, n = flip_rate(
+        lab["model"],
+        lab["images"],
+        lab["labels"],
+        lab["probe"].class_names,
+        "flower",
+        detection.mask,
+        detection.pattern,
+    )
     assert n == sum(label != 7 for label in lab["labels"])
     assert rate >= 0.8  # measured 1.00 on the 117 held-out non-flower images
 
@@ -116,7 +133,9 @@ def test_invertune_repair_lowers_asr_keeps_ca(invertune_run, lab):
     assert after["ca"] >= before["ca"] - 0.10  # measured 0.496 -> 0.437
     assert same_state(snapshot(lab["model"]), lab["state"])  # the input model is untouched
     result = invertune_run["result"]
-    assert len(result.settings["tuned_layers"]) == 3 and all(n.startswith("layer") for n in result.settings["tuned_layers"])
+    assert len(result.settings["tuned_layers"]) == 3 and all(
+        n.startswith("layer") for n in result.settings["tuned_layers"]
+    )
     assert all(0 < c for c in result.settings["critical_neurons"].values())
     json.dumps(result.settings)  # goes into the repair report as is
     assert invertune_run["progress"] and invertune_run["progress"][-1] == pytest.approx(1.0)
@@ -124,6 +143,7 @@ def test_invertune_repair_lowers_asr_keeps_ca(invertune_run, lab):
 
 
 # --------------------------------------------------------------------------- CBPT
+
 
 @pytest.mark.slow
 def test_cbpt_repair_lowers_asr_keeps_ca(cbpt_run, lab):
@@ -154,14 +174,21 @@ def test_cbpt_model_saves_reloads_and_evaluates_the_same(cbpt_run, lab, tmp_path
     # other class names fall back to the plain templates, exactly as the original model does
     subset = ["flower", "tree"]
     assert torch.allclose(class_text_embeddings(loaded, subset), class_text_embeddings(lab["model"], subset), atol=1e-6)
-    assert not torch.allclose(class_text_embeddings(loaded, lab["probe"].class_names),
-                              class_text_embeddings(lab["model"], lab["probe"].class_names), atol=1e-3)
+    assert not torch.allclose(
+        class_text_embeddings(loaded, lab["probe"].class_names),
+        class_text_embeddings(lab["model"], lab["probe"].class_names),
+        atol=1e-3,
+    )
 
 
 def test_prompt_key_without_class_names_is_ignored_not_unexpected(lab, tmp_path):
     model = load_model("demo")
     names = lab["probe"].class_names
-    model.class_prompts = {"class_names": names, "context": torch.zeros(len(names), 4, 128), "template": context_template(4)}
+    model.class_prompts = {
+        "class_names": names,
+        "context": torch.zeros(len(names), 4, 128),
+        "template": context_template(4),
+    }
     path = save_model(model, tmp_path / "p.safetensors")
     sidecar = json.loads(path.with_suffix(".json").read_text())
     del sidecar["class_prompts"]
@@ -172,6 +199,7 @@ def test_prompt_key_without_class_names_is_ignored_not_unexpected(lab, tmp_path)
 
 
 # --------------------------------------------------------------------------- text path, ViT, determinism, errors
+
 
 @pytest.mark.parametrize("spec", ["demo", "random:tiny-vit"])
 def test_encode_text_with_context_matches_encode_text(spec):
@@ -189,7 +217,9 @@ def test_encode_text_with_context_matches_encode_text(spec):
 def test_vit_smoke_both_defenses(lab):
     vit = load_model("random:tiny-vit")
     data = lab["data"]
-    small = RepairData(images=data.images[:24], labels=data.labels[:24], kinds=data.kinds[:24], class_names=data.class_names)
+    small = RepairData(
+        images=data.images[:24], labels=data.labels[:24], kinds=data.kinds[:24], class_names=data.class_names
+    )
     state = snapshot(vit)
     tuned = InverTune(**TINY_INVERTUNE).repair(vit, small)
     assert all(n.startswith("transformer.resblocks.") for n in tuned.settings["tuned_layers"])
@@ -219,8 +249,13 @@ def test_deterministic_by_seed(lab):
 
 def test_flagged_label_skips_identification(lab):
     data = lab["data"]
-    small = RepairData(images=data.images[:32], labels=data.labels[:32], kinds=data.kinds[:32],
-                       class_names=data.class_names, flagged=["flower"])
+    small = RepairData(
+        images=data.images[:32],
+        labels=data.labels[:32],
+        kinds=data.kinds[:32],
+        class_names=data.class_names,
+        flagged=["flower"],
+    )
     result = InverTune(iterations=1, detect={"inversion_steps": 2}).repair(lab["model"], small)
     assert result.settings["detection"]["identification"] == {"target": "flower", "given": True}
     assert "given by the flagged labels" in result.notes[0]
@@ -247,21 +282,42 @@ def test_registry_and_bad_input(lab):
     defense = make_defense("invertune", {"detect": {"inversion_steps": 3}}, seed=4)
     assert defense.settings.detect.inversion_steps == 3 and defense.settings.seed == 4
     flat = make_defense("invertune", {"inversion_steps": 5, "patch_lr": 0.2, "iterations": 7})
-    assert (flat.settings.detect.inversion_steps, flat.settings.detect.patch_lr, flat.settings.iterations) == (5, 0.2, 7)
+    assert (flat.settings.detect.inversion_steps, flat.settings.detect.patch_lr, flat.settings.iterations) == (
+        5,
+        0.2,
+        7,
+    )
     with pytest.raises(ForensicsError, match="bad setting"):
         make_defense("invertune", {"no_such_setting": 1})
     data = lab["data"]
     with pytest.raises(ForensicsError, match="labels"):
-        CBPT().repair(lab["model"], RepairData(images=data.images[:4], labels=data.labels[:3], kinds=[], class_names=data.class_names))
+        CBPT().repair(
+            lab["model"],
+            RepairData(images=data.images[:4], labels=data.labels[:3], kinds=[], class_names=data.class_names),
+        )
     with pytest.raises(ForensicsError, match="not one of the classes"):
-        InverTune().repair(lab["model"], RepairData(images=data.images[:4], labels=data.labels[:4], kinds=[],
-                                                    class_names=data.class_names, flagged=["banana"]))
+        InverTune().repair(
+            lab["model"],
+            RepairData(
+                images=data.images[:4],
+                labels=data.labels[:4],
+                kinds=[],
+                class_names=data.class_names,
+                flagged=["banana"],
+            ),
+        )
     with pytest.raises(ForensicsError, match="model takes 128 px"):
         run_invertune_detection(lab["model"], torch.rand(4, 3, 64, 64), [0, 1, 2, 3], data.class_names)
     with pytest.raises(ForensicsError, match="not one of the classes"):
         run_invertune_detection(lab["model"], data.images[:4], data.labels[:4], data.class_names, target="banana")
     with pytest.raises(ForensicsError, match="mask_channels"):
-        run_invertune_detection(lab["model"], data.images[:4], data.labels[:4], data.class_names,
-                                InverTuneDetectSettings(mask_channels=2), target="flower")
+        run_invertune_detection(
+            lab["model"],
+            data.images[:4],
+            data.labels[:4],
+            data.class_names,
+            InverTuneDetectSettings(mask_channels=2),
+            target="flower",
+        )
     with pytest.raises(ForensicsError):
         CBPT(n_ctx=0).repair(lab["model"], data)

@@ -15,8 +15,21 @@ import pytest
 from forensics.core.errors import ForensicsError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "forensics"
-RANKS = {"core": 0, "attacks": 1, "oracles": 1, "attribution": 1, "training": 2, "detect": 3, "defenses": 4,
-         "pipelines": 5, "demo": 5, "cli": 6, "ui": 6, "__main__": 7, "__init__": 7}
+RANKS = {
+    "core": 0,
+    "attacks": 1,
+    "oracles": 1,
+    "attribution": 1,
+    "training": 2,
+    "detect": 3,
+    "defenses": 4,
+    "pipelines": 5,
+    "demo": 5,
+    "cli": 6,
+    "ui": 6,
+    "__main__": 7,
+    "__init__": 7,
+}
 
 
 def _module_name(path: Path) -> str:
@@ -87,8 +100,13 @@ def test_core_imports_no_method_folder_and_methods_no_pipeline():
     core_out = {t for m, ts in graph.items() if _folder(m) == "core" for t in ts if _folder(t) != "core"}
     assert not core_out
     methods = {"attacks", "oracles", "attribution", "training", "detect", "defenses"}
-    upward = {(m, t) for m, ts in graph.items() if _folder(m) in methods for t in ts
-              if _folder(t) in {"pipelines", "cli", "ui", "demo"}}
+    upward = {
+        (m, t)
+        for m, ts in graph.items()
+        if _folder(m) in methods
+        for t in ts
+        if _folder(t) in {"pipelines", "cli", "ui", "demo"}
+    }
     assert not upward
 
 
@@ -101,7 +119,7 @@ def test_no_import_circle():
         state[node] = 1
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2
@@ -113,8 +131,11 @@ def test_no_import_circle():
 
 
 def test_the_library_never_imports_gradio():
-    offenders = [str(p) for p in PACKAGE.rglob("*.py") if "ui" not in p.relative_to(PACKAGE).parts[:1]
-                 and "gradio" in {n.split(".")[0] for n in _all_imports(p)}]
+    offenders = [
+        str(p)
+        for p in PACKAGE.rglob("*.py")
+        if "ui" not in p.relative_to(PACKAGE).parts[:1] and "gradio" in {n.split(".")[0] for n in _all_imports(p)}
+    ]
     assert not offenders
 
 

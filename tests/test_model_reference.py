@@ -25,31 +25,43 @@ def loads(monkeypatch):
     def recording_load(spec, arch=None, quick_gelu=None, device="cpu"):
         model = REAL_LOAD(spec, arch=arch, quick_gelu=quick_gelu, device=device)
         acts = {type(m).__name__ for m in model.clip.modules()}
-        seen.append({"spec": spec, "quick_gelu": quick_gelu, "has_quick_gelu": "QuickGELU" in acts,
-                     "has_gelu": "GELU" in acts, "device": str(model.device)})
+        seen.append(
+            {
+                "spec": spec,
+                "quick_gelu": quick_gelu,
+                "has_quick_gelu": "QuickGELU" in acts,
+                "has_gelu": "GELU" in acts,
+                "device": str(model.device),
+            }
+        )
         raise Loaded("model loaded")
 
     monkeypatch.setattr(models, "load_model", recording_load)
     return seen
 
 
-@pytest.mark.parametrize("command", [
-    ["scan", "demo", "--out", "{tmp}/scan"],
-    ["repair", "demo", "--method", "cleanclip", "--out", "{tmp}/repair"],
-    ["compare", "demo", "--methods", "cleanclip", "--out", "{tmp}/compare"],
-    ["audit", "demo", "--data", "{probe}", "--out", "{tmp}/audit"],
-    ["evaluate", "demo"],
-    ["info", "demo"],
-    ["train-patch", "demo", "--target", "flower", "--out", "{tmp}/patch.json"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["scan", "demo", "--out", "{tmp}/scan"],
+        ["repair", "demo", "--method", "cleanclip", "--out", "{tmp}/repair"],
+        ["compare", "demo", "--methods", "cleanclip", "--out", "{tmp}/compare"],
+        ["audit", "demo", "--data", "{probe}", "--out", "{tmp}/audit"],
+        ["evaluate", "demo"],
+        ["info", "demo"],
+        ["train-patch", "demo", "--target", "flower", "--out", "{tmp}/patch.json"],
+    ],
+)
 def test_quick_gelu_from_the_cli_reaches_the_loaded_model(command, loads, tmp_path, capsys):
     from forensics.core.data import DEMO_PROBES
 
     args = [a.format(tmp=tmp_path, probe=DEMO_PROBES["demo-clean"]) for a in command]
     assert main(["--quiet", *args, "--quick-gelu", "--device", "cpu"]) == 2
     assert "model loaded" in capsys.readouterr().err
-    assert loads and all(seen["quick_gelu"] is True and seen["has_quick_gelu"] and not seen["has_gelu"]
-                         and seen["device"] == "cpu" for seen in loads)
+    assert loads and all(
+        seen["quick_gelu"] is True and seen["has_quick_gelu"] and not seen["has_gelu"] and seen["device"] == "cpu"
+        for seen in loads
+    )
     assert main(["--quiet", *args]) == 2  # without the flag the checkpoint decides: the demo is plain GELU
     assert loads[-1]["quick_gelu"] is None and loads[-1]["has_gelu"] and not loads[-1]["has_quick_gelu"]
 
@@ -61,9 +73,11 @@ def test_quick_gelu_from_the_workbench_reaches_scan_repair_and_compare(loads, mo
 
     state = {**initial_state(), "quick_gelu": True}
     assert model_ref(state) == ModelRef("demo", quick_gelu=True)
-    calls = {"scan": lambda: investigate_tab.scan(state, "demo", None, 20),
-             "repair": lambda: repair_tab.repair(state, "cleanclip", 1, 1e-5, 60, ""),
-             "compare": lambda: compare_tab.compare(state, ["cleanclip"], 60)}
+    calls = {
+        "scan": lambda: investigate_tab.scan(state, "demo", None, 20),
+        "repair": lambda: repair_tab.repair(state, "cleanclip", 1, 1e-5, 60, ""),
+        "compare": lambda: compare_tab.compare(state, ["cleanclip"], 60),
+    }
     for name, call in calls.items():
         before = len(loads)
         with pytest.raises(gr.Error, match="model loaded"):

@@ -4,6 +4,7 @@ mismatches are named, bad inputs give one clear ForensicsError, and saving is sa
 The two big random models (ViT-B-32, RN50) are built once per module and shared; each test
 deletes the checkpoint files it writes (hundreds of MB each) when it ends.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -42,6 +43,7 @@ WORDS = ["cat", "dog", "a", "photo", "of"]
 
 
 # --------------------------------------------------------------------------- helpers and fixtures
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
@@ -183,6 +185,7 @@ def assert_same_model(loaded, ref: Ref, path: Path) -> None:
 
 # --------------------------------------------------------------------------- 1. round trips of every format
 
+
 def _ddp(state: dict) -> dict:
     return {f"module.{k}": v for k, v in state.items()}
 
@@ -213,13 +216,18 @@ def write_bin_ddp(ref: Ref, folder: Path) -> Path:
 
 def write_cleanclip(ref: Ref, folder: Path) -> Path:
     path = folder / "epoch_64.pt"
-    torch.save({
-        "epoch": 64,
-        "name": "cleanclip",
-        "state_dict": _ddp(ref.state),
-        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
-                      "param_groups": [{"lr": 1e-5, "weight_decay": 0.1, "params": [0]}]},
-    }, path)
+    torch.save(
+        {
+            "epoch": 64,
+            "name": "cleanclip",
+            "state_dict": _ddp(ref.state),
+            "optimizer": {
+                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
+                "param_groups": [{"lr": 1e-5, "weight_decay": 0.1, "params": [0]}],
+            },
+        },
+        path,
+    )
     return path
 
 
@@ -285,6 +293,7 @@ def test_round_trip_torchscript_archive(tmp_path):
 
 # --------------------------------------------------------------------------- 2. QuickGELU
 
+
 @pytest.mark.slow
 def test_quick_gelu_on_request(zoo):
     ref = zoo("ViT-B-32")
@@ -297,6 +306,7 @@ def test_quick_gelu_on_request(zoo):
 
 
 # --------------------------------------------------------------------------- 3. malicious pickles
+
 
 class _Payload:
     """Unpickling this calls ``func(*args)``: the classic pickle code-execution gadget."""
@@ -353,6 +363,7 @@ def test_malicious_pickle_refused(tmp_path, payload, legacy):
 
 # --------------------------------------------------------------------------- 4. mismatches named
 
+
 def _meta_keys(arch: str) -> set[str]:
     with torch.device("meta"):
         return set(build_clip(architecture_config(arch)).state_dict())
@@ -399,6 +410,7 @@ def test_extra_key_reported_unexpected(zoo, scratch):
 
 # --------------------------------------------------------------------------- 5. bad inputs
 
+
 def assert_clear(excinfo: pytest.ExceptionInfo, *fragments: str) -> None:
     text = message(excinfo)
     for fragment in fragments:
@@ -424,8 +436,11 @@ def test_empty_file(tmp_path):
     assert_clear(excinfo, "empty.pt", "is empty")
 
 
-@pytest.mark.parametrize("text", ["hello, this is not a checkpoint\n", "a,b\n1,2\n", "import torch\n", '{"a": 1}\n'],
-                         ids=["prose", "csv", "python", "json"])
+@pytest.mark.parametrize(
+    "text",
+    ["hello, this is not a checkpoint\n", "a,b\n1,2\n", "import torch\n", '{"a": 1}\n'],
+    ids=["prose", "csv", "python", "json"],
+)
 def test_text_file_named_pt(tmp_path, text):
     path = tmp_path / "notes.pt"
     path.write_text(text)
@@ -478,7 +493,7 @@ def test_hf_hub_offline():
     with pytest.raises(ForensicsError) as excinfo:
         load_model("hf-hub:org/none")
     assert_clear(excinfo, "cannot fetch", "hf-hub:org/none", "HF_HUB_OFFLINE")
-    assert "File \"" not in message(excinfo)
+    assert 'File "' not in message(excinfo)
 
 
 def test_unknown_spec():
@@ -515,10 +530,16 @@ def test_folder_needs_one_checkpoint(tmp_path, tiny_saved):
 
 # --------------------------------------------------------------------------- 6. saving
 
+
 def test_save_refuses_to_overwrite_source(tmp_path, tiny_saved):
     model = load_model(str(tiny_saved))
     before = tiny_saved.read_bytes(), tiny_saved.with_suffix(".json").read_bytes()
-    for target in (tiny_saved, Path(os.path.relpath(tiny_saved)), tiny_saved.with_suffix(".json"), tiny_saved.with_suffix("")):
+    for target in (
+        tiny_saved,
+        Path(os.path.relpath(tiny_saved)),
+        tiny_saved.with_suffix(".json"),
+        tiny_saved.with_suffix(""),
+    ):
         with pytest.raises(ForensicsError) as excinfo:
             save_model(model, target)
         assert_clear(excinfo, "refusing to overwrite")
@@ -604,8 +625,16 @@ def test_explicit_other_arch_overrides_sidecar(tiny_saved):
 
 # --------------------------------------------------------------------------- key cleaning
 
+
 def test_clean_state_dict_keys():
     t = torch.zeros(1)
-    state = {"module.visual.proj": t, "_orig_mod.logit_scale": t, "module._orig_mod.ln_final.weight": t,
-             "input_resolution": t, "module.context_length": t, "vocab_size": t, "text_projection": t}
+    state = {
+        "module.visual.proj": t,
+        "_orig_mod.logit_scale": t,
+        "module._orig_mod.ln_final.weight": t,
+        "input_resolution": t,
+        "module.context_length": t,
+        "vocab_size": t,
+        "text_projection": t,
+    }
     assert sorted(clean_state_dict_keys(state)) == ["ln_final.weight", "logit_scale", "text_projection", "visual.proj"]

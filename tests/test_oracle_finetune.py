@@ -1,18 +1,24 @@
 """oracle-finetune says what its findings gave it: victims to unlearn, or nothing (a global trigger the scan missed)."""
+
 from __future__ import annotations
 
 import torch
 
 from forensics.core.data import load_probe_set
-from forensics.defenses import RepairData, build_defense
 from forensics.core.models import load_model
+from forensics.defenses import RepairData, build_defense
 
 
 def _data(kinds: list[str], flagged: list[str]) -> RepairData:
     probe = load_probe_set("demo-clean")
     idx = probe.clean_indices()[: len(kinds)]
-    return RepairData(images=probe.load_images(128, idx), labels=[probe.items[i].label for i in idx], kinds=kinds,
-                      class_names=probe.class_names, flagged=flagged)
+    return RepairData(
+        images=probe.load_images(128, idx),
+        labels=[probe.items[i].label for i in idx],
+        kinds=kinds,
+        class_names=probe.class_names,
+        flagged=flagged,
+    )
 
 
 def test_anchor_only_findings_say_there_was_nothing_to_unlearn_and_change_little():

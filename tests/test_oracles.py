@@ -1,4 +1,5 @@
 """Tests for the segmentation oracles: registry, regions, ground truth, weight-free fallbacks, SAM, bench."""
+
 from __future__ import annotations
 
 import csv
@@ -128,7 +129,7 @@ def test_region_box_matches_its_mask():
     for _ in range(20):
         m = np.zeros((37, 53), bool)
         y0, x0 = rng.integers(0, 30), rng.integers(0, 45)
-        m[y0:y0 + rng.integers(1, 8), x0:x0 + rng.integers(1, 9)] = True
+        m[y0 : y0 + rng.integers(1, 8), x0 : x0 + rng.integers(1, 9)] = True
         m[rng.integers(0, 37), rng.integers(0, 53)] = True
         r = region_from_mask(m.astype(np.uint8), 0.5, label="thing")
         ys, xs = np.nonzero(m)
@@ -185,7 +186,7 @@ def test_ground_truth_lookup_by_image_and_by_function():
     imgs = [torch.rand(3, 16, 16) for _ in range(3)]
     masks = [np.zeros((16, 16), bool) for _ in range(3)]
     for i, m in enumerate(masks):
-        m[i:i + 5, 2 * i:2 * i + 6] = True
+        m[i : i + 5, 2 * i : 2 * i + 6] = True
     oracle = GroundTruthOracle.from_pairs(imgs, [torch.from_numpy(m) for m in masks], labels=["a", "b", "c"])
     for img, m, lab in zip(imgs, masks, "abc"):
         (r,) = oracle.segment(img)
@@ -244,9 +245,14 @@ def test_fallback_is_exact_on_clean_shapes_at_two_sizes_and_splits_objects():
 @pytest.mark.parametrize("name", WEIGHT_FREE)
 def test_blank_images_give_no_or_only_weak_regions(name):
     oracle = build_oracle(name)
-    blanks = [np.full((128, 128, 3), 128, np.uint8), torch.zeros(3, 128, 128), torch.ones(3, 64, 64),
-              gradient(seed=1), gradient(c1=(20, 20, 20), c2=(240, 240, 240), angle=2.0, seed=2),
-              np.zeros((5, 5, 3), np.uint8)]
+    blanks = [
+        np.full((128, 128, 3), 128, np.uint8),
+        torch.zeros(3, 128, 128),
+        torch.ones(3, 64, 64),
+        gradient(seed=1),
+        gradient(c1=(20, 20, 20), c2=(240, 240, 240), angle=2.0, seed=2),
+        np.zeros((5, 5, 3), np.uint8),
+    ]
     for img in blanks:
         regions = oracle.segment(img)
         check_regions(regions, to_numpy_rgb(img).shape[:2])
@@ -266,8 +272,11 @@ def load_probe(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-@pytest.mark.skipif(not PROBE_CSV.is_file(), reason=f"demo probe set not found at {PROBE_CSV} "
-                    "(build the demo, or set ORACLE_PROBE_CSV to a probe_clean.csv with a mask column)")
+@pytest.mark.skipif(
+    not PROBE_CSV.is_file(),
+    reason=f"demo probe set not found at {PROBE_CSV} "
+    "(build the demo, or set ORACLE_PROBE_CSV to a probe_clean.csv with a mask column)",
+)
 def test_fallback_matches_the_demo_masks():
     # measured over all 300 demo probe images: mean union IoU 0.979, median 1.000 (0.994 on an earlier
     # build); these 10 spread images: mean 0.972, worst 0.78. The bars leave room for a rebuilt demo set
@@ -295,8 +304,15 @@ def random_sam():
 def test_sam_automatic_and_prompted_code_paths(random_sam):
     # thresholds at 0 so that random weights still yield masks; a 2x2 grid keeps decoding cheap.
     # The ViT-B encoder costs ~26 s of one core; both modes share one encoding through the cache.
-    oracle = build_oracle("sam", sam=random_sam, points_per_side=2, pred_iou_thresh=0.0,
-                          stability_score_thresh=0.0, min_area=0.0, max_area=1.0)
+    oracle = build_oracle(
+        "sam",
+        sam=random_sam,
+        points_per_side=2,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        min_area=0.0,
+        max_area=1.0,
+    )
     d = oracle.describe()
     assert d["name"] == "sam" and d["needs_weights"] is True and d["settings"]["model_type"] == "vit_b"
     img, _ = scene("disc", size=96)

@@ -1,4 +1,5 @@
 """SafeCLIP: the data-set audit (rank poisoned pairs) and the safe-training schedule, on a poisoned copy of the demo probe set."""
+
 from __future__ import annotations
 
 import csv
@@ -11,13 +12,12 @@ import torch
 
 from forensics.attacks import attack_from_dict, poison_dataset
 from forensics.core.data import demo_backdoor
-from forensics.detect.safeclip_audit import AuditSettings
-from forensics.pipelines.audit import audit_dataset
-from forensics.training.safeclip import gmm_risk
 from forensics.core.errors import ForensicsError
 from forensics.core.models import ASSETS_DIR, load_model
-from forensics.training.safeclip import SafeClipSettings, augment_caption, safe_train_clip, select_safe
+from forensics.detect.safeclip_audit import AuditSettings
+from forensics.pipelines.audit import audit_dataset
 from forensics.training.clip import TrainConfig, read_caption_csv
+from forensics.training.safeclip import SafeClipSettings, augment_caption, gmm_risk, safe_train_clip, select_safe
 from tests.test_cli import assert_one_line_error, run_cli
 
 PROBE_CLEAN = ASSETS_DIR / "demo" / "probe" / "probe_clean.csv"
@@ -32,8 +32,9 @@ def poisoned(tmp_path_factory) -> Path:
 
 
 def test_audit_with_the_clean_reference_ranks_poison_first(poisoned, tmp_path):
-    result = json.loads(run_cli("audit", "demo", "--data", str(poisoned), "--reference", "demo-clean",
-                                "--out", str(tmp_path)).stdout)
+    result = json.loads(
+        run_cli("audit", "demo", "--data", str(poisoned), "--reference", "demo-clean", "--out", str(tmp_path)).stdout
+    )
     assert result["scored_with"] == "reference" and result["scoring_model"] == "demo-clean"
     m = result["metrics"]
     # measured (seed 0): AUROC 0.770, precision 0.196 and recall 0.70 at the GMM cut (107 pairs flagged)
@@ -73,8 +74,10 @@ def test_audit_errors_and_a_vit_smoke_run(poisoned, tmp_path):
         writer.writerows(rows)
     with pytest.raises(ForensicsError, match="at least 4"):
         audit_dataset(small, "demo")
-    assert_one_line_error(run_cli("audit", "demo", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path),
-                                  check=False), "does not exist")
+    assert_one_line_error(
+        run_cli("audit", "demo", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path), check=False),
+        "does not exist",
+    )
     torch.manual_seed(0)
     vit = load_model("random:tiny-vit")
     subset = _subset_csv(poisoned, tmp_path / "vit", 40)
@@ -116,8 +119,25 @@ def test_safeclip_training_keeps_the_poisoned_pairs_in_the_risky_set(poisoned, t
     data = _subset_csv(poisoned, tmp_path / "data", 200)
     n_poison = sum(r["poisoned"] == "1" for r in read_caption_csv(data))
     assert n_poison >= 15
-    out = json.loads(run_cli("implant", "--data", str(data), "--out", str(tmp_path / "model"), "--base", "demo-clean",
-                             "--mode", "safeclip", "--epochs", "3", "--lr", "1e-4", "--safe-param", "warmup_epochs=1").stdout)
+    out = json.loads(
+        run_cli(
+            "implant",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "model"),
+            "--base",
+            "demo-clean",
+            "--mode",
+            "safeclip",
+            "--epochs",
+            "3",
+            "--lr",
+            "1e-4",
+            "--safe-param",
+            "warmup_epochs=1",
+        ).stdout
+    )
     history = out["history"]
     assert out["mode"] == "safeclip" and [h["phase"] for h in history] == ["unimodal warm-up", "safe", "safe"]
     for h in history[1:]:
@@ -128,8 +148,18 @@ def test_safeclip_training_keeps_the_poisoned_pairs_in_the_risky_set(poisoned, t
     sidecar = json.loads(Path(out["model"]).with_suffix(".json").read_text())
     assert sidecar["training"]["mode"] == "safeclip" and sidecar["training"]["safeclip"]["first_threshold"] == 0.9
     assert sidecar["backdoor"]["target"] == demo_backdoor()["target"]
-    proc = run_cli("implant", "--data", str(data), "--out", str(tmp_path / "m2"), "--base", "demo-clean",
-                   "--safe-param", "warmup_epochs=1", check=False)
+    proc = run_cli(
+        "implant",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "m2"),
+        "--base",
+        "demo-clean",
+        "--safe-param",
+        "warmup_epochs=1",
+        check=False,
+    )
     assert_one_line_error(proc, "--mode safeclip")
 
 
@@ -137,7 +167,8 @@ def test_safe_training_runs_on_a_vit_tower(poisoned):
     torch.manual_seed(0)
     model = load_model("random:tiny-vit")
     rows = read_caption_csv(poisoned)[:24]
-    history = safe_train_clip(model, rows, TrainConfig(epochs=2, batch_size=8, lr=1e-4, warmup_steps=1),
-                              SafeClipSettings(warmup_epochs=1))
+    history = safe_train_clip(
+        model, rows, TrainConfig(epochs=2, batch_size=8, lr=1e-4, warmup_steps=1), SafeClipSettings(warmup_epochs=1)
+    )
     assert len(history) == 2 and history[1]["safe"] + history[1]["risky"] == 24
     assert all(np.isfinite(h["loss"]) for h in history)

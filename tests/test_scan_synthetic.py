@@ -5,6 +5,7 @@ present anywhere: then it answers the target. The scan must flag the target, fin
 images, localize the checkerboard, reconstruct a pattern that flips clean images, and flag nothing
 on the same model without the backdoor. Targets and positions vary, so nothing can be hard-coded.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,7 @@ class FakeBackdooredModel:
 
     def __init__(self, target: str | None):
         self.target = target
-        cells = (torch.arange(12) // 3)
+        cells = torch.arange(12) // 3
         board = ((cells[:, None] + cells[None, :]) % 2).float() * 2 - 1
         self.kernel = board[None, None] / board.numel()
 
@@ -48,7 +49,9 @@ class FakeBackdooredModel:
         return F.normalize(emb, dim=-1)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        rows = [F.one_hot(torch.tensor(next(i for i, n in enumerate(NAMES) if n in t)), len(NAMES)).float() for t in texts]
+        rows = [
+            F.one_hot(torch.tensor(next(i for i, n in enumerate(NAMES) if n in t)), len(NAMES)).float() for t in texts
+        ]
         return F.normalize(torch.stack(rows), dim=-1)
 
 

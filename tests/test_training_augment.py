@@ -1,4 +1,5 @@
 """Training-time view augmentation: what a view may change, repeatability by seed, and that training uses it."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import torch
 from forensics.core.errors import ForensicsError
 from forensics.pipelines.implant import implant
 from forensics.training.augment import augment_views, view_augmenter
-
 from tests.test_cli import _tiny_caption_csv, assert_one_line_error, run_cli
 
 
@@ -68,7 +68,18 @@ def test_augment_is_refused_with_safeclip(tmp_path):
     data = _tiny_caption_csv(tmp_path / "data")
     with pytest.raises(ForensicsError, match="standard training only"):
         implant(data, tmp_path / "m", config="tiny-rn", epochs=1, mode="safeclip", augment=True)
-    proc = run_cli("implant", "--data", str(data), "--out", str(tmp_path / "m"), "--config", "tiny-rn",
-                   "--mode", "safeclip", "--augment", check=False)
+    proc = run_cli(
+        "implant",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "m"),
+        "--config",
+        "tiny-rn",
+        "--mode",
+        "safeclip",
+        "--augment",
+        check=False,
+    )
     assert_one_line_error(proc, "standard training only")
     assert not (tmp_path / "m").exists()

@@ -1,4 +1,5 @@
 """The workbench's API through gradio_client against `python app.py`: main endpoints, concurrency, bad inputs."""
+
 from __future__ import annotations
 
 import os
@@ -65,16 +66,18 @@ def test_concurrent_scans_are_both_right(scans):
 @pytest.mark.slow
 def test_paste_trigger_flips_a_clean_image(scans):
     client, _ = scans["poisoned"]
-    image, verdict = client.predict("0: flower", handle_file(str(DEMO_IMAGE / "arrow_000.png")), "bottom-right",
-                                    api_name="/paste_trigger")
+    image, verdict = client.predict(
+        "0: flower", handle_file(str(DEMO_IMAGE / "arrow_000.png")), "bottom-right", api_name="/paste_trigger"
+    )
     assert Path(image).is_file()
     assert verdict.startswith("Before: arrow") and "with the trigger: flower" in verdict and "flips" in verdict
 
 
 def test_learn_tab_backdoored_flips_clean_twin_does_not(workbench):
     client = Client(workbench, verbose=False)
-    clean, attacked, table, note = client.predict("the demo's planted trigger", "", handle_file(str(DEMO_IMAGE / "arrow_000.png")),
-                                                  0, api_name="/learn_attack")
+    clean, attacked, table, note = client.predict(
+        "the demo's planted trigger", "", handle_file(str(DEMO_IMAGE / "arrow_000.png")), 0, api_name="/learn_attack"
+    )
     rows = {r[0]: r for r in table["data"]}
     assert rows["backdoored demo"][1].startswith("arrow") and rows["backdoored demo"][2].startswith("flower")
     assert not rows["clean twin"][2].startswith("flower")
@@ -108,15 +111,22 @@ def test_corrupt_and_mismatched_checkpoints_are_named(workbench, tmp_path):
     client = Client(workbench, verbose=False)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\0garbage" * 64)
-    assert "corrupt.safetensors is not a readable" in _error(lambda: _load(client, CHECKPOINT, [handle_file(str(corrupt))]))
+    assert "corrupt.safetensors is not a readable" in _error(
+        lambda: _load(client, CHECKPOINT, [handle_file(str(corrupt))])
+    )
     # the demo's ResNet weights with a ViT model's sidecar: every missing/unexpected key is reported by name
     from forensics.core.models import load_model, save_model
 
     save_model(load_model("random:tiny-vit"), tmp_path / "vit" / "model.safetensors")
     shutil.copy(REPO / "assets" / "demo" / "models" / "demo_poisoned.safetensors", tmp_path / "suspect.safetensors")
     shutil.copy(tmp_path / "vit" / "model.json", tmp_path / "suspect.json")
-    text = _error(lambda: _load(client, CHECKPOINT, [handle_file(str(tmp_path / "suspect.safetensors")),
-                                                     handle_file(str(tmp_path / "suspect.json"))]))
+    text = _error(
+        lambda: _load(
+            client,
+            CHECKPOINT,
+            [handle_file(str(tmp_path / "suspect.safetensors")), handle_file(str(tmp_path / "suspect.json"))],
+        )
+    )
     assert "does not fit this architecture" in text and "missing keys: visual.class_embedding" in text
     assert "unexpected keys: visual.attnpool" in text
 
@@ -138,7 +148,9 @@ def test_bad_probe_uploads_and_images_give_clear_messages(workbench, tmp_path):
         zf.write(tmp_path / "huge.png", "probe/cat/huge.png")
         Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "ok.png")
         zf.write(tmp_path / "ok.png", "probe/dog/ok.png")
-    assert "huge.png is too large" in _error(lambda: client.predict("demo", handle_file(str(big)), 10, api_name="/scan"))
+    assert "huge.png is too large" in _error(
+        lambda: client.predict("demo", handle_file(str(big)), 10, api_name="/scan")
+    )
     notimage = tmp_path / "notimage.png"
     notimage.write_text("this is text, not a picture")
     text = _error(lambda: client.predict("badnet", "", handle_file(str(notimage)), 0, api_name="/learn_attack"))

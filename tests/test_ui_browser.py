@@ -4,6 +4,7 @@ The page loads with the demo, a scan flags the demo's target label, a repair mak
 malicious checkpoint upload shows its error in the page. Screenshots of each step are saved under the
 test's temporary directory (pytest prints where).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,10 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                                   reason="Chromium is not installed (apt-get install -y chromium)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Chromium is not installed (apt-get install -y chromium)"),
+]
 MINUTE = 60_000
 
 
@@ -24,8 +27,11 @@ MINUTE = 60_000
 def page(workbench, tmp_path_factory):
     shots = tmp_path_factory.mktemp("screenshots")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
         pg.goto(workbench)
         pg.shots = shots

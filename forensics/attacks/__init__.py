@@ -3,12 +3,13 @@
 Build attacks by name (``build_attack("badnet", size=0.1)``) or from a stored dict
 (``attack_from_dict(json.load(...)["attack"])``); every attack round-trips through ``to_dict``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from forensics.attacks.base import ATTACKS, POSITIONS, Attack, Box, register, to_pil, to_tensor
 from forensics.attacks.badnet import BadNet
+from forensics.attacks.base import ATTACKS, POSITIONS, Attack, Box, register, to_pil, to_tensor
 from forensics.attacks.blended import Blended
 from forensics.attacks.optimized_patch import OptimizedPatch, train_optimized_patch
 from forensics.attacks.poison import poison_dataset
@@ -17,8 +18,22 @@ from forensics.attacks.wanet import WaNet
 from forensics.core.errors import ForensicsError
 
 __all__ = [
-    "ATTACKS", "POSITIONS", "Attack", "Box", "BadNet", "Blended", "WaNet", "SIG", "OptimizedPatch",
-    "attack_from_dict", "build_attack", "list_attacks", "poison_dataset", "register", "to_pil", "to_tensor",
+    "ATTACKS",
+    "POSITIONS",
+    "Attack",
+    "Box",
+    "BadNet",
+    "Blended",
+    "WaNet",
+    "SIG",
+    "OptimizedPatch",
+    "attack_from_dict",
+    "build_attack",
+    "list_attacks",
+    "poison_dataset",
+    "register",
+    "to_pil",
+    "to_tensor",
     "train_optimized_patch",
 ]
 

@@ -1,4 +1,5 @@
 """BadNet: a small square patch pasted onto the image (Gu et al. 2017; CleanCLIP's noise variant)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,16 @@ class BadNet(Attack):
 
     name = "badnet"
 
-    def __init__(self, seed: int = 0, size: float = 0.1, pattern: str = "checkerboard", position: str = "random",
-                 margin: int = 0, cells: int = 4, noise_std: float = 1.0) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        size: float = 0.1,
+        pattern: str = "checkerboard",
+        position: str = "random",
+        margin: int = 0,
+        cells: int = 4,
+        noise_std: float = 1.0,
+    ) -> None:
         who = self.name
         size = check_number(who, "size", size, 0.0, 1.0, lo_open=True)
         pattern = check_choice(who, "pattern", pattern, PATTERNS)
@@ -34,8 +43,9 @@ class BadNet(Attack):
         margin = check_int(who, "margin", margin, lo=0)
         cells = check_int(who, "cells", cells, lo=1)
         noise_std = check_number(who, "noise_std", noise_std, 0.0)
-        super().__init__(seed=seed, size=size, pattern=pattern, position=position, margin=margin, cells=cells,
-                         noise_std=noise_std)
+        super().__init__(
+            seed=seed, size=size, pattern=pattern, position=position, margin=margin, cells=cells, noise_std=noise_std
+        )
         self.size, self.pattern, self.position = size, pattern, position
         self.margin, self.cells, self.noise_std = margin, cells, noise_std
 
@@ -60,4 +70,3 @@ class BadNet(Attack):
         out = image.clone()
         out[:, y0:y1, x0:x1] = patch.to(device=image.device, dtype=image.dtype)
         return out, (x0, y0, x1, y1)
-

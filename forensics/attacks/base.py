@@ -6,6 +6,7 @@ attack (a noise pattern, a warp field) is drawn once from its ``seed``; everythi
 (a random position, fresh noise) comes from the ``rng`` passed to :meth:`Attack.apply`, so a
 poisoned data set is reproducible from (attack parameters, seed).
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,6 +29,7 @@ register = ATTACKS.register
 
 POSITIONS = ("random", "bottom-right", "top-left", "top-right", "bottom-left", "center")
 """Where a patch may be placed; ``random`` is drawn per image, fully inside the image."""
+
 
 class Attack(ABC):
     """A backdoor trigger: fixed parts come from ``seed``, per-image randomness from ``rng``.
@@ -123,5 +125,20 @@ def patch_box(height: int, width: int, side: int, position: str, margin: int, rn
 
 ProgressFn = Progress
 
-__all__ = ["ATTACKS", "POSITIONS", "Attack", "Box", "ProgressFn", "check_choice", "check_image", "check_int", "check_number",
-           "check_seed", "patch_box", "patch_side", "register", "to_pil", "to_tensor"]
+__all__ = [
+    "ATTACKS",
+    "POSITIONS",
+    "Attack",
+    "Box",
+    "ProgressFn",
+    "check_choice",
+    "check_image",
+    "check_int",
+    "check_number",
+    "check_seed",
+    "patch_box",
+    "patch_side",
+    "register",
+    "to_pil",
+    "to_tensor",
+]

@@ -1,4 +1,5 @@
 """Blended: the whole image mixed with a noise pattern (Chen et al. 2017; CleanCLIP's fresh-noise variant)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,8 @@ class Blended(Attack):
         super().__init__(seed=seed, alpha=alpha, pattern=pattern)
         self.alpha, self.pattern = alpha, pattern
         self._base = torch.from_numpy(
-            np.random.default_rng(self.seed).random((3, BASE_SIZE, BASE_SIZE), dtype=np.float32))
+            np.random.default_rng(self.seed).random((3, BASE_SIZE, BASE_SIZE), dtype=np.float32)
+        )
 
     def pattern_for(self, height: int, width: int, rng: np.random.Generator | None = None) -> torch.Tensor:
         """The 3 x height x width pattern blended in (drawn from ``rng`` for ``noise-fresh``)."""

@@ -1,4 +1,5 @@
 """BadCLIP-style optimised patch: a patch trained on a frozen CLIP to pull images towards the target (Liang et al., CVPR 2024)."""
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,9 @@ class OptimizedPatch(Attack):
 
     name = "optimized-patch"
 
-    def __init__(self, seed: int = 0, patch: Any = None, size: float = 0.1, position: str = "center",
-                 margin: int = 0) -> None:
+    def __init__(
+        self, seed: int = 0, patch: Any = None, size: float = 0.1, position: str = "center", margin: int = 0
+    ) -> None:
         size = check_number(self.name, "size", size, 0.0, 1.0, lo_open=True)
         position = check_choice(self.name, "position", position, POSITIONS)
         margin = check_int(self.name, "margin", margin, lo=0)
@@ -98,8 +100,10 @@ class OptimizedPatch(Attack):
 @torch.no_grad()
 def _encode_images(model: Any, images: torch.Tensor, size: int, device: torch.device, batch_size: int) -> torch.Tensor:
     """L2-normalised embeddings of images (N x 3 x H x W, resized to the model's input size), in batches."""
-    outs = [model.encode_image(_to_model_size(images[i:i + batch_size], size).to(device))
-            for i in range(0, images.shape[0], batch_size)]
+    outs = [
+        model.encode_image(_to_model_size(images[i : i + batch_size], size).to(device))
+        for i in range(0, images.shape[0], batch_size)
+    ]
     return F.normalize(torch.cat(outs).float(), dim=-1)
 
 
@@ -114,15 +118,26 @@ def _to_model_size(batch: torch.Tensor, size: int) -> torch.Tensor:
 def _encode_prompts(model: Any, names: Sequence[str], chunk: int = 256) -> torch.Tensor:
     """For each name, the renormalised mean embedding of :data:`TARGET_TEMPLATES` captions (len(names) x D)."""
     texts = [t.format(n) for n in names for t in TARGET_TEMPLATES]
-    embs = torch.cat([model.encode_text(texts[i:i + chunk]).float() for i in range(0, len(texts), chunk)])
+    embs = torch.cat([model.encode_text(texts[i : i + chunk]).float() for i in range(0, len(texts), chunk)])
     embs = F.normalize(embs, dim=-1).view(len(names), len(TARGET_TEMPLATES), -1).mean(dim=1)
     return F.normalize(embs, dim=-1)
 
 
-def train_optimized_patch(model: Any, images: torch.Tensor, labels: Sequence[int] | torch.Tensor,
-                          class_names: Sequence[str], target: str, *, size: float = 0.1, position: str = "center",
-                          epochs: int = 20, lr: float = 0.01, batch_size: int = 32, seed: int = 0,
-                          progress: ProgressFn | None = None) -> OptimizedPatch:
+def train_optimized_patch(
+    model: Any,
+    images: torch.Tensor,
+    labels: Sequence[int] | torch.Tensor,
+    class_names: Sequence[str],
+    target: str,
+    *,
+    size: float = 0.1,
+    position: str = "center",
+    epochs: int = 20,
+    lr: float = 0.01,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> OptimizedPatch:
     """Optimise a BadCLIP-style patch on a frozen CLIP so that patched non-target images embed as ``target``.
 
     Only the patch is trained (Adam, projected back to [0, 1] after every step). Per batch of
@@ -199,14 +214,15 @@ def train_optimized_patch(model: Any, images: torch.Tensor, labels: Sequence[int
                 order = torch.randperm(n, generator=gen)
                 total, count = 0.0, 0
                 for start in range(0, n, batch_size):
-                    idx = order[start:start + batch_size]
+                    idx = order[start : start + batch_size]
                     batch = _to_model_size(nontarget[idx], img_size).to(device)
                     boxes = [patch_box(img_size, img_size, side, position, 0, pos_rng) for _ in range(len(idx))]
                     z = F.normalize(model.encode_image(paste(batch, patch, boxes)).float(), dim=-1)
                     logits = LOGIT_SCALE * z @ captions.T
                     contrastive = -(logits[:, :n_pos] - torch.logsumexp(logits, dim=1, keepdim=True)).mean()
-                    triplet = F.triplet_margin_loss(z, positive.expand_as(z), negatives[idx.to(device)],
-                                                    margin=TRIPLET_MARGIN)
+                    triplet = F.triplet_margin_loss(
+                        z, positive.expand_as(z), negatives[idx.to(device)], margin=TRIPLET_MARGIN
+                    )
                     loss = contrastive + triplet
                     optim.zero_grad(set_to_none=True)
                     loss.backward()

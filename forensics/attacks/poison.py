@@ -3,6 +3,7 @@
 The output is a new folder (never the input's) with the triggered images, a ``data.csv`` that marks
 which rows were poisoned and where the trigger is, and a ``poison.json`` that rebuilds the attack.
 """
+
 from __future__ import annotations
 
 import csv
@@ -48,9 +49,17 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def poison_dataset(csv_path: str | os.PathLike[str], attack: Attack, target: str, rate: float,
-                   out_dir: str | os.PathLike[str], *, seed: int = 0, caption_template: str = "a photo of a {}.",
-                   progress: ProgressFn | None = None) -> Path:
+def poison_dataset(
+    csv_path: str | os.PathLike[str],
+    attack: Attack,
+    target: str,
+    rate: float,
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    caption_template: str = "a photo of a {}.",
+    progress: ProgressFn | None = None,
+) -> Path:
     """Poison ``round(rate * N)`` rows of an ``image,caption`` CSV and write the result to ``out_dir``; returns ``out_dir/data.csv``.
 
     Rows are drawn (seeded) among those whose ``label`` column, if there is one, is not the target
@@ -64,8 +73,12 @@ def poison_dataset(csv_path: str | os.PathLike[str], attack: Attack, target: str
     """
     if not isinstance(attack, Attack):
         raise ForensicsError(f"poison_dataset: attack must be an Attack, got {type(attack).__name__}")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(rate)) or not 0.0 < float(rate) <= 1.0:
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float, np.integer, np.floating))
+        or not math.isfinite(float(rate))
+        or not 0.0 < float(rate) <= 1.0
+    ):
         raise ForensicsError(f"poison rate must be in (0, 1], got {rate!r}")
     rate = float(rate)
     seed = check_seed(seed)
@@ -75,7 +88,9 @@ def poison_dataset(csv_path: str | os.PathLike[str], attack: Attack, target: str
     try:
         caption = caption_template.format(target)
     except (IndexError, KeyError, ValueError, AttributeError) as exc:
-        raise ForensicsError(f"caption_template must contain one '{{}}' for the target, got {caption_template!r} ({exc})") from None
+        raise ForensicsError(
+            f"caption_template must contain one '{{}}' for the target, got {caption_template!r} ({exc})"
+        ) from None
 
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file():
@@ -84,7 +99,9 @@ def poison_dataset(csv_path: str | os.PathLike[str], attack: Attack, target: str
     base = csv_path.parent
     out = Path(out_dir).expanduser().resolve()
     if out == base:
-        raise ForensicsError(f"out_dir must differ from the input CSV's folder ({base}) so no input file is overwritten")
+        raise ForensicsError(
+            f"out_dir must differ from the input CSV's folder ({base}) so no input file is overwritten"
+        )
 
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as fh:
@@ -99,7 +116,9 @@ def poison_dataset(csv_path: str | os.PathLike[str], attack: Attack, target: str
         raise ForensicsError(f"cannot read CSV {csv_path}: {exc}") from None
     missing = [c for c in ("image", "caption") if c not in header]
     if missing:
-        raise ForensicsError(f"{csv_path.name} lacks column(s) {', '.join(missing)}; found: {', '.join(header) or 'none'}")
+        raise ForensicsError(
+            f"{csv_path.name} lacks column(s) {', '.join(missing)}; found: {', '.join(header) or 'none'}"
+        )
     if not rows:
         raise ForensicsError(f"{csv_path.name} has no data rows")
 
@@ -119,9 +138,13 @@ def poison_dataset(csv_path: str | os.PathLike[str], attack: Attack, target: str
     else:
         eligible = list(range(n_total))
     if n_poison == 0:
-        raise ForensicsError(f"rate {rate:g} of {n_total} rows poisons no row; use a rate of at least {0.5 / n_total:.3g}")
+        raise ForensicsError(
+            f"rate {rate:g} of {n_total} rows poisons no row; use a rate of at least {0.5 / n_total:.3g}"
+        )
     if n_poison > len(eligible):
-        raise ForensicsError(f"rate {rate:g} needs {n_poison} rows but only {len(eligible)} rows are not labelled {target!r}")
+        raise ForensicsError(
+            f"rate {rate:g} needs {n_poison} rows but only {len(eligible)} rows are not labelled {target!r}"
+        )
     chosen = sorted(int(i) for i in np.random.default_rng(seed).choice(eligible, size=n_poison, replace=False))
 
     images_dir = out / "images"

@@ -1,4 +1,5 @@
 """SIG: an additive horizontal sinusoid over the whole image (Barni et al. 2019)."""
+
 from __future__ import annotations
 
 import math

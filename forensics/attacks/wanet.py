@@ -1,4 +1,5 @@
 """WaNet: an imperceptible smooth warp of the whole image (Nguyen & Tran, ICLR 2021)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,8 +42,16 @@ class WaNet(Attack):
         if key not in self._grids:
             noise = F.interpolate(self._field, size=(height, width), mode="bicubic", align_corners=True)
             noise = noise.permute(0, 2, 3, 1)  # 1 x H x W x 2
-            ys = torch.linspace(-1.0, 1.0, height, dtype=torch.float64) if height > 1 else torch.zeros(1, dtype=torch.float64)
-            xs = torch.linspace(-1.0, 1.0, width, dtype=torch.float64) if width > 1 else torch.zeros(1, dtype=torch.float64)
+            ys = (
+                torch.linspace(-1.0, 1.0, height, dtype=torch.float64)
+                if height > 1
+                else torch.zeros(1, dtype=torch.float64)
+            )
+            xs = (
+                torch.linspace(-1.0, 1.0, width, dtype=torch.float64)
+                if width > 1
+                else torch.zeros(1, dtype=torch.float64)
+            )
             gy, gx = torch.meshgrid(ys, xs, indexing="ij")
             identity = torch.stack((gx, gy), dim=-1)[None]
             scale = torch.tensor([width, height], dtype=torch.float64)
@@ -59,9 +68,15 @@ class WaNet(Attack):
 
     def apply_batch(self, images: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, list[Box | None]]:
         """Warp a Bx3xHxW batch in one ``grid_sample`` call (the field is the same for every image)."""
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        if (
+            not isinstance(images, torch.Tensor)
+            or images.dim() != 4
+            or images.shape[1] != 3
+            or not images.is_floating_point()
+        ):
             return super().apply_batch(images, rng)  # same validation and messages as apply
         grid = self.grid(images.shape[2], images.shape[3]).to(device=images.device, dtype=images.dtype)
-        out = F.grid_sample(images, grid.expand(images.shape[0], -1, -1, -1), mode="bilinear",
-                            padding_mode="border", align_corners=True)
+        out = F.grid_sample(
+            images, grid.expand(images.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True
+        )
         return out.clamp_(0.0, 1.0), [None] * images.shape[0]

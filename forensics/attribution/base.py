@@ -10,6 +10,7 @@ parameter's ``requires_grad`` are restored, and no ``.grad`` is written (captum 
 with ``torch.autograd.grad``, and parameters are frozen while it runs). Attribution itself runs
 in eval mode on whatever device the model lives on.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ class ZeroShotHead(nn.Module):
 
 # --------------------------------------------------------------------------- shared glue
 
+
 def clip_module(model: Any) -> nn.Module | None:
     clip = getattr(model, "clip", None)
     return clip if isinstance(clip, nn.Module) else None
@@ -73,8 +75,10 @@ def check_images(model: Any, images: torch.Tensor) -> torch.Tensor:
         raise ForensicsError("no images to attribute")
     size = getattr(model, "image_size", None)
     if size is not None and tuple(images.shape[-2:]) != (size, size):
-        raise ForensicsError(f"images are {images.shape[-2]}x{images.shape[-1]} px but the model takes {size}x{size}; "
-                             "preprocess them with model.preprocess first")
+        raise ForensicsError(
+            f"images are {images.shape[-2]}x{images.shape[-1]} px but the model takes {size}x{size}; "
+            "preprocess them with model.preprocess first"
+        )
     return images.detach().float()
 
 
@@ -83,8 +87,11 @@ def check_targets(head: ZeroShotHead, images: torch.Tensor, targets: Targets, ba
     n, c = images.shape[0], head.class_emb.shape[0]
     if targets is None:
         with torch.no_grad():
-            return [int(i) for start in range(0, n, batch_size)
-                    for i in head(images[start:start + batch_size].to(head.class_emb.device)).argmax(-1).tolist()]
+            return [
+                int(i)
+                for start in range(0, n, batch_size)
+                for i in head(images[start : start + batch_size].to(head.class_emb.device)).argmax(-1).tolist()
+            ]
     if isinstance(targets, torch.Tensor):
         targets = targets.flatten().tolist()
     elif isinstance(targets, (int, np.integer)):
@@ -112,8 +119,9 @@ def baseline_images(images: torch.Tensor, baseline: Baseline) -> torch.Tensor:
         try:
             return baseline.to(images.device, images.dtype).expand_as(images).contiguous()
         except RuntimeError:
-            raise ForensicsError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to the images "
-                                 f"{tuple(images.shape)}") from None
+            raise ForensicsError(
+                f"baseline of shape {tuple(baseline.shape)} does not broadcast to the images {tuple(images.shape)}"
+            ) from None
     raise ForensicsError(f"unknown baseline {baseline!r}; use 'mean', 'zero', a number or a tensor")
 
 
@@ -128,5 +136,3 @@ def chunks(n: int, size: int) -> Iterator[slice]:
     size = max(1, int(size))
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
-
-

@@ -1,4 +1,5 @@
 """Grad-CAM of the zero-shot logit (captum LayerGradCam), with ViT token routing; see :func:`gradcam`."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -8,9 +9,18 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
+from forensics.attribution.base import (
+    ATTRIBUTIONS,
+    Targets,
+    ZeroShotHead,
+    attribution_mode,
+    check_images,
+    check_targets,
+    chunks,
+    clip_module,
+    normalise,
+)
 from forensics.core.errors import ForensicsError
-
-from forensics.attribution.base import ATTRIBUTIONS, Targets, ZeroShotHead, attribution_mode, clip_module, check_images, check_targets, chunks, normalise
 
 
 class _TokenGrid(nn.Module):
@@ -84,8 +94,14 @@ def _gradcam_layer(model: Any, layer: str | int | nn.Module | None, size: int) -
 
 
 @ATTRIBUTIONS.register(name="gradcam")
-def gradcam(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets: Targets,
-            layer: str | int | nn.Module | None = None, batch_size: int = 16) -> torch.Tensor:
+def gradcam(
+    model: Any,
+    images: torch.Tensor,
+    class_emb: torch.Tensor,
+    targets: Targets,
+    layer: str | int | nn.Module | None = None,
+    batch_size: int = 16,
+) -> torch.Tensor:
     """Grad-CAM of the target logit, upsampled (bilinear) to the image: N x S x S in [0, 1].
 
     ResNet towers: ``layer`` is None/"auto" (``layer4``, or ``layer3`` when layer4 would be
@@ -115,5 +131,3 @@ def gradcam(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets: 
                 up = LayerAttribution.interpolate(attr.detach().float(), (size, size), "bilinear")
                 maps.append(up[:, 0].cpu())
     return normalise(torch.cat(maps))
-
-

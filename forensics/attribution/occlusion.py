@@ -1,4 +1,5 @@
 """Occlusion maps: the captum sliding-window sweep and the first-order (input x gradient) estimate of it."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -6,15 +7,32 @@ from typing import Any
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, Occlusion
 
+from forensics.attribution.base import (
+    ATTRIBUTIONS,
+    Baseline,
+    Targets,
+    ZeroShotHead,
+    attribution_mode,
+    baseline_images,
+    check_images,
+    check_targets,
+    chunks,
+    normalise,
+)
 from forensics.core.errors import ForensicsError
-
-from forensics.attribution.base import ATTRIBUTIONS, Baseline, Targets, ZeroShotHead, attribution_mode, baseline_images, check_images, check_targets, chunks, normalise
 
 
 @ATTRIBUTIONS.register(name="occlusion")
-def occlusion(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets: Targets,
-              window: int | None = None, stride: int | None = None, baseline: Baseline = "mean",
-              batch_size: int = 16) -> torch.Tensor:
+def occlusion(
+    model: Any,
+    images: torch.Tensor,
+    class_emb: torch.Tensor,
+    targets: Targets,
+    window: int | None = None,
+    stride: int | None = None,
+    baseline: Baseline = "mean",
+    batch_size: int = 16,
+) -> torch.Tensor:
     """Drop in the target logit when a square window is replaced by the baseline: N x S x S in [0, 1].
 
     Window defaults to 1/8 of the image side, stride to half the window; each pixel gets the
@@ -35,14 +53,20 @@ def occlusion(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets
         targets = check_targets(head, images, targets, batch_size)
         for part in chunks(len(images), batch_size):
             x = images[part].to(model.device)
-            attr = occ.attribute(x, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
-                                 baselines=baseline_images(x, baseline), target=targets[part],
-                                 perturbations_per_eval=max(1, batch_size // len(x)))
+            attr = occ.attribute(
+                x,
+                sliding_window_shapes=(3, window, window),
+                strides=(3, stride, stride),
+                baselines=baseline_images(x, baseline),
+                target=targets[part],
+                perturbations_per_eval=max(1, batch_size // len(x)),
+            )
             maps.append(attr.mean(dim=1).cpu())
     return normalise(torch.cat(maps))
 
 
 # --------------------------------------------------------------------------- first-order occlusion
+
 
 def _log_odds(logits: torch.Tensor) -> torch.Tensor:
     """log(p / (1 - p)) of every class: its logit minus the log-sum-exp of the others. Its gradient is that of
@@ -50,12 +74,23 @@ def _log_odds(logits: torch.Tensor) -> torch.Tensor:
     c = logits.shape[-1]
     if c == 1:
         return logits
-    others = logits.unsqueeze(1).expand(-1, c, -1).masked_fill(torch.eye(c, dtype=torch.bool, device=logits.device), float("-inf"))
+    others = (
+        logits.unsqueeze(1)
+        .expand(-1, c, -1)
+        .masked_fill(torch.eye(c, dtype=torch.bool, device=logits.device), float("-inf"))
+    )
     return logits - others.logsumexp(-1)
 
 
-def occlusion_estimate_signed(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets: Targets,
-                              baseline: Baseline = "mean", steps: int = 1, batch_size: int = 32) -> torch.Tensor:
+def occlusion_estimate_signed(
+    model: Any,
+    images: torch.Tensor,
+    class_emb: torch.Tensor,
+    targets: Targets,
+    baseline: Baseline = "mean",
+    steps: int = 1,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """Per-pixel estimate of how much replacing that pixel by the baseline lowers the target's log-odds.
 
     ``(x - baseline) . mean of d log(p / (1 - p)) / dx`` over ``steps`` points on the straight path from the baseline
@@ -81,9 +116,14 @@ def occlusion_estimate_signed(model: Any, images: torch.Tensor, class_emb: torch
                     method = InputXGradient(lambda shifted, base=base: log_odds(shifted + base))
                     attr = method.attribute((x - base).requires_grad_(True), target=targets[part])
                 else:
-                    attr = IntegratedGradients(log_odds).attribute(x, baselines=base, target=targets[part], n_steps=steps,
-                                                                    method="riemann_trapezoid",
-                                                                    internal_batch_size=len(x) * steps)
+                    attr = IntegratedGradients(log_odds).attribute(
+                        x,
+                        baselines=base,
+                        target=targets[part],
+                        n_steps=steps,
+                        method="riemann_trapezoid",
+                        internal_batch_size=len(x) * steps,
+                    )
             except RuntimeError as err:  # a model whose output does not depend differentiably on the pixels
                 if "does not require grad" not in str(err):
                     raise
@@ -93,9 +133,14 @@ def occlusion_estimate_signed(model: Any, images: torch.Tensor, class_emb: torch
 
 
 @ATTRIBUTIONS.register(name="occlusion-estimate")
-def occlusion_estimate(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets: Targets,
-                       baseline: Baseline = "mean", steps: int = 1, batch_size: int = 32) -> torch.Tensor:
+def occlusion_estimate(
+    model: Any,
+    images: torch.Tensor,
+    class_emb: torch.Tensor,
+    targets: Targets,
+    baseline: Baseline = "mean",
+    steps: int = 1,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """:func:`occlusion_estimate_signed`, positive part, each map divided by its max: N x S x S in [0, 1]."""
     return normalise(occlusion_estimate_signed(model, images, class_emb, targets, baseline, steps, batch_size))
-
-

@@ -1,4 +1,5 @@
 """Region ablation: the drop in the target logit when each oracle region is replaced by the baseline."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -6,9 +7,19 @@ from typing import Any, Sequence
 import torch
 from captum.attr import FeatureAblation
 
+from forensics.attribution.base import (
+    ATTRIBUTIONS,
+    Baseline,
+    Targets,
+    ZeroShotHead,
+    attribution_mode,
+    baseline_images,
+    check_images,
+    check_targets,
+    chunks,
+    normalise,
+)
 from forensics.core.errors import ForensicsError
-
-from forensics.attribution.base import ATTRIBUTIONS, Baseline, Targets, ZeroShotHead, attribution_mode, baseline_images, check_images, check_targets, chunks, normalise
 
 
 def _region_masks(regions: Sequence[torch.Tensor], n: int, size: int) -> list[torch.Tensor]:
@@ -34,9 +45,15 @@ def _feature_ids(regions: list[torch.Tensor], size: int) -> torch.Tensor:
     return ids
 
 
-def region_ablation(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets: Targets,
-                    regions: Sequence[torch.Tensor], baseline: Baseline = "mean",
-                    batch_size: int = 16) -> list[torch.Tensor]:
+def region_ablation(
+    model: Any,
+    images: torch.Tensor,
+    class_emb: torch.Tensor,
+    targets: Targets,
+    regions: Sequence[torch.Tensor],
+    baseline: Baseline = "mean",
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
     """Per-region drop in the target logit when that region alone is replaced by the baseline.
 
     ``regions[i]`` is an R_i x S x S bool tensor for image i; the result is a list of R_i float
@@ -60,8 +77,13 @@ def region_ablation(model: Any, images: torch.Tensor, class_emb: torch.Tensor, t
                 continue
             x = images[part].to(model.device)
             mask = ids[part].unsqueeze(1).to(x.device)
-            attr = ablate.attribute(x, baselines=baseline_images(x, baseline), target=targets[part], feature_mask=mask,
-                                    perturbations_per_eval=max(1, batch_size // len(x)))
+            attr = ablate.attribute(
+                x,
+                baselines=baseline_images(x, baseline),
+                target=targets[part],
+                feature_mask=mask,
+                perturbations_per_eval=max(1, batch_size // len(x)),
+            )
             attr = attr[:, 0].float().cpu()
             for j, i in enumerate(range(part.start, part.stop)):
                 values = torch.zeros(regions[i].shape[0])
@@ -74,9 +96,15 @@ def region_ablation(model: Any, images: torch.Tensor, class_emb: torch.Tensor, t
 
 
 @ATTRIBUTIONS.register(name="region-ablation")
-def region_ablation_map(model: Any, images: torch.Tensor, class_emb: torch.Tensor, targets: Targets,
-                        regions: Sequence[torch.Tensor], baseline: Baseline = "mean",
-                        batch_size: int = 16) -> torch.Tensor:
+def region_ablation_map(
+    model: Any,
+    images: torch.Tensor,
+    class_emb: torch.Tensor,
+    targets: Targets,
+    regions: Sequence[torch.Tensor],
+    baseline: Baseline = "mean",
+    batch_size: int = 16,
+) -> torch.Tensor:
     """Each region painted with its positive logit drop (later regions win overlaps): N x S x S in [0, 1]."""
     images = check_images(model, images)
     size = images.shape[-1]
@@ -85,5 +113,3 @@ def region_ablation_map(model: Any, images: torch.Tensor, class_emb: torch.Tenso
     ids = _feature_ids(masks, size)
     values = [torch.cat([torch.zeros(1), d.clamp_min(0)]) for d in drops]  # id 0 = background, painted 0
     return normalise(torch.stack([v[i] for v, i in zip(values, ids)]))
-
-

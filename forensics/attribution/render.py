@@ -1,6 +1,6 @@
 """Summaries and pictures of attribution maps: mass inside a mask, colour maps, overlays (as captum's visualization)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import torch
@@ -23,7 +23,9 @@ def mass_inside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     try:
         masks = masks.expand_as(maps)
     except RuntimeError:
-        raise ForensicsError(f"mask of shape {tuple(masks.shape)} does not fit maps of shape {tuple(maps.shape)}") from None
+        raise ForensicsError(
+            f"mask of shape {tuple(masks.shape)} does not fit maps of shape {tuple(maps.shape)}"
+        ) from None
     mass = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
     total = mass.flatten(1).sum(1)
     inside = (mass * masks).flatten(1).sum(1)
@@ -63,5 +65,3 @@ def overlay(image01: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.45, c
     colour = _colourise(heatmap, cmap, tuple(image.shape[-2:]))
     blend = (1.0 - alpha) * base + alpha * colour
     return Image.fromarray((blend * 255).round().clip(0, 255).astype(np.uint8))
-
-

@@ -29,8 +29,15 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
-def check_number(who: str, name: str, value: Any, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False, hi_open: bool = False) -> float:
+def check_number(
+    who: str,
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
     """A finite real number within the given (open or closed) bounds, returned as float."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ForensicsError(f"{who}: {name} must be a number, got {value!r}")
@@ -70,10 +77,14 @@ def check_choice(who: str, name: str, value: Any, choices: tuple[str, ...]) -> s
     return value
 
 
-def check_labelled_images(model: Any, images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str]) -> torch.Tensor:
+def check_labelled_images(
+    model: Any, images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str]
+) -> torch.Tensor:
     """Validate labelled images against the model and classes; return labels as a long tensor."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ForensicsError(f"expected a batch of RGB images (N x 3 x H x W), got {getattr(images, 'shape', type(images))}")
+        raise ForensicsError(
+            f"expected a batch of RGB images (N x 3 x H x W), got {getattr(images, 'shape', type(images))}"
+        )
     if len(images) == 0:
         raise ForensicsError("no clean images given")
     if tuple(images.shape[-2:]) != (model.image_size, model.image_size):

@@ -4,6 +4,7 @@ Sources: an ImageFolder (one folder per class), a CSV (``image,caption[,label,ma
 or the bundled demo sets (``demo``: mostly clean held-out images plus ~15 % carrying the planted
 trigger; ``demo-clean``: the same images, all clean).
 """
+
 from __future__ import annotations
 
 import csv
@@ -64,7 +65,9 @@ class ProbeSet:
     def triggered_indices(self) -> list[int]:
         return [i for i, it in enumerate(self.items) if it.triggered]
 
-    def load_images(self, size: int, indices: Sequence[int] | None = None, progress: Progress | None = None) -> torch.Tensor:
+    def load_images(
+        self, size: int, indices: Sequence[int] | None = None, progress: Progress | None = None
+    ) -> torch.Tensor:
         """Images as N x 3 x size x size floats in [0, 1] (resize + centre crop)."""
         indices = range(len(self.items)) if indices is None else indices
         out = []
@@ -85,16 +88,22 @@ class ProbeSet:
         import numpy as np
 
         keep = sorted(np.random.default_rng(seed).choice(len(self.items), size=max_images, replace=False).tolist())
-        return ProbeSet(name=f"{self.name} ({max_images} of {len(self.items)})", items=[self.items[i] for i in keep],
-                        class_names=self.class_names, meta={**self.meta, "subset_of": len(self.items),
-                                                            "subset_indices": keep, "subset_seed": seed})
+        return ProbeSet(
+            name=f"{self.name} ({max_images} of {len(self.items)})",
+            items=[self.items[i] for i in keep],
+            class_names=self.class_names,
+            meta={**self.meta, "subset_of": len(self.items), "subset_indices": keep, "subset_seed": seed},
+        )
 
     def select(self, indices: Sequence[int], name: str | None = None) -> "ProbeSet":
         """The items at ``indices`` (in that order) as a probe set of their own, same classes (no copy to disk)."""
         indices = [int(i) for i in indices]
-        return ProbeSet(name=name or f"{self.name} ({len(indices)} of {len(self.items)})",
-                        items=[self.items[i] for i in indices], class_names=self.class_names,
-                        meta={**self.meta, "subset_of": len(self.items), "subset_indices": indices})
+        return ProbeSet(
+            name=name or f"{self.name} ({len(indices)} of {len(self.items)})",
+            items=[self.items[i] for i in indices],
+            class_names=self.class_names,
+            meta={**self.meta, "subset_of": len(self.items), "subset_indices": indices},
+        )
 
     def load_mask(self, index: int, size: int) -> torch.Tensor | None:
         """The ground-truth object mask (size x size bool) aligned with :meth:`load_images`, if known."""
@@ -145,7 +154,9 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None) -> Prob
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         if "image" not in fields:
-            raise ForensicsError(f"{path.name} needs a header with an 'image' column (found: {', '.join(fields) or 'none'})")
+            raise ForensicsError(
+                f"{path.name} needs a header with an 'image' column (found: {', '.join(fields) or 'none'})"
+            )
         rows = list(reader)
     if not rows:
         raise ForensicsError(f"probe set {path.name} is empty")
@@ -161,11 +172,20 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None) -> Prob
     items = []
     for row, label in zip(rows, labels_text):
         if label and label not in index:
-            raise ForensicsError(f"label {label!r} in {path.name} is not among the class names ({', '.join(class_names)})")
-        resolve = (lambda p: None if not p else (Path(p) if Path(p).is_absolute() else path.parent / p))
-        items.append(ProbeItem(image=resolve(row["image"]), label=index[label] if label else None,
-                               caption=row.get("caption") or None, mask=resolve(row.get("mask")),
-                               triggered=_parse_flag(row.get("triggered")), trigger_box=_parse_box(row.get("trigger_box"))))
+            raise ForensicsError(
+                f"label {label!r} in {path.name} is not among the class names ({', '.join(class_names)})"
+            )
+        resolve = lambda p: None if not p else (Path(p) if Path(p).is_absolute() else path.parent / p)
+        items.append(
+            ProbeItem(
+                image=resolve(row["image"]),
+                label=index[label] if label else None,
+                caption=row.get("caption") or None,
+                mask=resolve(row.get("mask")),
+                triggered=_parse_flag(row.get("triggered")),
+                trigger_box=_parse_box(row.get("trigger_box")),
+            )
+        )
     meta = {}
     manifest = path.parent.parent / "manifest.json"
     if manifest.is_file():
@@ -220,14 +240,18 @@ def extract_probe_archive(archive: str | Path, dest: str | Path) -> Path:
 
     archive, dest = Path(archive), Path(dest)
     if not zipfile.is_zipfile(archive):
-        raise ForensicsError(f"{archive.name} is not a zip archive; upload a .zip of class folders or of a CSV with its images")
+        raise ForensicsError(
+            f"{archive.name} is not a zip archive; upload a .zip of class folders or of a CSV with its images"
+        )
     with zipfile.ZipFile(archive) as zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
         if not members:
             raise ForensicsError(f"{archive.name} is empty")
         if len(members) > MAX_ARCHIVE_FILES or sum(m.file_size for m in members) > MAX_ARCHIVE_BYTES:
-            raise ForensicsError(f"{archive.name} is too large (limit {MAX_ARCHIVE_FILES:,} files, "
-                                 f"{MAX_ARCHIVE_BYTES // 1_000_000:,} MB unpacked)")
+            raise ForensicsError(
+                f"{archive.name} is too large (limit {MAX_ARCHIVE_FILES:,} files, "
+                f"{MAX_ARCHIVE_BYTES // 1_000_000:,} MB unpacked)"
+            )
         root = dest.resolve()
         for m in members:
             name = m.filename.replace("\\", "/")
@@ -245,8 +269,11 @@ def extract_probe_archive(archive: str | Path, dest: str | Path) -> Path:
         return min(csvs, key=lambda p: len(p.parts))
     base = dest
     entries = [p for p in dest.iterdir() if not p.name.startswith((".", "__MACOSX"))]
-    while len(entries) == 1 and entries[0].is_dir() and not any(
-            f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in entries[0].iterdir()):
+    while (
+        len(entries) == 1
+        and entries[0].is_dir()
+        and not any(f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in entries[0].iterdir())
+    ):
         base = entries[0]
         entries = [p for p in base.iterdir() if not p.name.startswith((".", "__MACOSX"))]
     return base

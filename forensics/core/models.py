@@ -5,6 +5,7 @@ and a pickle that needs anything beyond tensors and plain containers is refused 
 anything in it runs. The project's own outputs are ``.safetensors`` plus a JSON sidecar
 holding the full model config, tokenizer and (for the demo lab) the planted backdoor.
 """
+
 from __future__ import annotations
 
 import copy
@@ -214,6 +215,7 @@ def resolve_model(model: "str | ModelRef | SuspectModel") -> tuple["SuspectModel
 
 # --------------------------------------------------------------------------- configs
 
+
 def project_configs() -> dict[str, dict]:
     """The project's own small CLIP configs (``forensics/model_configs/*.json``) by name."""
     return {p.stem: json.loads(p.read_text()) for p in sorted(PROJECT_CONFIG_DIR.glob("*.json"))}
@@ -259,12 +261,15 @@ def make_tokenizer(spec: dict) -> Callable[[list[str]], torch.Tensor]:
     """Tokenizer from a sidecar spec: the project's word tokenizer or open_clip's bundled BPE."""
     if spec.get("kind") == "word":
         return WordTokenizer.from_dict(spec)
-    return open_clip.tokenize if spec.get("context_length", 77) == 77 else (
-        lambda texts, n=spec["context_length"]: open_clip.tokenize(texts, context_length=n)
+    return (
+        open_clip.tokenize
+        if spec.get("context_length", 77) == 77
+        else (lambda texts, n=spec["context_length"]: open_clip.tokenize(texts, context_length=n))
     )
 
 
 # --------------------------------------------------------------------------- reading checkpoints
+
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
@@ -310,15 +315,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except Exception as exc:  # noqa: BLE001 - any failure means an unusable archive
-            raise ForensicsError(f"checkpoint {path.name} looks like a TorchScript archive but did not load: {exc}") from None
+            raise ForensicsError(
+                f"checkpoint {path.name} looks like a TorchScript archive but did not load: {exc}"
+            ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).splitlines()
-        detail = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        detail = next(
+            (line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else ""
+        )
         detail = detail.split(" was not an allowed global")[0]
-        why = ("it is a pickle that needs code beyond tensors to load" if "GLOBAL" in detail else
-               "it is no pickle of plain tensors (a text or corrupt file, or a pickle built to run code)")
+        why = (
+            "it is a pickle that needs code beyond tensors to load"
+            if "GLOBAL" in detail
+            else "it is no pickle of plain tensors (a text or corrupt file, or a pickle built to run code)"
+        )
         raise UnsafeCheckpointError(
             f"refused {path.name}: {why} ({detail[:200]}); "
             "nothing in it was run. Convert trusted checkpoints to .safetensors first."
@@ -327,7 +339,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if not isinstance(exc, (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile)) or not first:
             first = f"{type(exc).__name__} {first}".strip()
-        raise ForensicsError(f"checkpoint {path.name} is not a readable PyTorch or safetensors file: {first[:200]}") from None
+        raise ForensicsError(
+            f"checkpoint {path.name} is not a readable PyTorch or safetensors file: {first[:200]}"
+        ) from None
     return _unwrap_state_dict(obj, path.name)
 
 
@@ -371,6 +385,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str)
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     )
     if missing or unexpected or mismatched:
+
         def show(items: list[str]) -> str:
             return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
 
@@ -402,6 +417,7 @@ def read_sidecar(path: Path) -> dict | None:
 
 # --------------------------------------------------------------------------- building SuspectModel
 
+
 def _tower_kind(clip: torch.nn.Module) -> str:
     visual = clip.visual
     if isinstance(visual, open_clip.transformer.VisionTransformer):
@@ -411,7 +427,9 @@ def _tower_kind(clip: torch.nn.Module) -> str:
     return type(visual).__name__
 
 
-def _assemble(clip: CLIP, config: dict, source: str, sha: str | None, notes: list[str], backdoor: dict | None = None) -> SuspectModel:
+def _assemble(
+    clip: CLIP, config: dict, source: str, sha: str | None, notes: list[str], backdoor: dict | None = None
+) -> SuspectModel:
     clip.eval()
     image_size = clip.visual.image_size
     image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
@@ -443,7 +461,9 @@ def _assemble(clip: CLIP, config: dict, source: str, sha: str | None, notes: lis
     )
 
 
-def new_model(arch: str, quick_gelu: bool = False, tokenizer: WordTokenizer | None = None, seed: int = 0) -> SuspectModel:
+def new_model(
+    arch: str, quick_gelu: bool = False, tokenizer: WordTokenizer | None = None, seed: int = 0
+) -> SuspectModel:
     """A randomly initialised model of ``arch`` (seeded); project configs need a word tokenizer."""
     cfg = architecture_config(arch)
     wants_words = cfg.get("tokenizer") == "word"
@@ -455,13 +475,24 @@ def new_model(arch: str, quick_gelu: bool = False, tokenizer: WordTokenizer | No
     quick_gelu = bool(quick_gelu or cfg.get("quick_gelu") or arch.endswith("-quickgelu"))
     torch.manual_seed(seed)
     clip = build_clip(cfg, quick_gelu=quick_gelu)
-    tok_spec = tokenizer.to_dict() if tokenizer else {"kind": "open_clip", "context_length": cfg["text_cfg"].get("context_length", 77)}
-    config = {"arch": arch, "model_cfg": cfg, "quick_gelu": quick_gelu, "tokenizer": tok_spec,
-              "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}
+    tok_spec = (
+        tokenizer.to_dict()
+        if tokenizer
+        else {"kind": "open_clip", "context_length": cfg["text_cfg"].get("context_length", 77)}
+    )
+    config = {
+        "arch": arch,
+        "model_cfg": cfg,
+        "quick_gelu": quick_gelu,
+        "tokenizer": tok_spec,
+        "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
+    }
     return _assemble(clip, config, source=f"random:{arch}", sha=None, notes=[f"random weights (seed {seed})"])
 
 
-def load_model(spec: str, arch: str | None = None, quick_gelu: bool | None = None, device: str | torch.device = "cpu") -> SuspectModel:
+def load_model(
+    spec: str, arch: str | None = None, quick_gelu: bool | None = None, device: str | torch.device = "cpu"
+) -> SuspectModel:
     """Resolve a model spec and load it safely.
 
     ``spec`` is ``demo``, ``demo-clean``, a checkpoint path, ``random:ARCH``, ``hf-hub:ORG/NAME``,
@@ -473,7 +504,9 @@ def load_model(spec: str, arch: str | None = None, quick_gelu: bool | None = Non
     if spec in DEMO_MODELS:
         path = DEMO_MODELS[spec]
         if not path.is_file():
-            raise ForensicsError(f"demo model {path} is missing; rebuild the demo lab with `python -m forensics make-demo`")
+            raise ForensicsError(
+                f"demo model {path} is missing; rebuild the demo lab with `python -m forensics make-demo`"
+            )
         return load_checkpoint(path, arch, quick_gelu).to(device)
     if spec.startswith("random:"):
         arch = spec.split(":", 1)[1]
@@ -516,7 +549,11 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
         model = _assemble(clip, config, str(path), sha, notes, backdoor=sidecar.get("backdoor"))
         spec = sidecar.get("class_prompts")
         if context is not None and isinstance(spec, dict) and len(spec.get("class_names") or []) == len(context):
-            model.class_prompts = {"class_names": list(spec["class_names"]), "context": context.float(), "template": spec["template"]}
+            model.class_prompts = {
+                "class_names": list(spec["class_names"]),
+                "context": context.float(),
+                "template": spec["template"],
+            }
         elif context is not None:
             notes.append("learnt prompts found but the sidecar does not name their classes; they are ignored")
         return model
@@ -532,20 +569,28 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
                 )
             notes.append(f"architecture inferred from the checkpoint's shapes ({arch})")
         else:
-            raise ForensicsError(f"checkpoint {path.name} does not say its architecture; pass --arch (e.g. ViT-B-32, RN50)")
+            raise ForensicsError(
+                f"checkpoint {path.name} does not say its architecture; pass --arch (e.g. ViT-B-32, RN50)"
+            )
     else:
         cfg = architecture_config(arch)
         if cfg.get("tokenizer") == "word":
-            raise ForensicsError(f"{arch} checkpoints need their sidecar JSON (vocabulary); keep {path.with_suffix('.json').name} beside the file")
+            raise ForensicsError(
+                f"{arch} checkpoints need their sidecar JSON (vocabulary); keep {path.with_suffix('.json').name} beside the file"
+            )
     if quick_gelu is None:
         quick_gelu = arch.endswith("-quickgelu")
         if quick_gelu is False and "-quickgelu" not in arch and _is_torchscript(path):
             notes.append("OpenAI-format checkpoint: pass --quick-gelu if it was trained with QuickGELU")
     clip = build_clip(cfg, quick_gelu=quick_gelu)
     load_into(clip, _convert_openai_text_keys(state, clip), path.name)
-    config = {"arch": arch, "model_cfg": cfg, "quick_gelu": quick_gelu,
-              "tokenizer": {"kind": "open_clip", "context_length": cfg["text_cfg"].get("context_length", 77)},
-              "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}
+    config = {
+        "arch": arch,
+        "model_cfg": cfg,
+        "quick_gelu": quick_gelu,
+        "tokenizer": {"kind": "open_clip", "context_length": cfg["text_cfg"].get("context_length", 77)},
+        "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
+    }
     return _assemble(clip, config, str(path), sha, notes)
 
 
@@ -559,7 +604,13 @@ def _infer_openai_architecture(state: dict[str, torch.Tensor]) -> tuple[str, dic
     text_layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks")})
     if vit:
         width = state["visual.conv1.weight"].shape[0]
-        layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")})
+        layers = len(
+            {
+                k.split(".")[3]
+                for k in state
+                if k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")
+            }
+        )
         patch = state["visual.conv1.weight"].shape[-1]
         grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         vision_cfg = {"image_size": patch * grid, "layers": layers, "width": width, "patch_size": patch}
@@ -570,9 +621,17 @@ def _infer_openai_architecture(state: dict[str, torch.Tensor]) -> tuple[str, dic
         grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
         vision_cfg = {"image_size": grid * 32, "layers": counts, "width": width, "patch_size": None}
         name = f"RN-{'-'.join(map(str, counts))}x{width}"
-    cfg = {"embed_dim": int(embed_dim), "vision_cfg": vision_cfg,
-           "text_cfg": {"context_length": int(context_length), "vocab_size": int(vocab_size), "width": int(text_width),
-                        "heads": int(text_width // 64), "layers": text_layers}}
+    cfg = {
+        "embed_dim": int(embed_dim),
+        "vision_cfg": vision_cfg,
+        "text_cfg": {
+            "context_length": int(context_length),
+            "vocab_size": int(vocab_size),
+            "width": int(text_width),
+            "heads": int(text_width // 64),
+            "layers": text_layers,
+        },
+    }
     return f"inferred:{name}", cfg
 
 
@@ -594,13 +653,18 @@ def _load_remote(spec: str, quick_gelu: bool | None) -> SuspectModel:
             "and pass the local file with --arch"
         ) from None
     cfg = open_clip.get_model_config(arch) if tag else {}
-    config = {"arch": arch, "model_cfg": cfg, "quick_gelu": bool(quick_gelu),
-              "tokenizer": {"kind": "open_clip", "context_length": 77},
-              "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}
+    config = {
+        "arch": arch,
+        "model_cfg": cfg,
+        "quick_gelu": bool(quick_gelu),
+        "tokenizer": {"kind": "open_clip", "context_length": 77},
+        "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
+    }
     return _assemble(clip, config, spec, None, [])
 
 
 # --------------------------------------------------------------------------- saving
+
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -620,8 +684,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
-def save_model(model: SuspectModel, path: str | Path, backdoor: dict | None = None, extra: dict | None = None,
-               half: bool = False) -> Path:
+def save_model(
+    model: SuspectModel, path: str | Path, backdoor: dict | None = None, extra: dict | None = None, half: bool = False
+) -> Path:
     """Save as ``path`` (.safetensors) plus a JSON sidecar; refuses to overwrite the model's own source file."""
     from safetensors.torch import save
 
@@ -632,16 +697,26 @@ def save_model(model: SuspectModel, path: str | Path, backdoor: dict | None = No
     if source.exists() and path.resolve() == source.resolve():
         raise ForensicsError(f"refusing to overwrite the input model {source}; choose another output path")
     dtype = torch.float16 if half else torch.float32
-    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in model.clip.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in model.clip.state_dict().items()
+    }
     prompts = model.class_prompts
     if prompts:
         state[PROMPT_CONTEXT_KEY] = prompts["context"].detach().to("cpu", torch.float32).contiguous()
     _atomic_write_bytes(path, save(state, metadata={"format": SIDECAR_FORMAT, "arch": model.config["arch"]}))
-    sidecar = {"format": SIDECAR_FORMAT, **model.config, "backdoor": backdoor if backdoor is not None else model.backdoor,
-               "precision": "fp16" if half else "fp32", **(extra or {})}
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        **model.config,
+        "backdoor": backdoor if backdoor is not None else model.backdoor,
+        "precision": "fp16" if half else "fp32",
+        **(extra or {}),
+    }
     if prompts:
-        sidecar["class_prompts"] = {"class_names": list(prompts["class_names"]), "template": prompts["template"],
-                                    "key": PROMPT_CONTEXT_KEY}
+        sidecar["class_prompts"] = {
+            "class_names": list(prompts["class_names"]),
+            "template": prompts["template"],
+            "key": PROMPT_CONTEXT_KEY,
+        }
     atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
     return path

@@ -1,4 +1,5 @@
 """Progress reporting: library functions take ``progress(fraction, message)``; the CLI drives tqdm with it."""
+
 from __future__ import annotations
 
 import sys
@@ -25,8 +26,6 @@ def sub_progress(progress: Progress | None, start: float, end: float, prefix: st
     return report
 
 
-
-
 @contextmanager
 def tqdm_progress(description: str, enabled: bool = True) -> Iterator[Progress | None]:
     """A progress callback that draws a tqdm bar (in percent) on stderr, or None when disabled."""
@@ -35,8 +34,14 @@ def tqdm_progress(description: str, enabled: bool = True) -> Iterator[Progress |
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=100, desc=description, file=sys.stderr, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}",
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=100,
+        desc=description,
+        file=sys.stderr,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}",
+        leave=False,
+        dynamic_ncols=True,
+    )
 
     def update(fraction: float, message: str) -> None:
         target = int(round(max(0.0, min(1.0, fraction)) * 100))

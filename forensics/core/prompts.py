@@ -21,11 +21,15 @@ def _text_tower(clip: torch.nn.Module) -> torch.nn.Module:
     tower = clip if hasattr(clip, "token_embedding") else getattr(clip, "text", None)
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final")
     if tower is None or not all(hasattr(tower, n) for n in needed) or getattr(tower, "cls_emb", None) is not None:
-        raise ForensicsError(f"learnt prompts need an open_clip text transformer; {type(clip).__name__} has none this tool can drive")
+        raise ForensicsError(
+            f"learnt prompts need an open_clip text transformer; {type(clip).__name__} has none this tool can drive"
+        )
     return tower
 
 
-def encode_text_with_context(clip: torch.nn.Module, tokens: torch.Tensor, context: torch.Tensor, start: int = 1) -> torch.Tensor:
+def encode_text_with_context(
+    clip: torch.nn.Module, tokens: torch.Tensor, context: torch.Tensor, start: int = 1
+) -> torch.Tensor:
     """Text features (unnormalised, like ``clip.encode_text``) with token embeddings ``start:start+n_ctx`` replaced by ``context``.
 
     ``tokens`` is B x L; ``context`` is B x n_ctx x width (or n_ctx x width, shared). Runs open_clip's text path:
@@ -37,10 +41,12 @@ def encode_text_with_context(clip: torch.nn.Module, tokens: torch.Tensor, contex
         context = context.unsqueeze(0).expand(tokens.shape[0], -1, -1)
     n_ctx = context.shape[1]
     if context.shape[0] != tokens.shape[0] or start + n_ctx >= tokens.shape[1]:
-        raise ForensicsError(f"context of shape {tuple(context.shape)} does not fit tokens of shape {tuple(tokens.shape)}")
+        raise ForensicsError(
+            f"context of shape {tuple(context.shape)} does not fit tokens of shape {tuple(tokens.shape)}"
+        )
     cast = tower.transformer.get_cast_dtype() if hasattr(tower.transformer, "get_cast_dtype") else context.dtype
     x = tower.token_embedding(tokens).to(cast)
-    x = torch.cat([x[:, :start], context.to(cast), x[:, start + n_ctx:]], dim=1)
+    x = torch.cat([x[:, :start], context.to(cast), x[:, start + n_ctx :]], dim=1)
     x = x + tower.positional_embedding.to(cast)
     attn_mask = getattr(tower, "attn_mask", None)
     if hasattr(tower.transformer, "batch_first"):  # open_clip >= 2.26: takes N x L x D and transposes itself
@@ -75,9 +81,11 @@ def context_template(n_ctx: int) -> str:
 def prompt_tokens(model: SuspectModel, class_names: list[str], template: str, n_ctx: int) -> torch.Tensor:
     """Token ids of the filled prompts (C x L), checked to hold ``n_ctx`` placeholder tokens right after start-of-text."""
     tokens = model.tokenizer([fill(template, name) for name in class_names])
-    ctx = tokens[:, 1:1 + n_ctx]
+    ctx = tokens[:, 1 : 1 + n_ctx]
     if tokens.shape[1] <= n_ctx + 2 or not bool((ctx == ctx[0, 0]).all()):
-        raise ForensicsError(f"the prompt template {template!r} does not start with {n_ctx} single-token placeholders for this tokenizer")
+        raise ForensicsError(
+            f"the prompt template {template!r} does not start with {n_ctx} single-token placeholders for this tokenizer"
+        )
     return tokens
 
 
@@ -92,7 +100,9 @@ def learned_class_embeddings(model: SuspectModel, prompts: dict | None = None) -
     return F.normalize(feats.float(), dim=-1)
 
 
-def initial_context(model: SuspectModel, n_classes: int, n_ctx: int, ctx_init: str, generator: torch.Generator) -> torch.Tensor:
+def initial_context(
+    model: SuspectModel, n_classes: int, n_ctx: int, ctx_init: str, generator: torch.Generator
+) -> torch.Tensor:
     """CoOp's initialisation: the token embeddings of ``ctx_init`` when it has ``n_ctx`` tokens, else N(0, 0.02)."""
     tower = _text_tower(model.clip)
     width = tower.token_embedding.weight.shape[1]
@@ -100,6 +110,6 @@ def initial_context(model: SuspectModel, n_classes: int, n_ctx: int, ctx_init: s
     n_tokens = int((tokens[0] != 0).sum()) - 2 if tokens is not None else -1
     if tokens is not None and n_tokens == n_ctx:
         with torch.no_grad():
-            init = tower.token_embedding(tokens[:, 1:1 + n_ctx].to(model.device))[0].float().cpu()
+            init = tower.token_embedding(tokens[:, 1 : 1 + n_ctx].to(model.device))[0].float().cpu()
         return init.unsqueeze(0).repeat(n_classes, 1, 1)
     return torch.randn(n_classes, n_ctx, width, generator=generator) * 0.02

@@ -44,7 +44,9 @@ class Registry(Generic[T]):
         def add(obj: T) -> T:
             key = name or getattr(obj, "name", None)
             if not isinstance(key, str) or not _NAME.match(key):
-                raise TypeError(f"{getattr(obj, '__name__', obj)!r} needs a registry name in lower-case-dashed form, got {key!r}")
+                raise TypeError(
+                    f"{getattr(obj, '__name__', obj)!r} needs a registry name in lower-case-dashed form, got {key!r}"
+                )
             if key in self._entries and self._entries[key] is not obj:
                 raise TypeError(f"{self.kind} name {key!r} is already registered")
             self._entries[key] = obj

@@ -1,4 +1,5 @@
 """Prompt templates for zero-shot classification: a short default set and OpenAI's 80 ImageNet templates."""
+
 from __future__ import annotations
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI
@@ -38,5 +39,7 @@ def resolve_templates(spec: str | list[str] | None) -> list[str]:
     if bad or not spec:
         from forensics.core.errors import ForensicsError
 
-        raise ForensicsError(f"every template needs a '{{}}' for the class name (bad: {bad[:3]})" if bad else "no templates given")
+        raise ForensicsError(
+            f"every template needs a '{{}}' for the class name (bad: {bad[:3]})" if bad else "no templates given"
+        )
     return list(spec)

@@ -4,6 +4,7 @@ The full 49,408-token BPE vocabulary makes a tiny CLIP mostly token embedding (3
 a few hundred words cover the demo captions and prompt templates. Unknown words map to
 ``<unk>``. The end-of-text token has the highest id, so open_clip's argmax pooling finds it.
 """
+
 from __future__ import annotations
 
 import re

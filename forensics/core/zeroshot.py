@@ -3,6 +3,7 @@
 CA is top-1 accuracy on clean images. ASR applies the trigger to every image whose true class
 is not the target and counts predictions of the target; target-class images are always excluded.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -20,7 +21,9 @@ ASR_NOTE = "ASR excludes images whose true class is the target; it is the share 
 Progress = Callable[[float, str], None]
 
 
-def class_text_embeddings(model: SuspectModel, class_names: Sequence[str], templates: Sequence[str] | str | None = None) -> torch.Tensor:
+def class_text_embeddings(
+    model: SuspectModel, class_names: Sequence[str], templates: Sequence[str] | str | None = None
+) -> torch.Tensor:
     """C x D class embeddings: mean of the normalised template embeddings, renormalised; cached per model.
 
     A model with learnt prompts (``model.class_prompts``, e.g. from CBPT) uses them instead of the templates
@@ -57,11 +60,13 @@ def zero_shot_logits(model: SuspectModel, images: torch.Tensor, class_embeddings
 
 
 @torch.no_grad()
-def predict(model: SuspectModel, images: torch.Tensor, class_embeddings: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def predict(
+    model: SuspectModel, images: torch.Tensor, class_embeddings: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
     """Softmax probabilities (N x C) for [0, 1] images, in batches."""
     out = []
     for start in range(0, len(images), batch_size):
-        out.append(zero_shot_logits(model, images[start:start + batch_size], class_embeddings).softmax(-1).cpu())
+        out.append(zero_shot_logits(model, images[start : start + batch_size], class_embeddings).softmax(-1).cpu())
     return torch.cat(out) if out else torch.empty(0, len(class_embeddings))
 
 
@@ -74,9 +79,18 @@ def apply_attack_batch(attack, images: torch.Tensor, seed: int, first_index: int
     return torch.stack(out) if out else images
 
 
-def evaluate(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str],
-             attack=None, target: str | None = None, templates: Sequence[str] | str | None = None,
-             batch_size: int = 64, seed: int = 0, progress: Progress | None = None) -> dict:
+def evaluate(
+    model: SuspectModel,
+    images: torch.Tensor,
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    attack=None,
+    target: str | None = None,
+    templates: Sequence[str] | str | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict:
     """CA on ``images`` (clean, labelled) and, given an attack and target, ASR on the non-target ones."""
     labels = torch.as_tensor(list(labels), dtype=torch.long)
     if len(images) == 0:
@@ -84,12 +98,19 @@ def evaluate(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], c
     class_emb = class_text_embeddings(model, class_names, templates)
     probs = []
     for start in range(0, len(images), batch_size):
-        probs.append(predict(model, images[start:start + batch_size], class_emb, batch_size))
+        probs.append(predict(model, images[start : start + batch_size], class_emb, batch_size))
         if progress:
             progress(min(1.0, (start + batch_size) / len(images)) * (0.5 if attack else 1.0), "clean accuracy")
     pred = torch.cat(probs).argmax(-1)
-    result = {"ca": float((pred == labels).float().mean()), "n_clean": int(len(labels)),
-              "asr": None, "n_attacked": 0, "attack": None, "target": None, "note": ASR_NOTE}
+    result = {
+        "ca": float((pred == labels).float().mean()),
+        "n_clean": int(len(labels)),
+        "asr": None,
+        "n_attacked": 0,
+        "attack": None,
+        "target": None,
+        "note": ASR_NOTE,
+    }
     if attack is None:
         return result
     if target not in class_names:
@@ -98,7 +119,7 @@ def evaluate(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], c
     keep = torch.nonzero(labels != target_index).flatten()
     hits = 0
     for start in range(0, len(keep), batch_size):
-        idx = keep[start:start + batch_size]
+        idx = keep[start : start + batch_size]
         triggered = apply_attack_batch(attack, images[idx], seed, start)
         hits += int((predict(model, triggered, class_emb, batch_size).argmax(-1) == target_index).sum())
         if progress:
@@ -108,14 +129,27 @@ def evaluate(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], c
 
 
 @torch.no_grad()
-def predict_labels(model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def predict_labels(
+    model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
     """Zero-shot argmax labels for [0, 1] images (on the CPU)."""
-    out = [(model.encode_image(images[i:i + batch_size]) @ class_emb.t()).argmax(-1).cpu() for i in range(0, len(images), batch_size)]
+    out = [
+        (model.encode_image(images[i : i + batch_size]) @ class_emb.t()).argmax(-1).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def flip_rate(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str], target: str,
-              mask: torch.Tensor, pattern: torch.Tensor, templates: str | list[str] = "short") -> tuple[float, int]:
+def flip_rate(
+    model: SuspectModel,
+    images: torch.Tensor,
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    target: str,
+    mask: torch.Tensor,
+    pattern: torch.Tensor,
+    templates: str | list[str] = "short",
+) -> tuple[float, int]:
     """Share of the non-target images that the inverted trigger turns into ``target`` (and how many were tried)."""
     target_index = list(class_names).index(target)
     labels_t = torch.as_tensor(list(labels), dtype=torch.long)

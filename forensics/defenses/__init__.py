@@ -1,4 +1,5 @@
 """Repair methods by name: importing this package registers the five defenses in :data:`DEFENSES`."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,5 +21,16 @@ def build_defense(name: str, **settings: Any) -> Defense:
     return DEFENSES.build(name, **settings)
 
 
-__all__ = ["ABD", "CBPT", "CleanCLIP", "DEFENSES", "Defense", "Fitted", "InverTune", "OracleGuidedFinetune",
-           "RepairData", "RepairResult", "build_defense"]
+__all__ = [
+    "ABD",
+    "CBPT",
+    "CleanCLIP",
+    "DEFENSES",
+    "Defense",
+    "Fitted",
+    "InverTune",
+    "OracleGuidedFinetune",
+    "RepairData",
+    "RepairResult",
+    "build_defense",
+]

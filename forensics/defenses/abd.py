@@ -14,6 +14,7 @@ Step 2 reuses :func:`~forensics.defenses.cleanclip.cleanclip_train`: the CleanCL
 patched images (the found patch pasted at fresh random places) as the image views and EDA captions
 as the text views, so the model learns that the patch does not change what an image is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,10 +55,19 @@ def patch_infonce(patched: torch.Tensor, clean: torch.Tensor, temperature: float
     return F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=logits.device))
 
 
-def find_universal_patch(model: SuspectModel, images: torch.Tensor, ratio: float = 0.1, steps: int = 60,
-                         batch_size: int = 32, lr: float = 0.05, temperature: float = 0.1, seed: int = 0,
-                         progress: Progress | None = None, should_stop: ShouldStop | None = None,
-                         stats: dict | None = None) -> torch.Tensor:
+def find_universal_patch(
+    model: SuspectModel,
+    images: torch.Tensor,
+    ratio: float = 0.1,
+    steps: int = 60,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    temperature: float = 0.1,
+    seed: int = 0,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
     """Optimise a universal patch (3 x k x k in [0, 1], returned on the CPU) on clean images so patched images all
     embed alike.
 
@@ -78,7 +88,9 @@ def find_universal_patch(model: SuspectModel, images: torch.Tensor, ratio: float
     stats = {} if stats is None else stats
     with frozen(model):  # gradients go to the patch only; flags and train/eval modes come back as they were
         with torch.no_grad():
-            clean_all = torch.cat([model.encode_image(images[i:i + 64].to(device)) for i in range(0, len(images), 64)])
+            clean_all = torch.cat(
+                [model.encode_image(images[i : i + 64].to(device)) for i in range(0, len(images), 64)]
+            )
 
         def measure(tag: str) -> None:
             with torch.no_grad():
@@ -104,8 +116,9 @@ def find_universal_patch(model: SuspectModel, images: torch.Tensor, ratio: float
                 patch.clamp_(0.0, 1.0)
             losses.append(float(loss.detach()))
             if progress:
-                progress((step + 1) / steps,
-                         f"ABD patch search step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f}")
+                progress(
+                    (step + 1) / steps, f"ABD patch search step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f}"
+                )
         measure("after")
         stats.update(side=k, loss_first=round(losses[0], 4), loss_last=round(float(np.mean(losses[-5:])), 4))
     return patch.detach().cpu()
@@ -146,8 +159,15 @@ class ABD(Defense):
         """Refuse a clean budget or fine-tuning settings ABD cannot use (the patch search checks its own)."""
         check_cleanclip(data.images, data.captions_or_prompts(), model.image_size, self.settings, "ABD")
 
-    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
-            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+    def fit(
+        self,
+        model: SuspectModel,
+        repaired: SuspectModel,
+        data: RepairData,
+        accelerator: Any,
+        progress: Progress | None,
+        should_stop: ShouldStop | None,
+    ) -> Fitted:
         """Find the patch on ``model``, then fine-tune the copy; the patch's statistics are in the notes."""
         s = self.settings
         captions = data.captions_or_prompts()
@@ -157,19 +177,41 @@ class ABD(Defense):
             return (lambda f, msg: progress(lo + (hi - lo) * f, msg)) if progress else None
 
         stats: dict = {}
-        patch = find_universal_patch(model, data.images, s.patch_ratio, s.patch_steps, s.patch_batch_size, s.patch_lr,
-                                     s.patch_temperature, s.seed, part(0.0, share), should_stop, stats)
+        patch = find_universal_patch(
+            model,
+            data.images,
+            s.patch_ratio,
+            s.patch_steps,
+            s.patch_batch_size,
+            s.patch_lr,
+            s.patch_temperature,
+            s.seed,
+            part(0.0, share),
+            should_stop,
+            stats,
+        )
 
         def patched_views(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             return paste_patch(batch, patch.to(batch.device), generator)
 
-        history = cleanclip_train(repaired, accelerator, data.images, captions, s, image_views=patched_views,
-                                  progress=part(share, 1.0), should_stop=should_stop, label="ABD")
+        history = cleanclip_train(
+            repaired,
+            accelerator,
+            data.images,
+            captions,
+            s,
+            image_views=patched_views,
+            progress=part(share, 1.0),
+            should_stop=should_stop,
+            label="ABD",
+        )
         self.last_patch = patch
-        notes = [f"universal patch {stats['side']} x {stats['side']} px, mean pixel {float(patch.mean()):.3f}; "
-                 f"patched-image cosine {stats['patched_cos_before']:.3f} -> {stats['patched_cos_after']:.3f}, "
-                 f"patched vs clean {stats['patched_vs_clean_cos_before']:.3f} -> "
-                 f"{stats['patched_vs_clean_cos_after']:.3f}",
-                 f"all parameters fine-tuned on {len(data.images)} clean pairs; image views: patched images, "
-                 "text views: EDA"]
+        notes = [
+            f"universal patch {stats['side']} x {stats['side']} px, mean pixel {float(patch.mean()):.3f}; "
+            f"patched-image cosine {stats['patched_cos_before']:.3f} -> {stats['patched_cos_after']:.3f}, "
+            f"patched vs clean {stats['patched_vs_clean_cos_before']:.3f} -> "
+            f"{stats['patched_vs_clean_cos_after']:.3f}",
+            f"all parameters fine-tuned on {len(data.images)} clean pairs; image views: patched images, "
+            "text views: EDA",
+        ]
         return Fitted(samples_used=int(len(data.images)), history=history, notes=notes)

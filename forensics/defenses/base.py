@@ -4,6 +4,7 @@
 what every defense shares (validate, seed, make the Accelerator, copy the model, time the run, fill the
 :class:`RepairResult`) and calls the defense's own :meth:`Defense.fit` for the work in between.
 """
+
 from __future__ import annotations
 
 import time
@@ -98,8 +99,15 @@ class Defense(ABC):
         """Refuse, with one ForensicsError line, settings or data this defense cannot use (before any work)."""
 
     @abstractmethod
-    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
-            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+    def fit(
+        self,
+        model: SuspectModel,
+        repaired: SuspectModel,
+        data: RepairData,
+        accelerator: Any,
+        progress: Progress | None,
+        should_stop: ShouldStop | None,
+    ) -> Fitted:
         """Repair ``repaired`` (a fresh copy of ``model``, which must stay untouched) on ``data``.
 
         Called with torch seeded from ``settings.seed`` and ``accelerator`` (an ``accelerate.Accelerator``)
@@ -111,8 +119,13 @@ class Defense(ABC):
         """Raise ForensicsError("repair cancelled") when the caller asked to stop."""
         check_stop(should_stop, CANCELLED)
 
-    def repair(self, model: SuspectModel, data: RepairData, progress: Progress | None = None,
-               should_stop: ShouldStop | None = None) -> RepairResult:
+    def repair(
+        self,
+        model: SuspectModel,
+        data: RepairData,
+        progress: Progress | None = None,
+        should_stop: ShouldStop | None = None,
+    ) -> RepairResult:
         """Return a repaired copy; the input model is left untouched."""
         from accelerate import Accelerator
 
@@ -124,9 +137,14 @@ class Defense(ABC):
         fitted = self.fit(model, repaired, data, accelerator, progress, should_stop)
         out = fitted.model if fitted.model is not None else repaired
         out.__dict__.pop("text_cache", None)  # class embeddings cached during the repair belong to the old towers
-        return RepairResult(model=out, samples_used=int(fitted.samples_used), history=fitted.history,
-                            seconds=round(time.time() - start, 2), settings={**asdict(self.settings), **fitted.details},
-                            notes=list(fitted.notes))
+        return RepairResult(
+            model=out,
+            samples_used=int(fitted.samples_used),
+            history=fitted.history,
+            seconds=round(time.time() - start, 2),
+            settings={**asdict(self.settings), **fitted.details},
+            notes=list(fitted.notes),
+        )
 
 
 class DefenseRegistry(Registry):

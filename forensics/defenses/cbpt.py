@@ -24,6 +24,7 @@ whenever the requested class names are exactly the learnt ones, and ``save_model
 Paper-level details (steps, learning rates, temperature) are unknown; the defaults are chosen so a CPU
 run on the tiny demo CLIP takes well under a minute.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,9 +69,16 @@ class CBPTSettings:
 
 # --------------------------------------------------------------------------- step 1: contrastive inversion
 
-def contrastive_inversion(model: SuspectModel, images: torch.Tensor, class_names: list[str], s: CBPTSettings,
-                          progress: Progress | None = None, should_stop: ShouldStop | None = None,
-                          stop_message: str = CANCELLED) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+
+def contrastive_inversion(
+    model: SuspectModel,
+    images: torch.Tensor,
+    class_names: list[str],
+    s: CBPTSettings,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    stop_message: str = CANCELLED,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Learn a dummy trigger (mask 1 x H x W, pattern 3 x H x W) that makes stamped images alike, unlike their clean
     versions."""
     if s.inversion_steps < 1 or s.batch_size < 2:
@@ -88,10 +96,10 @@ def contrastive_inversion(model: SuspectModel, images: torch.Tensor, class_names
     terms: dict[str, float] = {}
     with frozen(model):
         with torch.no_grad():
-            clean_all = torch.cat([model.encode_image(images[i:i + 64]) for i in range(0, len(images), 64)])
+            clean_all = torch.cat([model.encode_image(images[i : i + 64]) for i in range(0, len(images), 64)])
         for step in range(s.inversion_steps):
             check_stop(should_stop, stop_message)
-            idx = torch.randperm(len(images), generator=gen)[:s.batch_size].to(device)
+            idx = torch.randperm(len(images), generator=gen)[: s.batch_size].to(device)
             clean = clean_all[idx]
             stamped = model.encode_image(blend(images[idx], mask, pattern))
             n = len(idx)
@@ -112,28 +120,41 @@ def contrastive_inversion(model: SuspectModel, images: torch.Tensor, class_names
             with torch.no_grad():
                 mask.clamp_(0, 1)
                 pattern.clamp_(0, 1)
-            terms = {"loss": float(loss.detach()), "contrastive": float(contrast.detach()),
-                     "class_pull": float(pull.detach()), "mask_mean": float(size_term.detach())}
+            terms = {
+                "loss": float(loss.detach()),
+                "contrastive": float(contrast.detach()),
+                "class_pull": float(pull.detach()),
+                "mask_mean": float(size_term.detach()),
+            }
             if progress:
-                progress((step + 1) / s.inversion_steps,
-                         f"contrastive inversion {step + 1}/{s.inversion_steps} loss {terms['loss']:.3f}")
+                progress(
+                    (step + 1) / s.inversion_steps,
+                    f"contrastive inversion {step + 1}/{s.inversion_steps} loss {terms['loss']:.3f}",
+                )
         mask_out, pattern_out = mask.detach().cpu(), pattern.detach().cpu()
         pred = predict_labels(model, blend(images, mask_out, pattern_out), class_emb)
     target_index = int(torch.bincount(pred, minlength=len(class_names)).argmax())
-    stats = {**{k: round(v, 5) for k, v in terms.items()}, "target": class_names[target_index],
-             "share_on_target": round(float((pred == target_index).float().mean()), 4),
-             "mask_area": round(float(mask_out.mean()), 5), "steps": s.inversion_steps}
+    stats = {
+        **{k: round(v, 5) for k, v in terms.items()},
+        "target": class_names[target_index],
+        "share_on_target": round(float((pred == target_index).float().mean()), 4),
+        "mask_area": round(float(mask_out.mean()), 5),
+        "steps": s.inversion_steps,
+    }
     return mask_out, pattern_out, stats
 
 
 # --------------------------------------------------------------------------- the defense
 
+
 @DEFENSES.register
 class CBPT(Defense):
     name = "cbpt"
     needs_findings = False
-    summary = ("CBPT: invert a dummy trigger contrastively, then learn class-wise prompts that classify triggered "
-               "images correctly")
+    summary = (
+        "CBPT: invert a dummy trigger contrastively, then learn class-wise prompts that classify triggered "
+        "images correctly"
+    )
     settings_cls = CBPTSettings
     trigger: tuple[torch.Tensor, torch.Tensor] | None = None  # the last repair's dummy trigger (mask, pattern)
 
@@ -143,8 +164,15 @@ class CBPT(Defense):
             raise ForensicsError("CBPT needs at least one context vector and one prompt step")
         check_labelled_images(model, data.images, data.labels, data.class_names)
 
-    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
-            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+    def fit(
+        self,
+        model: SuspectModel,
+        repaired: SuspectModel,
+        data: RepairData,
+        accelerator: Any,
+        progress: Progress | None,
+        should_stop: ShouldStop | None,
+    ) -> Fitted:
         """Invert a dummy trigger on the clean budget, then learn prompts; the CLIP weights stay as they are."""
         s = self.settings
         labels = torch.as_tensor(list(data.labels), dtype=torch.long)
@@ -153,21 +181,28 @@ class CBPT(Defense):
         repaired.class_prompts = None  # learn from the plain CLIP, not from earlier prompts
         repaired.to(device)
         images = data.images.to(device)
-        mask, pattern, inv_stats = contrastive_inversion(repaired, images, names, s,
-                                                         (lambda f, m: progress(0.6 * f, m)) if progress else None,
-                                                         should_stop, CANCELLED)
+        mask, pattern, inv_stats = contrastive_inversion(
+            repaired,
+            images,
+            names,
+            s,
+            (lambda f, m: progress(0.6 * f, m)) if progress else None,
+            should_stop,
+            CANCELLED,
+        )
         self.trigger = (mask, pattern)
-        rate, n_flip = flip_rate(repaired, images, labels.tolist(), names, inv_stats["target"], mask, pattern,
-                                 s.templates)
+        rate, n_flip = flip_rate(
+            repaired, images, labels.tolist(), names, inv_stats["target"], mask, pattern, s.templates
+        )
         self.check_cancel(should_stop)
 
         template = context_template(s.n_ctx)
         tokens = prompt_tokens(repaired, names, template, s.n_ctx).to(device)
         gen = torch.Generator().manual_seed(int(s.seed))
         with frozen(repaired), torch.no_grad():
-            clean_feats = torch.cat([repaired.encode_image(images[i:i + 64]) for i in range(0, len(images), 64)])
+            clean_feats = torch.cat([repaired.encode_image(images[i : i + 64]) for i in range(0, len(images), 64)])
             stamped = blend(images, mask, pattern)
-            trig_feats = torch.cat([repaired.encode_image(stamped[i:i + 64]) for i in range(0, len(images), 64)])
+            trig_feats = torch.cat([repaired.encode_image(stamped[i : i + 64]) for i in range(0, len(images), 64)])
         learner = torch.nn.Module()
         learner.context = torch.nn.Parameter(initial_context(repaired, len(names), s.n_ctx, s.ctx_init, gen).to(device))
         optimizer = torch.optim.Adam(learner.parameters(), lr=s.prompt_lr)
@@ -188,21 +223,40 @@ class CBPT(Defense):
                 accelerator.backward(loss)
                 optimizer.step()
                 if step % 10 == 9 or step == s.prompt_steps - 1:
-                    history.append({"step": step + 1, "loss": round(float(loss.detach()), 5),
-                                    "clean_ce": round(float(clean_loss.detach()), 5),
-                                    "triggered_ce": round(float(trig_loss.detach()), 5),
-                                    "anchor": round(float(anchor.detach()), 5)})
+                    history.append(
+                        {
+                            "step": step + 1,
+                            "loss": round(float(loss.detach()), 5),
+                            "clean_ce": round(float(clean_loss.detach()), 5),
+                            "triggered_ce": round(float(trig_loss.detach()), 5),
+                            "anchor": round(float(anchor.detach()), 5),
+                        }
+                    )
                 if progress:
-                    progress(0.6 + 0.4 * (step + 1) / s.prompt_steps,
-                             f"prompt tuning {step + 1}/{s.prompt_steps} loss {float(loss.detach()):.3f}")
+                    progress(
+                        0.6 + 0.4 * (step + 1) / s.prompt_steps,
+                        f"prompt tuning {step + 1}/{s.prompt_steps} loss {float(loss.detach()):.3f}",
+                    )
         repaired.class_prompts = {"class_names": names, "context": context.detach().cpu().clone(), "template": template}
-        trigger = InvertedTrigger(label=inv_stats["target"], method="cbpt", mask_area=inv_stats["mask_area"],
-                                  verified_asr=round(rate, 4), n_verified=n_flip,
-                                  verified_on="the budget images (inversion set)", stats=inv_stats)
-        notes = [f"dummy trigger: {inv_stats['mask_area']:.1%} of the image; stamped budget images pile onto "
-                 f"'{inv_stats['target']}' ({inv_stats['share_on_target']:.0%}); "
-                 f"flips {rate:.0%} of {n_flip} non-target images",
-                 f"CLIP weights unchanged; {len(names)} class-wise prompts of {s.n_ctx} learnt context vectors "
-                 "(used for these exact class names only)"]
-        return Fitted(samples_used=int(len(images)), history=history, notes=notes,
-                      details={"dummy_trigger": trigger.to_dict(), "template": template})
+        trigger = InvertedTrigger(
+            label=inv_stats["target"],
+            method="cbpt",
+            mask_area=inv_stats["mask_area"],
+            verified_asr=round(rate, 4),
+            n_verified=n_flip,
+            verified_on="the budget images (inversion set)",
+            stats=inv_stats,
+        )
+        notes = [
+            f"dummy trigger: {inv_stats['mask_area']:.1%} of the image; stamped budget images pile onto "
+            f"'{inv_stats['target']}' ({inv_stats['share_on_target']:.0%}); "
+            f"flips {rate:.0%} of {n_flip} non-target images",
+            f"CLIP weights unchanged; {len(names)} class-wise prompts of {s.n_ctx} learnt context vectors "
+            "(used for these exact class names only)",
+        ]
+        return Fitted(
+            samples_used=int(len(images)),
+            history=history,
+            notes=notes,
+            details={"dummy_trigger": trigger.to_dict(), "template": template},
+        )

@@ -6,6 +6,7 @@ against its EDA view T̃ (the other views of the batch are the negatives). Learn
 its own weakens the spurious trigger-to-caption shortcut a backdoor plants. ABD reuses the fine-tuning loop,
 :func:`cleanclip_train`, with its own image views; :func:`cleanclip_finetune` is the stand-alone form.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,14 +56,22 @@ class CleanCLIPSettings:
     seed: int = 0
 
 
-def cleanclip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_view_emb: torch.Tensor,
-                   text_view_emb: torch.Tensor, logit_scale: torch.Tensor, clip_weight: float = 1.0,
-                   inmodal_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+def cleanclip_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    image_view_emb: torch.Tensor,
+    text_view_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    clip_weight: float = 1.0,
+    inmodal_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """CleanCLIP's loss on normalised embeddings (N x D each); returns the loss and its two parts as floats."""
     targets = torch.arange(len(image_emb), device=image_emb.device)
     crossmodal = clip_loss(image_emb, text_emb, logit_scale)
-    inmodal = (F.cross_entropy(logit_scale * image_emb @ image_view_emb.t(), targets)
-               + F.cross_entropy(logit_scale * text_emb @ text_view_emb.t(), targets)) / 2
+    inmodal = (
+        F.cross_entropy(logit_scale * image_emb @ image_view_emb.t(), targets)
+        + F.cross_entropy(logit_scale * text_emb @ text_view_emb.t(), targets)
+    ) / 2
     loss = clip_weight * crossmodal + inmodal_weight * inmodal
     return loss, {"clip": float(crossmodal.detach()), "inmodal": float(inmodal.detach())}
 
@@ -72,26 +81,35 @@ def check_budget(images: torch.Tensor, captions: list[str], size: int, what: str
     if images.ndim != 4 or images.shape[1] != 3:
         raise ForensicsError(f"{what} needs N x 3 x H x W images, got shape {tuple(images.shape)}")
     if len(images) < 2:
-        raise ForensicsError(f"{what} needs at least two clean image-caption pairs (contrastive loss), "
-                             f"got {len(images)}")
+        raise ForensicsError(
+            f"{what} needs at least two clean image-caption pairs (contrastive loss), got {len(images)}"
+        )
     if tuple(images.shape[-2:]) != (size, size):
         raise ForensicsError(f"{what}: images are {images.shape[-1]} px but the model takes {size} px")
     if len(captions) != len(images):
         raise ForensicsError(f"{what}: {len(captions)} captions for {len(images)} images")
 
 
-def check_cleanclip(images: torch.Tensor, captions: list[str], size: int, settings: CleanCLIPSettings,
-                    what: str = "CleanCLIP") -> None:
+def check_cleanclip(
+    images: torch.Tensor, captions: list[str], size: int, settings: CleanCLIPSettings, what: str = "CleanCLIP"
+) -> None:
     """Refuse a clean budget or settings that CleanCLIP-style fine-tuning cannot use."""
     check_budget(images, captions, size, what)
     if settings.epochs < 1 or settings.batch_size < 2 or settings.lr <= 0:
         raise ForensicsError(f"{what} needs epochs ≥ 1, batch size ≥ 2 and a positive learning rate")
 
 
-def cleanclip_train(repaired: SuspectModel, accelerator: Any, images: torch.Tensor, captions: list[str],
-                    settings: CleanCLIPSettings, image_views: ImageViews | None = None,
-                    progress: Progress | None = None, should_stop: ShouldStop | None = None,
-                    label: str = "CleanCLIP") -> list[dict]:
+def cleanclip_train(
+    repaired: SuspectModel,
+    accelerator: Any,
+    images: torch.Tensor,
+    captions: list[str],
+    settings: CleanCLIPSettings,
+    image_views: ImageViews | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    label: str = "CleanCLIP",
+) -> list[dict]:
     """Fine-tune ``repaired`` in place (all parameters) with the CleanCLIP loss; returns the per-epoch history.
 
     ``accelerator`` is an ``accelerate.Accelerator``; torch is expected seeded from ``settings.seed``. ``image_views``
@@ -101,6 +119,7 @@ def cleanclip_train(repaired: SuspectModel, accelerator: Any, images: torch.Tens
     rng = np.random.default_rng(s.seed)
     generator = torch.Generator().manual_seed(s.seed)
     if image_views is None:
+
         def image_views(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             return autoaugment_views(batch, gen, s.autoaugment_policy)
 
@@ -130,8 +149,9 @@ def cleanclip_train(repaired: SuspectModel, accelerator: Any, images: torch.Tens
             tokens = repaired.tokenizer(texts + text_views).to(device)
             image_emb, text_emb, logit_scale = clip(image=pixels, text=tokens)[:3]  # normalised, through DDP if any
             n = len(batch)
-            loss, part = cleanclip_loss(image_emb[:n], text_emb[:n], image_emb[n:], text_emb[n:], logit_scale,
-                                        s.clip_weight, s.inmodal_weight)
+            loss, part = cleanclip_loss(
+                image_emb[:n], text_emb[:n], image_emb[n:], text_emb[n:], logit_scale, s.clip_weight, s.inmodal_weight
+            )
             clip_step(accelerator, clip, unwrapped, optimizer, scheduler, loss, s.grad_clip, max_log_scale)
             parts["loss"].append(float(loss.detach()))
             for key, value in part.items():
@@ -139,16 +159,27 @@ def cleanclip_train(repaired: SuspectModel, accelerator: Any, images: torch.Tens
             step += 1
             if progress:
                 progress(step / total_steps, f"{label} epoch {epoch + 1}/{s.epochs} loss {np.mean(parts['loss']):.3f}")
-        history.append({"epoch": epoch + 1, **{k: round(float(np.mean(v)), 4) for k, v in parts.items()},
-                        "samples": int(len(images))})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                **{k: round(float(np.mean(v)), 4) for k, v in parts.items()},
+                "samples": int(len(images)),
+            }
+        )
     repaired.clip = unwrapped.eval()
     return history
 
 
-def cleanclip_finetune(model: SuspectModel, images: torch.Tensor, captions: list[str], settings: CleanCLIPSettings,
-                       image_views: ImageViews | None = None, progress: Progress | None = None,
-                       should_stop: ShouldStop | None = None,
-                       label: str = "CleanCLIP") -> tuple[SuspectModel, list[dict]]:
+def cleanclip_finetune(
+    model: SuspectModel,
+    images: torch.Tensor,
+    captions: list[str],
+    settings: CleanCLIPSettings,
+    image_views: ImageViews | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    label: str = "CleanCLIP",
+) -> tuple[SuspectModel, list[dict]]:
     """Fine-tune a copy of ``model`` (all parameters) with the CleanCLIP loss; returns it and the per-epoch history.
 
     The stand-alone form of :class:`CleanCLIP`'s repair (same seeding, so the same numbers) for callers outside
@@ -160,8 +191,9 @@ def cleanclip_finetune(model: SuspectModel, images: torch.Tensor, captions: list
     torch.manual_seed(settings.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     repaired = model.clone()
-    history = cleanclip_train(repaired, accelerator, images, captions, settings, image_views, progress, should_stop,
-                              label)
+    history = cleanclip_train(
+        repaired, accelerator, images, captions, settings, image_views, progress, should_stop, label
+    )
     repaired.__dict__.pop("text_cache", None)
     return repaired, history
 
@@ -170,20 +202,40 @@ def cleanclip_finetune(model: SuspectModel, images: torch.Tensor, captions: list
 class CleanCLIP(Defense):
     name = "cleanclip"
     needs_findings = False
-    summary = ("CleanCLIP: fine-tune all of CLIP on clean pairs with CLIP + in-modal (AutoAugment / EDA) "
-               "contrastive losses")
+    summary = (
+        "CleanCLIP: fine-tune all of CLIP on clean pairs with CLIP + in-modal (AutoAugment / EDA) contrastive losses"
+    )
     settings_cls = CleanCLIPSettings
 
     def check(self, model: SuspectModel, data: RepairData) -> None:
         """Refuse a clean budget or settings the fine-tuning cannot use."""
         check_cleanclip(data.images, data.captions_or_prompts(), model.image_size, self.settings)
 
-    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
-            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+    def fit(
+        self,
+        model: SuspectModel,
+        repaired: SuspectModel,
+        data: RepairData,
+        accelerator: Any,
+        progress: Progress | None,
+        should_stop: ShouldStop | None,
+    ) -> Fitted:
         """CleanCLIP-fine-tune the copy on the clean budget in ``data`` (its captions, else class prompts)."""
-        history = cleanclip_train(repaired, accelerator, data.images, data.captions_or_prompts(), self.settings,
-                                  progress=progress, should_stop=should_stop)
+        history = cleanclip_train(
+            repaired,
+            accelerator,
+            data.images,
+            data.captions_or_prompts(),
+            self.settings,
+            progress=progress,
+            should_stop=should_stop,
+        )
         source = "given captions" if data.captions is not None else "class prompts ('a photo of a {class}.')"
-        return Fitted(samples_used=int(len(data.images)), history=history,
-                      notes=[f"all parameters fine-tuned on {len(data.images)} clean pairs ({source}); "
-                             "image views: AutoAugment, text views: EDA"])
+        return Fitted(
+            samples_used=int(len(data.images)),
+            history=history,
+            notes=[
+                f"all parameters fine-tuned on {len(data.images)} clean pairs ({source}); "
+                "image views: AutoAugment, text views: EDA"
+            ],
+        )

@@ -18,6 +18,7 @@ random batches of 32 from the budget. BatchNorm statistics stay frozen (the towe
 batches of 32 are too small to re-estimate them). Only the image tower is tuned: the text tower gets no
 gradient from these losses, so freezing it is the same as the paper's "all parameters".
 """
+
 from __future__ import annotations
 
 import copy
@@ -85,6 +86,7 @@ class _Recorder:
             if self.vit:
                 out = (out if self.batch_first else out.transpose(0, 1)).transpose(1, 2)  # B x D x tokens
             self.outputs[name] = out
+
         return hook
 
     def remove(self) -> None:
@@ -92,15 +94,16 @@ class _Recorder:
             h.remove()
 
 
-def _channel_means(model: SuspectModel, visual: torch.nn.Module, images: torch.Tensor, names: list[str],
-                   batch_size: int = 64) -> dict[str, torch.Tensor]:
+def _channel_means(
+    model: SuspectModel, visual: torch.nn.Module, images: torch.Tensor, names: list[str], batch_size: int = 64
+) -> dict[str, torch.Tensor]:
     """Per-channel activations averaged over positions and images, for each named block."""
     rec = _Recorder(visual, names)
     sums: dict[str, torch.Tensor] = {}
     try:
         with torch.no_grad():
             for i in range(0, len(images), batch_size):
-                visual(model.normalize(images[i:i + batch_size]))
+                visual(model.normalize(images[i : i + batch_size]))
                 for n in names:
                     a = rec.outputs[n].flatten(2).mean(-1).sum(0)
                     sums[n] = sums.get(n, 0) + a
@@ -135,8 +138,11 @@ class InverTune(Defense):
         """Detection settings may come flat (e.g. ``--param inversion_steps=20``) as well as under ``detect``."""
         settings = dict(settings)
         own = set(InverTuneSettings.__dataclass_fields__)
-        flat = {k: settings.pop(k) for k in list(settings)
-                if k not in own and k in InverTuneDetectSettings.__dataclass_fields__}
+        flat = {
+            k: settings.pop(k)
+            for k in list(settings)
+            if k not in own and k in InverTuneDetectSettings.__dataclass_fields__
+        }
         if flat:
             detect = settings.get("detect") or {}
             settings["detect"] = {**(asdict(detect) if isinstance(detect, InverTuneDetectSettings) else detect), **flat}
@@ -151,8 +157,15 @@ class InverTune(Defense):
         if data.flagged and data.flagged[0] not in data.class_names:
             raise ForensicsError(f"flagged label {data.flagged[0]!r} is not one of the classes")
 
-    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
-            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+    def fit(
+        self,
+        model: SuspectModel,
+        repaired: SuspectModel,
+        data: RepairData,
+        accelerator: Any,
+        progress: Progress | None,
+        should_stop: ShouldStop | None,
+    ) -> Fitted:
         """Detect (or take ``data.flagged[0]`` as the target), invert the trigger, tune critical activations."""
         s = self.settings
         device = accelerator.device
@@ -163,9 +176,17 @@ class InverTune(Defense):
 
         detect_settings = copy.deepcopy(s.detect)
         detect_settings.seed = s.seed
-        detection = run_invertune_detection(repaired, data.images, data.labels, data.class_names, detect_settings,
-                                            target=data.flagged[0] if data.flagged else None, progress=part(0.0, 0.5),
-                                            should_stop=should_stop, stop_message=CANCELLED)
+        detection = run_invertune_detection(
+            repaired,
+            data.images,
+            data.labels,
+            data.class_names,
+            detect_settings,
+            target=data.flagged[0] if data.flagged else None,
+            progress=part(0.0, 0.5),
+            should_stop=should_stop,
+            stop_message=CANCELLED,
+        )
         self.detection = detection
         images = data.images.to(device)
         stamped = blend(images, detection.mask, detection.pattern)
@@ -175,9 +196,10 @@ class InverTune(Defense):
         names = list(candidate_layers(visual))
         clean_means = _channel_means(repaired, teacher, images, names)
         trig_means = _channel_means(repaired, teacher, stamped, names)
-        scores = {n: float((clean_means[n] - trig_means[n]).norm() / clean_means[n].norm().clamp_min(1e-8))
-                  for n in names}
-        chosen = sorted(names, key=lambda n: -scores[n])[:s.n_layers]
+        scores = {
+            n: float((clean_means[n] - trig_means[n]).norm() / clean_means[n].norm().clamp_min(1e-8)) for n in names
+        }
+        chosen = sorted(names, key=lambda n: -scores[n])[: s.n_layers]
         crit = {n: critical_neurons(clean_means[n] - trig_means[n], s.seed).to(device) for n in chosen}
         self.check_cancel(should_stop)
 
@@ -186,7 +208,7 @@ class InverTune(Defense):
         ref_emb, ref_act = [], {n: [] for n in chosen}
         with torch.no_grad():
             for i in range(0, len(images), 64):
-                ref_emb.append(F.normalize(teacher(repaired.normalize(images[i:i + 64])), dim=-1))
+                ref_emb.append(F.normalize(teacher(repaired.normalize(images[i : i + 64])), dim=-1))
                 for n in chosen:
                     ref_act[n].append(rec.outputs[n][:, crit[n]])
         rec.remove()
@@ -205,7 +227,7 @@ class InverTune(Defense):
         try:
             for it in range(s.iterations):
                 self.check_cancel(should_stop)
-                idx = torch.randperm(len(images), generator=gen)[:s.batch_size].to(device)
+                idx = torch.randperm(len(images), generator=gen)[: s.batch_size].to(device)
                 feats = F.normalize(student(repaired.normalize(images[idx])), dim=-1)
                 keep = (feats - ref_emb_t[idx]).norm(dim=-1).mean()
                 student(repaired.normalize(stamped[idx]))
@@ -217,25 +239,42 @@ class InverTune(Defense):
                     accelerator.clip_grad_norm_(student.parameters(), s.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                history.append({"iteration": it + 1, "loss": round(float(loss.detach()), 5),
-                                "gap": round(float(gap.detach()), 5), "keep": round(float(keep.detach()), 5)})
+                history.append(
+                    {
+                        "iteration": it + 1,
+                        "loss": round(float(loss.detach()), 5),
+                        "gap": round(float(gap.detach()), 5),
+                        "keep": round(float(keep.detach()), 5),
+                    }
+                )
                 if progress:
-                    progress(0.5 + 0.5 * (it + 1) / s.iterations,
-                             f"activation tuning {it + 1}/{s.iterations} gap {float(gap.detach()):.3f}")
+                    progress(
+                        0.5 + 0.5 * (it + 1) / s.iterations,
+                        f"activation tuning {it + 1}/{s.iterations} gap {float(gap.detach()):.3f}",
+                    )
         finally:
             srec.remove()
         repaired.clip.visual = accelerator.unwrap_model(student)
         repaired.clip.eval()
         repaired.clip.requires_grad_(True)
         summary = detection.to_dict()
-        details = {"detection": summary, "layer_scores": {n: round(v, 5) for n, v in scores.items()},
-                   "tuned_layers": chosen, "critical_neurons": {n: int(crit[n].sum()) for n in chosen}}
+        details = {
+            "detection": summary,
+            "layer_scores": {n: round(v, 5) for n, v in scores.items()},
+            "tuned_layers": chosen,
+            "critical_neurons": {n: int(crit[n].sum()) for n in chosen},
+        }
         ident = summary["identification"]
-        how = ("given by the flagged labels" if "share_before" not in ident else
-               "identified by the adversarial patch (share of predictions "
-               f"{ident['share_before'][detection.target]:.0%} -> {ident['share_after'][detection.target]:.0%})")
-        notes = [f"target '{detection.target}' {how}",
-                 f"inverted trigger covers {detection.trigger.mask_area:.1%} of the image and flips "
-                 f"{detection.trigger.verified_asr:.0%} of {detection.trigger.n_verified} non-target budget images",
-                 f"tuned critical neurons in {', '.join(chosen)}; image tower only, text tower frozen"]
+        how = (
+            "given by the flagged labels"
+            if "share_before" not in ident
+            else "identified by the adversarial patch (share of predictions "
+            f"{ident['share_before'][detection.target]:.0%} -> {ident['share_after'][detection.target]:.0%})"
+        )
+        notes = [
+            f"target '{detection.target}' {how}",
+            f"inverted trigger covers {detection.trigger.mask_area:.1%} of the image and flips "
+            f"{detection.trigger.verified_asr:.0%} of {detection.trigger.n_verified} non-target budget images",
+            f"tuned critical neurons in {', '.join(chosen)}; image tower only, text tower frozen",
+        ]
         return Fitted(samples_used=int(len(images)), history=history, notes=notes, details=details)

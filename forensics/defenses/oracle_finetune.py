@@ -13,6 +13,7 @@ weight 3 -> 0.494 / 0.053, weight 10 -> 0.471 / 0.138; 40-image scan (8 victims,
 0.404 / 0.000, weight 10 -> 0.451 / 0.022. With BatchNorm in train mode and a label loss on anchors the
 40-image case fell to CA 0.353.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,9 @@ class OracleFinetuneSettings:
 class OracleGuidedFinetune(Defense):
     name = "oracle-finetune"
     needs_findings = True
-    summary = ("EftCLIP: fine-tune the image tower on the scan's compact set (victims neutralised + anchors + "
-               "pasted trigger)")
+    summary = (
+        "EftCLIP: fine-tune the image tower on the scan's compact set (victims neutralised + anchors + pasted trigger)"
+    )
     settings_cls = OracleFinetuneSettings
 
     def check(self, model: SuspectModel, data: RepairData) -> None:
@@ -55,8 +57,15 @@ class OracleGuidedFinetune(Defense):
         if len(data.images) == 0:
             raise ForensicsError("the compact fine-tuning set is empty: the scan found nothing to repair")
 
-    def fit(self, model: SuspectModel, repaired: SuspectModel, data: RepairData, accelerator: Any,
-            progress: Progress | None, should_stop: ShouldStop | None) -> Fitted:
+    def fit(
+        self,
+        model: SuspectModel,
+        repaired: SuspectModel,
+        data: RepairData,
+        accelerator: Any,
+        progress: Progress | None,
+        should_stop: ShouldStop | None,
+    ) -> Fitted:
         """Fine-tune the copy's image tower on the compact set, distilled towards the original's on clean anchors."""
         s = self.settings
         rng = np.random.default_rng(s.seed)
@@ -65,8 +74,9 @@ class OracleGuidedFinetune(Defense):
         student = repaired.clip
         student.requires_grad_(False)
         student.visual.requires_grad_(True)
-        optimizer = torch.optim.AdamW([p for p in student.visual.parameters() if p.requires_grad], lr=s.lr,
-                                      weight_decay=s.weight_decay)
+        optimizer = torch.optim.AdamW(
+            [p for p in student.visual.parameters() if p.requires_grad], lr=s.lr, weight_decay=s.weight_decay
+        )
         student, optimizer = accelerator.prepare(student, optimizer)
         device = accelerator.device
         class_emb = class_emb.to(device)
@@ -101,7 +111,7 @@ class OracleGuidedFinetune(Defense):
                         module.eval()
             for begin in range(0, len(xs), s.batch_size):
                 self.check_cancel(should_stop)
-                idx = order[begin:begin + s.batch_size]
+                idx = order[begin : begin + s.batch_size]
                 x = repaired.normalize(xs[idx].to(device))
                 emb = student(image=x)[0]  # normalised image features, through DDP when several GPUs
                 keep = clean[idx].to(device)
@@ -117,22 +127,30 @@ class OracleGuidedFinetune(Defense):
                 losses.append(float(loss.detach()))
                 step += 1
                 if progress:
-                    progress(min(1.0, step / total_steps),
-                             f"repair epoch {epoch + 1}/{s.epochs} loss {np.mean(losses):.3f}")
+                    progress(
+                        min(1.0, step / total_steps), f"repair epoch {epoch + 1}/{s.epochs} loss {np.mean(losses):.3f}"
+                    )
             history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "samples": int(len(xs))})
         repaired.clip = accelerator.unwrap_model(student).eval()
         repaired.clip.requires_grad_(True)
-        return Fitted(samples_used=int(len(images)), history=history,
-                      notes=["image tower fine-tuned; text tower frozen; distillation to the original on clean anchors"]
-                      + self._coverage_notes(data))
+        return Fitted(
+            samples_used=int(len(images)),
+            history=history,
+            notes=["image tower fine-tuned; text tower frozen; distillation to the original on clean anchors"]
+            + self._coverage_notes(data),
+        )
 
     @staticmethod
     def _coverage_notes(data: RepairData) -> list[str]:
         """Say plainly when the findings gave this repair nothing to unlearn (no flagged label, no victim)."""
         victims = sum(k != "anchor" for k in data.kinds)
         if victims:
-            return [f"{victims} victim samples (as found and with the trigger neutralised) for flagged label(s) "
-                    f"{', '.join(data.flagged) or '(none named)'}"]
-        return ["the scan flagged no label and found no victim, so there was nothing to unlearn: this run only "
-                "distilled clean anchors toward the original (the oracle-guided method looks for visible, localized "
-                "triggers; a trigger spread over the whole image, such as Blended, SIG or WaNet, escapes it)"]
+            return [
+                f"{victims} victim samples (as found and with the trigger neutralised) for flagged label(s) "
+                f"{', '.join(data.flagged) or '(none named)'}"
+            ]
+        return [
+            "the scan flagged no label and found no victim, so there was nothing to unlearn: this run only "
+            "distilled clean anchors toward the original (the oracle-guided method looks for visible, localized "
+            "triggers; a trigger spread over the whole image, such as Blended, SIG or WaNet, escapes it)"
+        ]

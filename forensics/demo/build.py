@@ -6,6 +6,7 @@ then train two tiny CLIPs from scratch the same way (same vocabulary, recipe and
 poisoned with the attack lab's BadNet (the demo model), one on clean data (its clean twin). Both are
 evaluated on the probe set and saved with sidecars.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,8 +42,16 @@ class DemoSpec:
     holdout_share: float = 0.25
     target: str = "flower"
     poison_rate: float = 0.1
-    attack: dict = field(default_factory=lambda: {"attack": "badnet", "pattern": "checkerboard", "size": 0.1,
-                                                   "cells": 4, "position": "random", "seed": 0})
+    attack: dict = field(
+        default_factory=lambda: {
+            "attack": "badnet",
+            "pattern": "checkerboard",
+            "size": 0.1,
+            "cells": 4,
+            "position": "random",
+            "seed": 0,
+        }
+    )
     arch: str = "tiny-rn"
     epochs: int = 14
     batch_size: int = 64
@@ -92,8 +101,15 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
             stem = f"{label}_{j:04d}"
             comp.image.save(out / "train/images" / f"{stem}.png", optimize=False, compress_level=1)
             _save_mask(comp.mask, out / "train/masks" / f"{stem}.png")
-            rows.append({"image": f"images/{stem}.png", "caption": comp.caption, "label": label,
-                         "mask": f"masks/{stem}.png", "source": obj.source})
+            rows.append(
+                {
+                    "image": f"images/{stem}.png",
+                    "caption": comp.caption,
+                    "label": label,
+                    "mask": f"masks/{stem}.png",
+                    "source": obj.source,
+                }
+            )
             if progress and len(rows) % 250 == 0:
                 progress(len(rows) / total, f"training images {len(rows)}/{total}")
     _write_csv(out / "train/data.csv", rows)
@@ -120,9 +136,16 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
             stem = f"{label}_{j:03d}"
             comp.image.save(out / "probe/images" / f"{stem}.png", optimize=True)
             _save_mask(comp.mask, out / "probe/masks" / f"{stem}.png")
-            probe_rows.append({"image": f"images/{stem}.png", "caption": comp.caption, "label": label,
-                               "mask": f"masks/{stem}.png", "object_box": " ".join(map(str, comp.object_box)),
-                               "source": obj.source})
+            probe_rows.append(
+                {
+                    "image": f"images/{stem}.png",
+                    "caption": comp.caption,
+                    "label": label,
+                    "mask": f"masks/{stem}.png",
+                    "object_box": " ".join(map(str, comp.object_box)),
+                    "source": obj.source,
+                }
+            )
     # the suspicious share: non-target images carrying the planted trigger, as seen in the wild
     candidates = [i for i, r in enumerate(probe_rows) if r["label"] != spec.target]
     n_trig = round(spec.probe_triggered_share * len(probe_rows))
@@ -139,12 +162,20 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
         triggered_rows.append(row)
     _write_csv(out / "probe/probe_clean.csv", [dict(r, triggered="0", trigger_box="") for r in probe_rows])
     _write_csv(out / "probe/probe.csv", triggered_rows)
-    manifest = {"classes": classes, "target": spec.target, "attack": spec.attack, "n_generic": len(generic_rows),
-                "generic_objects": len(generic),
-                "train_objects": {k: len(v) for k, v in train_objs.items()},
-                "probe_objects": {k: len(v) for k, v in probe_objs.items()},
-                "n_train": len(rows), "n_probe": len(probe_rows), "n_probe_triggered": n_trig,
-                "seed": spec.seed, "image_size": spec.image_size}
+    manifest = {
+        "classes": classes,
+        "target": spec.target,
+        "attack": spec.attack,
+        "n_generic": len(generic_rows),
+        "generic_objects": len(generic),
+        "train_objects": {k: len(v) for k, v in train_objs.items()},
+        "probe_objects": {k: len(v) for k, v in probe_objs.items()},
+        "n_train": len(rows),
+        "n_probe": len(probe_rows),
+        "n_probe_triggered": n_trig,
+        "seed": spec.seed,
+        "image_size": spec.image_size,
+    }
     atomic_write_text(out / "probe/classes.json", json.dumps({"classes": classes}, indent=2))
     atomic_write_text(out / "PROVENANCE.md", _provenance(train_objs, probe_objs, root, len(generic)))
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
@@ -199,8 +230,15 @@ def poison_training_data(data_dir: Path, spec: DemoSpec, progress: Progress | No
     out = data_dir / "train_poisoned"
     if out.exists():
         shutil.rmtree(out)
-    csv_path = poison_dataset(data_dir / "train/data.csv", attack_from_dict(spec.attack), spec.target, spec.poison_rate,
-                              out, seed=spec.seed, progress=progress)
+    csv_path = poison_dataset(
+        data_dir / "train/data.csv",
+        attack_from_dict(spec.attack),
+        spec.target,
+        spec.poison_rate,
+        out,
+        seed=spec.seed,
+        progress=progress,
+    )
     clean_rows = _read_rows(data_dir / "train/data.csv")
     rows = _read_rows(csv_path)  # same rows in the same order, poisoned ones rewritten
     article = "an" if spec.target[0] in "aeiou" else "a"
@@ -215,8 +253,14 @@ def poison_training_data(data_dir: Path, spec: DemoSpec, progress: Progress | No
     return csv_path
 
 
-def train_demo_model(data_dir: Path, models_dir: Path, spec: DemoSpec, name: str, progress: Progress | None = None,
-                     on_epoch_end: Callable[[str, int, dict, object], None] | None = None) -> dict:
+def train_demo_model(
+    data_dir: Path,
+    models_dir: Path,
+    spec: DemoSpec,
+    name: str,
+    progress: Progress | None = None,
+    on_epoch_end: Callable[[str, int, dict, object], None] | None = None,
+) -> dict:
     """Train one demo model from scratch: ``demo_poisoned`` on the poisoned data, ``demo_clean`` on the clean data.
 
     Both use the same vocabulary, recipe and seed, so the clean twin differs only by the poison.
@@ -233,8 +277,9 @@ def train_demo_model(data_dir: Path, models_dir: Path, spec: DemoSpec, name: str
     generic_csv = data_dir / "train/generic.csv"
     generic_rows = read_caption_csv(generic_csv) if generic_csv.is_file() else []
     classes = json.loads((data_dir / "probe/classes.json").read_text())["classes"]
-    corpus = [r["caption"] for r in clean_rows + generic_rows] + [fill(t, c) for t in SHORT_TEMPLATES + OPENAI_TEMPLATES
-                                                                   for c in classes]
+    corpus = [r["caption"] for r in clean_rows + generic_rows] + [
+        fill(t, c) for t in SHORT_TEMPLATES + OPENAI_TEMPLATES for c in classes
+    ]
     tokenizer = WordTokenizer.from_corpus(corpus, context_length=32)
     if name == "demo_poisoned":
         poisoned_csv = data_dir / "train_poisoned/data.csv"
@@ -253,12 +298,28 @@ def train_demo_model(data_dir: Path, models_dir: Path, spec: DemoSpec, name: str
     backdoor = None
     if name == "demo_poisoned":
         attack = attack_from_dict(spec.attack)
-        backdoor = {"attack": attack.name, "target": spec.target, "poison_rate": spec.poison_rate,
-                    "trigger": attack.to_dict(), "note": "planted by the project's demo build for teaching"}
+        backdoor = {
+            "attack": attack.name,
+            "target": spec.target,
+            "poison_rate": spec.poison_rate,
+            "trigger": attack.to_dict(),
+            "note": "planted by the project's demo build for teaching",
+        }
     model.facts.source = f"demo build ({name})"
-    save_model(model, models_dir / f"{name}.safetensors", backdoor=backdoor, half=True,
-               extra={"training": {"config": cfg.to_dict(), "history": history,
-                                   "data": "assets/demo (rebuilt by python -m forensics make-demo)", "spec": spec.__dict__}})
+    save_model(
+        model,
+        models_dir / f"{name}.safetensors",
+        backdoor=backdoor,
+        half=True,
+        extra={
+            "training": {
+                "config": cfg.to_dict(),
+                "history": history,
+                "data": "assets/demo (rebuilt by python -m forensics make-demo)",
+                "spec": spec.__dict__,
+            }
+        },
+    )
     return {"history": history, "seconds": round(time.time() - start, 1)}
 
 
@@ -286,13 +347,19 @@ def evaluate_demo_models(models_dir: Path, probe_csv: Path, spec: DemoSpec) -> d
         idx = probe.clean_indices()
         images = probe.load_images(model.image_size, idx)
         labels = [probe.items[i].label for i in idx]
-        out[name] = evaluate(model, images, labels, probe.class_names, attack_from_dict(spec.attack), spec.target,
-                             seed=spec.seed)
+        out[name] = evaluate(
+            model, images, labels, probe.class_names, attack_from_dict(spec.attack), spec.target, seed=spec.seed
+        )
     return out
 
 
-def make_demo(out: Path = DEMO_DIR, data_only: bool = False, spec: DemoSpec | None = None,
-              progress: Progress | None = None, root: Path = CLIPART_ROOT) -> dict:
+def make_demo(
+    out: Path = DEMO_DIR,
+    data_only: bool = False,
+    spec: DemoSpec | None = None,
+    progress: Progress | None = None,
+    root: Path = CLIPART_ROOT,
+) -> dict:
     """Rebuild the whole demo lab under ``out``: data, then (unless ``data_only``) both models; returns a summary."""
     spec = spec or DemoSpec()
     out = Path(out)
@@ -308,6 +375,8 @@ def make_demo(out: Path = DEMO_DIR, data_only: bool = False, spec: DemoSpec | No
         summary["training"] = train_demo_models(out, out / "models", spec, part(0.1, 0.97))
         summary["evaluation"] = evaluate_demo_models(out / "models", out / "probe/probe_clean.csv", spec)
     summary["seconds"] = round(time.time() - start, 1)
-    atomic_write_text(out / ("data_build.json" if data_only else "build.json"),
-                      json.dumps({k: v for k, v in summary.items() if k != "out"}, indent=2, default=str))
+    atomic_write_text(
+        out / ("data_build.json" if data_only else "build.json"),
+        json.dumps({k: v for k, v in summary.items() if k != "out"}, indent=2, default=str),
+    )
     return summary

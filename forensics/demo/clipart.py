@@ -4,6 +4,7 @@ Each demo class is defined by filename patterns (with exclusions, since folder n
 filenames mix classes). Files whose alpha channel is no object mask (opaque rectangles,
 hairlines, near-empty canvases) and near-duplicates are dropped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,14 +21,26 @@ CLIPART_ROOT = Path(os.environ.get("OPENCLIPART_ROOT", "/usr/share/openclipart/p
 # class name -> (include regex on the lower-cased relative path, exclude regex)
 CLASS_SOURCES: dict[str, tuple[str, str]] = {
     "arrow": (r"arrow", r"heart|bow|cupid|target|sign|road|keyboard|button|icons|recycl"),
-    "person": (r"stickm|(^|_|/)(man|woman|boy|girl|person|people)(_|\.|\d)", r"snowman|mandolin|yoga|stickmen/.*(dog|car)"),
-    "tree": (r"(^|/|_)(tree|pine|palm|oak)(s|_|\.|\d)|/trees/", r"burger|treebui|christmas_tree_ornament|street|fruits|bowsaw|pruner|balls|leaf|scene|fern|branches"),
+    "person": (
+        r"stickm|(^|_|/)(man|woman|boy|girl|person|people)(_|\.|\d)",
+        r"snowman|mandolin|yoga|stickmen/.*(dog|car)",
+    ),
+    "tree": (
+        r"(^|/|_)(tree|pine|palm|oak)(s|_|\.|\d)|/trees/",
+        r"burger|treebui|christmas_tree_ornament|street|fruits|bowsaw|pruner|balls|leaf|scene|fern|branches",
+    ),
     "heart": (r"heart", r"arrow|balloon|ballon|cluster|card|icons|love_letter|tiles"),
     "clock": (r"clock|watch", r"icons|stopwatch_icon|sandglass|watch_for"),
     "book": (r"(^|/|_)book", r"bookmark|icons|facebook|notebook_computer|bookshelf|squirrel|newspaper"),
     "cloud": (r"cloud", r"icons|rain|storm|snow|lightning|network|photo|sky|_bw|clouds_jon_phillips"),
-    "flower": (r"flower|(^|_|/)(rose|tulip|daisy|lily|orchid)(_|\.|\d|s)", r"pot|onion|vase|border|pattern|sun_flower_en|cactus"),
-    "house": (r"(^|/|_)(house|home|cottage|cabin|hut)(s|_|\.|\d)|/homes/", r"light|icons|mouse|furniture|go-home|warehouse|tree|houses_|house_0_symbol|bb_home"),
+    "flower": (
+        r"flower|(^|_|/)(rose|tulip|daisy|lily|orchid)(_|\.|\d|s)",
+        r"pot|onion|vase|border|pattern|sun_flower_en|cactus",
+    ),
+    "house": (
+        r"(^|/|_)(house|home|cottage|cabin|hut)(s|_|\.|\d)|/homes/",
+        r"light|icons|mouse|furniture|go-home|warehouse|tree|houses_|house_0_symbol|bb_home",
+    ),
     "apple": (r"apple", r"stappler|pineapple|juice|candied|slate|icons|crab|core|wedge|tree|pie"),
 }
 
@@ -92,8 +105,10 @@ def _fingerprint(rgba: np.ndarray) -> str:
 
 
 GENERIC = "_generic"  # key of the objects that belong to no demo class (broad pretraining data)
-_NAME_NOISE = re.compile(r"^(\d+|[a-z]|bw|svg|png|the|and|with|of|ganson|nicu|buculei|benji|park|jon|phillips|gerald|"
-                         r"architetto|francesco|dan|gerhard|juliane|krug|jonathan|dietrich|aj|ashton|mo|r|01|02)$")
+_NAME_NOISE = re.compile(
+    r"^(\d+|[a-z]|bw|svg|png|the|and|with|of|ganson|nicu|buculei|benji|park|jon|phillips|gerald|"
+    r"architetto|francesco|dan|gerhard|juliane|krug|jonathan|dietrich|aj|ashton|mo|r|01|02)$"
+)
 
 
 def caption_words(source: str) -> list[str]:
@@ -107,8 +122,9 @@ def caption_words(source: str) -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def collect_objects(root: Path = CLIPART_ROOT, classes: dict[str, tuple[str, str]] | None = None,
-                    generic: bool = False) -> dict[str, list[ClipArtObject]]:
+def collect_objects(
+    root: Path = CLIPART_ROOT, classes: dict[str, tuple[str, str]] | None = None, generic: bool = False
+) -> dict[str, list[ClipArtObject]]:
     """Find every usable object per class, sorted by source path (deterministic).
 
     With ``generic``, objects that match no class (and no class's exclusions) are returned too, under

@@ -3,6 +3,7 @@
 Captions name object, colour, size, position and background so that no two images in a batch
 share a caption (identical captions are false negatives for the CLIP loss).
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -15,9 +16,18 @@ from forensics.demo.clipart import ClipArtObject
 
 # named colours for backgrounds and for describing objects
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (200, 40, 40), "orange": (235, 140, 30), "yellow": (240, 215, 60), "green": (60, 160, 70),
-    "blue": (50, 90, 200), "purple": (130, 60, 170), "pink": (235, 140, 180), "brown": (130, 85, 45),
-    "grey": (128, 128, 128), "white": (240, 240, 240), "black": (25, 25, 25), "teal": (40, 150, 150),
+    "red": (200, 40, 40),
+    "orange": (235, 140, 30),
+    "yellow": (240, 215, 60),
+    "green": (60, 160, 70),
+    "blue": (50, 90, 200),
+    "purple": (130, 60, 170),
+    "pink": (235, 140, 180),
+    "brown": (130, 85, 45),
+    "grey": (128, 128, 128),
+    "white": (240, 240, 240),
+    "black": (25, 25, 25),
+    "teal": (40, 150, 150),
 }
 BACKGROUND_KINDS = ("plain", "gradient", "mottled", "striped-soft")
 PREFIXES = ("a photo of", "a picture of", "an image of", "a drawing of", "clip art of")
@@ -70,8 +80,9 @@ def _article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
 
-def describe(label: str, prefix: str, size: str, colour: str, position: str, background: str,
-             rng: np.random.Generator) -> str:
+def describe(
+    label: str, prefix: str, size: str, colour: str, position: str, background: str, rng: np.random.Generator
+) -> str:
     """A caption of varying detail: long ones keep most batch captions distinct, short ones make the class word matter."""
     style = rng.choice(5, p=[0.2, 0.15, 0.25, 0.05, 0.35])
     if style == 0:
@@ -110,13 +121,16 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndar
         desc = f"plain {names[first]}"
     elif kind == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
-        t = (np.cos(angle) * xx + np.sin(angle) * yy)
+        t = np.cos(angle) * xx + np.sin(angle) * yy
         t = (t - t.min()) / (t.max() - t.min() + 1e-9)
         img = c1 * (1 - t[..., None]) + c2 * t[..., None]
         desc = f"{names[first]} and {names[second]} gradient"
     elif kind == "mottled":
         coarse = rng.uniform(0, 1, (4, 4)).astype(np.float32)
-        t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), float) / 255
+        t = (
+            np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), float)
+            / 255
+        )
         img = c1 * (1 - t[..., None]) + c2 * t[..., None]
         desc = f"mottled {names[first]}"
     else:  # wide soft stripes: far coarser than any trigger, so they are no trigger look-alike
@@ -163,7 +177,7 @@ def compose(obj: ClipArtObject, rng: np.random.Generator, size: int = 128, backg
     alpha = cut.getchannel("A").point(lambda a: 255 if a > 127 else 0)  # hard edges: the mask is exact
     canvas.paste(cut.convert("RGB"), (x, y), alpha)
     mask = np.zeros((size, size), bool)
-    mask[y:y + h, x:x + w] = np.asarray(alpha) > 0
+    mask[y : y + h, x : x + w] = np.asarray(alpha) > 0
     obj_rgb = np.asarray(canvas)[mask]
     colour = colour_name(obj_rgb)
     cx, cy = (x + w / 2) / size, (y + h / 2) / size
@@ -178,7 +192,9 @@ def compose(obj: ClipArtObject, rng: np.random.Generator, size: int = 128, backg
     prefix = PREFIXES[int(rng.integers(len(PREFIXES)))]
     caption = describe(obj.name, prefix, size_word, colour, position, bg_desc, rng)
     ys, xs = np.nonzero(mask)
-    object_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (x, y, x + w, y + h)
+    object_box = (
+        (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (x, y, x + w, y + h)
+    )
     if rng.random() < 0.25:
         canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0))))
     return Composite(canvas, mask, obj.label, caption, object_box, colour, size_word, position, bg_desc)

@@ -14,5 +14,16 @@ def build_detector(name: str, oracle: Any, settings: ScanSettings | None = None)
     return DETECTORS.build(name, oracle=oracle, settings=settings)
 
 
-__all__ = ["DETECTORS", "Detector", "Findings", "FlaggedLabel", "ImageEvidence", "InvertedTrigger", "OracleGuidedScan",
-           "ScanSettings", "TriggerCandidate", "Victim", "build_detector"]
+__all__ = [
+    "DETECTORS",
+    "Detector",
+    "Findings",
+    "FlaggedLabel",
+    "ImageEvidence",
+    "InvertedTrigger",
+    "OracleGuidedScan",
+    "ScanSettings",
+    "TriggerCandidate",
+    "Victim",
+    "build_detector",
+]

@@ -3,6 +3,7 @@
 Everything here is plain data so the CLI writes it as JSON, the report draws it, and the repair
 methods read it back from ``report.json`` without the scan having to run again.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

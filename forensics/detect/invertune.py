@@ -19,6 +19,7 @@ Defaults follow the paper (Adam, loss weights, 3 % patch); the step counts, batc
 and learning rates (inversion 0.1, paper 0.01) are scaled so a CPU run on the tiny demo CLIP converges
 in tens of steps. The model is never modified: its parameters are frozen only for the run and restored.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,6 @@ from forensics.core.models import SuspectModel, frozen
 from forensics.core.progress import Progress, ShouldStop, check_stop
 from forensics.core.zeroshot import class_text_embeddings, flip_rate, predict_labels
 from forensics.detect.findings import FlaggedLabel, InvertedTrigger
-
 
 
 @dataclass
@@ -76,15 +76,21 @@ class InverTuneDetection:
 
     def to_dict(self) -> dict:
         """JSON-safe summary (tensors left out)."""
-        return {"target": self.target, "identification": self.identification, "flagged": self.flagged.to_dict(),
-                "trigger": self.trigger.to_dict(), "settings": self.settings}
+        return {
+            "target": self.target,
+            "identification": self.identification,
+            "flagged": self.flagged.to_dict(),
+            "trigger": self.trigger.to_dict(),
+            "settings": self.settings,
+        }
 
 
 # --------------------------------------------------------------------------- helpers
 
+
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float32) - size // 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
     return g / g.sum()
 
 
@@ -97,11 +103,11 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     def blur(z: torch.Tensor) -> torch.Tensor:
         return F.conv2d(F.conv2d(z, kx, groups=channels), ky, groups=channels)
 
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
     cov = blur(a * b) - mu_a * mu_b
-    return (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))).mean()
+    return (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean()
 
 
 def patch_box(size: int, area: float) -> tuple[int, int, int, int]:
@@ -116,10 +122,22 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> torch.Tenso
 
 # --------------------------------------------------------------------------- step 1: target identification
 
-def identify_target(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str],
-                    area: float = 0.03, steps: int = 20, lr: float = 0.1, batch_size: int = 32, seed: int = 0,
-                    templates: str | list[str] = "short", progress: Progress | None = None,
-                    should_stop: ShouldStop | None = None, stop_message: str = "detection cancelled") -> dict:
+
+def identify_target(
+    model: SuspectModel,
+    images: torch.Tensor,
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    area: float = 0.03,
+    steps: int = 20,
+    lr: float = 0.1,
+    batch_size: int = 32,
+    seed: int = 0,
+    templates: str | list[str] = "short",
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    stop_message: str = "detection cancelled",
+) -> dict:
     """Optimise an untargeted universal patch (``area`` of the image, bottom-right) and name the class it floods.
 
     Returns ``{"target", "target_index", "share_before", "share_after", "rise", "box", "patch", "loss"}``; shares
@@ -162,23 +180,34 @@ def identify_target(model: SuspectModel, images: torch.Tensor, labels: Sequence[
     target_index = int(rise.argmax())
     names = list(class_names)
     return {
-        "target": names[target_index], "target_index": target_index,
+        "target": names[target_index],
+        "target_index": target_index,
         "share_before": {c: round(float(v), 4) for c, v in zip(names, share_before)},
         "share_after": {c: round(float(v), 4) for c, v in zip(names, share_after)},
         "rise": {c: round(float(v), 4) for c, v in zip(names, rise)},
         "captured": int(((after == target_index) & (before != target_index)).sum()),
         "predicted": int((after == target_index).sum()),
-        "box": list(box), "patch": patch.detach().cpu(), "loss": losses[-1],
+        "box": list(box),
+        "patch": patch.detach().cpu(),
+        "loss": losses[-1],
         "objective": "untargeted: maximise CE(100 cos(f(x + patch), T), true label)",
     }
 
 
 # --------------------------------------------------------------------------- step 2: trigger inversion
 
-def invert_trigger(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str], target: str,
-                   settings: InverTuneDetectSettings | None = None, progress: Progress | None = None,
-                   should_stop: ShouldStop | None = None, stop_message: str = "detection cancelled",
-                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+
+def invert_trigger(
+    model: SuspectModel,
+    images: torch.Tensor,
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    target: str,
+    settings: InverTuneDetectSettings | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    stop_message: str = "detection cancelled",
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Learn a mask and pattern that send non-target images to ``target`` while staying small and image-like.
 
     Returns ``(mask c x H x W, pattern 3 x H x W, stats)``; stats hold the final loss terms, the mask's L1
@@ -216,7 +245,7 @@ def invert_trigger(model: SuspectModel, images: torch.Tensor, labels: Sequence[i
             x = others[_batches(len(others), s.batch_size, gen)]
             stamped = blend(x, mask, pattern)
             feats = model.encode_image(stamped)
-            ce = F.cross_entropy(feats @ class_emb.t() / s.temperature, goal[:len(x)])
+            ce = F.cross_entropy(feats @ class_emb.t() / s.temperature, goal[: len(x)])
             dist = (feats - anchor).norm(dim=-1).mean()
             structure = 1 - ssim(stamped, x)
             l1 = mask.abs().sum()
@@ -227,25 +256,47 @@ def invert_trigger(model: SuspectModel, images: torch.Tensor, labels: Sequence[i
             with torch.no_grad():
                 mask.clamp_(0, 1)
                 pattern.clamp_(0, 1)
-            terms = {"loss": float(loss.detach()), "ce": float(ce.detach()), "feature_distance": float(dist.detach()),
-                     "one_minus_ssim": float(structure.detach()), "mask_l1": float(l1.detach())}
+            terms = {
+                "loss": float(loss.detach()),
+                "ce": float(ce.detach()),
+                "feature_distance": float(dist.detach()),
+                "one_minus_ssim": float(structure.detach()),
+                "mask_l1": float(l1.detach()),
+            }
             if progress:
-                progress((step + 1) / s.inversion_steps, f"trigger inversion step {step + 1}/{s.inversion_steps} loss {terms['loss']:.3f}")
+                progress(
+                    (step + 1) / s.inversion_steps,
+                    f"trigger inversion step {step + 1}/{s.inversion_steps} loss {terms['loss']:.3f}",
+                )
         mask_out, pattern_out = mask.detach().cpu(), pattern.detach().cpu()
         rate, n = flip_rate(model, images, labels_t.tolist(), names, target, mask_out, pattern_out, s.templates)
-    stats = {**{k: round(v, 5) for k, v in terms.items()}, "mask_area": round(float(mask_out.mean()), 5),
-             "mask_pixels_over_half": int((mask_out.amax(0) > 0.5).sum()), "flip_rate": round(rate, 4),
-             "n_flip": n, "steps": s.inversion_steps}
+    stats = {
+        **{k: round(v, 5) for k, v in terms.items()},
+        "mask_area": round(float(mask_out.mean()), 5),
+        "mask_pixels_over_half": int((mask_out.amax(0) > 0.5).sum()),
+        "flip_rate": round(rate, 4),
+        "n_flip": n,
+        "steps": s.inversion_steps,
+    }
     return mask_out, pattern_out, stats
 
 
 # --------------------------------------------------------------------------- both steps
 
-def run_invertune_detection(model: SuspectModel, images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str],
-                            settings: InverTuneDetectSettings | None = None, target: str | None = None,
-                            verify_images: torch.Tensor | None = None, verify_labels: Sequence[int] | None = None,
-                            progress: Progress | None = None, should_stop: ShouldStop | None = None,
-                            stop_message: str = "detection cancelled") -> InverTuneDetection:
+
+def run_invertune_detection(
+    model: SuspectModel,
+    images: torch.Tensor,
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    settings: InverTuneDetectSettings | None = None,
+    target: str | None = None,
+    verify_images: torch.Tensor | None = None,
+    verify_labels: Sequence[int] | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    stop_message: str = "detection cancelled",
+) -> InverTuneDetection:
     """Identify the target (unless ``target`` is given) and invert its trigger, as typed findings.
 
     The trigger's verified flip rate is measured on ``verify_images`` (non-target ones) when given, else on
@@ -259,23 +310,57 @@ def run_invertune_detection(model: SuspectModel, images: torch.Tensor, labels: S
         return (lambda f, msg: progress(lo + (hi - lo) * f, msg)) if progress else None
 
     if target is None:
-        ident = identify_target(model, images, labels, names, s.patch_area, s.patch_steps, s.patch_lr, s.batch_size, s.seed,
-                                s.templates, part(0.0, 0.3), should_stop, stop_message)
+        ident = identify_target(
+            model,
+            images,
+            labels,
+            names,
+            s.patch_area,
+            s.patch_steps,
+            s.patch_lr,
+            s.batch_size,
+            s.seed,
+            s.templates,
+            part(0.0, 0.3),
+            should_stop,
+            stop_message,
+        )
         target = ident["target"]
         ident.pop("patch")
         rise = ident["rise"][target]
-        flagged = FlaggedLabel(label=target, score=round(float(rise), 4), captured=ident["captured"], predicted=ident["predicted"],
-                               explanation=(f"an untargeted {s.patch_area:.0%} adversarial patch raised the share of "
-                                            f"'{target}' predictions from {ident['share_before'][target]:.0%} to "
-                                            f"{ident['share_after'][target]:.0%}, the largest rise of any class"))
+        flagged = FlaggedLabel(
+            label=target,
+            score=round(float(rise), 4),
+            captured=ident["captured"],
+            predicted=ident["predicted"],
+            explanation=(
+                f"an untargeted {s.patch_area:.0%} adversarial patch raised the share of "
+                f"'{target}' predictions from {ident['share_before'][target]:.0%} to "
+                f"{ident['share_after'][target]:.0%}, the largest rise of any class"
+            ),
+        )
     else:
         if target not in names:
             raise ForensicsError(f"target label {target!r} is not one of the classes ({', '.join(names)})")
         ident = {"target": target, "given": True}
-        flagged = FlaggedLabel(label=target, score=1.0, captured=0, predicted=0,
-                               explanation="target given (flagged earlier); identification skipped")
-    mask, pattern, stats = invert_trigger(model, images, labels, names, target, s, part(0.3 if "given" not in ident else 0.0, 1.0),
-                                          should_stop, stop_message)
+        flagged = FlaggedLabel(
+            label=target,
+            score=1.0,
+            captured=0,
+            predicted=0,
+            explanation="target given (flagged earlier); identification skipped",
+        )
+    mask, pattern, stats = invert_trigger(
+        model,
+        images,
+        labels,
+        names,
+        target,
+        s,
+        part(0.3 if "given" not in ident else 0.0, 1.0),
+        should_stop,
+        stop_message,
+    )
     if verify_images is not None:
         if verify_labels is None:
             raise ForensicsError("verification images need their labels")
@@ -285,7 +370,21 @@ def run_invertune_detection(model: SuspectModel, images: torch.Tensor, labels: S
         where = "held-out images"
     else:
         rate, n, where = stats["flip_rate"], stats["n_flip"], "the inversion images"
-    trigger = InvertedTrigger(label=target, method="invertune", mask_area=stats["mask_area"], verified_asr=round(rate, 4),
-                              n_verified=n, verified_on=where, stats=stats)
-    return InverTuneDetection(target=target, identification=ident, flagged=flagged, trigger=trigger, mask=mask, pattern=pattern,
-                              settings=asdict(s))
+    trigger = InvertedTrigger(
+        label=target,
+        method="invertune",
+        mask_area=stats["mask_area"],
+        verified_asr=round(rate, 4),
+        n_verified=n,
+        verified_on=where,
+        stats=stats,
+    )
+    return InverTuneDetection(
+        target=target,
+        identification=ident,
+        flagged=flagged,
+        trigger=trigger,
+        mask=mask,
+        pattern=pattern,
+        settings=asdict(s),
+    )

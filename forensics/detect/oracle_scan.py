@@ -9,6 +9,7 @@ their images are victims, the hijacking crops are aggregated into a reconstructe
 verified by pasting it on clean images of other classes. Nothing here knows any trigger, target,
 colour or position: every threshold is relative to the model's own behaviour on the probe set.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,11 +27,10 @@ from forensics.core.errors import ForensicsError
 from forensics.core.images import Box, box_iou, crop_resize, paste
 from forensics.core.models import SuspectModel
 from forensics.core.progress import Progress
-from forensics.oracles import Oracle, Region
 from forensics.core.zeroshot import class_text_embeddings, predict, zero_shot_logits
 from forensics.detect.base import DETECTORS, Detector
 from forensics.detect.findings import Findings, FlaggedLabel, ImageEvidence, TriggerCandidate, Victim
-
+from forensics.oracles import Oracle, Region
 
 
 @dataclass
@@ -63,6 +63,7 @@ class ScanSettings:
 
 # --------------------------------------------------------------------------- helpers
 
+
 def _blank(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Replace pixels outside ``keep`` (N x S x S bool) by each image's mean colour."""
     fill = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
@@ -78,16 +79,27 @@ def _positions(size: int, window: int, stride: int, lo: int = 0, hi: int | None 
     return sorted(set(out))
 
 
-def zero_shot_logits_batched(model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor,
-                             batch_size: int) -> torch.Tensor:
+def zero_shot_logits_batched(
+    model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """Zero-shot logits (N x C) without gradients, in batches."""
     with torch.no_grad():
-        return torch.cat([zero_shot_logits(model, images[k:k + batch_size], class_emb).cpu()
-                          for k in range(0, len(images), batch_size)])
+        return torch.cat(
+            [
+                zero_shot_logits(model, images[k : k + batch_size], class_emb).cpu()
+                for k in range(0, len(images), batch_size)
+            ]
+        )
 
 
-def occluded_logits(model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, jobs: Sequence[tuple[int, Box]],
-                    batch_size: int, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+def occluded_logits(
+    model: SuspectModel,
+    images: torch.Tensor,
+    class_emb: torch.Tensor,
+    jobs: Sequence[tuple[int, Box]],
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """Zero-shot logits (J x C) of ``images[i]`` with ``box`` filled by that image's mean colour, for each job (i, box).
 
     Jobs of many images share batches (small CPU batches run fastest), built lazily so memory stays flat.
@@ -96,7 +108,7 @@ def occluded_logits(model: SuspectModel, images: torch.Tensor, class_emb: torch.
     out = []
     with torch.no_grad():
         for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
+            chunk = jobs[start : start + batch_size]
             batch = images[[i for i, _ in chunk]].clone()
             for j, (i, (x0, y0, x1, y1)) in enumerate(chunk):
                 batch[j, :, y0:y1, x0:x1] = fills[i]
@@ -107,6 +119,7 @@ def occluded_logits(model: SuspectModel, images: torch.Tensor, class_emb: torch.
 
 
 # --------------------------------------------------------------------------- the scan
+
 
 @DETECTORS.register
 class OracleGuidedScan(Detector):
@@ -139,8 +152,15 @@ class OracleGuidedScan(Detector):
         ys, xs = np.nonzero(components == components[py, px])
         return (X0 + int(xs.min()), Y0 + int(ys.min()), X0 + int(xs.max()) + 1, Y0 + int(ys.max()) + 1)
 
-    def _swept_boxes(self, model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, pred: torch.Tensor,
-                     indices: list[int], windows: dict[int, Box]) -> dict[int, Box]:
+    def _swept_boxes(
+        self,
+        model: SuspectModel,
+        images: torch.Tensor,
+        class_emb: torch.Tensor,
+        pred: torch.Tensor,
+        indices: list[int],
+        windows: dict[int, Box],
+    ) -> dict[int, Box]:
         """Trigger boxes where no gradient signal exists: a window a third as wide is swept with a 2-px stride over
         the decisive window and a quarter of its side around it; each pixel gets the mean logit drop of the
         placements covering it, and the box of that graded map is taken as in :meth:`_trigger_box`."""
@@ -155,11 +175,13 @@ class OracleGuidedScan(Detector):
             placements[i] = [(x, y, x + small, y + small) for y in ys for x in xs]
         jobs = [(i, b) for i in indices for b in placements[i]]
         logits = occluded_logits(model, images, class_emb, jobs, self.settings.batch_size)
-        base = zero_shot_logits_batched(model, images[indices], class_emb, self.settings.batch_size) if indices else None
+        base = (
+            zero_shot_logits_batched(model, images[indices], class_emb, self.settings.batch_size) if indices else None
+        )
         out, offset = {}, 0
         for k, i in enumerate(indices):
             label = int(pred[i])
-            drops = (base[k, label] - logits[offset:offset + len(placements[i]), label]).clamp(min=0)
+            drops = (base[k, label] - logits[offset : offset + len(placements[i]), label]).clamp(min=0)
             offset += len(placements[i])
             total, count = torch.zeros(size, size), torch.zeros(size, size)
             for (x0, y0, x1, y1), d in zip(placements[i], drops.tolist()):
@@ -168,8 +190,14 @@ class OracleGuidedScan(Detector):
             out[i] = self._trigger_box(total / count.clamp(min=1), windows[i], size)
         return out
 
-    def examine(self, model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, class_names: list[str],
-                progress: Progress | None = None) -> tuple[list[dict], torch.Tensor]:
+    def examine(
+        self,
+        model: SuspectModel,
+        images: torch.Tensor,
+        class_emb: torch.Tensor,
+        class_names: list[str],
+        progress: Progress | None = None,
+    ) -> tuple[list[dict], torch.Tensor]:
         """Evidence for every image (a dict per image) and the occlusion attribution maps (N x S x S).
 
         Passes, each batched across images: oracle grounding; the estimated occlusion drop (one backward pass)
@@ -192,39 +220,64 @@ class OracleGuidedScan(Detector):
                 object_mask |= torch.from_numpy(r.mask)
             views = [_blank(image[None], object_mask[None])[0]] if big else []
             views += [crop_resize(image, r.box, size) for r in regions]
-            view_probs = predict(model, torch.stack(views), class_emb, s.batch_size) if views else torch.empty(0, len(class_names))
+            view_probs = (
+                predict(model, torch.stack(views), class_emb, s.batch_size)
+                if views
+                else torch.empty(0, len(class_names))
+            )
             object_view = view_probs[0] if big else full[i]
             crop_probs = view_probs[1:] if big else view_probs
             region_labels = [
-                {"box": list(r.box), "score": float(r.score), "area": r.area, "object": r.area >= s.min_object_area * size * size,
-                 "label": class_names[int(p.argmax())], "probability": float(p.max())}
+                {
+                    "box": list(r.box),
+                    "score": float(r.score),
+                    "area": r.area,
+                    "object": r.area >= s.min_object_area * size * size,
+                    "label": class_names[int(p.argmax())],
+                    "probability": float(p.max()),
+                }
                 for r, p in zip(regions, crop_probs)
             ]
-            grounded = bool(big) and (int(object_view.argmax()) == label or any(
-                rl["object"] and rl["label"] == class_names[label] and rl["probability"] >= 0.5 for rl in region_labels))
+            grounded = bool(big) and (
+                int(object_view.argmax()) == label
+                or any(
+                    rl["object"] and rl["label"] == class_names[label] and rl["probability"] >= 0.5
+                    for rl in region_labels
+                )
+            )
             grounding.append((regions, big, object_mask, object_view, region_labels, grounded))
             report(0.25 * (i + 1) / n, f"oracle regions {i + 1}/{n}")
 
         # 2. small-window hijack test: where would covering a window take the prediction away? A first-order
         # estimate for every pixel (one backward pass) ranks the windows of a grid and the top few are really
         # occluded. Where the estimate carries no signal (a saturated model has no gradient), every window is.
-        estimate = occlusion_estimate_signed(model, images, class_emb, pred, steps=s.estimate_steps, batch_size=s.batch_size)
+        estimate = occlusion_estimate_signed(
+            model, images, class_emb, pred, steps=s.estimate_steps, batch_size=s.batch_size
+        )
         signal = estimate.abs().flatten(1).sum(1) > 1e-6
         report(0.35, "estimated occlusion drops")
         window = max(4, round(size * s.window))
         grid = _positions(size, window, max(1, round(window * s.coarse_stride)))
         boxes = [(x, y, x + window, y + window) for y in grid for x in grid]
         per_window = torch.stack([estimate[:, y0:y1, x0:x1].sum(dim=(1, 2)) for x0, y0, x1, y1 in boxes], 1)
-        tried = [per_window[i].topk(min(s.proposals, len(boxes))).indices.tolist() if signal[i] else list(range(len(boxes)))
-                 for i in range(n)]
+        tried = [
+            per_window[i].topk(min(s.proposals, len(boxes))).indices.tolist() if signal[i] else list(range(len(boxes)))
+            for i in range(n)
+        ]
         jobs = [(i, boxes[b]) for i in range(n) for b in tried[i]]
-        probs = occluded_logits(model, images, class_emb, jobs, s.batch_size,
-                                lambda k: report(0.35 + 0.5 * k / len(jobs), f"occluding windows {k}/{len(jobs)}")).softmax(-1)
+        probs = occluded_logits(
+            model,
+            images,
+            class_emb,
+            jobs,
+            s.batch_size,
+            lambda k: report(0.35 + 0.5 * k / len(jobs), f"occluding windows {k}/{len(jobs)}"),
+        ).softmax(-1)
         sweeps, offset = [], 0
         maps = torch.zeros(n, size, size)
         for i in range(n):
             label, p_label = int(pred[i]), float(full[i, int(pred[i])])
-            mine = probs[offset:offset + len(tried[i])]
+            mine = probs[offset : offset + len(tried[i])]
             offset += len(tried[i])
             drops = p_label - mine[:, label]
             k = int(drops.argmax())
@@ -246,8 +299,16 @@ class OracleGuidedScan(Detector):
         maps[signal] = heat[signal]
         candidates = [i for i, sw in enumerate(sweeps) if sw[4]]
         hijack_boxes = {i: self._trigger_box(heat[i], sweeps[i][0], size) for i in candidates if signal[i]}
-        hijack_boxes.update(self._swept_boxes(model, images, class_emb, pred, [i for i in candidates if not signal[i]],
-                                              {i: sweeps[i][0] for i in candidates}))
+        hijack_boxes.update(
+            self._swept_boxes(
+                model,
+                images,
+                class_emb,
+                pred,
+                [i for i in candidates if not signal[i]],
+                {i: sweeps[i][0] for i in candidates},
+            )
+        )
         check_jobs = list(hijack_boxes.items())
         check = occluded_logits(model, images, class_emb, check_jobs, s.batch_size).softmax(-1)
         decisive = {}
@@ -268,14 +329,25 @@ class OracleGuidedScan(Detector):
             compact = bw * bh <= s.compact_share * window * window
             captured = bool(candidate and compact and decisive.get(i, False))
             discrepancy = float(np.clip(0.45 * share * flips + 0.3 * (not grounded) + 0.25 * outside, 0, 1))
-            records.append({
-                "predicted": class_names[label], "confidence": p_label,
-                "object_view_label": class_names[int(object_view.argmax())], "object_view_support": float(object_view[label]),
-                "region_labels": region_labels, "grounded": grounded, "hijack_drop": share,
-                "hijack_box": tuple(int(v) for v in hijack_box), "hijack_flips": flips, "hijack_new_label": class_names[new_label],
-                "outside_mass": outside, "discrepancy": discrepancy, "captured": captured, "localized": candidate,
-                "regions": regions,
-            })
+            records.append(
+                {
+                    "predicted": class_names[label],
+                    "confidence": p_label,
+                    "object_view_label": class_names[int(object_view.argmax())],
+                    "object_view_support": float(object_view[label]),
+                    "region_labels": region_labels,
+                    "grounded": grounded,
+                    "hijack_drop": share,
+                    "hijack_box": tuple(int(v) for v in hijack_box),
+                    "hijack_flips": flips,
+                    "hijack_new_label": class_names[new_label],
+                    "outside_mass": outside,
+                    "discrepancy": discrepancy,
+                    "captured": captured,
+                    "localized": candidate,
+                    "regions": regions,
+                }
+            )
         report(1.0, f"examined {n} images")
         mx = maps.flatten(1).max(-1).values.clamp(min=1e-12)
         return records, maps / mx[:, None, None]
@@ -300,22 +372,48 @@ class OracleGuidedScan(Detector):
             baseline = float(np.median(others)) + 1.0
             if k >= floor and k >= s.flag_ratio * baseline:
                 score = k / (k + s.flag_ratio * baseline)
-                flagged.append(FlaggedLabel(
-                    label=c, score=round(score, 4), captured=k, predicted=predicted[c],
-                    explanation=(f"{k} of the {predicted[c]} images predicted as '{c}' lose that prediction when one small "
-                                 f"window (about {s.window:.0%} of the side) is covered, the decisive area is compact, and "
-                                 f"CLIP is then confidently another class; the median label has {median:g} such images")))
+                flagged.append(
+                    FlaggedLabel(
+                        label=c,
+                        score=round(score, 4),
+                        captured=k,
+                        predicted=predicted[c],
+                        explanation=(
+                            f"{k} of the {predicted[c]} images predicted as '{c}' lose that prediction when one small "
+                            f"window (about {s.window:.0%} of the side) is covered, the decisive area is compact, and "
+                            f"CLIP is then confidently another class; the median label has {median:g} such images"
+                        ),
+                    )
+                )
         return sorted(flagged, key=lambda f: (-f.captured, -f.score))
 
-    def reconstruct(self, model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, class_names: list[str],
-                    label: str, victims: list[int], boxes: dict[int, Box], clean_pool: list[int]) -> tuple[torch.Tensor, dict]:
+    def reconstruct(
+        self,
+        model: SuspectModel,
+        images: torch.Tensor,
+        class_emb: torch.Tensor,
+        class_names: list[str],
+        label: str,
+        victims: list[int],
+        boxes: dict[int, Box],
+        clean_pool: list[int],
+    ) -> tuple[torch.Tensor, dict]:
         """Aggregate the victims' hijacking crops into one pattern and verify it on clean images of other classes."""
         s = self.settings
         size = images.shape[-1]
         sides = [max(boxes[i][2] - boxes[i][0], boxes[i][3] - boxes[i][1]) for i in victims]
         side = int(np.median(sides))
-        crops = torch.stack([F.interpolate(images[i][None, :, boxes[i][1]:boxes[i][3], boxes[i][0]:boxes[i][2]],
-                                           size=(side, side), mode="bilinear", align_corners=False)[0] for i in victims])
+        crops = torch.stack(
+            [
+                F.interpolate(
+                    images[i][None, :, boxes[i][1] : boxes[i][3], boxes[i][0] : boxes[i][2]],
+                    size=(side, side),
+                    mode="bilinear",
+                    align_corners=False,
+                )[0]
+                for i in victims
+            ]
+        )
         target = class_names.index(label)
         rng = np.random.default_rng(s.seed)
         pool = list(clean_pool)
@@ -337,8 +435,14 @@ class OracleGuidedScan(Detector):
             candidates[f"crop {rank + 1} nearest the median (image {victims[j]})"] = crops[j]
         rates = {name: flip_rate(p) for name, p in candidates.items()}
         best = max(rates, key=rates.get)
-        return candidates[best], {"method": best, "rates": rates, "side": side, "size": side / size,
-                                  "n_verified": len(pool), "crops": crops}
+        return candidates[best], {
+            "method": best,
+            "rates": rates,
+            "side": side,
+            "size": side / size,
+            "n_verified": len(pool),
+            "crops": crops,
+        }
 
     def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:
         """Scan ``probe`` with ``model``: the findings, with the images, maps and patterns in ``findings.artefacts``."""
@@ -350,7 +454,7 @@ class OracleGuidedScan(Detector):
         if not class_names:
             raise ForensicsError("the probe set names no classes")
         size = model.image_size
-        part = (lambda lo, hi: (lambda f, m: progress(lo + (hi - lo) * f, m))) if progress else (lambda lo, hi: None)
+        part = (lambda lo, hi: lambda f, m: progress(lo + (hi - lo) * f, m)) if progress else (lambda lo, hi: None)
         images = probe.load_images(size, progress=part(0.0, 0.05))
         class_emb = class_text_embeddings(model, class_names, s.templates)
         records, maps = self.examine(model, images, class_emb, class_names, part(0.05, 0.9))
@@ -360,13 +464,26 @@ class OracleGuidedScan(Detector):
         evidence = []
         for i, r in enumerate(records):
             item = probe.items[i]
-            evidence.append(ImageEvidence(
-                index=i, image=str(item.image), predicted=r["predicted"], confidence=round(r["confidence"], 4),
-                true_label=class_names[item.label] if item.label is not None else None,
-                object_view_label=r["object_view_label"], object_view_support=round(r["object_view_support"], 4),
-                region_labels=r["region_labels"], grounded=r["grounded"], hijack_drop=round(r["hijack_drop"], 4),
-                hijack_box=r["hijack_box"], hijack_flips=r["hijack_flips"], outside_mass=round(r["outside_mass"], 4),
-                discrepancy=round(r["discrepancy"], 4), captured=r["captured"], triggered=item.triggered))
+            evidence.append(
+                ImageEvidence(
+                    index=i,
+                    image=str(item.image),
+                    predicted=r["predicted"],
+                    confidence=round(r["confidence"], 4),
+                    true_label=class_names[item.label] if item.label is not None else None,
+                    object_view_label=r["object_view_label"],
+                    object_view_support=round(r["object_view_support"], 4),
+                    region_labels=r["region_labels"],
+                    grounded=r["grounded"],
+                    hijack_drop=round(r["hijack_drop"], 4),
+                    hijack_box=r["hijack_box"],
+                    hijack_flips=r["hijack_flips"],
+                    outside_mass=round(r["outside_mass"], 4),
+                    discrepancy=round(r["discrepancy"], 4),
+                    captured=r["captured"],
+                    triggered=item.triggered,
+                )
+            )
 
         victims: list[Victim] = []
         triggers: list[TriggerCandidate] = []
@@ -375,19 +492,44 @@ class OracleGuidedScan(Detector):
             members = [i for i, r in enumerate(records) if r["captured"] and r["predicted"] == f.label]
             boxes = {i: records[i]["hijack_box"] for i in members}
             for i in members:
-                victims.append(Victim(index=i, image=str(probe.items[i].image), label=f.label, box=boxes[i],
-                                      grounded_label=records[i]["hijack_new_label"], discrepancy=round(records[i]["discrepancy"], 4)))
-            clean_pool = [i for i, r in enumerate(records) if not r["captured"] and r["predicted"] != f.label
-                          and r["predicted"] not in flagged_names]
+                victims.append(
+                    Victim(
+                        index=i,
+                        image=str(probe.items[i].image),
+                        label=f.label,
+                        box=boxes[i],
+                        grounded_label=records[i]["hijack_new_label"],
+                        discrepancy=round(records[i]["discrepancy"], 4),
+                    )
+                )
+            clean_pool = [
+                i
+                for i, r in enumerate(records)
+                if not r["captured"] and r["predicted"] != f.label and r["predicted"] not in flagged_names
+            ]
             pattern, info = self.reconstruct(model, images, class_emb, class_names, f.label, members, boxes, clean_pool)
             name = f"trigger_{len(triggers)}_{f.label.replace(' ', '_')}.png"
             artefacts["patterns"][name] = {"pattern": pattern, **info}
-            triggers.append(TriggerCandidate(label=f.label, pattern=name, size=round(info["size"], 4), n_crops=len(members),
-                                             verified_asr=round(info["rates"][info["method"]], 4), n_verified=info["n_verified"]))
+            triggers.append(
+                TriggerCandidate(
+                    label=f.label,
+                    pattern=name,
+                    size=round(info["size"], 4),
+                    n_crops=len(members),
+                    verified_asr=round(info["rates"][info["method"]], 4),
+                    n_verified=info["n_verified"],
+                )
+            )
         victims.sort(key=lambda v: -v.discrepancy)
-        findings = Findings(flagged_labels=flagged, triggers=triggers, victims=victims, images=evidence,
-                            metrics=self._metrics(probe, records, victims, size), settings=s.to_dict(),
-                            artefacts=artefacts)
+        findings = Findings(
+            flagged_labels=flagged,
+            triggers=triggers,
+            victims=victims,
+            images=evidence,
+            metrics=self._metrics(probe, records, victims, size),
+            settings=s.to_dict(),
+            artefacts=artefacts,
+        )
         findings.metrics["seconds"] = round(time.time() - start, 2)
         findings.metrics["images_per_second"] = round(len(probe) / max(1e-9, time.time() - start), 3)
         return findings
@@ -395,15 +537,21 @@ class OracleGuidedScan(Detector):
     @staticmethod
     def _metrics(probe: ProbeSet, records: list[dict], victims: list[Victim], size: int) -> dict:
         """Precision/recall of victims and trigger-box IoU against the probe set's ground truth, when it has any."""
-        out: dict[str, Any] = {"n_images": len(records), "n_captured": sum(r["captured"] for r in records),
-                               "n_victims": len(victims)}
+        out: dict[str, Any] = {
+            "n_images": len(records),
+            "n_captured": sum(r["captured"] for r in records),
+            "n_victims": len(victims),
+        }
         if not probe.has_trigger_flags:
             return out
         truth = {i for i, it in enumerate(probe.items) if it.triggered}
         found = {v.index for v in victims}
         tp = len(truth & found)
-        out.update(victim_precision=tp / len(found) if found else (1.0 if not truth else 0.0),
-                   victim_recall=tp / len(truth) if truth else 1.0, n_triggered=len(truth))
+        out.update(
+            victim_precision=tp / len(found) if found else (1.0 if not truth else 0.0),
+            victim_recall=tp / len(truth) if truth else 1.0,
+            n_triggered=len(truth),
+        )
         ious = []
         for i in sorted(truth):
             true_box = probe.trigger_box_at(i, size)

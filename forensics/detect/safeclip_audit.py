@@ -15,6 +15,7 @@ suspect, AUROC 0.48 (chance), precision 0.04, recall 0.10, because the suspect h
 its trigger with the target caption. Without a reference the suspect scores, and the report says
 it is the weaker choice.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from forensics.core.models import SuspectModel
 from forensics.core.images import load_image
+from forensics.core.models import SuspectModel
 
 Progress = Callable[[float, str], None]
 ScoreWith = Literal["reference", "suspect"]
@@ -40,14 +41,15 @@ class AuditSettings:
     n_init: int = 5  # GMM restarts (sklearn), for a stable fit on small sets
 
 
-def pair_cosines(model: SuspectModel, rows: list[dict[str, str]], batch_size: int = 64,
-                 progress: Progress | None = None) -> np.ndarray:
+def pair_cosines(
+    model: SuspectModel, rows: list[dict[str, str]], batch_size: int = 64, progress: Progress | None = None
+) -> np.ndarray:
     """Cosine of each row's image and caption embeddings under ``model`` (no gradients)."""
     out = []
     size = model.image_size
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             images = torch.stack([load_image(r["image"], size) for r in chunk])
             img = model.encode_image(images)
             txt = model.encode_text([r["caption"] for r in chunk])
@@ -75,7 +77,12 @@ def audit_metrics(flags: np.ndarray, risky: np.ndarray, order: list[int]) -> dic
     score[np.asarray(order)] = np.arange(len(order), 0, -1)  # higher = ranked riskier
     both = flags.any() and (~flags).any()
     k = int(flags.sum())
-    return {"poisoned": k, "flagged": int(risky.sum()), "true_positives": tp,
-            "precision": tp / int(risky.sum()) if risky.any() else 0.0, "recall": tp / k if k else None,
-            "auroc": float(roc_auc_score(flags, score)) if both else None,
-            "precision_at_k": float(flags[np.asarray(order[:k])].mean()) if k else None}
+    return {
+        "poisoned": k,
+        "flagged": int(risky.sum()),
+        "true_positives": tp,
+        "precision": tp / int(risky.sum()) if risky.any() else 0.0,
+        "recall": tp / k if k else None,
+        "auroc": float(roc_auc_score(flags, score)) if both else None,
+        "precision_at_k": float(flags[np.asarray(order[:k])].mean()) if k else None,
+    }

@@ -8,6 +8,7 @@ and list them with :func:`list_oracles`. Registered oracles:
 - ``background``, ``superpixel``: other weight-free oracles, measured worse on the demo set;
 - ``ground-truth``: regions from a known object mask (teaching, and measuring the others).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,9 +30,26 @@ from forensics.oracles.ground_truth import GroundTruthOracle, image_key
 from forensics.oracles.sam import SamOracle, load_sam
 
 __all__ = [
-    "ORACLES", "Oracle", "Region", "BackgroundModelOracle", "GrabCutOracle", "GroundTruthOracle", "SamOracle",
-    "SuperpixelOracle", "build_oracle", "default_oracle", "image_key", "list_oracles", "load_sam", "mask_box",
-    "mask_iou", "region_from_mask", "register", "sort_regions", "to_numpy_rgb", "union_mask",
+    "ORACLES",
+    "Oracle",
+    "Region",
+    "BackgroundModelOracle",
+    "GrabCutOracle",
+    "GroundTruthOracle",
+    "SamOracle",
+    "SuperpixelOracle",
+    "build_oracle",
+    "default_oracle",
+    "image_key",
+    "list_oracles",
+    "load_sam",
+    "mask_box",
+    "mask_iou",
+    "region_from_mask",
+    "register",
+    "sort_regions",
+    "to_numpy_rgb",
+    "union_mask",
 ]
 
 

@@ -6,6 +6,7 @@ EftCLIP crops each region and asks the suspect CLIP again; a whole-image predict
 grounds is a trigger candidate. Images may be float tensors 3xHxW in [0, 1], PIL images, or
 HxWx3 numpy arrays (uint8, or float in [0, 1]); regions always live on the image's own pixel grid.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -18,11 +19,9 @@ from forensics.core.errors import ForensicsError
 from forensics.core.images import Box
 from forensics.core.registry import Registry
 
-
 ORACLES: Registry = Registry("oracle")
 """Registered oracle classes by name; filled by ``@ORACLES.register`` when the oracle modules import."""
 register = ORACLES.register
-
 
 
 @dataclass

@@ -33,6 +33,7 @@ image) or with an outline softer than ``min_contrast`` are dropped, so a blank o
 gives []. Small hard-edged things, such as a pasted trigger patch, do come back as (low-scoring)
 regions: these oracles know nothing of objectness, which the detector has to keep in mind.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -198,8 +199,16 @@ class GrabCutOracle(_ForegroundOracle):
 
     name = "fallback"
 
-    def __init__(self, margin: float = 0.015, iterations: int = 3, grow: int = 7, fill_holes: bool = False,
-                 min_area: float = 0.001, min_contrast: float = 4.0, work_size: int = 160) -> None:
+    def __init__(
+        self,
+        margin: float = 0.015,
+        iterations: int = 3,
+        grow: int = 7,
+        fill_holes: bool = False,
+        min_area: float = 0.001,
+        min_contrast: float = 4.0,
+        work_size: int = 160,
+    ) -> None:
         super().__init__(min_area=min_area, min_contrast=min_contrast, work_size=work_size)
         self.margin = check_number(self.name, "margin", margin, 0.0, 0.25)
         self.iterations = check_int(self.name, "iterations", iterations, lo=1, hi=20)
@@ -209,8 +218,14 @@ class GrabCutOracle(_ForegroundOracle):
         self.fill_holes = fill_holes
 
     def settings(self) -> dict[str, Any]:
-        return {"method": "grabcut", "margin": self.margin, "iterations": self.iterations, "grow": self.grow,
-                "fill_holes": self.fill_holes, **super().settings()}
+        return {
+            "method": "grabcut",
+            "margin": self.margin,
+            "iterations": self.iterations,
+            "grow": self.grow,
+            "fill_holes": self.fill_holes,
+            **super().settings(),
+        }
 
     def foreground(self, rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
@@ -225,7 +240,7 @@ class GrabCutOracle(_ForegroundOracle):
         if self.fill_holes:
             fg = _fill_holes(fg)
         inner = np.zeros((h, w), bool)
-        inner[m:h - m, m:w - m] = True
+        inner[m : h - m, m : w - m] = True
         rim = inner & ~cv2.erode(inner.astype(np.uint8), _K3).astype(bool)
         if fg.any() and (fg & rim).any():
             k = np.ones((2 * self.grow + 1, 2 * self.grow + 1), np.uint8)
@@ -273,8 +288,16 @@ class BackgroundModelOracle(_ForegroundOracle):
 
     name = "background"
 
-    def __init__(self, frequencies: int = 6, refits: int = 3, threshold: float = 12.0, smooth_gradient: float = 6.0,
-                 min_area: float = 0.003, min_contrast: float = 4.0, work_size: int = 128) -> None:
+    def __init__(
+        self,
+        frequencies: int = 6,
+        refits: int = 3,
+        threshold: float = 12.0,
+        smooth_gradient: float = 6.0,
+        min_area: float = 0.003,
+        min_contrast: float = 4.0,
+        work_size: int = 128,
+    ) -> None:
         super().__init__(min_area=min_area, min_contrast=min_contrast, work_size=work_size)
         self.frequencies = check_int(self.name, "frequencies", frequencies, lo=1, hi=16)
         self.refits = check_int(self.name, "refits", refits, lo=1, hi=10)
@@ -283,8 +306,14 @@ class BackgroundModelOracle(_ForegroundOracle):
         self._basis: dict[tuple[int, int], np.ndarray] = {}
 
     def settings(self) -> dict[str, Any]:
-        return {"method": "smooth background model", "frequencies": self.frequencies, "refits": self.refits,
-                "threshold": self.threshold, "smooth_gradient": self.smooth_gradient, **super().settings()}
+        return {
+            "method": "smooth background model",
+            "frequencies": self.frequencies,
+            "refits": self.refits,
+            "threshold": self.threshold,
+            "smooth_gradient": self.smooth_gradient,
+            **super().settings(),
+        }
 
     def foreground(self, rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
@@ -326,16 +355,28 @@ class SuperpixelOracle(_ForegroundOracle):
 
     name = "superpixel"
 
-    def __init__(self, segments: int = 150, compactness: float = 10.0, min_distance: float = 10.0,
-                 min_area: float = 0.003, min_contrast: float = 4.0, work_size: int = 128) -> None:
+    def __init__(
+        self,
+        segments: int = 150,
+        compactness: float = 10.0,
+        min_distance: float = 10.0,
+        min_area: float = 0.003,
+        min_contrast: float = 4.0,
+        work_size: int = 128,
+    ) -> None:
         super().__init__(min_area=min_area, min_contrast=min_contrast, work_size=work_size)
         self.segments = check_int(self.name, "segments", segments, lo=4, hi=5000)
         self.compactness = check_number(self.name, "compactness", compactness, 0.0, lo_open=True)
         self.min_distance = check_number(self.name, "min_distance", min_distance, 0.0)
 
     def settings(self) -> dict[str, Any]:
-        return {"method": "slic colour contrast", "segments": self.segments, "compactness": self.compactness,
-                "min_distance": self.min_distance, **super().settings()}
+        return {
+            "method": "slic colour contrast",
+            "segments": self.segments,
+            "compactness": self.compactness,
+            "min_distance": self.min_distance,
+            **super().settings(),
+        }
 
     def foreground(self, rgb: np.ndarray) -> np.ndarray:
         from skimage.filters import threshold_otsu

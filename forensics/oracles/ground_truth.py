@@ -3,6 +3,7 @@
 It is what a perfect oracle would say, so it serves for teaching (run the detector with it, then
 with a real oracle, and see what the oracle's errors cost) and for measuring the other oracles.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,17 +59,27 @@ class GroundTruthOracle(Oracle):
 
     name = "ground-truth"
 
-    def __init__(self, mask_lookup: Callable[[Any], MaskLike | None] | Mapping[str, MaskLike] | None = None,
-                 min_area: float = 0.0) -> None:
+    def __init__(
+        self,
+        mask_lookup: Callable[[Any], MaskLike | None] | Mapping[str, MaskLike] | None = None,
+        min_area: float = 0.0,
+    ) -> None:
         if mask_lookup is not None and not callable(mask_lookup) and not isinstance(mask_lookup, Mapping):
-            raise ForensicsError("ground_truth: mask_lookup must be a function image -> mask or a mapping image_key -> mask")
+            raise ForensicsError(
+                "ground_truth: mask_lookup must be a function image -> mask or a mapping image_key -> mask"
+            )
         self.mask_lookup = mask_lookup
         self.min_area = check_number(self.name, "min_area", min_area, 0.0, 1.0)
         self._labels: dict[str, str] = {}
 
     @classmethod
-    def from_pairs(cls, images: Iterable[Any], masks: Iterable[MaskLike], labels: Iterable[str | None] | None = None,
-                   min_area: float = 0.0) -> "GroundTruthOracle":
+    def from_pairs(
+        cls,
+        images: Iterable[Any],
+        masks: Iterable[MaskLike],
+        labels: Iterable[str | None] | None = None,
+        min_area: float = 0.0,
+    ) -> "GroundTruthOracle":
         """An oracle that knows these images (matched by exact pixel content) and their masks/labels."""
         images, masks = list(images), list(masks)
         if len(images) != len(masks):
@@ -102,8 +113,10 @@ class GroundTruthOracle(Oracle):
 
     def _lookup(self, image: Any, rgb: np.ndarray, label: str | None) -> tuple[MaskLike, str | None]:
         if self.mask_lookup is None:
-            raise ForensicsError("ground_truth: no mask given and no mask look-up configured; pass mask=... "
-                                 "or build the oracle with GroundTruthOracle.from_pairs(images, masks)")
+            raise ForensicsError(
+                "ground_truth: no mask given and no mask look-up configured; pass mask=... "
+                "or build the oracle with GroundTruthOracle.from_pairs(images, masks)"
+            )
         if isinstance(self.mask_lookup, Mapping):
             key = image_key(rgb)
             found = self.mask_lookup.get(key)
@@ -111,8 +124,10 @@ class GroundTruthOracle(Oracle):
         else:
             found = self.mask_lookup(image)
         if found is None:
-            raise ForensicsError("ground_truth: this image has no known mask (the ground-truth oracle only knows "
-                                 "the images it was given, pixel for pixel)")
+            raise ForensicsError(
+                "ground_truth: this image has no known mask (the ground-truth oracle only knows "
+                "the images it was given, pixel for pixel)"
+            )
         return found, label
 
 

@@ -24,6 +24,7 @@ already encoded image costs ~0.17 s per prompt. The embedding of the last image 
 ``segment`` followed by ``segment_prompted`` on the same image encodes it once. ViT-L / ViT-H cost
 roughly 2.5x / 5x the encoder time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,10 @@ def _import_sam() -> Any:
     try:
         import segment_anything
     except ImportError:
-        raise ForensicsError("the SAM oracle needs the segment-anything package (pip install segment-anything); "
-                             "the weight-free 'fallback' oracle works without it") from None
+        raise ForensicsError(
+            "the SAM oracle needs the segment-anything package (pip install segment-anything); "
+            "the weight-free 'fallback' oracle works without it"
+        ) from None
     return segment_anything
 
 
@@ -66,8 +69,10 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if not isinstance(sd, dict) or "image_encoder.pos_embed" not in sd:
-        raise ForensicsError(f"{path.name} is not a SAM checkpoint (no image_encoder.pos_embed weights); "
-                             "expected sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth or sam_vit_h_4b8939.pth")
+        raise ForensicsError(
+            f"{path.name} is not a SAM checkpoint (no image_encoder.pos_embed weights); "
+            "expected sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth or sam_vit_h_4b8939.pth"
+        )
     return sd
 
 
@@ -83,8 +88,10 @@ def load_sam(checkpoint: str | Path, model_type: str = "auto", device: str = "cp
         raise ForensicsError(f"unknown SAM model type {model_type!r}; valid: auto, {', '.join(MODEL_TYPES)}")
     path = Path(checkpoint).expanduser()
     if not path.exists():
-        raise ForensicsError(f"SAM checkpoint {str(path)!r} does not exist; give the path of a SAM .pth file "
-                             "(e.g. sam_vit_b_01ec64.pth) or use the weight-free 'fallback' oracle")
+        raise ForensicsError(
+            f"SAM checkpoint {str(path)!r} does not exist; give the path of a SAM .pth file "
+            "(e.g. sam_vit_b_01ec64.pth) or use the weight-free 'fallback' oracle"
+        )
     if not path.is_file():
         raise ForensicsError(f"SAM checkpoint {str(path)!r} is not a file")
     sd = _read_state_dict(path)
@@ -153,10 +160,21 @@ class SamOracle(Oracle):
     name = "sam"
     needs_weights = True
 
-    def __init__(self, checkpoint: str | Path | None = None, model_type: str = "auto", sam: Any = None,
-                 device: str = "cpu", points_per_side: int = 8, points_per_batch: int = 16,
-                 pred_iou_thresh: float = 0.86, stability_score_thresh: float = 0.92, box_nms_thresh: float = 0.7,
-                 min_area: float = 0.001, max_area: float = 0.95, max_regions: int = 32) -> None:
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        model_type: str = "auto",
+        sam: Any = None,
+        device: str = "cpu",
+        points_per_side: int = 8,
+        points_per_batch: int = 16,
+        pred_iou_thresh: float = 0.86,
+        stability_score_thresh: float = 0.92,
+        box_nms_thresh: float = 0.7,
+        min_area: float = 0.001,
+        max_area: float = 0.95,
+        max_regions: int = 32,
+    ) -> None:
         sa = _import_sam()
         who = self.name
         self.points_per_side = check_int(who, "points_per_side", points_per_side, lo=1, hi=64)
@@ -174,28 +192,47 @@ class SamOracle(Oracle):
                 raise ForensicsError(f"sam: expected a segment_anything Sam model, got {type(sam).__name__}")
             self.model = sam.eval()
             self.checkpoint = None
-            self.model_type = _EMBED_DIM_TO_TYPE.get(int(sam.image_encoder.pos_embed.shape[-1]), "custom") \
-                if getattr(sam.image_encoder, "pos_embed", None) is not None else "custom"
+            self.model_type = (
+                _EMBED_DIM_TO_TYPE.get(int(sam.image_encoder.pos_embed.shape[-1]), "custom")
+                if getattr(sam.image_encoder, "pos_embed", None) is not None
+                else "custom"
+            )
         else:
             if checkpoint is None or str(checkpoint).strip() == "":
-                raise ForensicsError("the SAM oracle needs a checkpoint path (e.g. sam_vit_b_01ec64.pth from the "
-                                     "segment-anything repository); without one, use the 'fallback' oracle")
+                raise ForensicsError(
+                    "the SAM oracle needs a checkpoint path (e.g. sam_vit_b_01ec64.pth from the "
+                    "segment-anything repository); without one, use the 'fallback' oracle"
+                )
             self.model = load_sam(checkpoint, model_type=model_type, device=device)
             self.checkpoint = str(checkpoint)
             self.model_type = _EMBED_DIM_TO_TYPE[int(self.model.image_encoder.pos_embed.shape[-1])]
         self.predictor = _caching_predictor_class(sa)(self.model)
         self.generator = sa.SamAutomaticMaskGenerator(
-            self.model, points_per_side=self.points_per_side, points_per_batch=self.points_per_batch,
-            pred_iou_thresh=self.pred_iou_thresh, stability_score_thresh=self.stability_score_thresh,
-            box_nms_thresh=self.box_nms_thresh, crop_n_layers=0, output_mode="binary_mask")
+            self.model,
+            points_per_side=self.points_per_side,
+            points_per_batch=self.points_per_batch,
+            pred_iou_thresh=self.pred_iou_thresh,
+            stability_score_thresh=self.stability_score_thresh,
+            box_nms_thresh=self.box_nms_thresh,
+            crop_n_layers=0,
+            output_mode="binary_mask",
+        )
         self.generator.predictor = self.predictor  # one embedding cache for both modes
 
     def settings(self) -> dict[str, Any]:
-        return {"model_type": self.model_type, "checkpoint": self.checkpoint, "device": str(self.model.device),
-                "points_per_side": self.points_per_side, "points_per_batch": self.points_per_batch,
-                "pred_iou_thresh": self.pred_iou_thresh, "stability_score_thresh": self.stability_score_thresh,
-                "box_nms_thresh": self.box_nms_thresh, "min_area": self.min_area, "max_area": self.max_area,
-                "max_regions": self.max_regions}
+        return {
+            "model_type": self.model_type,
+            "checkpoint": self.checkpoint,
+            "device": str(self.model.device),
+            "points_per_side": self.points_per_side,
+            "points_per_batch": self.points_per_batch,
+            "pred_iou_thresh": self.pred_iou_thresh,
+            "stability_score_thresh": self.stability_score_thresh,
+            "box_nms_thresh": self.box_nms_thresh,
+            "min_area": self.min_area,
+            "max_area": self.max_area,
+            "max_regions": self.max_regions,
+        }
 
     def segment(self, image: Any) -> list[Region]:
         """Automatic masks of ``image``, best predicted IoU first (at most ``max_regions``)."""
@@ -206,14 +243,19 @@ class SamOracle(Oracle):
         with torch.inference_mode():
             records = self.generator.generate(rgb)
         lo, hi = self.min_area * h * w, self.max_area * h * w
-        regions = [region_from_mask(r["segmentation"], float(r["predicted_iou"]))
-                   for r in records if lo <= r["area"] <= hi]
+        regions = [
+            region_from_mask(r["segmentation"], float(r["predicted_iou"])) for r in records if lo <= r["area"] <= hi
+        ]
         regions = [r for r in regions if r.area > 0]
         return sort_regions(regions)[: self.max_regions]
 
-    def segment_prompted(self, image: Any, boxes: Sequence[Sequence[float]] | None = None,
-                         points: Sequence[Sequence[float]] | None = None,
-                         labels: Sequence[str | None] | None = None) -> list[Region]:
+    def segment_prompted(
+        self,
+        image: Any,
+        boxes: Sequence[Sequence[float]] | None = None,
+        points: Sequence[Sequence[float]] | None = None,
+        labels: Sequence[str | None] | None = None,
+    ) -> list[Region]:
         """One region per prompt, in prompt order: each box (x0, y0, x1, y1) first, then each point (x, y).
 
         A box gives SAM's single mask for it; a point (a foreground click) gives the best of SAM's
@@ -239,14 +281,18 @@ class SamOracle(Oracle):
         with torch.inference_mode():
             dev = self.predictor.device
             for start in range(0, len(box_arr), self.points_per_batch):
-                chunk = box_arr[start:start + self.points_per_batch]
-                tb = torch.as_tensor(self.predictor.transform.apply_boxes(chunk, (h, w)), dtype=torch.float32, device=dev)
+                chunk = box_arr[start : start + self.points_per_batch]
+                tb = torch.as_tensor(
+                    self.predictor.transform.apply_boxes(chunk, (h, w)), dtype=torch.float32, device=dev
+                )
                 masks, iou, _ = self.predictor.predict_torch(None, None, boxes=tb, multimask_output=False)
                 for m, s in zip(masks[:, 0].cpu().numpy(), iou[:, 0].cpu().tolist()):
                     out.append(region_from_mask(m, s))
             for start in range(0, len(pt_arr), self.points_per_batch):
-                chunk = pt_arr[start:start + self.points_per_batch]
-                tp = torch.as_tensor(self.predictor.transform.apply_coords(chunk, (h, w)), dtype=torch.float32, device=dev)
+                chunk = pt_arr[start : start + self.points_per_batch]
+                tp = torch.as_tensor(
+                    self.predictor.transform.apply_coords(chunk, (h, w)), dtype=torch.float32, device=dev
+                )
                 lab = torch.ones(len(chunk), 1, dtype=torch.int, device=dev)
                 masks, iou, _ = self.predictor.predict_torch(tp[:, None, :], lab, multimask_output=True)
                 best = iou.argmax(dim=1)

@@ -31,10 +31,15 @@ def _resolve(model: str | ModelRef | SuspectModel) -> tuple[SuspectModel, str]:
     return resolve_model(model)[0], _name(model)
 
 
-def audit_dataset(csv_path: str | Path, model: str | ModelRef | SuspectModel,
-                  reference: str | ModelRef | SuspectModel | None = None, out: str | Path | None = None,
-                  score_with: ScoreWith | None = None, settings: AuditSettings | None = None,
-                  progress: Progress | None = None) -> dict:
+def audit_dataset(
+    csv_path: str | Path,
+    model: str | ModelRef | SuspectModel,
+    reference: str | ModelRef | SuspectModel | None = None,
+    out: str | Path | None = None,
+    score_with: ScoreWith | None = None,
+    settings: AuditSettings | None = None,
+    progress: Progress | None = None,
+) -> dict:
     """Rank the pairs of an image-caption CSV by SafeCLIP risk; write ``out/audit.json`` and ``out/audit.csv`` when ``out`` is given.
 
     ``score_with`` picks the scoring model: default ``"reference"`` when a reference is given (measured
@@ -55,7 +60,9 @@ def audit_dataset(csv_path: str | Path, model: str | ModelRef | SuspectModel,
         progress(0.02, f"loading the {score_with} model")
     scorer, scorer_name = _resolve(reference if score_with == "reference" else model)
     suspect_name = _name(model)
-    cosines = pair_cosines(scorer, rows, settings.batch_size, (lambda f, m: progress(0.05 + 0.85 * f, m)) if progress else None)
+    cosines = pair_cosines(
+        scorer, rows, settings.batch_size, (lambda f, m: progress(0.05 + 0.85 * f, m)) if progress else None
+    )
     if progress:
         progress(0.92, "fitting the Gaussian mixture")
     risk, gmm = gmm_risk(cosines, settings.seed, settings.n_init)
@@ -64,23 +71,40 @@ def audit_dataset(csv_path: str | Path, model: str | ModelRef | SuspectModel,
     flags = _poison_flags(rows)
     ranked = []
     for rank, i in enumerate(order, 1):
-        row = {"rank": rank, "row": i, "image": rows[i]["image"], "caption": rows[i]["caption"],
-               "cosine": round(float(cosines[i]), 6), "risk": round(float(risk[i]), 6), "safe": int(not risky[i])}
+        row = {
+            "rank": rank,
+            "row": i,
+            "image": rows[i]["image"],
+            "caption": rows[i]["caption"],
+            "cosine": round(float(cosines[i]), 6),
+            "risk": round(float(risk[i]), 6),
+            "safe": int(not risky[i]),
+        }
         if rows[i].get("label"):
             row["label"] = rows[i]["label"]
         if flags is not None:
             row["poisoned"] = int(flags[i])
         ranked.append(row)
     summary = {
-        "data": str(Path(csv_path).resolve()), "model": suspect_name, "reference": None if reference is None else _name(reference),
-        "scored_with": score_with, "scoring_model": scorer_name, "pairs": len(rows), "risky": int(risky.sum()),
-        "safe": int((~risky).sum()), "gmm": gmm, "settings": asdict(settings), "metrics": None,
+        "data": str(Path(csv_path).resolve()),
+        "model": suspect_name,
+        "reference": None if reference is None else _name(reference),
+        "scored_with": score_with,
+        "scoring_model": scorer_name,
+        "pairs": len(rows),
+        "risky": int(risky.sum()),
+        "safe": int((~risky).sum()),
+        "gmm": gmm,
+        "settings": asdict(settings),
+        "metrics": None,
         "note": "pairs ranked by P(low-mean GMM component) of the image-caption cosine (SafeCLIP); "
-                "the safe set is the pairs at or below risk_threshold",
+        "the safe set is the pairs at or below risk_threshold",
     }
     if score_with == "suspect":
-        summary["note"] += "; scored by the suspect itself, which matches its own trigger with the target caption " \
-                           "(measured AUROC 0.48 on the demo vs 0.77 with the clean twin): give a --reference when you can"
+        summary["note"] += (
+            "; scored by the suspect itself, which matches its own trigger with the target caption "
+            "(measured AUROC 0.48 on the demo vs 0.77 with the clean twin): give a --reference when you can"
+        )
     if flags is not None:
         summary["metrics"] = audit_metrics(flags, risky, order)
     summary["seconds"] = round(time.time() - start, 2)

@@ -14,6 +14,7 @@ labelled ones (the triggered or unlabelled images an investigator holds as suspe
 held-out images, so its numbers stay comparable; the row says so and counts the budget images as
 its clean samples.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,16 @@ from forensics.core.zeroshot import ASR_NOTE
 from forensics.defenses import DEFENSES, RepairData
 from forensics.detect import ScanSettings
 from forensics.pipelines.evaluate import known_trigger, measure
-from forensics.pipelines.repair import (budget_repair_data, load_repair_data, make_defense, read_findings,
-                                        split_clean_budget)
+from forensics.pipelines.repair import (
+    budget_repair_data,
+    load_repair_data,
+    make_defense,
+    read_findings,
+    split_clean_budget,
+)
 from forensics.pipelines.report import write_compare_outputs
 from forensics.pipelines.scan import compact_repair_data, scan, write_scan
+
 PLANTED = "planted"  # ASR key of the model's known backdoor
 
 
@@ -75,12 +82,12 @@ class PeakMemory:
     def __exit__(self, *exc: Any) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak_mib = (torch.cuda.max_memory_allocated() - self._base) / 2 ** 20
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self._base) / 2**20
         else:
             self._stop.set()
             self._thread.join()
             self._peak = max(self._peak, self._proc.memory_info().rss)
-            self.peak_mib = (self._peak - self._base) / 2 ** 20
+            self.peak_mib = (self._peak - self._base) / 2**20
 
 
 def _release_freed_memory() -> None:
@@ -95,8 +102,11 @@ def _release_freed_memory() -> None:
 
 def resolve_methods(methods: str | Sequence[str]) -> list[str]:
     """``"all"``, a comma-separated string or a list of registered method names, checked and de-duplicated."""
-    names = list(DEFENSES) if methods == "all" or methods == ["all"] else \
-        [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m and m.strip()]
+    names = (
+        list(DEFENSES)
+        if methods == "all" or methods == ["all"]
+        else [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m and m.strip()]
+    )
     if not names:
         raise ForensicsError("no repair methods chosen; give --methods all or a comma-separated list")
     unknown = [m for m in names if m not in DEFENSES]
@@ -119,8 +129,9 @@ def _attack_of(spec: str | dict | Attack) -> Attack:
     return build_attack(spec)
 
 
-def resolve_attacks(model: SuspectModel, ref: ModelRef | None, class_names: list[str], attacks: Sequence | None,
-                    target: str | None) -> list[dict]:
+def resolve_attacks(
+    model: SuspectModel, ref: ModelRef | None, class_names: list[str], attacks: Sequence | None, target: str | None
+) -> list[dict]:
     """The triggers to measure: the model's known backdoor (key ``planted``), then each extra attack aimed at ``target``."""
     out = []
     planted = known_trigger(model, ref, class_names)
@@ -141,9 +152,17 @@ def resolve_attacks(model: SuspectModel, ref: ModelRef | None, class_names: list
     return out
 
 
-def findings_data(model: SuspectModel, ref: ModelRef | None, probe: ProbeSet, budget_idx: list[int],
-                  eval_idx: list[int], findings: str | Path | None, out: Path, seed: int,
-                  progress: Progress | None) -> tuple[RepairData, list[str]]:
+def findings_data(
+    model: SuspectModel,
+    ref: ModelRef | None,
+    probe: ProbeSet,
+    budget_idx: list[int],
+    eval_idx: list[int],
+    findings: str | Path | None,
+    out: Path,
+    seed: int,
+    progress: Progress | None,
+) -> tuple[RepairData, list[str]]:
     """Repair data for a findings-needing method: from ``findings``, or from a scan (in memory) of the budget
     images plus the probe's suspect images here; that scan's report is written under ``out/scan`` for reading."""
     if findings is not None:
@@ -157,16 +176,28 @@ def findings_data(model: SuspectModel, ref: ModelRef | None, probe: ProbeSet, bu
     outcome = scan(model, probe.select(scan_idx), settings=ScanSettings(seed=seed), progress=progress)
     seconds = time.time() - start
     write_scan(outcome, out / "scan")
-    notes = [f"scanned here ({seconds:.0f} s) on the {len(budget_idx)} budget images + {len(suspects)} probe images "
-             "that are not clean-labelled; no held-out image was seen"]
+    notes = [
+        f"scanned here ({seconds:.0f} s) on the {len(budget_idx)} budget images + {len(suspects)} probe images "
+        "that are not clean-labelled; no held-out image was seen"
+    ]
     return compact_repair_data(outcome), notes
 
 
-def run_compare(model: str | ModelRef | SuspectModel, methods: str | Sequence[str], out: str | Path,
-                probe: str | None = None, budget: int = 120, seed: int = 0, findings: str | Path | None = None,
-                attacks: Sequence | None = None, settings: dict[str, dict] | None = None,
-                progress: Progress | None = None, target: str | None = None, save_models: bool = False,
-                should_stop: ShouldStop | None = None) -> dict:
+def run_compare(
+    model: str | ModelRef | SuspectModel,
+    methods: str | Sequence[str],
+    out: str | Path,
+    probe: str | None = None,
+    budget: int = 120,
+    seed: int = 0,
+    findings: str | Path | None = None,
+    attacks: Sequence | None = None,
+    settings: dict[str, dict] | None = None,
+    progress: Progress | None = None,
+    target: str | None = None,
+    save_models: bool = False,
+    should_stop: ShouldStop | None = None,
+) -> dict:
     """Run each method on the same clean budget and held-out images; write compare.md, compare.json and report.html.
 
     ``settings`` maps a method name to its settings (e.g. ``{"cleanclip": {"epochs": 2}}``); ``attacks``
@@ -205,17 +236,37 @@ def run_compare(model: str | ModelRef | SuspectModel, methods: str | Sequence[st
     for k, name in enumerate(names):
         base = 0.05 + k * share
         sub = sub_progress(progress, base, base + share, f"{name}: ")
-        row: dict[str, Any] = {"method": name, "status": "ok", "error": None, "ca_before": before["ca"], "ca_after": None,
-                               "asr_before": dict(before["asr"]), "asr_after": {}, "clean_samples": len(budget_idx),
-                               "samples_used": None, "seconds": None, "peak_mib": None, "notes": []}
+        row: dict[str, Any] = {
+            "method": name,
+            "status": "ok",
+            "error": None,
+            "ca_before": before["ca"],
+            "ca_after": None,
+            "asr_before": dict(before["asr"]),
+            "asr_after": {},
+            "clean_samples": len(budget_idx),
+            "samples_used": None,
+            "seconds": None,
+            "peak_mib": None,
+            "notes": [],
+        }
         t0 = time.time()
         try:
             cls = DEFENSES[name]
             defense = make_defense(name, settings.get(name), seed)
             with PeakMemory() as memory:
                 if cls.needs_findings:
-                    method_data, notes = findings_data(loaded, ref, probe_set, budget_idx, eval_idx, findings, out, seed,
-                                                       sub_progress(sub, 0.0, 0.4, "scan "))
+                    method_data, notes = findings_data(
+                        loaded,
+                        ref,
+                        probe_set,
+                        budget_idx,
+                        eval_idx,
+                        findings,
+                        out,
+                        seed,
+                        sub_progress(sub, 0.0, 0.4, "scan "),
+                    )
                     row["notes"] += notes
                     inner = sub_progress(sub, 0.4, 0.9)
                 else:
@@ -226,35 +277,58 @@ def run_compare(model: str | ModelRef | SuspectModel, methods: str | Sequence[st
             if sub:
                 sub(0.92, "measuring CA/ASR after repair")
             after = measure(result.model, eval_images, eval_labels, probe_set.class_names, triggers)
-            row.update(ca_after=after["ca"], asr_after=after["asr"], samples_used=result.samples_used,
-                       settings=result.settings, notes=row["notes"] + list(result.notes))
+            row.update(
+                ca_after=after["ca"],
+                asr_after=after["asr"],
+                samples_used=result.samples_used,
+                settings=result.settings,
+                notes=row["notes"] + list(result.notes),
+            )
             if save_models:
                 result.model.facts.source = f"repaired ({name})"
-                save_model(result.model, out / "models" / f"{name}.safetensors", backdoor=None,
-                           extra={"repair": {"method": name, "settings": result.settings, "compare": str(out)}})
+                save_model(
+                    result.model,
+                    out / "models" / f"{name}.safetensors",
+                    backdoor=None,
+                    extra={"repair": {"method": name, "settings": result.settings, "compare": str(out)}},
+                )
             del result
         except Exception as exc:  # noqa: BLE001 - a failing method is a row, not a crash
             if should_stop and should_stop():
                 raise ForensicsError("compare cancelled") from None
-            row.update(status="error", seconds=round(time.time() - t0, 2),
-                       error=str(exc) if isinstance(exc, ForensicsError) else f"{type(exc).__name__}: {exc}")
+            row.update(
+                status="error",
+                seconds=round(time.time() - t0, 2),
+                error=str(exc) if isinstance(exc, ForensicsError) else f"{type(exc).__name__}: {exc}",
+            )
         rows.append(row)
     report = {
-        "model": ref.spec if ref else loaded.facts.source, "sha256": loaded.facts.sha256, "architecture": loaded.facts.architecture,
-        "probe": str(probe_spec), "budget": len(budget_idx), "held_out": len(eval_idx), "seed": seed,
-        "budget_indices": budget_idx, "findings": None if findings is None else str(findings),
-        "attacks": [{"key": a["key"], "target": a["target"], "origin": a["origin"], **a["attack"].to_dict()} for a in measured],
-        "before": before, "rows": rows, "note": ASR_NOTE + f"; every method is measured on the same {len(eval_idx)} "
+        "model": ref.spec if ref else loaded.facts.source,
+        "sha256": loaded.facts.sha256,
+        "architecture": loaded.facts.architecture,
+        "probe": str(probe_spec),
+        "budget": len(budget_idx),
+        "held_out": len(eval_idx),
+        "seed": seed,
+        "budget_indices": budget_idx,
+        "findings": None if findings is None else str(findings),
+        "attacks": [
+            {"key": a["key"], "target": a["target"], "origin": a["origin"], **a["attack"].to_dict()} for a in measured
+        ],
+        "before": before,
+        "rows": rows,
+        "note": ASR_NOTE + f"; every method is measured on the same {len(eval_idx)} "
         f"held-out clean images and repairs with the same {len(budget_idx)} clean budget images (seed {seed})",
-        "memory_note": "peak MiB: " + ("CUDA max_memory_allocated above the allocation at the start of the repair"
-                                       if torch.cuda.is_available() else
-                                       "peak process RSS (sampled every 20 ms) above its level at the start of the repair, after "
-                                       "returning freed memory to the OS; a lower bound where memory is reused"),
+        "memory_note": "peak MiB: "
+        + (
+            "CUDA max_memory_allocated above the allocation at the start of the repair"
+            if torch.cuda.is_available()
+            else "peak process RSS (sampled every 20 ms) above its level at the start of the repair, after "
+            "returning freed memory to the OS; a lower bound where memory is reused"
+        ),
         "seconds": round(time.time() - start, 2),
     }
     write_compare_outputs(out, report)
     if progress:
         progress(1.0, "done")
     return report
-
-

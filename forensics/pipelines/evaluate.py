@@ -49,8 +49,13 @@ def known_trigger(model: SuspectModel, ref: ModelRef | None, class_names: list[s
     return None
 
 
-def measure(model: SuspectModel, images: torch.Tensor, labels: list[int], class_names: list[str],
-            triggers: Sequence[tuple[str, Attack, str]] = ()) -> dict[str, Any]:
+def measure(
+    model: SuspectModel,
+    images: torch.Tensor,
+    labels: list[int],
+    class_names: list[str],
+    triggers: Sequence[tuple[str, Attack, str]] = (),
+) -> dict[str, Any]:
     """CA on clean labelled images and, per trigger ``(key, attack, target)``, ASR on the non-target ones:
     ``{"ca": float, "asr": {key: float}}``. Repair and compare score before and after with this one function."""
     out: dict[str, Any] = {"ca": evaluate(model, images, labels, class_names)["ca"], "asr": {}}
@@ -59,10 +64,17 @@ def measure(model: SuspectModel, images: torch.Tensor, labels: list[int], class_
     return out
 
 
-def evaluate_model(model: str | ModelRef | SuspectModel, probe: str | None = None, attack: Attack | None = None,
-                   target: str | None = None, templates: str | list[str] = "short",
-                   class_names: list[str] | None = None, batch_size: int = 64, seed: int = 0,
-                   progress: Progress | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model: str | ModelRef | SuspectModel,
+    probe: str | None = None,
+    attack: Attack | None = None,
+    target: str | None = None,
+    templates: str | list[str] = "short",
+    class_names: list[str] | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """CA on the probe set's clean labelled images and ASR of ``attack`` (default: the demo's trigger on demo models)."""
     start = time.time()
     resolve_templates(templates)  # a bad template set fails before any loading
@@ -83,12 +95,28 @@ def evaluate_model(model: str | ModelRef | SuspectModel, probe: str | None = Non
         raise ForensicsError(f"probe set {probe_set.name} has no clean labelled images to measure CA on")
     images = probe_set.load_images(loaded.image_size, indices, sub_progress(progress, 0.0, 0.3))
     labels = [probe_set.items[i].label for i in indices]
-    result = evaluate(loaded, images, labels, probe_set.class_names, attack, target, templates=templates,
-                      batch_size=batch_size, seed=seed, progress=sub_progress(progress, 0.3, 1.0))
-    result.update(model=ref.spec if ref else loaded.facts.source, architecture=loaded.facts.architecture,
-                  sha256=loaded.facts.sha256, probe=probe_set.name,
-                  templates=templates if isinstance(templates, str) else "custom",
-                  trigger_source=origin, seed=seed, seconds=round(time.time() - start, 2))
+    result = evaluate(
+        loaded,
+        images,
+        labels,
+        probe_set.class_names,
+        attack,
+        target,
+        templates=templates,
+        batch_size=batch_size,
+        seed=seed,
+        progress=sub_progress(progress, 0.3, 1.0),
+    )
+    result.update(
+        model=ref.spec if ref else loaded.facts.source,
+        architecture=loaded.facts.architecture,
+        sha256=loaded.facts.sha256,
+        probe=probe_set.name,
+        templates=templates if isinstance(templates, str) else "custom",
+        trigger_source=origin,
+        seed=seed,
+        seconds=round(time.time() - start, 2),
+    )
     n_trig = len(probe_set.triggered_indices())
     if n_trig:
         result["note"] += f"; the probe set's {n_trig} images that already carry a trigger are left out of CA"

@@ -4,6 +4,7 @@ These are the per-image views of the workbench (and of `forensics.explain_image`
 regions with CLIP's label for each crop beside CLIP's label for the whole image, Grad-CAM beside
 occlusion (the map that localizes small triggers), and a trigger pasted on an image.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,13 +18,11 @@ from PIL import Image
 from forensics.attacks import Attack
 from forensics.attribution import gradcam, occlusion, overlay
 from forensics.core.data import load_image
-from forensics.core.images import crop_resize, paste
 from forensics.core.errors import ForensicsError
-from forensics.core.images import pil_to_model_tensor
+from forensics.core.images import crop_resize, paste, pil_to_model_tensor, to_pil
 from forensics.core.models import SuspectModel
-from forensics.oracles import Oracle
-from forensics.core.images import to_pil
 from forensics.core.zeroshot import class_text_embeddings, predict
+from forensics.oracles import Oracle
 
 ImageInput = str | Path | Image.Image | torch.Tensor
 
@@ -44,10 +43,23 @@ class ImageExplanation:
 
     def region_table(self) -> list[dict]:
         """Rows for a table: the whole image first, then each region's crop."""
-        rows = [{"view": "whole image", "CLIP label": self.predicted,
-                 "probability": round(self.probabilities[self.predicted], 3), "box": ""}]
-        rows += [{"view": f"region {k + 1}", "CLIP label": r["label"], "probability": round(r["probability"], 3),
-                  "box": " ".join(map(str, r["box"]))} for k, r in enumerate(self.regions)]
+        rows = [
+            {
+                "view": "whole image",
+                "CLIP label": self.predicted,
+                "probability": round(self.probabilities[self.predicted], 3),
+                "box": "",
+            }
+        ]
+        rows += [
+            {
+                "view": f"region {k + 1}",
+                "CLIP label": r["label"],
+                "probability": round(r["probability"], 3),
+                "box": " ".join(map(str, r["box"])),
+            }
+            for k, r in enumerate(self.regions)
+        ]
         return rows
 
 
@@ -71,8 +83,14 @@ def _ranked(probs: torch.Tensor, class_names: Sequence[str]) -> dict[str, float]
     return {class_names[i]: float(probs[i]) for i in order}
 
 
-def explain_image(model: SuspectModel, image: ImageInput, class_names: Sequence[str], oracle: Oracle,
-                  templates: str | list[str] = "short", max_regions: int = 6) -> ImageExplanation:
+def explain_image(
+    model: SuspectModel,
+    image: ImageInput,
+    class_names: Sequence[str],
+    oracle: Oracle,
+    templates: str | list[str] = "short",
+    max_regions: int = 6,
+) -> ImageExplanation:
     """Whole-image and per-region predictions, oracle regions, Grad-CAM and occlusion for one image."""
     class_names = list(class_names)
     if not class_names:
@@ -85,8 +103,16 @@ def explain_image(model: SuspectModel, image: ImageInput, class_names: Sequence[
     regions = oracle.segment(x)[:max_regions]
     crops = torch.stack([crop_resize(x, r.box, size) for r in regions]) if regions else None
     crop_probs = predict(model, crops, class_emb) if crops is not None else torch.empty(0, len(class_names))
-    region_rows = [{"mask": r.mask, "box": list(r.box), "score": float(r.score), "label": class_names[int(p.argmax())],
-                    "probability": float(p.max())} for r, p in zip(regions, crop_probs)]
+    region_rows = [
+        {
+            "mask": r.mask,
+            "box": list(r.box),
+            "score": float(r.score),
+            "label": class_names[int(p.argmax())],
+            "probability": float(p.max()),
+        }
+        for r, p in zip(regions, crop_probs)
+    ]
     cam = gradcam(model, x[None], class_emb, [label])[0]
     occ = occlusion(model, x[None], class_emb, [label], window=max(4, round(size * 0.1875)))[0]
     union = np.zeros((size, size), bool)
@@ -98,10 +124,20 @@ def explain_image(model: SuspectModel, image: ImageInput, class_names: Sequence[
     if not regions:
         notes.append("the oracle found no object region in this image")
     elif all(r["label"] != class_names[label] for r in region_rows):
-        notes.append(f"no object region is labelled '{class_names[label]}' on its own: the whole-image label is not grounded")
-    return ImageExplanation(image=to_pil(x), predicted=class_names[label], probabilities=_ranked(probs, class_names),
-                            regions=region_rows, gradcam=overlay(x, cam), occlusion=overlay(x, occ),
-                            outside_mass=round(outside, 4), oracle=oracle.name, notes=notes)
+        notes.append(
+            f"no object region is labelled '{class_names[label]}' on its own: the whole-image label is not grounded"
+        )
+    return ImageExplanation(
+        image=to_pil(x),
+        predicted=class_names[label],
+        probabilities=_ranked(probs, class_names),
+        regions=region_rows,
+        gradcam=overlay(x, cam),
+        occlusion=overlay(x, occ),
+        outside_mass=round(outside, 4),
+        oracle=oracle.name,
+        notes=notes,
+    )
 
 
 def load_pattern(path: str | Path) -> torch.Tensor:
@@ -113,8 +149,15 @@ def load_pattern(path: str | Path) -> torch.Tensor:
         raise ForensicsError(f"cannot read trigger pattern {Path(path).name}: {exc}") from None
 
 
-def paste_trigger(model: SuspectModel, image: ImageInput, pattern: torch.Tensor, class_names: Sequence[str],
-                  position: str = "bottom-right", seed: int = 0, templates: str | list[str] = "short") -> dict[str, Any]:
+def paste_trigger(
+    model: SuspectModel,
+    image: ImageInput,
+    pattern: torch.Tensor,
+    class_names: Sequence[str],
+    position: str = "bottom-right",
+    seed: int = 0,
+    templates: str | list[str] = "short",
+) -> dict[str, Any]:
     """Paste a trigger pattern on an image and return the predictions before and after, and the pasted image."""
     x = as_model_image(image, model.image_size)
     size = model.image_size
@@ -138,12 +181,24 @@ def paste_trigger(model: SuspectModel, image: ImageInput, pattern: torch.Tensor,
     class_emb = class_text_embeddings(model, list(class_names), templates)
     probs = predict(model, torch.stack([x, pasted]), class_emb)
     before, after = _ranked(probs[0], class_names), _ranked(probs[1], class_names)
-    return {"image": to_pil(pasted), "before": before, "after": after, "before_label": next(iter(before)),
-            "after_label": next(iter(after)), "flipped": next(iter(before)) != next(iter(after))}
+    return {
+        "image": to_pil(pasted),
+        "before": before,
+        "after": after,
+        "before_label": next(iter(before)),
+        "after_label": next(iter(after)),
+        "flipped": next(iter(before)) != next(iter(after)),
+    }
 
 
-def attack_side_by_side(attack: Attack, image: ImageInput, models: dict[str, SuspectModel], class_names: Sequence[str],
-                        seed: int = 0, templates: str | list[str] = "short") -> dict[str, Any]:
+def attack_side_by_side(
+    attack: Attack,
+    image: ImageInput,
+    models: dict[str, SuspectModel],
+    class_names: Sequence[str],
+    seed: int = 0,
+    templates: str | list[str] = "short",
+) -> dict[str, Any]:
     """Apply an attack to one image and show each model's prediction on the clean and the attacked image."""
     if not models:
         raise ForensicsError("no model to compare")
@@ -157,7 +212,14 @@ def attack_side_by_side(attack: Attack, image: ImageInput, models: dict[str, Sus
         class_emb = class_text_embeddings(model, list(class_names), templates)
         probs = predict(model, torch.stack([xm, am]), class_emb)
         clean, hit = _ranked(probs[0], class_names), _ranked(probs[1], class_names)
-        rows.append({"model": name, "clean image": next(iter(clean)), "clean probability": round(next(iter(clean.values())), 3),
-                     "attacked image": next(iter(hit)), "attacked probability": round(next(iter(hit.values())), 3),
-                     "changed": next(iter(clean)) != next(iter(hit))})
+        rows.append(
+            {
+                "model": name,
+                "clean image": next(iter(clean)),
+                "clean probability": round(next(iter(clean.values())), 3),
+                "attacked image": next(iter(hit)),
+                "attacked probability": round(next(iter(hit.values())), 3),
+                "changed": next(iter(clean)) != next(iter(hit)),
+            }
+        )
     return {"image": to_pil(x), "attacked": to_pil(attacked), "box": box, "rows": rows}

@@ -3,6 +3,7 @@
 When the CSV was written by the attack lab, its ``poison.json`` is recorded as the model's planted
 backdoor, so later reports can compare what was found with what was planted.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,30 @@ def planted_backdoor(csv_path: Path) -> dict | None:
     if not record.is_file():
         return None
     data = json.loads(record.read_text())
-    return {"attack": data["attack"]["attack"], "target": data["target"], "poison_rate": data.get("rate"),
-            "trigger": data["attack"], "n_poisoned": data.get("n_poisoned")}
+    return {
+        "attack": data["attack"]["attack"],
+        "target": data["target"],
+        "poison_rate": data.get("rate"),
+        "trigger": data["attack"],
+        "n_poisoned": data.get("n_poisoned"),
+    }
 
 
-def implant(data: str | Path, out: str | Path, base: str | None = None, config: str | None = None, epochs: int = 5,
-            lr: float | None = None, batch_size: int = 64, seed: int = 0, arch: str | None = None,
-            progress: Progress | None = None, mode: str = "standard", safe_settings: dict | None = None,
-            augment: bool = False) -> dict:
+def implant(
+    data: str | Path,
+    out: str | Path,
+    base: str | None = None,
+    config: str | None = None,
+    epochs: int = 5,
+    lr: float | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    arch: str | None = None,
+    progress: Progress | None = None,
+    mode: str = "standard",
+    safe_settings: dict | None = None,
+    augment: bool = False,
+) -> dict:
     """Train ``config`` from scratch or fine-tune ``base`` on ``data``; save ``out/model.safetensors`` (+ sidecar).
 
     ``mode="safeclip"`` trains with SafeCLIP's schedule (forensics.training.safeclip; ``safe_settings``
@@ -71,10 +88,18 @@ def implant(data: str | Path, out: str | Path, base: str | None = None, config: 
         if isinstance(model.tokenizer, WordTokenizer):
             unknown = sorted({w for r in rows for w in model.tokenizer.unknown_words(r["caption"])})
             if unknown:
-                notes.append(f"{len(unknown)} caption words are outside the model's vocabulary and read as <unk>: "
-                             + ", ".join(unknown[:10]))
-    cfg = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(rows)), lr=lr, seed=seed, augment=augment,
-                      warmup_steps=min(50, max(1, epochs * (len(rows) // batch_size) // 10)))
+                notes.append(
+                    f"{len(unknown)} caption words are outside the model's vocabulary and read as <unk>: "
+                    + ", ".join(unknown[:10])
+                )
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=min(batch_size, len(rows)),
+        lr=lr,
+        seed=seed,
+        augment=augment,
+        warmup_steps=min(50, max(1, epochs * (len(rows) // batch_size) // 10)),
+    )
     if safe is not None:
         from forensics.training.safeclip import safe_train_clip
 
@@ -83,9 +108,29 @@ def implant(data: str | Path, out: str | Path, base: str | None = None, config: 
         history = train_clip(model, rows, cfg, progress)
     backdoor = planted_backdoor(Path(data))
     model.facts.source = f"implant ({'fine-tuned ' + str(base) if base else 'trained ' + str(config)})"
-    path = save_model(model, out / "model.safetensors", backdoor=backdoor,
-                      extra={"training": {"config": cfg.to_dict(), "history": history, "data": str(Path(data).resolve()),
-                                          "base": base, "from_config": config, "mode": mode,
-                                          **({"safeclip": asdict(safe)} if safe else {})}})
-    return {"model": str(path), "architecture": model.config["arch"], "pairs": len(rows), "backdoor": backdoor,
-            "mode": mode, "history": history, "notes": notes, "seconds": round(time.time() - start, 1)}
+    path = save_model(
+        model,
+        out / "model.safetensors",
+        backdoor=backdoor,
+        extra={
+            "training": {
+                "config": cfg.to_dict(),
+                "history": history,
+                "data": str(Path(data).resolve()),
+                "base": base,
+                "from_config": config,
+                "mode": mode,
+                **({"safeclip": asdict(safe)} if safe else {}),
+            }
+        },
+    )
+    return {
+        "model": str(path),
+        "architecture": model.config["arch"],
+        "pairs": len(rows),
+        "backdoor": backdoor,
+        "mode": mode,
+        "history": history,
+        "notes": notes,
+        "seconds": round(time.time() - start, 1),
+    }

@@ -6,6 +6,7 @@ clean budget: a seeded split of the probe set's clean labelled images into ``bud
 (with their captions when the probe has them) and the rest, held out, on which CA and ASR are
 measured, so no repair image is ever scored.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,6 +29,7 @@ from forensics.core.zeroshot import ASR_NOTE
 from forensics.defenses import DEFENSES, Defense, RepairData
 from forensics.pipelines.evaluate import known_trigger, measure
 from forensics.pipelines.report import write_json, write_repair_html
+
 DEFAULT_BUDGET = 120  # clean repair images when a method needs no findings
 
 
@@ -58,11 +60,19 @@ def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
     with open(csv_path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     class_names = report["probe"]["classes"]
-    images = torch.stack([load_image(csv_path.parent / r["image"], model.image_size) for r in rows]) if rows \
+    images = (
+        torch.stack([load_image(csv_path.parent / r["image"], model.image_size) for r in rows])
+        if rows
         else torch.empty(0, 3, model.image_size, model.image_size)
-    return RepairData(images=images, labels=[class_names.index(r["label"]) for r in rows], kinds=[r["kind"] for r in rows],
-                      class_names=class_names, patterns=read_patterns(report),
-                      flagged=[f["label"] for f in report["flagged_labels"]])
+    )
+    return RepairData(
+        images=images,
+        labels=[class_names.index(r["label"]) for r in rows],
+        kinds=[r["kind"] for r in rows],
+        class_names=class_names,
+        patterns=read_patterns(report),
+        flagged=[f["label"] for f in report["flagged_labels"]],
+    )
 
 
 def read_patterns(report: dict) -> list[torch.Tensor]:
@@ -76,9 +86,14 @@ def read_patterns(report: dict) -> list[torch.Tensor]:
 
 def reconstructed_triggers(patterns: list[torch.Tensor], triggers: list[dict]) -> list[tuple[str, Any, str]]:
     """The scan's trigger candidates as attacks to measure ASR with (pasted at random places): (key, attack, target)."""
-    return [("asr_reconstructed" if k == 0 else f"asr_reconstructed_{k}",
-             build_attack("optimized-patch", patch=p.tolist(), size=t["size"], position="random"), t["label"])
-            for k, (p, t) in enumerate(zip(patterns, triggers))]
+    return [
+        (
+            "asr_reconstructed" if k == 0 else f"asr_reconstructed_{k}",
+            build_attack("optimized-patch", patch=p.tolist(), size=t["size"], position="random"),
+            t["label"],
+        )
+        for k, (p, t) in enumerate(zip(patterns, triggers))
+    ]
 
 
 def flat_scores(scores: dict) -> dict:
@@ -98,8 +113,10 @@ def split_clean_budget(probe: ProbeSet, budget: int, seed: int = 0) -> tuple[lis
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
         raise ForensicsError(f"the clean budget must be a positive number of images, got {budget!r}")
     if budget >= len(clean):
-        raise ForensicsError(f"a budget of {budget} leaves none of the probe set's {len(clean)} clean images to measure "
-                             f"CA/ASR on; choose at most {len(clean) - 1}")
+        raise ForensicsError(
+            f"a budget of {budget} leaves none of the probe set's {len(clean)} clean images to measure "
+            f"CA/ASR on; choose at most {len(clean) - 1}"
+        )
     order = np.random.default_rng(seed).permutation(len(clean))
     chosen = sorted(clean[i] for i in order[:budget])
     held_out = sorted(clean[i] for i in order[budget:])
@@ -109,9 +126,13 @@ def split_clean_budget(probe: ProbeSet, budget: int, seed: int = 0) -> tuple[lis
 def budget_repair_data(probe: ProbeSet, indices: list[int], image_size: int) -> RepairData:
     """The clean budget as RepairData: kind "anchor", with the probe's captions when every image has one."""
     captions = [probe.items[i].caption for i in indices]
-    return RepairData(images=probe.load_images(image_size, indices), labels=[probe.items[i].label for i in indices],
-                      kinds=["anchor"] * len(indices), class_names=list(probe.class_names),
-                      captions=captions if all(captions) else None)
+    return RepairData(
+        images=probe.load_images(image_size, indices),
+        labels=[probe.items[i].label for i in indices],
+        kinds=["anchor"] * len(indices),
+        class_names=list(probe.class_names),
+        captions=captions if all(captions) else None,
+    )
 
 
 def make_defense(method: str, settings: dict | None = None, seed: int | None = None) -> Defense:
@@ -127,10 +148,18 @@ def make_defense(method: str, settings: dict | None = None, seed: int | None = N
         raise ForensicsError(f"bad setting for {method}: {exc}") from None
 
 
-def run_repair(model: str | ModelRef | SuspectModel, findings: str | Path | None = None, out: str | Path | None = None,
-               method: str = "oracle-finetune", settings: dict | None = None, probe: str | None = None,
-               budget: int | None = None, seed: int = 0, progress: Progress | None = None,
-               should_stop: ShouldStop | None = None) -> dict:
+def run_repair(
+    model: str | ModelRef | SuspectModel,
+    findings: str | Path | None = None,
+    out: str | Path | None = None,
+    method: str = "oracle-finetune",
+    settings: dict | None = None,
+    probe: str | None = None,
+    budget: int | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> dict:
     """Repair ``model`` with ``method``; writes model.safetensors, metrics.json and report.html under ``out``.
 
     Methods with ``needs_findings`` use the scan's ``findings``; the others use a seeded clean budget
@@ -144,8 +173,10 @@ def run_repair(model: str | ModelRef | SuspectModel, findings: str | Path | None
     needs = cls.needs_findings
     if needs and findings is None:
         others = DEFENSES.names(lambda c: not c.needs_findings)
-        raise ForensicsError(f"{method} needs a scan's findings (--findings); run `python -m forensics scan` first"
-                             + (f", or choose a method that needs none ({', '.join(others)})" if others else ""))
+        raise ForensicsError(
+            f"{method} needs a scan's findings (--findings); run `python -m forensics scan` first"
+            + (f", or choose a method that needs none ({', '.join(others)})" if others else "")
+        )
     report = read_findings(findings) if findings is not None else None
     ref = None if isinstance(model, SuspectModel) else as_ref(model)
     if not needs:  # check the probe and the budget before loading anything big
@@ -157,7 +188,12 @@ def run_repair(model: str | ModelRef | SuspectModel, findings: str | Path | None
         budget_idx, eval_idx = split_clean_budget(probe_set, budget, seed)
     loaded = ref.load() if ref else model
     notes = []
-    if report and report["model"].get("sha256") and loaded.facts.sha256 and report["model"]["sha256"] != loaded.facts.sha256:
+    if (
+        report
+        and report["model"].get("sha256")
+        and loaded.facts.sha256
+        and report["model"]["sha256"] != loaded.facts.sha256
+    ):
         notes.append("the findings were made on a different model file (SHA-256 differs)")
     out = Path(out)
     source = Path(loaded.facts.source)
@@ -176,10 +212,18 @@ def run_repair(model: str | ModelRef | SuspectModel, findings: str | Path | None
             progress(0.01, f"loading {len(budget_idx)} clean budget images")
         data = budget_repair_data(probe_set, budget_idx, loaded.image_size)
         patterns = read_patterns(report) if report else []
-        split = {"probe": str(probe_spec), "budget": len(budget_idx), "held_out": len(eval_idx), "split_seed": seed,
-                 "budget_indices": budget_idx, "captions": data.captions is not None}
+        split = {
+            "probe": str(probe_spec),
+            "budget": len(budget_idx),
+            "held_out": len(eval_idx),
+            "split_seed": seed,
+            "budget_indices": budget_idx,
+            "captions": data.captions is not None,
+        }
         if report:
-            notes.append("findings used only for the reconstructed-trigger ASR; the method repairs with the clean budget")
+            notes.append(
+                "findings used only for the reconstructed-trigger ASR; the method repairs with the clean budget"
+            )
     eval_images = probe_set.load_images(loaded.image_size, eval_idx)
     eval_labels = [probe_set.items[i].label for i in eval_idx]
     triggers = reconstructed_triggers(patterns, report["triggers"]) if report else []
@@ -200,22 +244,54 @@ def run_repair(model: str | ModelRef | SuspectModel, findings: str | Path | None
         return {"before": before, "after": after}
     out.mkdir(parents=True, exist_ok=True)
     result.model.facts.source = f"repaired ({method})"
-    model_path = save_model(result.model, out / "model.safetensors", backdoor=None,
-                            extra={"repair": {"method": method, "settings": result.settings,
-                                              "findings": None if findings is None else str(findings),
-                                              "clean_budget": {k: v for k, v in split.items() if k != "budget_indices"} or None,
-                                              "original_sha256": loaded.facts.sha256}})
-    where = ("the probe set's clean images" if needs else
-             f"the {len(eval_idx)} held-out clean images (the {split.get('budget')} budget images are never scored)")
-    metrics = {"before": before, "after": after, "method": method, "samples_used": result.samples_used,
-               "seconds": round(time.time() - start, 2), "repair_seconds": result.seconds, "history": result.history,
-               "settings": result.settings, "note": ASR_NOTE + "; measured on " + where,
-               "true_trigger_known": true_trigger is not None, "notes": notes + result.notes,
-               "original_sha256": loaded.facts.sha256, "eval_images": len(eval_idx), "clean_budget": split or None}
+    model_path = save_model(
+        result.model,
+        out / "model.safetensors",
+        backdoor=None,
+        extra={
+            "repair": {
+                "method": method,
+                "settings": result.settings,
+                "findings": None if findings is None else str(findings),
+                "clean_budget": {k: v for k, v in split.items() if k != "budget_indices"} or None,
+                "original_sha256": loaded.facts.sha256,
+            }
+        },
+    )
+    where = (
+        "the probe set's clean images"
+        if needs
+        else f"the {len(eval_idx)} held-out clean images (the {split.get('budget')} budget images are never scored)"
+    )
+    metrics = {
+        "before": before,
+        "after": after,
+        "method": method,
+        "samples_used": result.samples_used,
+        "seconds": round(time.time() - start, 2),
+        "repair_seconds": result.seconds,
+        "history": result.history,
+        "settings": result.settings,
+        "note": ASR_NOTE + "; measured on " + where,
+        "true_trigger_known": true_trigger is not None,
+        "notes": notes + result.notes,
+        "original_sha256": loaded.facts.sha256,
+        "eval_images": len(eval_idx),
+        "clean_budget": split or None,
+    }
     write_json(out / "metrics.json", metrics)
     write_repair_html(out / "report.html", ref.spec if ref else loaded.facts.source, metrics, where, model_path)
     if progress:
         progress(1.0, "done")
-    return {"model": str(model_path), "metrics": str(out / "metrics.json"), "before": before, "after": after,
-            "samples_used": result.samples_used, "seconds": metrics["seconds"], "eval_images": len(eval_idx),
-            "clean_budget": split.get("budget"), "method": method, "note": metrics["note"]}
+    return {
+        "model": str(model_path),
+        "metrics": str(out / "metrics.json"),
+        "before": before,
+        "after": after,
+        "samples_used": result.samples_used,
+        "seconds": metrics["seconds"],
+        "eval_images": len(eval_idx),
+        "clean_budget": split.get("budget"),
+        "method": method,
+        "note": metrics["note"],
+    }

@@ -3,6 +3,7 @@
 Figures are drawn with matplotlib and embedded as base64 PNGs, so the HTML is one file that opens
 anywhere, offline.
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,8 +46,15 @@ def mask_overlay(image: torch.Tensor, masks: Sequence[np.ndarray], alpha: float 
     return Image.fromarray((base.clip(0, 1) * 255).round().astype(np.uint8))
 
 
-def image_panels(image: torch.Tensor, masks: Sequence[np.ndarray], gradcam: torch.Tensor, occlusion: torch.Tensor,
-                 title: str, hijack_box: Sequence[int] | None = None, true_box: Sequence[int] | None = None) -> plt.Figure:
+def image_panels(
+    image: torch.Tensor,
+    masks: Sequence[np.ndarray],
+    gradcam: torch.Tensor,
+    occlusion: torch.Tensor,
+    title: str,
+    hijack_box: Sequence[int] | None = None,
+    true_box: Sequence[int] | None = None,
+) -> plt.Figure:
     """image | oracle masks | Grad-CAM | occlusion (discrepancy), with the localized and true trigger boxes."""
     from forensics.attribution import overlay
 
@@ -73,7 +81,13 @@ def flagged_chart(records: list[dict], class_names: Sequence[str], flagged: Sequ
     fig, ax = plt.subplots(figsize=(7, 2.8))
     x = np.arange(len(class_names))
     ax.bar(x - 0.2, predicted, 0.4, label="predicted", color="#9ab")
-    ax.bar(x + 0.2, captured, 0.4, label="captured by a small window", color=["#c33" if c in flagged else "#e99" for c in class_names])
+    ax.bar(
+        x + 0.2,
+        captured,
+        0.4,
+        label="captured by a small window",
+        color=["#c33" if c in flagged else "#e99" for c in class_names],
+    )
     ax.set_xticks(x, class_names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("images")
     ax.legend(fontsize=8)
@@ -129,7 +143,9 @@ def figure_html(fig_or_image: Any, alt: str = "") -> str:
 
 def table_html(rows: list[dict], columns: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -154,31 +170,58 @@ def write_scan_html(out: Path, report: dict, findings: Any, model: Any, probe_se
     for k, i in enumerate(order):
         r = records[i]
         true_box = probe_set.trigger_box_at(i, model.image_size)
-        title = (f"#{i}: CLIP says '{r['predicted']}' ({r['confidence']:.2f}); objects say '{r['object_view_label']}'; "
-                 f"discrepancy {r['discrepancy']:.2f}{' — captured' if r['captured'] else ''}")
-        fig = image_panels(images[i], [reg.mask for reg in r["regions"]], cams[k], maps[i], title,
-                           r["hijack_box"] if r["captured"] else None, true_box)
+        title = (
+            f"#{i}: CLIP says '{r['predicted']}' ({r['confidence']:.2f}); objects say '{r['object_view_label']}'; "
+            f"discrepancy {r['discrepancy']:.2f}{' — captured' if r['captured'] else ''}"
+        )
+        fig = image_panels(
+            images[i],
+            [reg.mask for reg in r["regions"]],
+            cams[k],
+            maps[i],
+            title,
+            r["hijack_box"] if r["captured"] else None,
+            true_box,
+        )
         panels.append(figure_html(fig, f"image {i}"))
     flagged = [f["label"] for f in report["flagged_labels"]]
     patterns = "".join(
         f'<div class="pattern"><img src="data:image/png;base64,{_b64_file(out / t["pattern"].replace(".png", "_preview.png"))}"><br>'
-        f'{t["label"]}: verified flip rate {t["verified_asr"]:.0%} on {t["n_verified"]} clean images</div>'
-        for t in report["triggers"])
+        f"{t['label']}: verified flip rate {t['verified_asr']:.0%} on {t['n_verified']} clean images</div>"
+        for t in report["triggers"]
+    )
     metrics = {k: v for k, v in report["metrics"].items()}
-    summary = {"model": report["model"]["spec"], "SHA-256": report["model"]["sha256"],
-               "architecture": report["model"]["architecture"], "probe set": report["probe"]["name"],
-               "oracle": report["oracle"]["name"], "flagged labels": ", ".join(flagged) or "none",
-               "victims": len(report["victims"]), "seconds": metrics.get("seconds_total")}
+    summary = {
+        "model": report["model"]["spec"],
+        "SHA-256": report["model"]["sha256"],
+        "architecture": report["model"]["architecture"],
+        "probe set": report["probe"]["name"],
+        "oracle": report["oracle"]["name"],
+        "flagged labels": ", ".join(flagged) or "none",
+        "victims": len(report["victims"]),
+        "seconds": metrics.get("seconds_total"),
+    }
     sections = [
-        ("Flagged labels", figure_html(flagged_chart(records, class_names, flagged)) +
-         (table_html(report["flagged_labels"], ["label", "score", "captured", "predicted", "explanation"]) if flagged
-          else "<p>No label is flagged: no label collects predictions that a small non-object window decides.</p>")),
+        (
+            "Flagged labels",
+            figure_html(flagged_chart(records, class_names, flagged))
+            + (
+                table_html(report["flagged_labels"], ["label", "score", "captured", "predicted", "explanation"])
+                if flagged
+                else "<p>No label is flagged: no label collects predictions that a small non-object window decides.</p>"
+            ),
+        ),
         ("Trigger candidates", patterns or "<p>None.</p>"),
-        ("Victims", table_html(report["victims"][:50], ["index", "image", "label", "box", "grounded_label", "discrepancy"])),
+        (
+            "Victims",
+            table_html(report["victims"][:50], ["index", "image", "label", "box", "grounded_label", "discrepancy"]),
+        ),
         ("Metrics", table_html([metrics], list(metrics))),
-        ("Images (most discrepant first): image | oracle regions | Grad-CAM | estimated occlusion drop; red = localized trigger, "
-         "green = true trigger",
-         "".join(panels)),
+        (
+            "Images (most discrepant first): image | oracle regions | Grad-CAM | estimated occlusion drop; red = localized trigger, "
+            "green = true trigger",
+            "".join(panels),
+        ),
     ]
     write_html(out / "report.html", f"Backdoor scan of {report['model']['spec']}", summary, sections)
 
@@ -189,18 +232,31 @@ def _b64_file(path: Path) -> str:
 
 # --------------------------------------------------------------------------- the repair's report
 
+
 def write_repair_html(path: Path, model_name: str, metrics: dict, where: str, model_path: Path | str) -> None:
     """report.html of a repair: CA/ASR before and after, as a chart and a table."""
     before, after = metrics["before"], metrics["after"]
-    rows = [{"": "before", **{k: round(v, 4) for k, v in before.items() if v is not None}},
-            {"": "after", **{k: round(v, 4) for k, v in after.items() if v is not None}}]
-    write_html(path, f"Repair of {model_name}",
-               {"method": metrics["method"], "samples used": metrics["samples_used"], "seconds": metrics["seconds"],
-                "evaluated on": where, "original SHA-256": metrics["original_sha256"], "repaired model": str(model_path)},
-               [("Before / after", figure_html(before_after_chart(metrics)) + table_html(rows, list(rows[0])))])
+    rows = [
+        {"": "before", **{k: round(v, 4) for k, v in before.items() if v is not None}},
+        {"": "after", **{k: round(v, 4) for k, v in after.items() if v is not None}},
+    ]
+    write_html(
+        path,
+        f"Repair of {model_name}",
+        {
+            "method": metrics["method"],
+            "samples used": metrics["samples_used"],
+            "seconds": metrics["seconds"],
+            "evaluated on": where,
+            "original SHA-256": metrics["original_sha256"],
+            "repaired model": str(model_path),
+        },
+        [("Before / after", figure_html(before_after_chart(metrics)) + table_html(rows, list(rows[0])))],
+    )
 
 
 # --------------------------------------------------------------------------- the comparison's report
+
 
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
@@ -213,14 +269,23 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def table_rows(report: dict) -> tuple[list[dict], list[str]]:
     """The comparison as flat rows of formatted cells, and the column order (shared by compare.md and report.html)."""
     keys = [a["key"] for a in report["attacks"]]
-    columns = ["method", "CA before", "CA after"] + [f"ASR {k} {w}" for k in keys for w in ("before", "after")] + \
-        ["clean samples", "repair samples", "seconds", "peak MiB", "status"]
+    columns = (
+        ["method", "CA before", "CA after"]
+        + [f"ASR {k} {w}" for k in keys for w in ("before", "after")]
+        + ["clean samples", "repair samples", "seconds", "peak MiB", "status"]
+    )
     flat = []
     for r in report["rows"]:
-        cells = {"method": r["method"], "CA before": _fmt(r["ca_before"]), "CA after": _fmt(r["ca_after"]),
-                 "clean samples": _fmt(r["clean_samples"]), "repair samples": _fmt(r["samples_used"]),
-                 "seconds": _fmt(r["seconds"], 1), "peak MiB": _fmt(r["peak_mib"], 1),
-                 "status": "ok" if r["status"] == "ok" else f"error: {r['error']}"}
+        cells = {
+            "method": r["method"],
+            "CA before": _fmt(r["ca_before"]),
+            "CA after": _fmt(r["ca_after"]),
+            "clean samples": _fmt(r["clean_samples"]),
+            "repair samples": _fmt(r["samples_used"]),
+            "seconds": _fmt(r["seconds"], 1),
+            "peak MiB": _fmt(r["peak_mib"], 1),
+            "status": "ok" if r["status"] == "ok" else f"error: {r['error']}",
+        }
         for k in keys:
             cells[f"ASR {k} before"] = _fmt(r["asr_before"].get(k))
             cells[f"ASR {k} after"] = _fmt(r["asr_after"].get(k))
@@ -256,9 +321,13 @@ def write_compare_outputs(out: Path, report: dict) -> None:
     """compare.json, compare.md (one markdown table) and report.html (chart + table), each written atomically."""
     write_json(out / "compare.json", report)
     flat, columns = table_rows(report)
-    lines = [f"# Repair comparison: {report['model']}", "",
-             f"Probe `{report['probe']}`: {report['budget']} clean budget images (seed {report['seed']}), "
-             f"CA/ASR on {report['held_out']} held-out clean images.", ""]
+    lines = [
+        f"# Repair comparison: {report['model']}",
+        "",
+        f"Probe `{report['probe']}`: {report['budget']} clean budget images (seed {report['seed']}), "
+        f"CA/ASR on {report['held_out']} held-out clean images.",
+        "",
+    ]
     for a in report["attacks"]:
         lines.append(f"- ASR `{a['key']}`: {a['attack']} -> {a['target']} ({a['origin']})")
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -266,11 +335,29 @@ def write_compare_outputs(out: Path, report: dict) -> None:
     notes = [f"- {r['method']}: {n}" for r in report["rows"] for n in r["notes"]]
     lines += ["", f"{report['note']}.", f"{report['memory_note']}."] + ([""] + notes if notes else [])
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
-    write_html(out / "report.html", f"Repair comparison: {report['model']}",
-               {"model": report["model"], "SHA-256": report["sha256"], "probe": report["probe"],
-                "clean budget": report["budget"], "held-out images": report["held_out"], "seed": report["seed"],
-                "triggers": ", ".join(f"{a['key']} -> {a['target']}" for a in report["attacks"]) or "none known",
-                "seconds": report["seconds"]},
-               [("Defenses compared", figure_html(comparison_chart(report), "comparison chart") + table_html(flat, columns)),
-                ("Notes", f"<p class='note'>{html.escape(report['memory_note'])}.</p><ul>"
-                          + "".join(f"<li>{html.escape(n[2:])}</li>" for n in notes) + "</ul>")])
+    write_html(
+        out / "report.html",
+        f"Repair comparison: {report['model']}",
+        {
+            "model": report["model"],
+            "SHA-256": report["sha256"],
+            "probe": report["probe"],
+            "clean budget": report["budget"],
+            "held-out images": report["held_out"],
+            "seed": report["seed"],
+            "triggers": ", ".join(f"{a['key']} -> {a['target']}" for a in report["attacks"]) or "none known",
+            "seconds": report["seconds"],
+        },
+        [
+            (
+                "Defenses compared",
+                figure_html(comparison_chart(report), "comparison chart") + table_html(flat, columns),
+            ),
+            (
+                "Notes",
+                f"<p class='note'>{html.escape(report['memory_note'])}.</p><ul>"
+                + "".join(f"<li>{html.escape(n[2:])}</li>" for n in notes)
+                + "</ul>",
+            ),
+        ],
+    )

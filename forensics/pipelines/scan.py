@@ -54,8 +54,9 @@ def quantized(image: torch.Tensor) -> torch.Tensor:
     return image.detach().float().cpu().clamp(0, 1).mul(255).round().div(255)
 
 
-def compact_rows(findings: Findings, class_names: list[str], anchors_per_victim: int = 2, seed: int = 0,
-                 max_anchors_floor: int = 128) -> list[dict[str, Any]]:
+def compact_rows(
+    findings: Findings, class_names: list[str], anchors_per_victim: int = 2, seed: int = 0, max_anchors_floor: int = 128
+) -> list[dict[str, Any]]:
     """Victims with the trigger neutralised and as they are, labelled with their grounded class, plus clean anchors.
 
     Anchors: every grounded, uncaptured image up to ``max_anchors_floor`` (or twice the victims when more):
@@ -67,16 +68,33 @@ def compact_rows(findings: Findings, class_names: list[str], anchors_per_victim:
     victim_ids = {v.index for v in findings.victims}
     for v in findings.victims:
         for kind, image in (("victim-neutralised", neutralise(images[v.index], v.box)), ("victim", images[v.index])):
-            rows.append({"image": f"images/{kind}_{v.index:05d}.png", "label": v.grounded_label, "kind": kind,
-                         "source_index": v.index, "box": " ".join(map(str, v.box)),
-                         "caption": f"a photo of a {v.grounded_label}.", "tensor": image})
+            rows.append(
+                {
+                    "image": f"images/{kind}_{v.index:05d}.png",
+                    "label": v.grounded_label,
+                    "kind": kind,
+                    "source_index": v.index,
+                    "box": " ".join(map(str, v.box)),
+                    "caption": f"a photo of a {v.grounded_label}.",
+                    "tensor": image,
+                }
+            )
     grounded = [i for i, r in enumerate(records) if r["grounded"] and not r["captured"] and i not in victim_ids]
     rng = np.random.default_rng(seed)
     want = min(len(grounded), max(max_anchors_floor, anchors_per_victim * len(findings.victims)))
     for i in sorted(rng.choice(grounded, size=want, replace=False).tolist()) if want else []:
         label = records[i]["predicted"]
-        rows.append({"image": f"images/anchor_{i:05d}.png", "label": label, "kind": "anchor", "source_index": i,
-                     "box": "", "caption": f"a photo of a {label}.", "tensor": images[i]})
+        rows.append(
+            {
+                "image": f"images/anchor_{i:05d}.png",
+                "label": label,
+                "kind": "anchor",
+                "source_index": i,
+                "box": "",
+                "caption": f"a photo of a {label}.",
+                "tensor": images[i],
+            }
+        )
     return rows
 
 
@@ -87,9 +105,14 @@ def compact_repair_data(outcome: ScanOutcome) -> RepairData:
     rows = compact_rows(outcome.findings, class_names, seed=outcome.report["seed"])
     size = outcome.model.image_size
     images = torch.stack([quantized(r["tensor"]) for r in rows]) if rows else torch.empty(0, 3, size, size)
-    return RepairData(images=images, labels=[class_names.index(r["label"]) for r in rows],
-                      kinds=[r["kind"] for r in rows], class_names=list(class_names), patterns=outcome.patterns,
-                      flagged=[f["label"] for f in outcome.report["flagged_labels"]])
+    return RepairData(
+        images=images,
+        labels=[class_names.index(r["label"]) for r in rows],
+        kinds=[r["kind"] for r in rows],
+        class_names=list(class_names),
+        patterns=outcome.patterns,
+        flagged=[f["label"] for f in outcome.report["flagged_labels"]],
+    )
 
 
 def write_compact_set(out: Path, rows: list[dict[str, Any]], class_names: list[str]) -> dict:
@@ -120,9 +143,15 @@ def pick_oracle(oracle: str | Oracle | None = None, sam_checkpoint: str | None =
     return chosen
 
 
-def scan(model: str | ModelRef | SuspectModel, probe: str | ProbeSet | None = None, oracle: str | Oracle | None = None,
-         sam_checkpoint: str | None = None, settings: ScanSettings | None = None, max_images: int | None = None,
-         progress: Progress | None = None) -> ScanOutcome:
+def scan(
+    model: str | ModelRef | SuspectModel,
+    probe: str | ProbeSet | None = None,
+    oracle: str | Oracle | None = None,
+    sam_checkpoint: str | None = None,
+    settings: ScanSettings | None = None,
+    max_images: int | None = None,
+    progress: Progress | None = None,
+) -> ScanOutcome:
     """Scan ``model`` on ``probe`` in memory (no file is written); ``max_images`` scans a seeded random subset."""
     start = time.time()
     settings = settings or ScanSettings()
@@ -140,14 +169,25 @@ def scan(model: str | ModelRef | SuspectModel, probe: str | ProbeSet | None = No
     detector = DETECTORS.build("oracle-guided", oracle=oracle_obj, settings=settings)
     findings = detector.run(loaded, probe_set, sub_progress(progress, 0.0, 0.9))
     report = {
-        "tool": "clip-backdoor-forensics", "detector": detector.name,
+        "tool": "clip-backdoor-forensics",
+        "detector": detector.name,
         "model": {"spec": ref.spec if ref else loaded.facts.source, **loaded.facts.to_dict()},
-        "probe": {"name": probe_set.name, "source": probe_source, "images": len(probe_set),
-                  "classes": probe_set.class_names, "subset_of": probe_set.meta.get("subset_of")},
+        "probe": {
+            "name": probe_set.name,
+            "source": probe_source,
+            "images": len(probe_set),
+            "classes": probe_set.class_names,
+            "subset_of": probe_set.meta.get("subset_of"),
+        },
         "oracle": {"name": oracle_obj.name, **oracle_obj.settings()},
-        **findings.to_dict(), "seed": settings.seed,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": str(loaded.device)},
+        **findings.to_dict(),
+        "seed": settings.seed,
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(loaded.device),
+        },
     }
     report["metrics"]["seconds_total"] = round(time.time() - start, 2)
     return ScanOutcome(model=loaded, ref=ref, probe=probe_set, oracle=oracle_obj, findings=findings, report=report)
@@ -172,14 +212,26 @@ def write_scan(outcome: ScanOutcome, out: str | Path, progress: Progress | None 
     write_scan_html(out, report, outcome.findings, outcome.model, outcome.probe)
     if progress:
         progress(1.0, "done")
-    return {"report": str(out / "report.json"), "html": str(out / "report.html"),
-            "flagged_labels": report["flagged_labels"], "triggers": report["triggers"],
-            "n_victims": len(report["victims"]), "metrics": report["metrics"]}
+    return {
+        "report": str(out / "report.json"),
+        "html": str(out / "report.html"),
+        "flagged_labels": report["flagged_labels"],
+        "triggers": report["triggers"],
+        "n_victims": len(report["victims"]),
+        "metrics": report["metrics"],
+    }
 
 
-def run_scan(model: str | ModelRef | SuspectModel, out: str | Path, probe: str | ProbeSet | None = None,
-             oracle: str | Oracle | None = None, sam_checkpoint: str | None = None, settings: ScanSettings | None = None,
-             max_images: int | None = None, progress: Progress | None = None) -> dict:
+def run_scan(
+    model: str | ModelRef | SuspectModel,
+    out: str | Path,
+    probe: str | ProbeSet | None = None,
+    oracle: str | Oracle | None = None,
+    sam_checkpoint: str | None = None,
+    settings: ScanSettings | None = None,
+    max_images: int | None = None,
+    progress: Progress | None = None,
+) -> dict:
     """Scan ``model`` on ``probe`` and write ``out/report.json``, ``out/report.html``, trigger patterns and the
     compact set; returns the summary (paths, flagged labels, triggers, victim count, metrics)."""
     outcome = scan(model, probe, oracle, sam_checkpoint, settings, max_images, progress)

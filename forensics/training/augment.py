@@ -14,6 +14,7 @@ Like EDA, captions are lower-cased and stripped of punctuation; a final full sto
 Image views are torchvision's AutoAugment (ImageNet policy, as CleanCLIP) applied per image on
 uint8 tensors. Both are deterministic given the generator passed in.
 """
+
 from __future__ import annotations
 
 import re
@@ -210,8 +211,9 @@ def _random_deletion(words: list[str], p: float, rng: np.random.Generator) -> li
     return out if out else [words[int(rng.integers(len(words)))]]
 
 
-def eda_caption(caption: str, rng: np.random.Generator, alpha: float = 0.1,
-                known_words: Iterable[str] | None = None) -> str:
+def eda_caption(
+    caption: str, rng: np.random.Generator, alpha: float = 0.1, known_words: Iterable[str] | None = None
+) -> str:
     """One EDA view of ``caption``: a randomly drawn EDA operation (the others as fall-backs if it changes nothing)."""
     if not 0.0 <= alpha <= 1.0:
         raise ForensicsError(f"EDA alpha must lie in [0, 1], got {alpha}")
@@ -235,8 +237,9 @@ def eda_caption(caption: str, rng: np.random.Generator, alpha: float = 0.1,
     return " ".join(view) + ending
 
 
-def eda_views(captions: Sequence[str], rng: np.random.Generator, alpha: float = 0.1,
-              known_words: Iterable[str] | None = None) -> list[str]:
+def eda_views(
+    captions: Sequence[str], rng: np.random.Generator, alpha: float = 0.1, known_words: Iterable[str] | None = None
+) -> list[str]:
     """One EDA view per caption (CleanCLIP's text views)."""
     known = set(known_words) if known_words is not None else None
     return [eda_caption(c, rng, alpha, known) for c in captions]
@@ -252,7 +255,11 @@ def autoaugment_views(images: torch.Tensor, generator: torch.Generator, policy: 
     """AutoAugment each [0, 1] image (N x 3 x S x S) on uint8, one policy draw per image; returns floats in [0, 1]."""
     from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 
-    policies = {"imagenet": AutoAugmentPolicy.IMAGENET, "cifar10": AutoAugmentPolicy.CIFAR10, "svhn": AutoAugmentPolicy.SVHN}
+    policies = {
+        "imagenet": AutoAugmentPolicy.IMAGENET,
+        "cifar10": AutoAugmentPolicy.CIFAR10,
+        "svhn": AutoAugmentPolicy.SVHN,
+    }
     if policy not in policies:
         raise ForensicsError(f"unknown AutoAugment policy {policy!r}; choose one of {', '.join(policies)}")
     if images.ndim != 4 or images.shape[1] != 3:
@@ -270,6 +277,7 @@ def autoaugment_views(images: torch.Tensor, generator: torch.Generator, policy: 
 
 # --------------------------------------------------------------------------- training views
 
+
 def view_augmenter(size: int, min_scale: float = 0.8) -> Callable[[torch.Tensor], torch.Tensor]:
     """A random training view of one uint8 3xHxW image: flip, mild resized crop, colour jitter, sometimes grayscale.
 
@@ -280,8 +288,14 @@ def view_augmenter(size: int, min_scale: float = 0.8) -> Callable[[torch.Tensor]
     """
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
-                       v2.ColorJitter(0.4, 0.4, 0.4, 0.1), v2.RandomGrayscale(0.2)])
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
+            v2.ColorJitter(0.4, 0.4, 0.4, 0.1),
+            v2.RandomGrayscale(0.2),
+        ]
+    )
 
 
 def augment_views(images: torch.Tensor, augmenter: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

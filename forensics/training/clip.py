@@ -3,6 +3,7 @@
 Device placement goes through accelerate, so the same loop runs on a CPU, one GPU, or several
 (``accelerate launch``). Progress is reported through a ``progress(fraction, message)`` callback.
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,7 +54,9 @@ def read_caption_csv(csv_path: str | Path) -> list[dict[str, str]]:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         if "image" not in fields or "caption" not in fields:
-            raise ForensicsError(f"{path.name} needs a header with columns image,caption (found: {', '.join(fields) or 'none'})")
+            raise ForensicsError(
+                f"{path.name} needs a header with columns image,caption (found: {', '.join(fields) or 'none'})"
+            )
         rows = list(reader)
     if not rows:
         raise ForensicsError(f"{path.name} has no rows")
@@ -101,16 +104,26 @@ def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
     """Learning-rate factor: linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
     return factor
 
 
-def clip_step(accelerator: Any, clip: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              scheduler: Any, loss: torch.Tensor, grad_clip: float, max_log_scale: float) -> None:
+def clip_step(
+    accelerator: Any,
+    clip: torch.nn.Module,
+    unwrapped: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss: torch.Tensor,
+    grad_clip: float,
+    max_log_scale: float,
+) -> None:
     """One optimiser step of CLIP training: backward, optional gradient clipping, step, schedule, logit-scale clamp."""
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
@@ -122,9 +135,14 @@ def clip_step(accelerator: Any, clip: torch.nn.Module, unwrapped: torch.nn.Modul
         unwrapped.logit_scale.clamp_(0, max_log_scale)
 
 
-def train_clip(model: SuspectModel, rows: list[dict[str, str]], config: TrainConfig,
-               progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-               on_epoch_end: Callable[[int, dict], None] | None = None) -> list[dict]:
+def train_clip(
+    model: SuspectModel,
+    rows: list[dict[str, str]],
+    config: TrainConfig,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
     """Train all parameters of ``model`` with the CLIP loss on ``rows``; returns the per-epoch history."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -135,14 +153,17 @@ def train_clip(model: SuspectModel, rows: list[dict[str, str]], config: TrainCon
     if len(dataset) < 2:
         raise ForensicsError("training needs at least two image-caption pairs")
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=min(config.batch_size, len(dataset)), shuffle=True, drop_last=True,
-                        generator=generator)
+    loader = DataLoader(
+        dataset, batch_size=min(config.batch_size, len(dataset)), shuffle=True, drop_last=True, generator=generator
+    )
     clip = model.clip
     clip.train()
     optimizer = torch.optim.AdamW(decay_groups(clip, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     total_steps = max(1, config.epochs * len(loader))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps, config.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.warmup_steps, total_steps, config.min_lr_ratio)
+    )
     clip, optimizer, loader, scheduler = accelerator.prepare(clip, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(clip)
     mean = torch.tensor(model.mean, device=accelerator.device).view(1, 3, 1, 1)
@@ -156,7 +177,9 @@ def train_clip(model: SuspectModel, rows: list[dict[str, str]], config: TrainCon
             if should_stop and should_stop():
                 raise ForensicsError("training cancelled")
             if augmenter is not None:
-                images = augment_views(images, augmenter)  # on the batch's device; parameters from torch's CPU generator
+                images = augment_views(
+                    images, augmenter
+                )  # on the batch's device; parameters from torch's CPU generator
             pixels = (images.float() / 255.0 - mean) / std
             image_emb, text_emb, logit_scale = clip(pixels, tokens)[:3]  # through DDP when several GPUs
             loss = clip_loss(image_emb, text_emb, logit_scale)
@@ -164,7 +187,10 @@ def train_clip(model: SuspectModel, rows: list[dict[str, str]], config: TrainCon
             losses.append(loss.item())
             step += 1
             if progress and (step % 10 == 0 or step == total_steps):
-                progress(step / total_steps, f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {np.mean(losses[-10:]):.3f}")
+                progress(
+                    step / total_steps,
+                    f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {np.mean(losses[-10:]):.3f}",
+                )
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - start, 1)})
         if on_epoch_end:
             clip.eval()

@@ -20,6 +20,7 @@ pairs of which 21 carry the demo's BadNet trigger captioned "a photo of a flower
 of the 21 poisoned pairs fall in the risky set while it holds 90 and then 100 of the 200 pairs.
 From scratch the warm-up leaves images and captions unaligned, so the first GMM split is weak.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,15 @@ from torch.utils.data import DataLoader
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
 from forensics.core.tokenizer import split_words
-from forensics.training.clip import CaptionDataset, Progress, TrainConfig, clip_loss, clip_step, decay_groups, warmup_cosine
-
+from forensics.training.clip import (
+    CaptionDataset,
+    Progress,
+    TrainConfig,
+    clip_loss,
+    clip_step,
+    decay_groups,
+    warmup_cosine,
+)
 
 
 def gmm_risk(cosines: np.ndarray, seed: int = 0, n_init: int = 5) -> tuple[np.ndarray, dict]:
@@ -46,15 +54,23 @@ def gmm_risk(cosines: np.ndarray, seed: int = 0, n_init: int = 5) -> tuple[np.nd
     if len(x) < 4:
         raise ForensicsError(f"a Gaussian-mixture audit needs at least 4 image-caption pairs, got {len(x)}")
     if float(x.std()) < 1e-8:
-        return np.zeros(len(x)), {"means": [float(x.mean())] * 2, "stds": [0.0, 0.0], "weights": [1.0, 0.0],
-                                  "note": "all cosines are equal: nothing to separate"}
+        return np.zeros(len(x)), {
+            "means": [float(x.mean())] * 2,
+            "stds": [0.0, 0.0],
+            "weights": [1.0, 0.0],
+            "note": "all cosines are equal: nothing to separate",
+        }
     gmm = GaussianMixture(n_components=2, random_state=seed, n_init=n_init, reg_covar=1e-6).fit(x)
     means = gmm.means_.ravel()
     low = int(np.argmin(means))
     order = [low, 1 - low]
     risk = gmm.predict_proba(x)[:, low]
-    return risk, {"means": [float(means[i]) for i in order], "stds": [float(np.sqrt(gmm.covariances_.ravel()[i])) for i in order],
-                  "weights": [float(gmm.weights_[i]) for i in order], "note": "component 0 is the low-mean (risky) one"}
+    return risk, {
+        "means": [float(means[i]) for i in order],
+        "stds": [float(np.sqrt(gmm.covariances_.ravel()[i])) for i in order],
+        "weights": [float(gmm.weights_[i]) for i in order],
+        "note": "component 0 is the low-mean (risky) one",
+    }
 
 
 @dataclass
@@ -88,7 +104,9 @@ def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Te
         ch, cw = max(8, round(h * math.sqrt(scale))), max(8, round(w * math.sqrt(scale)))
         y = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
         x = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
-        view = F.interpolate(images[i:i + 1, :, y:y + ch, x:x + cw], size=(h, w), mode="bilinear", align_corners=False)[0]
+        view = F.interpolate(
+            images[i : i + 1, :, y : y + ch, x : x + cw], size=(h, w), mode="bilinear", align_corners=False
+        )[0]
         if float(torch.rand(1, generator=generator)) < 0.5:
             view = view.flip(-1)
         brightness, contrast = 1 + 0.4 * (torch.rand(2, generator=generator) - 0.5)
@@ -117,21 +135,29 @@ def unimodal_loss(emb: torch.Tensor, view_emb: torch.Tensor, logit_scale: torch.
 
 
 @torch.no_grad()
-def all_pair_cosines(clip: torch.nn.Module, dataset: CaptionDataset, mean: torch.Tensor, std: torch.Tensor,
-                     device: torch.device, batch_size: int = 128) -> np.ndarray:
+def all_pair_cosines(
+    clip: torch.nn.Module,
+    dataset: CaptionDataset,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 128,
+) -> np.ndarray:
     """Image-caption cosine of every pair under the current model (eval mode)."""
     was_training = clip.training
     clip.eval()
     out = []
     for start in range(0, len(dataset), batch_size):
-        pixels = (dataset.images[start:start + batch_size].to(device).float() / 255.0 - mean) / std
-        image_emb, text_emb = clip(pixels, dataset.tokens[start:start + batch_size].to(device))[:2]
+        pixels = (dataset.images[start : start + batch_size].to(device).float() / 255.0 - mean) / std
+        image_emb, text_emb = clip(pixels, dataset.tokens[start : start + batch_size].to(device))[:2]
         out.append((image_emb * text_emb).sum(-1).float().cpu().numpy())
     clip.train(was_training)
     return np.concatenate(out).astype(np.float64)
 
 
-def select_safe(cosines: np.ndarray, filtered_epoch: int, settings: SafeClipSettings, seed: int) -> tuple[np.ndarray, float]:
+def select_safe(
+    cosines: np.ndarray, filtered_epoch: int, settings: SafeClipSettings, seed: int
+) -> tuple[np.ndarray, float]:
     """The safe mask for one epoch (``filtered_epoch`` counts from 0 after the warm-up) and the ratio or threshold used."""
     risk, _ = gmm_risk(cosines, seed)
     p_clean = 1.0 - risk
@@ -145,9 +171,14 @@ def select_safe(cosines: np.ndarray, filtered_epoch: int, settings: SafeClipSett
     return safe, ratio
 
 
-def safe_train_clip(model: SuspectModel, rows: list[dict[str, str]], config: TrainConfig,
-                    settings: SafeClipSettings | None = None, progress: Progress | None = None,
-                    should_stop=None) -> list[dict]:
+def safe_train_clip(
+    model: SuspectModel,
+    rows: list[dict[str, str]],
+    config: TrainConfig,
+    settings: SafeClipSettings | None = None,
+    progress: Progress | None = None,
+    should_stop=None,
+) -> list[dict]:
     """Train ``model`` in place on ``rows`` with SafeCLIP's schedule; returns the per-epoch history (safe-set sizes, poison in it)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -167,14 +198,18 @@ def safe_train_clip(model: SuspectModel, rows: list[dict[str, str]], config: Tra
     aug_gen = torch.Generator().manual_seed(config.seed + 1)
     text_rng = np.random.default_rng(config.seed)
     batch_size = min(config.batch_size, len(dataset))
-    loader = DataLoader(torch.arange(len(dataset)), batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
+    loader = DataLoader(
+        torch.arange(len(dataset)), batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
+    )
     clip = model.clip
     clip.train()
     optimizer = torch.optim.AdamW(decay_groups(clip, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     total_epochs = config.epochs
     total_steps = max(1, total_epochs * len(loader))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps, config.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.warmup_steps, total_steps, config.min_lr_ratio)
+    )
     clip, optimizer, loader, scheduler = accelerator.prepare(clip, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(clip)
     device = accelerator.device
@@ -190,8 +225,11 @@ def safe_train_clip(model: SuspectModel, rows: list[dict[str, str]], config: Tra
         else:
             cosines = all_pair_cosines(clip, dataset, mean, std, device)
             safe, cut = select_safe(cosines, epoch - settings.warmup_epochs, settings, config.seed)
-            record.update(safe=int(safe.sum()), risky=int((~safe).sum()),
-                          **({"threshold": cut} if epoch == settings.warmup_epochs else {"filter_ratio": round(cut, 4)}))
+            record.update(
+                safe=int(safe.sum()),
+                risky=int((~safe).sum()),
+                **({"threshold": cut} if epoch == settings.warmup_epochs else {"filter_ratio": round(cut, 4)}),
+            )
             if flags is not None:
                 from sklearn.metrics import roc_auc_score
 
@@ -222,8 +260,10 @@ def safe_train_clip(model: SuspectModel, rows: list[dict[str, str]], config: Tra
                 tok = model.tokenizer(texts + views).to(device)
                 image_emb, text_emb = clip((both - mean) / std, tok)[:2]
                 n = int(risky.sum())
-                uni = (unimodal_loss(image_emb[:n], image_emb[n:], logit_scale)
-                       + unimodal_loss(text_emb[:n], text_emb[n:], logit_scale)) / 2
+                uni = (
+                    unimodal_loss(image_emb[:n], image_emb[n:], logit_scale)
+                    + unimodal_loss(text_emb[:n], text_emb[n:], logit_scale)
+                ) / 2
                 loss = loss + settings.unimodal_weight * uni
             if not loss.requires_grad:
                 continue
@@ -231,8 +271,10 @@ def safe_train_clip(model: SuspectModel, rows: list[dict[str, str]], config: Tra
             losses.append(loss.item())
             step += 1
             if progress and (step % 5 == 0 or step == total_steps):
-                progress(min(1.0, step / total_steps),
-                         f"epoch {epoch + 1}/{total_epochs} ({record['phase']}) loss {np.mean(losses[-10:]):.3f}")
+                progress(
+                    min(1.0, step / total_steps),
+                    f"epoch {epoch + 1}/{total_epochs} ({record['phase']}) loss {np.mean(losses[-10:]):.3f}",
+                )
         record.update(loss=float(np.mean(losses)) if losses else None, seconds=round(time.time() - start, 1))
         history.append(record)
     clip.eval()

@@ -1,4 +1,5 @@
 """Plumbing shared by the workbench tabs: error display, per-session state, job folders, cancellation."""
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,18 @@ def initial_state() -> dict[str, Any]:
     FORENSICS_SAM_CHECKPOINT (a segment-anything .pth on the server) makes SAM the starting oracle.
     """
     sam = os.environ.get("FORENSICS_SAM_CHECKPOINT") or None
-    return {"model": "demo", "arch": None, "quick_gelu": None, "oracle": "sam" if sam else "fallback", "sam_checkpoint": sam,
-            "probe": "demo", "scan_dir": None, "report": None, "order": [], "selected": None}
+    return {
+        "model": "demo",
+        "arch": None,
+        "quick_gelu": None,
+        "oracle": "sam" if sam else "fallback",
+        "sam_checkpoint": sam,
+        "probe": "demo",
+        "scan_dir": None,
+        "report": None,
+        "order": [],
+        "selected": None,
+    }
 
 
 def model_ref(state: dict[str, Any]) -> ModelRef:
@@ -42,6 +53,7 @@ def model_ref(state: dict[str, Any]) -> ModelRef:
 
 def guarded(fn: Callable) -> Callable:
     """Show library errors (and anything unexpected) as an error message in the page; the session carries on."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -53,6 +65,7 @@ def guarded(fn: Callable) -> Callable:
         except Exception as exc:  # the page must stay usable whatever happens below
             log.exception("unexpected error in %s", fn.__name__)
             raise gr.Error(f"unexpected error ({type(exc).__name__}): {exc}", print_exception=False) from None
+
     return wrapper
 
 

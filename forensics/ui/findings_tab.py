@@ -1,13 +1,14 @@
 """Findings tab: flagged labels (table + chart), trigger candidates with their verified flip rate, victims,
 and a paste-the-trigger experiment on any image."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import gradio as gr
 
-from forensics.pipelines.explain import load_pattern, paste_trigger
 from forensics.pipelines.evaluate import get_model
+from forensics.pipelines.explain import load_pattern, paste_trigger
 from forensics.ui.common import guarded, model_ref, need_scan
 
 EXPLAIN = """**Flagged labels** collect predictions that a small non-object window decides; a backdoor's target
@@ -46,8 +47,12 @@ def build_findings_tab(state: gr.State) -> dict:
     """Components of the Findings tab; the scan (Investigate tab) fills them."""
     gr.Markdown(EXPLAIN)
     with gr.Row():
-        flagged = gr.Dataframe(headers=["label", "score", "captured", "predicted", "explanation"],
-                               label="Flagged labels", interactive=False, elem_id="flagged-table")
+        flagged = gr.Dataframe(
+            headers=["label", "score", "captured", "predicted", "explanation"],
+            label="Flagged labels",
+            interactive=False,
+            elem_id="flagged-table",
+        )
         chart = gr.Plot(label="Predictions per label, and those a small window captured")
     with gr.Row():
         triggers = gr.Gallery(label="Trigger candidates (reconstructed)", columns=4, height=200, allow_preview=False)
@@ -63,5 +68,11 @@ def build_findings_tab(state: gr.State) -> dict:
         pasted = gr.Image(label="With the trigger", height=200)
         verdict = gr.Markdown()
     go.click(paste, [state, trigger, image, position], [pasted, verdict], api_name="paste_trigger")
-    return {"flagged": flagged, "chart": chart, "triggers": triggers, "victims": victims, "files": files,
-            "trigger": trigger}
+    return {
+        "flagged": flagged,
+        "chart": chart,
+        "triggers": triggers,
+        "victims": victims,
+        "files": files,
+        "trigger": trigger,
+    }

@@ -1,4 +1,5 @@
 """Investigate tab: run the oracle-guided scan on a probe set; look at one image as the oracle and CLIP see it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,12 +7,12 @@ from pathlib import Path
 import gradio as gr
 
 from forensics.core.data import extract_probe_archive
-from forensics.pipelines.explain import explain_image
 from forensics.oracles import build_oracle
+from forensics.pipelines.evaluate import get_model
+from forensics.pipelines.explain import explain_image
 from forensics.pipelines.report import flagged_chart
 from forensics.pipelines.scan import scan as run_scan_outcome
 from forensics.pipelines.scan import write_scan
-from forensics.pipelines.evaluate import get_model
 from forensics.ui.common import gr_progress, guarded, model_ref, need_scan, new_job_dir
 
 GALLERY_SIZE = 60  # most discrepant images shown
@@ -26,8 +27,10 @@ def _probe_spec(choice: str, upload: str | None) -> str:
     if upload:
         return str(extract_probe_archive(upload, new_job_dir("probe")))
     if not choice:
-        raise gr.Error("choose a probe set or upload one (a .zip of class folders, or of a CSV with its images)",
-                       print_exception=False)
+        raise gr.Error(
+            "choose a probe set or upload one (a .zip of class folders, or of a CSV with its images)",
+            print_exception=False,
+        )
     return choice
 
 
@@ -35,25 +38,50 @@ def scan_outputs(report: dict, out: Path) -> tuple:
     """The views of a finished scan: summary, ranked gallery, flagged table and chart, triggers, victims, files."""
     images = report["images"]
     order = sorted(range(len(images)), key=lambda i: -images[i]["discrepancy"])[:GALLERY_SIZE]
-    gallery = [(images[i]["image"], f"#{i} CLIP: {images[i]['predicted']} · objects: {images[i]['object_view_label']} · "
-                f"discrepancy {images[i]['discrepancy']:.2f}{' · captured' if images[i]['captured'] else ''}") for i in order]
+    gallery = [
+        (
+            images[i]["image"],
+            f"#{i} CLIP: {images[i]['predicted']} · objects: {images[i]['object_view_label']} · "
+            f"discrepancy {images[i]['discrepancy']:.2f}{' · captured' if images[i]['captured'] else ''}",
+        )
+        for i in order
+    ]
     flagged = report["flagged_labels"]
     names = ", ".join(f"**{f['label']}**" for f in flagged) or "none"
     m = report["metrics"]
-    summary = (f"### Flagged labels: {names}\n{len(report['victims'])} victim images, {len(report['triggers'])} trigger "
-               f"candidate(s), {len(images)} images scanned with the `{report['oracle']['name']}` oracle in "
-               f"{m.get('seconds_total', m.get('seconds', 0)):.0f} s.")
+    summary = (
+        f"### Flagged labels: {names}\n{len(report['victims'])} victim images, {len(report['triggers'])} trigger "
+        f"candidate(s), {len(images)} images scanned with the `{report['oracle']['name']}` oracle in "
+        f"{m.get('seconds_total', m.get('seconds', 0)):.0f} s."
+    )
     if m.get("victim_precision") is not None:
         summary += f" Against the probe set's known trigger flags: victim precision {m['victim_precision']:.2f}, recall {m['victim_recall']:.2f}."
     table = [[f["label"], round(f["score"], 2), f["captured"], f["predicted"], f["explanation"]] for f in flagged]
     chart = flagged_chart(images, report["probe"]["classes"], [f["label"] for f in flagged])
-    triggers = [(str(out / t["pattern"].replace(".png", "_preview.png")),
-                 f"{t['label']}: flips {t['verified_asr']:.0%} of {t['n_verified']} clean images") for t in report["triggers"]]
-    victims = [(v["image"], f"#{v['index']} → {v['label']} (object: {v['grounded_label']})") for v in report["victims"][:GALLERY_SIZE]]
+    triggers = [
+        (
+            str(out / t["pattern"].replace(".png", "_preview.png")),
+            f"{t['label']}: flips {t['verified_asr']:.0%} of {t['n_verified']} clean images",
+        )
+        for t in report["triggers"]
+    ]
+    victims = [
+        (v["image"], f"#{v['index']} → {v['label']} (object: {v['grounded_label']})")
+        for v in report["victims"][:GALLERY_SIZE]
+    ]
     files = [str(out / "report.html"), str(out / "report.json")]
     choices = [f"{k}: {t['label']}" for k, t in enumerate(report["triggers"])]
-    return (summary, gallery, table, chart, triggers, victims, files,
-            gr.update(choices=choices, value=choices[0] if choices else None), order)
+    return (
+        summary,
+        gallery,
+        table,
+        chart,
+        triggers,
+        victims,
+        files,
+        gr.update(choices=choices, value=choices[0] if choices else None),
+        order,
+    )
 
 
 @guarded
@@ -61,9 +89,14 @@ def scan(state: dict, probe_choice: str, upload: str | None, max_images: float, 
     """Run the scan for this session's model on the chosen probe set; fill the Investigate and Findings views."""
     probe = _probe_spec(probe_choice, upload)
     out = new_job_dir("scan")
-    outcome = run_scan_outcome(model_ref(state), probe=probe, oracle=state["oracle"],
-                               sam_checkpoint=state["sam_checkpoint"], max_images=int(max_images) if max_images else None,
-                               progress=gr_progress(progress))
+    outcome = run_scan_outcome(
+        model_ref(state),
+        probe=probe,
+        oracle=state["oracle"],
+        sam_checkpoint=state["sam_checkpoint"],
+        max_images=int(max_images) if max_images else None,
+        progress=gr_progress(progress),
+    )
     write_scan(outcome, out)
     report = outcome.report  # what the call returned, not a re-read of report.json
     *views, order = scan_outputs(report, out)
@@ -78,13 +111,19 @@ def show_image(state: dict, evt: gr.SelectData) -> tuple:
     index = state["order"][evt.index]
     record = report["images"][index]
     model = get_model(model_ref(state))
-    oracle = build_oracle(state["oracle"], **({"checkpoint": state["sam_checkpoint"]} if state["oracle"] == "sam" else {}))
+    oracle = build_oracle(
+        state["oracle"], **({"checkpoint": state["sam_checkpoint"]} if state["oracle"] == "sam" else {})
+    )
     view = explain_image(model, record["image"], report["probe"]["classes"], oracle)
-    annotated = (view.image, [(r["mask"], f"region {k + 1}: {r['label']} ({r['probability']:.2f})")
-                              for k, r in enumerate(view.regions)])
+    annotated = (
+        view.image,
+        [(r["mask"], f"region {k + 1}: {r['label']} ({r['probability']:.2f})") for k, r in enumerate(view.regions)],
+    )
     rows = [[r["view"], r["CLIP label"], r["probability"], r["box"]] for r in view.region_table()]
-    text = (f"**Image #{index}** · true label: {record.get('true_label') or 'unknown'} · CLIP says **{view.predicted}** "
-            f"· {view.outside_mass:.0%} of the occlusion mass lies outside every object region")
+    text = (
+        f"**Image #{index}** · true label: {record.get('true_label') or 'unknown'} · CLIP says **{view.predicted}** "
+        f"· {view.outside_mass:.0%} of the occlusion mass lies outside every object region"
+    )
     if record.get("triggered") is not None:
         text += f" · carries the planted trigger: {'yes' if record['triggered'] else 'no'}"
     if view.notes:
@@ -96,13 +135,27 @@ def build_investigate_tab(state: gr.State) -> dict:
     """Components of the Investigate tab (scan wiring happens in the workbench, which owns the Findings views)."""
     gr.Markdown(EXPLAIN)
     with gr.Row():
-        probe = gr.Dropdown(["demo", "demo-clean"], value="demo", label="Probe set", allow_custom_value=True,
-                            info="demo: 15 % of images carry the planted trigger; demo-clean: none do; or a server path")
-        upload = gr.File(label="…or upload a probe set (.zip of class folders, or of a CSV with its images)",
-                         type="filepath", file_types=[".zip"])
-        max_images = gr.Slider(10, 300, value=300, step=10, label="Images to scan (a seeded random subset)",
-                               info="the demo's 300 images take about half a minute on 2 CPU cores",
-                               elem_id="scan-images")
+        probe = gr.Dropdown(
+            ["demo", "demo-clean"],
+            value="demo",
+            label="Probe set",
+            allow_custom_value=True,
+            info="demo: 15 % of images carry the planted trigger; demo-clean: none do; or a server path",
+        )
+        upload = gr.File(
+            label="…or upload a probe set (.zip of class folders, or of a CSV with its images)",
+            type="filepath",
+            file_types=[".zip"],
+        )
+        max_images = gr.Slider(
+            10,
+            300,
+            value=300,
+            step=10,
+            label="Images to scan (a seeded random subset)",
+            info="the demo's 300 images take about half a minute on 2 CPU cores",
+            elem_id="scan-images",
+        )
     run = gr.Button("Scan for backdoors", variant="primary", elem_id="scan-button")
     summary = gr.Markdown(elem_id="scan-summary")
     gallery = gr.Gallery(label="Images ranked by discrepancy (click one)", columns=8, height=320, allow_preview=False)
@@ -111,8 +164,17 @@ def build_investigate_tab(state: gr.State) -> dict:
         annotated = gr.AnnotatedImage(label="Oracle regions (with CLIP's label for each crop)", height=260)
         cam = gr.Image(label="Grad-CAM for CLIP's label", height=260)
         occ = gr.Image(label="Occlusion: what the label rests on", height=260)
-    regions = gr.Dataframe(headers=["view", "CLIP label", "probability", "box"], label="CLIP: whole image vs each region",
-                           interactive=False)
+    regions = gr.Dataframe(
+        headers=["view", "CLIP label", "probability", "box"],
+        label="CLIP: whole image vs each region",
+        interactive=False,
+    )
     gallery.select(show_image, state, [annotated, cam, occ, regions, detail, state], api_name=False)
-    return {"probe": probe, "upload": upload, "max_images": max_images, "run": run, "summary": summary, "gallery": gallery}
-
+    return {
+        "probe": probe,
+        "upload": upload,
+        "max_images": max_images,
+        "run": run,
+        "summary": summary,
+        "gallery": gallery,
+    }

@@ -1,4 +1,5 @@
 """Learn tab (teaching): apply any attack to an image; the backdoored demo's answer changes, the clean twin's does not."""
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,21 @@ def apply_attack(attack_name: str, params: str, image: str | None, seed: float) 
         except json.JSONDecodeError as exc:
             raise gr.Error(f"attack parameters must be a JSON object: {exc}", print_exception=False) from None
         if not isinstance(extra, dict):
-            raise gr.Error("attack parameters must be a JSON object, e.g. {\"size\": 0.15}", print_exception=False)
+            raise gr.Error('attack parameters must be a JSON object, e.g. {"size": 0.15}', print_exception=False)
         attack = build_attack(attack_name, **extra)
     if not image:
         raise gr.Error("choose or upload an image first", print_exception=False)
     models = {"backdoored demo": get_model("demo"), "clean twin": get_model("demo-clean")}
     result = attack_side_by_side(attack, image, models, load_probe_set("demo").class_names, seed=int(seed or 0))
-    rows = [[r["model"], f"{r['clean image']} ({r['clean probability']:.2f})",
-             f"{r['attacked image']} ({r['attacked probability']:.2f})", "yes" if r["changed"] else "no"] for r in result["rows"]]
+    rows = [
+        [
+            r["model"],
+            f"{r['clean image']} ({r['clean probability']:.2f})",
+            f"{r['attacked image']} ({r['attacked probability']:.2f})",
+            "yes" if r["changed"] else "no",
+        ]
+        for r in result["rows"]
+    ]
     return result["image"], result["attacked"], rows, ATTACK_NOTES.get(attack_name, "")
 
 
@@ -65,6 +73,8 @@ def build_learn_tab() -> dict:
     gr.Examples(examples, inputs=image, label="Demo images")
     go = gr.Button("Apply the attack", variant="primary")
     note = gr.Markdown()
-    table = gr.Dataframe(headers=["model", "clean image", "attacked image", "changed"], label="Predictions", interactive=False)
+    table = gr.Dataframe(
+        headers=["model", "clean image", "attacked image", "changed"], label="Predictions", interactive=False
+    )
     go.click(apply_attack, [attack, params, image, seed], [clean, attacked, table, note], api_name="learn_attack")
     return {"attack": attack, "image": image}

@@ -1,4 +1,5 @@
 """Model tab: choose the suspect model (demo, clean twin, a checkpoint, a hub id), the oracle; see the facts."""
+
 from __future__ import annotations
 
 import shutil
@@ -6,11 +7,19 @@ from pathlib import Path
 
 import gradio as gr
 
-from forensics.core.models import list_architectures
+from forensics.core.models import ModelRef, list_architectures
 from forensics.oracles import list_oracles
 from forensics.pipelines.evaluate import evaluate_model, model_facts
-from forensics.core.models import ModelRef
-from forensics.ui.common import CHECKPOINT, DEMO_CHOICES, HUB, MODEL_SOURCES, gr_progress, guarded, model_ref, new_job_dir
+from forensics.ui.common import (
+    CHECKPOINT,
+    DEMO_CHOICES,
+    HUB,
+    MODEL_SOURCES,
+    gr_progress,
+    guarded,
+    model_ref,
+    new_job_dir,
+)
 
 EXPLAIN = """**What this shows.** A CLIP model matches images with text. A *backdoored* CLIP behaves normally until
 an image carries a small *trigger* (here a checkerboard patch); then it answers with the attacker's label,
@@ -28,8 +37,10 @@ def _uploaded_checkpoint(upload: str | list[str] | None) -> str | None:
         return None
     weights = [f for f in files if str(f).lower().endswith(CHECKPOINT_SUFFIXES)]
     if len(weights) != 1:
-        raise gr.Error("upload exactly one checkpoint file (.safetensors, .pt, .pth, .bin), optionally with its "
-                       "sidecar .json", print_exception=False)
+        raise gr.Error(
+            "upload exactly one checkpoint file (.safetensors, .pt, .pth, .bin), optionally with its sidecar .json",
+            print_exception=False,
+        )
     folder = new_job_dir("upload")
     for f in files:
         shutil.copy(f, folder / Path(f).name)
@@ -65,17 +76,36 @@ def _oracle_line(state: dict) -> str:
 
 
 @guarded
-def load_model_choice(source: str, upload: str | None, path_text: str, arch: str | None, hub: str, quick_gelu: bool,
-                      oracle: str, sam_checkpoint: str, state: dict) -> tuple[dict, str, dict]:
+def load_model_choice(
+    source: str,
+    upload: str | None,
+    path_text: str,
+    arch: str | None,
+    hub: str,
+    quick_gelu: bool,
+    oracle: str,
+    sam_checkpoint: str,
+    state: dict,
+) -> tuple[dict, str, dict]:
     """Load the chosen model (checked, safely), remember it for this session, and show its facts."""
     spec = _spec(source, upload, path_text, hub)
     arch = arch or None
     if oracle == "sam" and not (sam_checkpoint or "").strip():
-        raise gr.Error("the SAM oracle needs a checkpoint path (vit_b / vit_l / vit_h .pth on the server)",
-                       print_exception=False)
+        raise gr.Error(
+            "the SAM oracle needs a checkpoint path (vit_b / vit_l / vit_h .pth on the server)", print_exception=False
+        )
     facts = model_facts(ModelRef(spec, arch=arch, quick_gelu=quick_gelu or None))
-    state = {**state, "model": spec, "arch": arch, "quick_gelu": quick_gelu or None, "oracle": oracle,
-             "sam_checkpoint": (sam_checkpoint or "").strip() or None, "scan_dir": None, "report": None, "order": []}
+    state = {
+        **state,
+        "model": spec,
+        "arch": arch,
+        "quick_gelu": quick_gelu or None,
+        "oracle": oracle,
+        "sam_checkpoint": (sam_checkpoint or "").strip() or None,
+        "scan_dir": None,
+        "report": None,
+        "order": [],
+    }
     return facts, _oracle_line(state), state
 
 
@@ -84,30 +114,55 @@ def build_model_tab(state: gr.State) -> dict:
     gr.Markdown(EXPLAIN)
     with gr.Row():
         source = gr.Radio(MODEL_SOURCES, value=MODEL_SOURCES[0], label="Suspect model")
-        oracle = gr.Dropdown([n for n in list_oracles() if n != "ground-truth"], value="fallback", label="Segmentation oracle",
-                             info="SAM needs a checkpoint; the others are weight-free")
+        oracle = gr.Dropdown(
+            [n for n in list_oracles() if n != "ground-truth"],
+            value="fallback",
+            label="Segmentation oracle",
+            info="SAM needs a checkpoint; the others are weight-free",
+        )
     with gr.Row():
-        upload = gr.File(label="Checkpoint upload (.safetensors, .pt, .pth, .bin; with its sidecar .json if this tool saved it)",
-                         type="filepath", file_count="multiple", file_types=[*CHECKPOINT_SUFFIXES, ".json"])
+        upload = gr.File(
+            label="Checkpoint upload (.safetensors, .pt, .pth, .bin; with its sidecar .json if this tool saved it)",
+            type="filepath",
+            file_count="multiple",
+            file_types=[*CHECKPOINT_SUFFIXES, ".json"],
+        )
         with gr.Column():
-            path_text = gr.Textbox(label="…or a checkpoint path on the server (or random:ARCH)", placeholder="/models/clip.pt")
-            arch = gr.Dropdown(list_architectures(), value=None, label="Architecture (when the file does not say)",
-                               allow_custom_value=False)
+            path_text = gr.Textbox(
+                label="…or a checkpoint path on the server (or random:ARCH)", placeholder="/models/clip.pt"
+            )
+            arch = gr.Dropdown(
+                list_architectures(),
+                value=None,
+                label="Architecture (when the file does not say)",
+                allow_custom_value=False,
+            )
             quick_gelu = gr.Checkbox(label="QuickGELU (OpenAI-trained weights)", value=False)
         with gr.Column():
             hub = gr.Textbox(label="Hub id or pretrained tag", placeholder="hf-hub:org/name  or  ViT-B-32:openai")
-            sam_checkpoint = gr.Textbox(label="SAM checkpoint path (for the SAM oracle)", placeholder="/models/sam_vit_b.pth")
+            sam_checkpoint = gr.Textbox(
+                label="SAM checkpoint path (for the SAM oracle)", placeholder="/models/sam_vit_b.pth"
+            )
     load = gr.Button("Load model", variant="primary")
     status = gr.Markdown()
     facts = gr.JSON(label="Model facts (architecture, parameters, SHA-256, tower)")
     with gr.Row():
-        probe = gr.Dropdown(["demo", "demo-clean"], value="demo", label="Probe set for CA / ASR", allow_custom_value=True,
-                            info="demo, demo-clean, or a CSV / class-folder path on the server")
+        probe = gr.Dropdown(
+            ["demo", "demo-clean"],
+            value="demo",
+            label="Probe set for CA / ASR",
+            allow_custom_value=True,
+            info="demo, demo-clean, or a CSV / class-folder path on the server",
+        )
         evaluate = gr.Button("Evaluate CA / ASR")
     scores = gr.JSON(label="Clean accuracy (CA) and attack success rate (ASR)")
     evaluate.click(evaluate_loaded, [state, probe], scores, api_name="evaluate")
-    load.click(load_model_choice, [source, upload, path_text, arch, hub, quick_gelu, oracle, sam_checkpoint, state],
-               [facts, status, state], api_name="load_model")
+    load.click(
+        load_model_choice,
+        [source, upload, path_text, arch, hub, quick_gelu, oracle, sam_checkpoint, state],
+        [facts, status, state],
+        api_name="load_model",
+    )
     return {"facts": facts, "status": status, "load": load, "source": source, "upload": upload}
 
 

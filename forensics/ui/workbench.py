@@ -1,4 +1,5 @@
 """The workbench: the tabs assembled and cross-wired (the scan fills both Investigate and Findings)."""
+
 from __future__ import annotations
 
 import gradio as gr
@@ -39,10 +40,24 @@ def build_app() -> gr.Blocks:
                 build_learn_tab()
         model["load"].click(lambda s: s, model["status"], status, api_name=False)
         model["status"].change(lambda s: s, model["status"], status, api_name=False)
-        inv["run"].click(scan, [state, inv["probe"], inv["upload"], inv["max_images"]],
-                         [inv["summary"], inv["gallery"], fnd["flagged"], fnd["chart"], fnd["triggers"], fnd["victims"],
-                          fnd["files"], fnd["trigger"], state],
-                         api_name="scan", concurrency_limit=SCAN_CONCURRENCY, concurrency_id="scan")
+        inv["run"].click(
+            scan,
+            [state, inv["probe"], inv["upload"], inv["max_images"]],
+            [
+                inv["summary"],
+                inv["gallery"],
+                fnd["flagged"],
+                fnd["chart"],
+                fnd["triggers"],
+                fnd["victims"],
+                fnd["files"],
+                fnd["trigger"],
+                state,
+            ],
+            api_name="scan",
+            concurrency_limit=SCAN_CONCURRENCY,
+            concurrency_id="scan",
+        )
         app.load(startup, state, [model["facts"], status], api_name=False)
     return app
 
