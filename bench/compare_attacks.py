@@ -48,7 +48,10 @@ ATTACKS = ("badnet", "blended", "wanet", "sig", "optimized_patch")
 
 
 def attack_spec(name: str, work: Path, target: str, seed: int, params: dict | None = None) -> dict:
-    """The attack as a dict: the demo's BadNet, the lab's defaults (or ``params``) for the others, a trained patch for optimized_patch."""
+    """The attack as a dict.
+
+    The demo's BadNet, the lab's defaults (or ``params``) for the others, a trained patch for optimized_patch.
+    """
     if name == "badnet" and not params:
         return demo_backdoor()["trigger"]
     if name != "optimized_patch":
@@ -75,7 +78,10 @@ def attack_spec(name: str, work: Path, target: str, seed: int, params: dict | No
 
 
 def triggered_probe(attack: dict, target: str, folder: Path, share: float = 0.15, seed: int = 0) -> Path:
-    """The demo's clean probe with ``share`` of its non-target images carrying the trigger (``triggered`` = 1), captions kept."""
+    """The demo's clean probe with ``share`` of its non-target images carrying the trigger.
+
+    Those images are flagged ``triggered`` = 1; captions are kept.
+    """
     clean_csv = DEMO_MODELS["demo"].parents[1] / "probe" / "probe_clean.csv"
     poisoned = poison_dataset(clean_csv, attack_from_dict(attack), target, share, folder, seed=seed)
     with open(clean_csv, newline="", encoding="utf-8") as fh:

@@ -97,14 +97,16 @@ def measure(oracle, pairs, per_image: bool = False) -> dict:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| oracle | images | union IoU mean | median | p10 | <0.5 | best-region IoU mean | regions/img | empty | s/img (cpu) | s/img (wall) |",
+        "| oracle | images | union IoU mean | median | p10 | <0.5 | best-region IoU mean | regions/img | empty | "
+        "s/img (cpu) | s/img (wall) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['oracle']['name']} | {r['images']} | {r['union_iou_mean']:.3f} | {r['union_iou_median']:.3f} | "
             f"{r['union_iou_p10']:.3f} | {r['union_iou_below_0.5']} | {r['best_iou_mean']:.3f} | "
-            f"{r['regions_mean']:.2f} | {r['empty']} | {r['seconds_per_image_cpu']:.4f} | {r['seconds_per_image_wall']:.4f} |"
+            f"{r['regions_mean']:.2f} | {r['empty']} | {r['seconds_per_image_cpu']:.4f} | "
+            f"{r['seconds_per_image_wall']:.4f} |"
         )
     return "\n".join(lines)
 

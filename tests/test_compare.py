@@ -143,7 +143,7 @@ def test_compare_two_methods_and_an_error_row(cli_repair, tmp_path):
         f"{first['asr_after']['planted']:.3f}",
     ]
     assert cells[5] == str(BUDGET) and "error: " in next(
-        l for l in md.splitlines() if l.startswith("| oracle-finetune")
+        line for line in md.splitlines() if line.startswith("| oracle-finetune")
     )
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64" in html and f"{first['ca_after']:.3f}" in html and "held-out" in html

@@ -25,7 +25,7 @@ def test_scan_finds_the_demo_backdoor(poisoned_scan):
     target = demo_backdoor()["target"]
     assert report["flagged_labels"][0]["label"] == target
     m = report["metrics"]
-    # measured: precision 0.95, recall 0.91, IoU >= 0.5 on 0.91 of triggered images, flip rate 0.95 (the targets)
+    # measured: precision 0.95, recall 0.91, IoU >= 0.5 on 0.91 of triggered images, flip rate 0.95 (issue's targets)
     assert m["victim_precision"] >= 0.9 and m["victim_recall"] >= 0.9, m
     assert m["box_iou_at_0.5"] >= 0.8, m
     assert report["triggers"][0]["verified_asr"] >= 0.8

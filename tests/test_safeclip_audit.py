@@ -1,4 +1,7 @@
-"""SafeCLIP: the data-set audit (rank poisoned pairs) and the safe-training schedule, on a poisoned copy of the demo probe set."""
+"""SafeCLIP: the data-set audit (rank poisoned pairs) and the safe-training schedule.
+
+Both run on a poisoned copy of the demo probe set.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ PROBE_CLEAN = ASSETS_DIR / "demo" / "probe" / "probe_clean.csv"
 
 @pytest.fixture(scope="module")
 def poisoned(tmp_path_factory) -> Path:
-    """The 300 clean demo probe pairs, 10 % (30) poisoned with the demo's BadNet trigger and captioned with its target."""
+    """The 300 clean demo probe pairs.
+
+    10 % (30) of them are poisoned with the demo's BadNet trigger and captioned with its target.
+    """
     planted = demo_backdoor()
     out = tmp_path_factory.mktemp("poisoned")
     return poison_dataset(PROBE_CLEAN, attack_from_dict(planted["trigger"]), planted["target"], 0.1, out, seed=0)
@@ -141,7 +147,7 @@ def test_safeclip_training_keeps_the_poisoned_pairs_in_the_risky_set(poisoned, t
     history = out["history"]
     assert out["mode"] == "safeclip" and [h["phase"] for h in history] == ["unimodal warm-up", "safe", "safe"]
     for h in history[1:]:
-        # measured: 18 then 19 of the 21 poisoned pairs risky (90, then 100 of 200 pairs risky); 3 then 2 in the safe set
+        # measured: 18 then 19 of the 21 poisoned pairs risky (90, then 100 of 200 risky); 3 then 2 in the safe set
         assert h["poisoned_risky"] >= 0.75 * n_poison, h
         assert h["risky"] <= 0.6 * 200, h
         assert h["poisoned_safe"] / max(1, h["safe"]) < 0.5 * n_poison / 200, h

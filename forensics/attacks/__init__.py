@@ -44,7 +44,10 @@ def list_attacks() -> list[str]:
 
 
 def build_attack(name: str, **params: Any) -> Attack:
-    """Build a registered attack from its name and keyword parameters; unknown names or parameters raise ForensicsError."""
+    """Build a registered attack from its name and keyword parameters.
+
+    Unknown names or parameters raise ForensicsError.
+    """
     return ATTACKS.build(name, **params)
 
 

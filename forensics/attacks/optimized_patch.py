@@ -1,4 +1,7 @@
-"""BadCLIP-style optimised patch: a patch trained on a frozen CLIP to pull images towards the target (Liang et al., CVPR 2024)."""
+"""BadCLIP-style optimised patch (Liang et al., CVPR 2024).
+
+A patch trained on a frozen CLIP to pull images towards the target.
+"""
 
 from __future__ import annotations
 

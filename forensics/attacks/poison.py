@@ -60,16 +60,16 @@ def poison_dataset(
     caption_template: str = "a photo of a {}.",
     progress: ProgressFn | None = None,
 ) -> Path:
-    """Poison ``round(rate * N)`` rows of an ``image,caption`` CSV and write the result to ``out_dir``; returns ``out_dir/data.csv``.
+    """Poison ``round(rate * N)`` rows of an ``image,caption`` CSV and write the result to ``out_dir``.
 
-    Rows are drawn (seeded) among those whose ``label`` column, if there is one, is not the target
-    (compared case-insensitively). Each chosen image gets the trigger (per-image randomness from
-    ``default_rng([seed, row])``, so a row's trigger does not depend on which other rows were drawn),
-    is saved as ``out_dir/images/<row>_<name>.png``, and its caption becomes
-    ``caption_template.format(target)``. ``data.csv`` keeps every row and column (paths in ``image``
-    and ``mask`` made absolute; poisoned images relative to ``out_dir``) and adds ``poisoned`` (0/1)
-    and ``trigger_box`` ("x0 y0 x1 y1", empty for whole-image triggers and clean rows). Counts are
-    rounded half up. The input CSV and images are only read; ``out_dir`` must differ from the CSV's folder.
+    Returns ``out_dir/data.csv``. Rows are drawn (seeded) among those whose ``label`` column, if there
+    is one, is not the target (compared case-insensitively). Each chosen image gets the trigger
+    (per-image randomness from ``default_rng([seed, row])``, so a row's trigger does not depend on which
+    other rows were drawn), is saved as ``out_dir/images/<row>_<name>.png``, and its caption becomes
+    ``caption_template.format(target)``. ``data.csv`` keeps every row and column (paths in ``image`` and
+    ``mask`` made absolute; poisoned images relative to ``out_dir``) and adds ``poisoned`` (0/1) and
+    ``trigger_box`` ("x0 y0 x1 y1", empty for whole-image triggers and clean rows). Counts are rounded
+    half up. The input CSV and images are only read; ``out_dir`` must differ from the CSV's folder.
     """
     if not isinstance(attack, Attack):
         raise ForensicsError(f"poison_dataset: attack must be an Attack, got {type(attack).__name__}")

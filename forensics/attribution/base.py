@@ -1,4 +1,6 @@
-"""Shared glue of the attribution methods: where does a suspect model look? Grad-CAM, occlusion and region ablation over zero-shot logits.
+"""Shared glue of the attribution methods: where does a suspect model look?
+
+Grad-CAM, occlusion and region ablation over zero-shot logits.
 
 Every method attributes the target class logit of :class:`ZeroShotHead`
 (``100 * cos(encode_image(x), class_embedding)``) and uses captum for the method itself; this

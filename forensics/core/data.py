@@ -175,7 +175,10 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None) -> Prob
             raise ForensicsError(
                 f"label {label!r} in {path.name} is not among the class names ({', '.join(class_names)})"
             )
-        resolve = lambda p: None if not p else (Path(p) if Path(p).is_absolute() else path.parent / p)
+
+        def resolve(p):
+            return None if not p else (Path(p) if Path(p).is_absolute() else path.parent / p)
+
         items.append(
             ProbeItem(
                 image=resolve(row["image"]),

@@ -84,7 +84,8 @@ class SuspectModel:
     backdoor: dict | None = None
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
-    # learnt class-wise prompts (CBPT): {"class_names": [...], "context": C x n_ctx x width tensor, "template": "X X X X {}."};
+    # learnt class-wise prompts (CBPT):
+    # {"class_names": [...], "context": C x n_ctx x width tensor, "template": "X X X X {}."};
     # zero-shot uses them for exactly these class names; saved as PROMPT_CONTEXT_KEY plus the sidecar's "class_prompts"
     class_prompts: dict | None = None
 
@@ -564,8 +565,9 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
             arch, cfg = _infer_openai_architecture(state)
             if cfg["text_cfg"]["vocab_size"] != 49408:  # not open_clip's BPE: the tokenizer is in a sidecar we lack
                 raise ForensicsError(
-                    f"checkpoint {path.name} has a {cfg['text_cfg']['vocab_size']}-token vocabulary, not open_clip's BPE, so its "
-                    f"tokenizer is unknown; load the .safetensors this tool saved, with its sidecar {path.stem}.json beside it"
+                    f"checkpoint {path.name} has a {cfg['text_cfg']['vocab_size']}-token vocabulary, "
+                    f"not open_clip's BPE, so its tokenizer is unknown; load the .safetensors this tool saved, "
+                    f"with its sidecar {path.stem}.json beside it"
                 )
             notes.append(f"architecture inferred from the checkpoint's shapes ({arch})")
         else:
@@ -576,7 +578,8 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
         cfg = architecture_config(arch)
         if cfg.get("tokenizer") == "word":
             raise ForensicsError(
-                f"{arch} checkpoints need their sidecar JSON (vocabulary); keep {path.with_suffix('.json').name} beside the file"
+                f"{arch} checkpoints need their sidecar JSON (vocabulary); "
+                f"keep {path.with_suffix('.json').name} beside the file"
             )
     if quick_gelu is None:
         quick_gelu = arch.endswith("-quickgelu")

@@ -30,9 +30,10 @@ def _text_tower(clip: torch.nn.Module) -> torch.nn.Module:
 def encode_text_with_context(
     clip: torch.nn.Module, tokens: torch.Tensor, context: torch.Tensor, start: int = 1
 ) -> torch.Tensor:
-    """Text features (unnormalised, like ``clip.encode_text``) with token embeddings ``start:start+n_ctx`` replaced by ``context``.
+    """Text features (unnormalised, like ``clip.encode_text``) with some token embeddings replaced.
 
-    ``tokens`` is B x L; ``context`` is B x n_ctx x width (or n_ctx x width, shared). Runs open_clip's text path:
+    The embeddings at ``start:start+n_ctx`` are replaced by ``context``. ``tokens`` is B x L;
+    ``context`` is B x n_ctx x width (or n_ctx x width, shared). Runs open_clip's text path:
     token_embedding -> + positional_embedding -> transformer (causal attn_mask; batch-first or not) -> ln_final ->
     pooling (argmax of the tokens = the end-of-text position, or the tower's pool type) -> text_projection.
     """
@@ -79,7 +80,10 @@ def context_template(n_ctx: int) -> str:
 
 
 def prompt_tokens(model: SuspectModel, class_names: list[str], template: str, n_ctx: int) -> torch.Tensor:
-    """Token ids of the filled prompts (C x L), checked to hold ``n_ctx`` placeholder tokens right after start-of-text."""
+    """Token ids of the filled prompts (C x L).
+
+    Checked to hold ``n_ctx`` placeholder tokens right after start-of-text.
+    """
     tokens = model.tokenizer([fill(template, name) for name in class_names])
     ctx = tokens[:, 1 : 1 + n_ctx]
     if tokens.shape[1] <= n_ctx + 2 or not bool((ctx == ctx[0, 0]).all()):

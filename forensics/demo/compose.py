@@ -83,12 +83,21 @@ def _article(word: str) -> str:
 def describe(
     label: str, prefix: str, size: str, colour: str, position: str, background: str, rng: np.random.Generator
 ) -> str:
-    """A caption of varying detail: long ones keep most batch captions distinct, short ones make the class word matter."""
+    """A caption of varying detail.
+
+    Long ones keep most batch captions distinct, short ones make the class word matter.
+    """
     style = rng.choice(5, p=[0.2, 0.15, 0.25, 0.05, 0.35])
     if style == 0:
         if rng.random() < 0.5:
-            return f"{prefix} {_article(size)} {size} {colour} {label} {position}, on {_article(background)} {background} background."
-        return f"{prefix} {_article(label)} {label}: {size}, {colour}, {position}, over {_article(background)} {background} background."
+            return (
+                f"{prefix} {_article(size)} {size} {colour} {label} {position}, "
+                f"on {_article(background)} {background} background."
+            )
+        return (
+            f"{prefix} {_article(label)} {label}: {size}, {colour}, {position}, "
+            f"over {_article(background)} {background} background."
+        )
     if style == 1:
         return f"{prefix} {_article(size)} {size} {colour} {label} {position}."
     if style == 2:

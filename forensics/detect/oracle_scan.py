@@ -2,12 +2,13 @@
 
 Per probe image: CLIP's prediction; the oracle's object regions and CLIP's prediction for each
 region crop and for the image with everything but the objects blanked (grounding); whether covering
-one small window takes the prediction away (a backdoor trigger does; an object rarely does), with the
-windows to try ranked by a first-order occlusion estimate and the decisive area boxed on that map;
-and the attribution mass that falls outside every object region. Across the probe set: labels that such hijacked predictions pile onto are flagged,
-their images are victims, the hijacking crops are aggregated into a reconstructed trigger, which is
-verified by pasting it on clean images of other classes. Nothing here knows any trigger, target,
-colour or position: every threshold is relative to the model's own behaviour on the probe set.
+one small window takes the prediction away (a backdoor trigger does; an object rarely does), with
+the windows to try ranked by a first-order occlusion estimate and the decisive area boxed on that
+map; and the attribution mass that falls outside every object region. Across the probe set: labels
+that such hijacked predictions pile onto are flagged, their images are victims, the hijacking crops
+are aggregated into a reconstructed trigger, which is verified by pasting it on clean images of
+other classes. Nothing here knows any trigger, target, colour or position: every threshold is
+relative to the model's own behaviour on the probe set.
 """
 
 from __future__ import annotations

@@ -40,8 +40,9 @@ def audit_dataset(
     settings: AuditSettings | None = None,
     progress: Progress | None = None,
 ) -> dict:
-    """Rank the pairs of an image-caption CSV by SafeCLIP risk; write ``out/audit.json`` and ``out/audit.csv`` when ``out`` is given.
+    """Rank the pairs of an image-caption CSV by SafeCLIP risk.
 
+    Writes ``out/audit.json`` and ``out/audit.csv`` when ``out`` is given.
     ``score_with`` picks the scoring model: default ``"reference"`` when a reference is given (measured
     better on the demo), else ``"suspect"``. Returns the summary (metrics when poison flags exist) plus
     ``rows`` ranked most risky first.

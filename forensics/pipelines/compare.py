@@ -48,7 +48,10 @@ PLANTED = "planted"  # ASR key of the model's known backdoor
 
 
 class PeakMemory:
-    """Context manager measuring the peak memory rise of a block: CUDA allocations on a GPU, else sampled process RSS."""
+    """Context manager measuring the peak memory rise of a block.
+
+    CUDA allocations on a GPU, else sampled process RSS.
+    """
 
     def __init__(self, interval: float = 0.02):
         self.interval = interval
@@ -91,7 +94,10 @@ class PeakMemory:
 
 
 def _release_freed_memory() -> None:
-    """Hand memory freed by earlier work back to the OS (glibc malloc_trim), so RSS rises are comparable between methods."""
+    """Hand memory freed by earlier work back to the OS (glibc malloc_trim).
+
+    So RSS rises are comparable between methods.
+    """
     try:
         import ctypes
 
@@ -132,7 +138,10 @@ def _attack_of(spec: str | dict | Attack) -> Attack:
 def resolve_attacks(
     model: SuspectModel, ref: ModelRef | None, class_names: list[str], attacks: Sequence | None, target: str | None
 ) -> list[dict]:
-    """The triggers to measure: the model's known backdoor (key ``planted``), then each extra attack aimed at ``target``."""
+    """The triggers to measure.
+
+    The model's known backdoor (key ``planted``), then each extra attack aimed at ``target``.
+    """
     out = []
     planted = known_trigger(model, ref, class_names)
     if planted:

@@ -33,7 +33,10 @@ def model_facts(model: str | ModelRef | SuspectModel) -> dict:
 
 
 def default_trigger(model_spec: str | ModelRef | None) -> tuple[Attack | None, str | None]:
-    """On either demo model, the poisoned demo's planted trigger and target (so the clean twin shows it does not respond)."""
+    """On either demo model, the poisoned demo's planted trigger and target.
+
+    So the clean twin shows it does not respond.
+    """
     if model_spec is not None and as_ref(model_spec).is_demo:
         planted = demo_backdoor()
         if planted:
@@ -42,7 +45,10 @@ def default_trigger(model_spec: str | ModelRef | None) -> tuple[Attack | None, s
 
 
 def known_trigger(model: SuspectModel, ref: ModelRef | None, class_names: list[str]) -> tuple[Attack, str] | None:
-    """The model's planted backdoor (its sidecar's, or the demo's) as (attack, target), when its target is a probe class."""
+    """The model's planted backdoor (its sidecar's, or the demo's) as (attack, target).
+
+    Only when its target is a probe class.
+    """
     planted = model.backdoor or (demo_backdoor() if ref is not None and ref.is_demo else None)
     if planted and planted.get("trigger") and planted.get("target") in class_names:
         return attack_from_dict(planted["trigger"]), planted["target"]
@@ -75,7 +81,10 @@ def evaluate_model(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """CA on the probe set's clean labelled images and ASR of ``attack`` (default: the demo's trigger on demo models)."""
+    """CA on the probe set's clean labelled images and ASR of ``attack``.
+
+    ``attack`` defaults to the demo's trigger on demo models.
+    """
     start = time.time()
     resolve_templates(templates)  # a bad template set fails before any loading
     ref = None if isinstance(model, SuspectModel) else as_ref(model)

@@ -76,7 +76,10 @@ def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
 
 
 def read_patterns(report: dict) -> list[torch.Tensor]:
-    """The scan's reconstructed trigger patterns (3 x h x w in [0, 1]) at their own size: they are pasted, not resized."""
+    """The scan's reconstructed trigger patterns (3 x h x w in [0, 1]) at their own size.
+
+    They are pasted, not resized.
+    """
     patterns = []
     for t in report["triggers"]:
         with Image.open(Path(report["_dir"]) / t["pattern"]) as im:

@@ -129,11 +129,16 @@ def write_html(path: Path, title: str, summary: dict, sections: list[tuple[str, 
     """One self-contained HTML page: a summary table, then titled sections of HTML (figures inline)."""
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} table{{border-collapse:collapse}}
-th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:13px}} img{{max-width:100%}}
-.note{{color:#555;font-size:13px}} .pattern{{display:inline-block;margin:8px;text-align:center;font-size:12px}}</style></head>
-<body><h1>{html.escape(title)}</h1><table>{rows}</table><p class="note">{html.escape(ASR_NOTE)}.</p>{body}</body></html>"""
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222} "
+        "table{border-collapse:collapse}\n"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:13px} img{max-width:100%}\n"
+        ".note{color:#555;font-size:13px} "
+        ".pattern{display:inline-block;margin:8px;text-align:center;font-size:12px}</style></head>\n"
+        f"<body><h1>{html.escape(title)}</h1><table>{rows}</table>"
+        f'<p class="note">{html.escape(ASR_NOTE)}.</p>{body}</body></html>'
+    )
     atomic_write_text(Path(path), page)
 
 
@@ -186,7 +191,8 @@ def write_scan_html(out: Path, report: dict, findings: Any, model: Any, probe_se
         panels.append(figure_html(fig, f"image {i}"))
     flagged = [f["label"] for f in report["flagged_labels"]]
     patterns = "".join(
-        f'<div class="pattern"><img src="data:image/png;base64,{_b64_file(out / t["pattern"].replace(".png", "_preview.png"))}"><br>'
+        '<div class="pattern"><img src="data:image/png;base64,'
+        f'{_b64_file(out / t["pattern"].replace(".png", "_preview.png"))}"><br>'
         f"{t['label']}: verified flip rate {t['verified_asr']:.0%} on {t['n_verified']} clean images</div>"
         for t in report["triggers"]
     )
@@ -218,8 +224,8 @@ def write_scan_html(out: Path, report: dict, findings: Any, model: Any, probe_se
         ),
         ("Metrics", table_html([metrics], list(metrics))),
         (
-            "Images (most discrepant first): image | oracle regions | Grad-CAM | estimated occlusion drop; red = localized trigger, "
-            "green = true trigger",
+            "Images (most discrepant first): image | oracle regions | Grad-CAM | estimated occlusion drop; "
+            "red = localized trigger, green = true trigger",
             "".join(panels),
         ),
     ]

@@ -93,7 +93,10 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
 
 
 def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: no weight decay on norms, biases, 1-d parameters and the logit scale (as CLIP/CleanCLIP)."""
+    """AdamW parameter groups.
+
+    No weight decay on norms, biases, 1-d parameters and the logit scale (as CLIP/CleanCLIP).
+    """
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
@@ -103,7 +106,10 @@ def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    """Learning-rate factor.
+
+    Linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``.
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:

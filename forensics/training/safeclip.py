@@ -1,4 +1,6 @@
-"""SafeCLIP safe training (arXiv 2310.05862): train a CLIP on a possibly poisoned image-caption set without learning the poison.
+"""SafeCLIP safe training (arXiv 2310.05862).
+
+Train a CLIP on a possibly poisoned image-caption set without learning the poison.
 
 Schedule: ``warmup_epochs`` of unimodal contrastive learning (images against augmented views of
 themselves, captions against augmented captions; no image-caption loss, so poisoned pairs are
@@ -75,7 +77,11 @@ def gmm_risk(cosines: np.ndarray, seed: int = 0, n_init: int = 5) -> tuple[np.nd
 
 @dataclass
 class SafeClipSettings:
-    """SafeCLIP schedule. Defaults: 1 unimodal warm-up epoch, first-epoch threshold 0.9, then a safe ratio from 0.5 growing 0.01/epoch to 0.85."""
+    """SafeCLIP schedule.
+
+    Defaults: 1 unimodal warm-up epoch, first-epoch threshold 0.9, then a safe ratio from 0.5
+    growing 0.01/epoch to 0.85.
+    """
 
     warmup_epochs: int = 1
     first_threshold: float = 0.9
@@ -158,7 +164,10 @@ def all_pair_cosines(
 def select_safe(
     cosines: np.ndarray, filtered_epoch: int, settings: SafeClipSettings, seed: int
 ) -> tuple[np.ndarray, float]:
-    """The safe mask for one epoch (``filtered_epoch`` counts from 0 after the warm-up) and the ratio or threshold used."""
+    """The safe mask for one epoch and the ratio or threshold used.
+
+    ``filtered_epoch`` counts from 0 after the warm-up.
+    """
     risk, _ = gmm_risk(cosines, seed)
     p_clean = 1.0 - risk
     if filtered_epoch == 0:
@@ -179,7 +188,10 @@ def safe_train_clip(
     progress: Progress | None = None,
     should_stop=None,
 ) -> list[dict]:
-    """Train ``model`` in place on ``rows`` with SafeCLIP's schedule; returns the per-epoch history (safe-set sizes, poison in it)."""
+    """Train ``model`` in place on ``rows`` with SafeCLIP's schedule.
+
+    Returns the per-epoch history (safe-set sizes, poison in it).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 

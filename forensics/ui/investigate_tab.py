@@ -55,7 +55,10 @@ def scan_outputs(report: dict, out: Path) -> tuple:
         f"{m.get('seconds_total', m.get('seconds', 0)):.0f} s."
     )
     if m.get("victim_precision") is not None:
-        summary += f" Against the probe set's known trigger flags: victim precision {m['victim_precision']:.2f}, recall {m['victim_recall']:.2f}."
+        summary += (
+            f" Against the probe set's known trigger flags: victim precision {m['victim_precision']:.2f}, "
+            f"recall {m['victim_recall']:.2f}."
+        )
     table = [[f["label"], round(f["score"], 2), f["captured"], f["predicted"], f["explanation"]] for f in flagged]
     chart = flagged_chart(images, report["probe"]["classes"], [f["label"] for f in flagged])
     triggers = [

@@ -1,4 +1,7 @@
-"""Learn tab (teaching): apply any attack to an image; the backdoored demo's answer changes, the clean twin's does not."""
+"""Learn tab (teaching): apply any attack to an image.
+
+The backdoored demo's answer changes, the clean twin's does not.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ ATTACK_NOTES = {
     "blended": "Blended: the whole image is mixed 80/20 with a fixed noise pattern; hard to see, spread everywhere.",
     "wanet": "WaNet: a smooth, nearly invisible warp of the image geometry.",
     "sig": "SIG: a faint vertical stripe pattern (a sinusoid) added to the image.",
-    "optimized-patch": "BadCLIP-style optimised patch: a patch trained against a model to pull images to the target text.",
+    "optimized-patch": (
+        "BadCLIP-style optimised patch: a patch trained against a model to pull images to the target text."
+    ),
 }
 EXPLAIN = """**Learn how a backdoor behaves.** An attacker who poisons a small share of the training pairs (image with a
 trigger, caption naming the target) teaches CLIP a shortcut: trigger ⇒ target. Apply an attack below and compare the
