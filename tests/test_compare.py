@@ -150,19 +150,23 @@ def test_compare_two_methods_and_an_error_row(cli_repair, tmp_path):
 
 
 def test_compare_runs_on_a_vit_tower_with_a_failing_method(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
     from forensics.defenses import Defense
+
+    @dataclass
+    class BrokenSettings:
+        seed: int = 0
 
     class Broken(Defense):
         name = "broken"
         summary = "always fails"
+        settings_cls = BrokenSettings
 
-        def __init__(self, **settings):
-            pass
-
-        def repair(self, model, data, progress=None, should_stop=None):
+        def fit(self, model, repaired, data, accelerator, progress, should_stop):
             raise RuntimeError("no luck")
 
-    monkeypatch.setitem(DEFENSES, "broken", Broken)
+    monkeypatch.setitem(DEFENSES._entries, "broken", Broken)  # registered for this test only
     torch.manual_seed(0)
     vit = load_model("random:tiny-vit")
     report = run_compare(

@@ -7,12 +7,11 @@ from pathlib import Path
 import gradio as gr
 
 from forensics.core.data import extract_probe_archive
-from forensics.oracles import build_oracle
 from forensics.pipelines.evaluate import get_model
 from forensics.pipelines.explain import explain_image
 from forensics.pipelines.report import flagged_chart
+from forensics.pipelines.scan import pick_oracle, write_scan
 from forensics.pipelines.scan import scan as run_scan_outcome
-from forensics.pipelines.scan import write_scan
 from forensics.ui.common import gr_progress, guarded, model_ref, need_scan, new_job_dir
 
 GALLERY_SIZE = 60  # most discrepant images shown
@@ -114,9 +113,7 @@ def show_image(state: dict, evt: gr.SelectData) -> tuple:
     index = state["order"][evt.index]
     record = report["images"][index]
     model = get_model(model_ref(state))
-    oracle = build_oracle(
-        state["oracle"], **({"checkpoint": state["sam_checkpoint"]} if state["oracle"] == "sam" else {})
-    )
+    oracle = pick_oracle(state["oracle"], state["sam_checkpoint"])  # the same oracle the scan used
     view = explain_image(model, record["image"], report["probe"]["classes"], oracle)
     annotated = (
         view.image,
