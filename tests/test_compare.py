@@ -163,7 +163,7 @@ def test_compare_runs_on_a_vit_tower_with_a_failing_method(tmp_path, monkeypatch
         summary = "always fails"
         settings_cls = BrokenSettings
 
-        def fit(self, model, repaired, data, accelerator, progress, should_stop):
+        def fit(self, job):
             raise RuntimeError("no luck")
 
     monkeypatch.setitem(DEFENSES._entries, "broken", Broken)  # registered for this test only

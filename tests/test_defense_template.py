@@ -36,7 +36,8 @@ class Nudge(Defense):
         if len(data.images) == 0:
             raise ForensicsError("nudge needs images")
 
-    def fit(self, model, repaired, data, accelerator, progress, should_stop) -> Fitted:
+    def fit(self, job) -> Fitted:
+        repaired, data, should_stop = job.repaired, job.data, job.should_stop
         history = []
         for step in range(self.settings.steps):
             self.check_cancel(should_stop)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forensics.defenses.base import DEFENSES, Defense, Fitted, RepairData, RepairResult
+from forensics.defenses.base import DEFENSES, Defense, Fitted, RepairData, RepairJob, RepairResult
 
 # isort: off
 # import order is registration order, the order DEFENSES lists them in (CLI, UI, compare tables)
@@ -31,6 +31,7 @@ __all__ = [
     "InverTune",
     "OracleGuidedFinetune",
     "RepairData",
+    "RepairJob",
     "RepairResult",
     "build_defense",
 ]

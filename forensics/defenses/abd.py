@@ -18,7 +18,6 @@ as the text views, so the model learns that the patch does not change what an im
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from forensics.core.errors import ForensicsError
 from forensics.core.images import paste, random_boxes
 from forensics.core.models import SuspectModel, frozen
-from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, ShouldStop
+from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, RepairJob, ShouldStop
 from forensics.defenses.cleanclip import CleanCLIPSettings, check_cleanclip, cleanclip_train
 
 PAPER_PATCH_RATIO = 16 / 224  # the paper's 16 x 16 patch on 224 px images
@@ -159,16 +158,9 @@ class ABD(Defense):
         """Refuse a clean budget or fine-tuning settings ABD cannot use (the patch search checks its own)."""
         check_cleanclip(data.images, data.captions_or_prompts(), model.image_size, self.settings, "ABD")
 
-    def fit(
-        self,
-        model: SuspectModel,
-        repaired: SuspectModel,
-        data: RepairData,
-        accelerator: Any,
-        progress: Progress | None,
-        should_stop: ShouldStop | None,
-    ) -> Fitted:
+    def fit(self, job: RepairJob) -> Fitted:
         """Find the patch on ``model``, then fine-tune the copy; the patch's statistics are in the notes."""
+        model, repaired, data, accelerator, progress, should_stop = job.parts()
         s = self.settings
         captions = data.captions_or_prompts()
         share = s.patch_steps / (s.patch_steps + 2 * s.epochs * max(1, int(np.ceil(len(data.images) / s.batch_size))))

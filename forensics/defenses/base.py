@@ -73,6 +73,23 @@ class Fitted:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class RepairJob:
+    """What :meth:`Defense.fit` works on: the original model (left untouched), the fresh copy to repair, the
+    data, the accelerator the base made, and the progress and cancellation callbacks."""
+
+    model: SuspectModel
+    repaired: SuspectModel
+    data: RepairData
+    accelerator: Any
+    progress: Progress | None = None
+    should_stop: ShouldStop | None = None
+
+    def parts(self) -> tuple[SuspectModel, SuspectModel, RepairData, Any, Progress | None, ShouldStop | None]:
+        """The six fields in order, for ``model, repaired, data, accelerator, progress, should_stop = job.parts()``."""
+        return self.model, self.repaired, self.data, self.accelerator, self.progress, self.should_stop
+
+
 class Defense(ABC):
     """One repair method; ``name`` is its registry key, ``settings_cls`` the dataclass of its settings.
 
@@ -99,16 +116,8 @@ class Defense(ABC):
         """Refuse, with one ForensicsError line, settings or data this defense cannot use (before any work)."""
 
     @abstractmethod
-    def fit(
-        self,
-        model: SuspectModel,
-        repaired: SuspectModel,
-        data: RepairData,
-        accelerator: Any,
-        progress: Progress | None,
-        should_stop: ShouldStop | None,
-    ) -> Fitted:
-        """Repair ``repaired`` (a fresh copy of ``model``, which must stay untouched) on ``data``.
+    def fit(self, job: RepairJob) -> Fitted:
+        """Repair ``job.repaired`` (a fresh copy of ``job.model``, which must stay untouched) on ``job.data``.
 
         Called with torch seeded from ``settings.seed`` and ``accelerator`` (an ``accelerate.Accelerator``)
         made; poll ``should_stop`` through :meth:`check_cancel` between steps.
@@ -134,7 +143,7 @@ class Defense(ABC):
         torch.manual_seed(self.settings.seed)
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         repaired = model.clone()
-        fitted = self.fit(model, repaired, data, accelerator, progress, should_stop)
+        fitted = self.fit(RepairJob(model, repaired, data, accelerator, progress, should_stop))
         out = fitted.model if fitted.model is not None else repaired
         out.__dict__.pop("text_cache", None)  # class embeddings cached during the repair belong to the old towers
         return RepairResult(

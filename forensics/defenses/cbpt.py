@@ -40,7 +40,7 @@ from forensics.core.models import SuspectModel, frozen
 from forensics.core.progress import check_stop
 from forensics.core.prompts import context_template, encode_text_with_context, initial_context, prompt_tokens
 from forensics.core.zeroshot import class_text_embeddings, flip_rate, predict_labels
-from forensics.defenses.base import CANCELLED, DEFENSES, Defense, Fitted, Progress, RepairData, ShouldStop
+from forensics.defenses.base import CANCELLED, DEFENSES, Defense, Fitted, Progress, RepairData, RepairJob, ShouldStop
 from forensics.detect.findings import InvertedTrigger
 
 
@@ -164,16 +164,9 @@ class CBPT(Defense):
             raise ForensicsError("CBPT needs at least one context vector and one prompt step")
         check_labelled_images(model, data.images, data.labels, data.class_names)
 
-    def fit(
-        self,
-        model: SuspectModel,
-        repaired: SuspectModel,
-        data: RepairData,
-        accelerator: Any,
-        progress: Progress | None,
-        should_stop: ShouldStop | None,
-    ) -> Fitted:
+    def fit(self, job: RepairJob) -> Fitted:
         """Invert a dummy trigger on the clean budget, then learn prompts; the CLIP weights stay as they are."""
+        model, repaired, data, accelerator, progress, should_stop = job.parts()
         s = self.settings
         labels = torch.as_tensor(list(data.labels), dtype=torch.long)
         names = list(data.class_names)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
-from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, ShouldStop
+from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, RepairJob, ShouldStop
 from forensics.training.augment import autoaugment_views, eda_views, tokenizer_vocabulary
 from forensics.training.clip import clip_loss, clip_step, decay_groups, warmup_cosine
 
@@ -211,16 +211,9 @@ class CleanCLIP(Defense):
         """Refuse a clean budget or settings the fine-tuning cannot use."""
         check_cleanclip(data.images, data.captions_or_prompts(), model.image_size, self.settings)
 
-    def fit(
-        self,
-        model: SuspectModel,
-        repaired: SuspectModel,
-        data: RepairData,
-        accelerator: Any,
-        progress: Progress | None,
-        should_stop: ShouldStop | None,
-    ) -> Fitted:
+    def fit(self, job: RepairJob) -> Fitted:
         """CleanCLIP-fine-tune the copy on the clean budget in ``data`` (its captions, else class prompts)."""
+        model, repaired, data, accelerator, progress, should_stop = job.parts()
         history = cleanclip_train(
             repaired,
             accelerator,

@@ -33,7 +33,7 @@ from forensics.core.checks import check_labelled_images
 from forensics.core.errors import ForensicsError
 from forensics.core.images import blend
 from forensics.core.models import SuspectModel
-from forensics.defenses.base import CANCELLED, DEFENSES, Defense, Fitted, Progress, RepairData, ShouldStop
+from forensics.defenses.base import CANCELLED, DEFENSES, Defense, Fitted, Progress, RepairData, RepairJob
 from forensics.detect.invertune import InverTuneDetection, InverTuneDetectSettings, run_invertune_detection
 
 
@@ -157,16 +157,9 @@ class InverTune(Defense):
         if data.flagged and data.flagged[0] not in data.class_names:
             raise ForensicsError(f"flagged label {data.flagged[0]!r} is not one of the classes")
 
-    def fit(
-        self,
-        model: SuspectModel,
-        repaired: SuspectModel,
-        data: RepairData,
-        accelerator: Any,
-        progress: Progress | None,
-        should_stop: ShouldStop | None,
-    ) -> Fitted:
+    def fit(self, job: RepairJob) -> Fitted:
         """Detect (or take ``data.flagged[0]`` as the target), invert the trigger, tune critical activations."""
+        model, repaired, data, accelerator, progress, should_stop = job.parts()
         s = self.settings
         device = accelerator.device
         repaired.to(device)

@@ -17,7 +17,6 @@ weight 3 -> 0.494 / 0.053, weight 10 -> 0.471 / 0.138; 40-image scan (8 victims,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from forensics.core.errors import ForensicsError
 from forensics.core.images import paste
 from forensics.core.models import SuspectModel
 from forensics.core.zeroshot import class_text_embeddings
-from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, ShouldStop
+from forensics.defenses.base import DEFENSES, Defense, Fitted, RepairData, RepairJob
 
 
 @dataclass
@@ -57,16 +56,9 @@ class OracleGuidedFinetune(Defense):
         if len(data.images) == 0:
             raise ForensicsError("the compact fine-tuning set is empty: the scan found nothing to repair")
 
-    def fit(
-        self,
-        model: SuspectModel,
-        repaired: SuspectModel,
-        data: RepairData,
-        accelerator: Any,
-        progress: Progress | None,
-        should_stop: ShouldStop | None,
-    ) -> Fitted:
+    def fit(self, job: RepairJob) -> Fitted:
         """Fine-tune the copy's image tower on the compact set, distilled towards the original's on clean anchors."""
+        model, repaired, data, accelerator, progress, should_stop = job.parts()
         s = self.settings
         rng = np.random.default_rng(s.seed)
         class_emb = class_text_embeddings(model, data.class_names, data.templates).detach().clone()
