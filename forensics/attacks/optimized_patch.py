@@ -17,6 +17,7 @@ from forensics.core.checks import check_choice, check_image, check_int, check_nu
 from forensics.core.errors import ForensicsError
 from forensics.core.images import paste
 from forensics.core.models import frozen
+from forensics.core.optim import clamped_step
 
 DEFAULT_PATCH_PX = 16
 """Side of the untrained random patch drawn from ``seed`` when no patch is given (the paper's 16 px)."""
@@ -227,11 +228,7 @@ def train_optimized_patch(
                         z, positive.expand_as(z), negatives[idx.to(device)], margin=TRIPLET_MARGIN
                     )
                     loss = contrastive + triplet
-                    optim.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optim.step()
-                    with torch.no_grad():
-                        patch.clamp_(0.0, 1.0)
+                    clamped_step(optim, loss, patch)
                     total += float(loss.detach()) * len(idx)
                     count += len(idx)
                 mean_loss = total / max(count, 1)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from forensics.core.errors import ForensicsError
 from forensics.core.images import paste, random_boxes
 from forensics.core.models import SuspectModel, frozen
+from forensics.core.optim import clamped_step
 from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, RepairJob, ShouldStop
 from forensics.defenses.cleanclip import CleanCLIPSettings, check_cleanclip, cleanclip_train
 
@@ -108,11 +109,7 @@ def find_universal_patch(
             batch = images[idx].to(device)
             patched = model.encode_image(paste_patch(batch, patch, generator))
             loss = patch_infonce(patched, clean_all[idx.to(device)], temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                patch.clamp_(0.0, 1.0)
+            clamped_step(optimizer, loss, patch)
             losses.append(float(loss.detach()))
             if progress:
                 progress(

@@ -37,6 +37,7 @@ from forensics.core.checks import check_labelled_images
 from forensics.core.errors import ForensicsError
 from forensics.core.images import blend
 from forensics.core.models import SuspectModel, frozen
+from forensics.core.optim import clamped_step
 from forensics.core.progress import check_stop
 from forensics.core.prompts import context_template, encode_text_with_context, initial_context, prompt_tokens
 from forensics.core.zeroshot import class_text_embeddings, flip_rate, predict_labels
@@ -114,12 +115,7 @@ def contrastive_inversion(
             pull_weight = s.class_weight if step >= s.inversion_steps * s.pull_after else 0.0
             size_term = mask.mean()
             loss = contrast + pull_weight * pull + s.size_weight * size_term
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                mask.clamp_(0, 1)
-                pattern.clamp_(0, 1)
+            clamped_step(optimizer, loss, mask, pattern)
             terms = {
                 "loss": float(loss.detach()),
                 "contrastive": float(contrast.detach()),

@@ -33,6 +33,7 @@ from forensics.core.checks import check_labelled_images
 from forensics.core.errors import ForensicsError
 from forensics.core.images import blend, paste
 from forensics.core.models import SuspectModel, frozen
+from forensics.core.optim import clamped_step
 from forensics.core.progress import Progress, ShouldStop, check_stop
 from forensics.core.zeroshot import class_text_embeddings, flip_rate, predict_labels
 from forensics.detect.findings import FlaggedLabel, InvertedTrigger
@@ -163,11 +164,7 @@ def identify_target(
             idx = _batches(len(images), batch_size, gen)
             logits = 100.0 * model.encode_image(paste(images[idx], patch, box)) @ class_emb.t()
             loss = -F.cross_entropy(logits, labels_t[idx].to(device))  # untargeted: push away from the true class
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                patch.clamp_(0, 1)
+            clamped_step(optimizer, loss, patch)
             losses.append(float(loss.detach()))
             if progress:
                 progress((step + 1) / steps, f"adversarial patch step {step + 1}/{steps}")
@@ -250,12 +247,7 @@ def invert_trigger(
             structure = 1 - ssim(stamped, x)
             l1 = mask.abs().sum()
             loss = s.ce_weight * ce + s.feature_weight * dist + s.ssim_weight * structure + s.l1_weight * l1
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                mask.clamp_(0, 1)
-                pattern.clamp_(0, 1)
+            clamped_step(optimizer, loss, mask, pattern)
             terms = {
                 "loss": float(loss.detach()),
                 "ce": float(ce.detach()),
