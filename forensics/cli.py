@@ -270,6 +270,7 @@ def cmd_repair(args: argparse.Namespace) -> dict:
             budget=args.budget,
             seed=args.seed,
             progress=progress,
+            force=args.force,
         )
 
 
@@ -459,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(p)
     p.add_argument("--findings", help="the scan's report.json (or its folder); required by methods that need a scan")
+    p.add_argument(
+        "--force", action="store_true", help="repair with findings made on another model file (other SHA-256)"
+    )
     p.add_argument("--method", default="oracle-finetune", help="repair method (see `list`)")
     p.add_argument("--param", action="append", help="method setting key=value (repeatable), e.g. epochs=10")
     p.add_argument("--probe", help="probe set whose clean images give the budget (default for demo models: demo)")

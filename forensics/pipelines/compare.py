@@ -36,6 +36,7 @@ from forensics.detect import ScanSettings
 from forensics.pipelines.evaluate import known_trigger, measure
 from forensics.pipelines.repair import (
     budget_repair_data,
+    check_findings_model,
     load_repair_data,
     make_defense,
     read_findings,
@@ -176,6 +177,7 @@ def findings_data(
     images plus the probe's suspect images here; that scan's report is written under ``out/scan`` for reading."""
     if findings is not None:
         report = read_findings(findings)
+        check_findings_model(report, model)  # findings of another model file make this row an error
         notes = [f"compact set from the given findings ({findings}); that scan may have seen held-out images"]
         return load_repair_data(report, model), notes
     held, budget = set(eval_idx), set(budget_idx)

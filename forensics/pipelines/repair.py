@@ -51,6 +51,20 @@ def read_findings(path: str | Path) -> dict:
     return report
 
 
+def check_findings_model(report: dict, model: SuspectModel, force: bool = False) -> list[str]:
+    """Refuse findings made on another model file (their SHA-256 differs from the loaded model's) unless ``force``:
+    their victims, triggers and compact set describe that other model. With ``force``, a note says so."""
+    made_on, here = report["model"].get("sha256"), model.facts.sha256
+    if not made_on or not here or made_on == here:
+        return []
+    if not force:
+        raise ForensicsError(
+            f"the findings were made on another model file (SHA-256 {made_on[:12]}…, this one {here[:12]}…); "
+            "scan this model first, or pass --force to repair with them anyway"
+        )
+    return ["the findings were made on a different model file (SHA-256 differs); used because of --force"]
+
+
 def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
     """The scan's compact set and trigger patterns, read from beside its report.json."""
     folder = Path(report["_dir"])
@@ -162,11 +176,13 @@ def run_repair(
     seed: int = 0,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
+    force: bool = False,
 ) -> dict:
     """Repair ``model`` with ``method``; writes model.safetensors, metrics.json and report.html under ``out``.
 
     Methods with ``needs_findings`` use the scan's ``findings``; the others use a seeded clean budget
-    of ``budget`` probe images (default 120) and are measured on the held-out clean images.
+    of ``budget`` probe images (default 120) and are measured on the held-out clean images. Findings from
+    another model file (other SHA-256) are refused unless ``force``.
     """
     start = time.time()
     if out is None:
@@ -190,14 +206,7 @@ def run_repair(
         budget = DEFAULT_BUDGET if budget is None else budget
         budget_idx, eval_idx = split_clean_budget(probe_set, budget, seed)
     loaded = ref.load() if ref else model
-    notes = []
-    if (
-        report
-        and report["model"].get("sha256")
-        and loaded.facts.sha256
-        and report["model"]["sha256"] != loaded.facts.sha256
-    ):
-        notes.append("the findings were made on a different model file (SHA-256 differs)")
+    notes = check_findings_model(report, loaded, force) if report else []
     out = Path(out)
     source = Path(loaded.facts.source)
     if source.exists() and (out / "model.safetensors").resolve() == source.resolve():
