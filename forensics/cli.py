@@ -23,6 +23,28 @@ class _Parser(argparse.ArgumentParser):
         raise ForensicsError(f"{self.prog}: {message} (see --help)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (batch sizes, epochs, image counts, budgets)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed, a whole number of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _emit(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
@@ -353,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", help="attack parameter key=value (repeatable)")
     p.add_argument("--target", help="target label of the attack")
     p.add_argument("--templates", default="short", help="prompt templates: short or openai (80 ImageNet templates)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("poison", help="poison an image-caption CSV with a trigger")
@@ -366,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, required=True, help="share of rows to poison, in (0, 1]")
     p.add_argument("--out", required=True, help="output folder (data.csv, images/, poison.json)")
     p.add_argument("--caption-template", default="a photo of a {}.")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_poison)
 
     p = sub.add_parser("implant", help="train (--config) or fine-tune (--base) a CLIP on an image-caption CSV")
@@ -375,10 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="model to fine-tune (any MODEL spec)")
     p.add_argument("--config", help="project config to train from scratch (tiny-rn, tiny-vit)")
     p.add_argument("--arch", help="architecture of a --base checkpoint that does not say")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=_positive_int, default=5)
     p.add_argument("--lr", type=float, default=None, help="default: 2e-3 from scratch, 1e-5 fine-tuning")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument(
         "--augment",
         action="store_true",
@@ -413,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--risk-threshold", type=float, default=0.5, help="P(low-mean component) above which a pair is risky"
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=int, default=10, help="riskiest rows to print (all are in audit.csv)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--top", type=_positive_int, default=10, help="riskiest rows to print (all are in audit.csv)")
     p.add_argument("--out", required=True, help="folder for audit.json and audit.csv")
     p.set_defaults(func=cmd_audit)
 
@@ -425,9 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True)
     p.add_argument("--out", required=True, help="JSON file for the attack (use with --attack-file)")
     p.add_argument("--size", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=_positive_int, default=20)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_train_patch)
 
     p = sub.add_parser("make-demo", help="rebuild the demo lab (images, probe sets, both demo models)")
@@ -440,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train both models on random views (flip, crop, colour jitter); the bundled demo was built without",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_make_demo)
 
     p = sub.add_parser("scan", help="find the backdoor: flagged labels, trigger candidates, victims, report")
@@ -448,10 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", help="demo, demo-clean, a CSV or an ImageFolder (default for demo models: demo)")
     p.add_argument("--oracle", help="segmentation oracle (default: sam with --sam-checkpoint, else fallback)")
     p.add_argument("--sam-checkpoint", help="path to a segment-anything checkpoint (vit_b/vit_l/vit_h)")
-    p.add_argument("--max-images", type=int, help="scan a seeded random subset of this many probe images (quicker)")
+    p.add_argument(
+        "--max-images", type=_positive_int, help="scan a seeded random subset of this many probe images (quicker)"
+    )
     p.add_argument("--templates", default="short")
-    p.add_argument("--batch-size", type=int, help="images per forward (default: the scan's own, 32: fastest on CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--batch-size", type=_positive_int, help="images per forward (default: the scan's own, 32: fastest on CPU)"
+    )
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", required=True, help="folder for report.json, report.html, trigger patterns, compact set")
     p.set_defaults(func=cmd_scan)
 
@@ -468,17 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", help="probe set whose clean images give the budget (default for demo models: demo)")
     p.add_argument(
         "--budget",
-        type=int,
+        type=_positive_int,
         help="clean repair images for methods that need no scan (default 120); CA/ASR are measured on the rest",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the budget split and of the method")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the budget split and of the method")
     p.add_argument("--out", required=True, help="folder for model.safetensors, metrics.json, report.html")
     p.set_defaults(func=cmd_repair)
 
     p = sub.add_parser("compare", help="run several repair methods on the same clean budget; one table")
     _add_model_args(p)
     p.add_argument("--methods", default="all", help="all, or comma-separated method names (see `list`)")
-    p.add_argument("--budget", type=int, default=120, help="clean repair images shared by every method")
+    p.add_argument("--budget", type=_positive_int, default=120, help="clean repair images shared by every method")
     p.add_argument("--probe", help="probe set (default for demo models: demo)")
     p.add_argument("--findings", help="a scan's report.json for methods that need findings (default: scan the budget)")
     p.add_argument(
@@ -488,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--settings", help='per-method settings as JSON or a JSON file, e.g. \'{"cleanclip": {"epochs": 2}}\''
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", required=True, help="folder for compare.md, compare.json, report.html")
     p.set_defaults(func=cmd_compare)
 

@@ -161,3 +161,22 @@ def test_poison_then_implant_then_evaluate(tmp_path):
     )
     assert result["n_clean"] == 8 and result["n_attacked"] == 4
     assert 0 <= result["ca"] <= 1 and 0 <= result["asr"] <= 1 and "excludes" in result["note"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["scan", "demo", "--batch-size", "0", "--out", "OUT"], "--batch-size: must be at least 1, got 0"),
+        (["scan", "demo", "--batch-size", "-1", "--out", "OUT"], "--batch-size: must be at least 1, got -1"),
+        (["evaluate", "demo", "--batch-size", "0"], "--batch-size: must be at least 1"),
+        (["repair", "demo", "--method", "cleanclip", "--budget", "-1", "--out", "OUT"], "--budget: must be at least 1"),
+        (["compare", "demo", "--budget", "0", "--out", "OUT"], "--budget: must be at least 1"),
+        (["scan", "demo", "--max-images", "abc", "--out", "OUT"], "'abc' is not a whole number"),
+        (["evaluate", "demo", "--seed", "-3"], "--seed: must be 0 or more"),
+        (["audit", "demo", "--data", "x.csv", "--top", "0", "--out", "OUT"], "--top: must be at least 1"),
+    ],
+)
+def test_bad_numbers_are_one_line_and_write_nothing(args, message, tmp_path):
+    proc = run_cli(*[str(tmp_path / "out") if a == "OUT" else a for a in args], check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
