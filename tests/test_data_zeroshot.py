@@ -138,3 +138,16 @@ def test_evaluate_counts_and_excludes_target(tiny_model):
     assert evaluate(tiny_model, images, labels, names, attack, "green")["asr"] == out["asr"]
     with pytest.raises(ForensicsError, match="not one of the classes"):
         evaluate(tiny_model, images, labels, names, attack, "purple")
+
+
+def test_csv_saved_with_a_byte_order_mark_loads(tmp_path):
+    """Spreadsheet programs save CSVs with a UTF-8 BOM; the header must still read ``image``."""
+    from forensics.core.data import load_probe_set
+    from forensics.training.clip import read_caption_csv
+
+    _png(tmp_path / "a.png", "red", (8, 8))
+    (tmp_path / "probe.csv").write_bytes("image,caption,label\na.png,a red thing,red\n".encode("utf-8-sig"))
+    (tmp_path / "classes.json").write_text('{"classes": ["red", "blue"]}')
+    probe = load_probe_set(tmp_path / "probe.csv")
+    assert len(probe) == 1 and probe.items[0].label == 0
+    assert read_caption_csv(tmp_path / "probe.csv")[0]["caption"] == "a red thing"

@@ -150,7 +150,7 @@ def _parse_flag(text: str | None) -> bool | None:
 
 def load_csv_probe(path: Path, class_names: Sequence[str] | None = None) -> ProbeSet:
     """A CSV of image paths (relative to the CSV) with caption and optional label/mask/trigger columns."""
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         if "image" not in fields:

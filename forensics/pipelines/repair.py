@@ -71,7 +71,7 @@ def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
     csv_path = folder / report["compact_set"]["csv"]
     if not csv_path.is_file():
         raise ForensicsError(f"the compact fine-tuning set {csv_path} is missing beside the findings")
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     class_names = report["probe"]["classes"]
     images = (

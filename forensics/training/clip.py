@@ -50,7 +50,7 @@ def read_caption_csv(csv_path: str | Path) -> list[dict[str, str]]:
     path = Path(csv_path)
     if not path.is_file():
         raise ForensicsError(f"data file {path} does not exist")
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         if "image" not in fields or "caption" not in fields:
