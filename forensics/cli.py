@@ -210,6 +210,7 @@ def cmd_audit(args: argparse.Namespace) -> dict:
 def cmd_train_patch(args: argparse.Namespace) -> dict:
     from forensics.attacks import train_optimized_patch
     from forensics.core.data import load_probe_set
+    from forensics.core.files import model_files, refuse_overwriting_inputs
     from forensics.core.models import atomic_write_text
     from forensics.core.progress import tqdm_progress
 
@@ -219,6 +220,7 @@ def cmd_train_patch(args: argparse.Namespace) -> dict:
         raise ForensicsError("--probe is required for models other than demo and demo-clean")
     probe = load_probe_set(probe_spec)
     model = ref.load()
+    refuse_overwriting_inputs([Path(args.out)], model_files(model.facts.source) + probe.files())
     indices = probe.clean_indices()
     with tqdm_progress("train-patch", not args.quiet) as progress:
         images = probe.load_images(model.image_size, indices)

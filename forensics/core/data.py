@@ -105,6 +105,12 @@ class ProbeSet:
             meta={**self.meta, "subset_of": len(self.items), "subset_indices": indices},
         )
 
+    def files(self) -> list[Path]:
+        """Every file this probe set was read from (its CSV and classes.json, images, masks): outputs never
+        replace these."""
+        listed = [Path(f) for f in self.meta.get("files", [])]
+        return listed + [Path(it.image) for it in self.items] + [Path(it.mask) for it in self.items if it.mask]
+
     def load_mask(self, index: int, size: int) -> torch.Tensor | None:
         """The ground-truth object mask (size x size bool) aligned with :meth:`load_images`, if known."""
         item = self.items[index]
@@ -193,6 +199,7 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None) -> Prob
     manifest = path.parent.parent / "manifest.json"
     if manifest.is_file():
         meta = json.loads(manifest.read_text())
+    meta["files"] = [str(path), str(path.parent / "classes.json")]  # inputs no output may replace
     return ProbeSet(name=path.stem, items=items, class_names=class_names, meta=meta)
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from forensics.core.errors import ForensicsError
+from forensics.core.files import model_files, refuse_overwriting_inputs
 from forensics.core.models import ModelRef, SuspectModel, atomic_write_text, resolve_model
 from forensics.core.progress import Progress
 from forensics.detect.safeclip_audit import AuditSettings, ScoreWith, _poison_flags, audit_metrics, pair_cosines
@@ -25,6 +26,10 @@ def _name(model: str | ModelRef | SuspectModel) -> str:
     if isinstance(model, SuspectModel):
         return model.facts.source
     return model.spec if isinstance(model, ModelRef) else str(model)
+
+
+def _files(model: str | ModelRef | SuspectModel) -> list[Path]:
+    return model_files(model.facts.source if isinstance(model, SuspectModel) else _name(model))
 
 
 def _resolve(model: str | ModelRef | SuspectModel) -> tuple[SuspectModel, str]:
@@ -57,6 +62,10 @@ def audit_dataset(
     if score_with == "reference" and reference is None:
         raise ForensicsError("scoring with the reference needs a reference model (--reference)")
     rows = read_caption_csv(csv_path)
+    if out is not None:  # refuse before any scoring: no output may replace the data, its images or a model
+        inputs = [Path(csv_path), *(Path(r["image"]) for r in rows), *_files(model)]
+        inputs += _files(reference) if reference is not None else []
+        refuse_overwriting_inputs([Path(out) / "audit.json", Path(out) / "audit.csv"], inputs)
     if progress:
         progress(0.02, f"loading the {score_with} model")
     scorer, scorer_name = _resolve(reference if score_with == "reference" else model)

@@ -22,6 +22,7 @@ from PIL import Image
 from forensics.attacks import build_attack
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
+from forensics.core.files import model_files, refuse_overwriting_inputs
 from forensics.core.images import load_image
 from forensics.core.models import ModelRef, SuspectModel, as_ref, save_model
 from forensics.core.progress import Progress, ShouldStop, sub_progress
@@ -63,6 +64,18 @@ def check_findings_model(report: dict, model: SuspectModel, force: bool = False)
             "scan this model first, or pass --force to repair with them anyway"
         )
     return ["the findings were made on a different model file (SHA-256 differs); used because of --force"]
+
+
+def findings_files(report: dict) -> list[Path]:
+    """The files a scan's findings consist of (report.json, the compact set and its images, trigger patterns)."""
+    folder = Path(report["_dir"])
+    files = [folder / "report.json", folder / "report.html"] + [folder / t["pattern"] for t in report["triggers"]]
+    compact = folder / report["compact_set"]["csv"]
+    files += [compact, compact.parent / "classes.json"]
+    if compact.is_file():
+        with open(compact, newline="", encoding="utf-8-sig") as fh:
+            files += [compact.parent / row["image"] for row in csv.DictReader(fh) if row.get("image")]
+    return files
 
 
 def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
@@ -208,9 +221,8 @@ def run_repair(
     loaded = ref.load() if ref else model
     notes = check_findings_model(report, loaded, force) if report else []
     out = Path(out)
-    source = Path(loaded.facts.source)
-    if source.exists() and (out / "model.safetensors").resolve() == source.resolve():
-        raise ForensicsError("refusing to overwrite the input model; choose another --out folder")
+    inputs = model_files(loaded.facts.source) + (findings_files(report) if report else [])
+    outputs = [out / "model.safetensors", out / "model.json", out / "metrics.json", out / "report.html"]
     split: dict[str, Any] = {}
     if needs:
         if budget is not None:
@@ -219,7 +231,9 @@ def run_repair(
         patterns = data.patterns
         probe_set = load_probe_set(report["probe"]["source"])
         eval_idx = probe_set.clean_indices()
+        refuse_overwriting_inputs(outputs, inputs + probe_set.files())
     else:
+        refuse_overwriting_inputs(outputs, inputs + probe_set.files())
         if progress:
             progress(0.01, f"loading {len(budget_idx)} clean budget images")
         data = budget_repair_data(probe_set, budget_idx, loaded.image_size)

@@ -125,32 +125,41 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _text(value: Any) -> str:
+    """Any value as HTML text: labels, file names, captions and notes come from users and models (no stored XSS)."""
+    return html.escape(str(value), quote=True)
+
+
 def write_html(path: Path, title: str, summary: dict, sections: list[tuple[str, str]]) -> None:
-    """One self-contained HTML page: a summary table, then titled sections of HTML (figures inline)."""
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
-    body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
+    """One self-contained HTML page: a summary table, then titled sections of HTML (figures inline).
+
+    ``title``, the summary and the section names are escaped here; each section's content is markup, so its
+    builder must escape what it puts in (``table_html``, ``figure_html`` and ``_text`` do).
+    """
+    rows = "".join(f"<tr><th>{_text(k)}</th><td>{_text(v)}</td></tr>" for k, v in summary.items())
+    body = "".join(f"<h2>{_text(name)}</h2>{content}" for name, content in sections)
     page = (
-        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{_text(title)}</title>\n'
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222} "
         "table{border-collapse:collapse}\n"
         "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:13px} img{max-width:100%}\n"
         ".note{color:#555;font-size:13px} "
         ".pattern{display:inline-block;margin:8px;text-align:center;font-size:12px}</style></head>\n"
-        f"<body><h1>{html.escape(title)}</h1><table>{rows}</table>"
-        f'<p class="note">{html.escape(ASR_NOTE)}.</p>{body}</body></html>'
+        f"<body><h1>{_text(title)}</h1><table>{rows}</table>"
+        f'<p class="note">{_text(ASR_NOTE)}.</p>{body}</body></html>'
     )
     atomic_write_text(Path(path), page)
 
 
 def figure_html(fig_or_image: Any, alt: str = "") -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_png_b64(fig_or_image)}">'
+    """A matplotlib figure (closed here) or PIL image as an inline PNG ``<img>``; ``alt`` is escaped."""
+    return f'<img alt="{_text(alt)}" src="data:image/png;base64,{_png_b64(fig_or_image)}">'
 
 
 def table_html(rows: list[dict], columns: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows
-    )
+    """An HTML table of ``rows`` (dicts) in ``columns`` order; every header and cell is escaped text."""
+    head = "".join(f"<th>{_text(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_text(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -189,13 +198,28 @@ def write_scan_html(out: Path, report: dict, findings: Any, model: Any, probe_se
             true_box,
         )
         panels.append(figure_html(fig, f"image {i}"))
-    flagged = [f["label"] for f in report["flagged_labels"]]
-    patterns = "".join(
+    summary, sections = scan_sections(out, report, records, class_names, panels)
+    write_html(out / "report.html", f"Backdoor scan of {report['model']['spec']}", summary, sections)
+
+
+def trigger_patterns_html(out: Path, triggers: Sequence[dict]) -> str:
+    """The trigger candidates as preview images (read from ``out``) with escaped captions; "" when there are none."""
+    return "".join(
         '<div class="pattern"><img src="data:image/png;base64,'
         f'{_b64_file(out / t["pattern"].replace(".png", "_preview.png"))}"><br>'
-        f"{t['label']}: verified flip rate {t['verified_asr']:.0%} on {t['n_verified']} clean images</div>"
-        for t in report["triggers"]
+        f"{_text(t['label'])}: verified flip rate {t['verified_asr']:.0%} "
+        f"on {_text(t['n_verified'])} clean images</div>"
+        for t in triggers
     )
+
+
+def scan_sections(
+    out: Path, report: dict, records: list[dict], class_names: Sequence[str], panels: Sequence[str]
+) -> tuple[dict, list[tuple[str, str]]]:
+    """The scan page's summary and sections around the already drawn per-image ``panels`` (``figure_html`` each);
+    apart from ``write_scan_html`` so the page can be built, and its escaping checked, without a model."""
+    flagged = [f["label"] for f in report["flagged_labels"]]
+    patterns = trigger_patterns_html(out, report["triggers"])
     metrics = {k: v for k, v in report["metrics"].items()}
     summary = {
         "model": report["model"]["spec"],
@@ -229,7 +253,7 @@ def write_scan_html(out: Path, report: dict, findings: Any, model: Any, probe_se
             "".join(panels),
         ),
     ]
-    write_html(out / "report.html", f"Backdoor scan of {report['model']['spec']}", summary, sections)
+    return summary, sections
 
 
 def _b64_file(path: Path) -> str:
@@ -361,8 +385,8 @@ def write_compare_outputs(out: Path, report: dict) -> None:
             ),
             (
                 "Notes",
-                f"<p class='note'>{html.escape(report['memory_note'])}.</p><ul>"
-                + "".join(f"<li>{html.escape(n[2:])}</li>" for n in notes)
+                f"<p class='note'>{_text(report['memory_note'])}.</p><ul>"
+                + "".join(f"<li>{_text(n[2:])}</li>" for n in notes)
                 + "</ul>",
             ),
         ],

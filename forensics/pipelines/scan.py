@@ -20,6 +20,7 @@ import torch
 
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
+from forensics.core.files import model_files, refuse_overwriting_inputs
 from forensics.core.images import inpaint_box, to_pil
 from forensics.core.models import ModelRef, SuspectModel, resolve_model
 from forensics.core.progress import Progress, sub_progress
@@ -196,14 +197,19 @@ def scan(
 def write_scan(outcome: ScanOutcome, out: str | Path, progress: Progress | None = None) -> dict:
     """Write report.json, report.html, the trigger patterns and the compact set under ``out``; the CLI's summary."""
     out = Path(out)
+    report = outcome.report
+    rows = compact_rows(outcome.findings, outcome.probe.class_names, seed=report["seed"])
+    patterns = list(outcome.findings.artefacts["patterns"])
+    outputs = [out / "report.json", out / "report.html", out / "compact" / "compact.csv"]
+    outputs += [out / "compact" / "classes.json", *(out / "compact" / r["image"] for r in rows)]
+    outputs += [out / n for n in patterns] + [out / n.replace(".png", "_preview.png") for n in patterns]
+    refuse_overwriting_inputs(outputs, model_files(outcome.model.facts.source) + outcome.probe.files())
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    report = outcome.report
     for name, info in outcome.findings.artefacts["patterns"].items():
         pattern = to_pil(info["pattern"])
         pattern.save(out / name)
         pattern.resize((96, 96), resample=0).save(out / name.replace(".png", "_preview.png"))
-    rows = compact_rows(outcome.findings, outcome.probe.class_names, seed=report["seed"])
     report["compact_set"] = write_compact_set(out, rows, outcome.probe.class_names)
     report["metrics"]["seconds_total"] = round(report["metrics"]["seconds_total"] + time.time() - start, 2)
     write_json(out / "report.json", report)

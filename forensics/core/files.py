@@ -1,0 +1,36 @@
+"""Outputs never replace inputs: every command names the files it will write and the files it read, and refuses,
+before writing anything, when one resolves to the other (a model's sidecar, a probe CSV, a scan's findings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from forensics.core.errors import ForensicsError
+
+
+def model_files(source: str | Path | None) -> list[Path]:
+    """A checkpoint file and the JSON sidecar saved beside it (what loading it read)."""
+    if not source:
+        return []
+    path = Path(source)
+    if not path.exists():  # random:ARCH, hub ids
+        return []
+    return [path, path.with_suffix(".json")] if path.is_file() else [path]
+
+
+def _key(path: Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def refuse_overwriting_inputs(
+    outputs: Iterable[str | Path], inputs: Iterable[str | Path], what: str = "output"
+) -> None:
+    """Raise one ForensicsError line when any of ``outputs`` is (by resolved path) one of ``inputs``."""
+    read = {_key(Path(p)) for p in inputs}
+    for out in outputs:
+        if _key(Path(out)) in read:
+            raise ForensicsError(
+                f"refusing to write {Path(out).name} in {Path(out).parent}: it would replace one of this command's "
+                "inputs (the model, its sidecar, the probe set, the data or the findings); choose another --out"
+            )
