@@ -20,9 +20,65 @@ MAX_IMAGE_PIXELS = 64_000_000
 """Larger images are refused by every loader (decompression bombs)."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB version of a PIL image of any mode (the same object when it is RGB already).
+
+    PIL's own ``convert("RGB")`` clips 16-bit, 32-bit and float values to 0..255, so a 16-bit PNG turns all
+    white; here they are scaled instead (16-bit: 0..65535 to 0..255; ``I``: by its range, see
+    ``_gray_to_uint8``; ``F``: [0, 1] or 0..max to 0..255). Transparent pixels (alpha, a palette or colour key)
+    are composited onto white, as a browser shows them on a white page, rather than revealing whatever colour
+    the file stores under them. Every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, ...) goes through PIL.
+    """
+    mode = image.mode
+    if mode == "RGB" and not image.has_transparency_data:
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        gray = _gray_to_uint8(image)
+        key = image.info.get("transparency")
+        if isinstance(key, (int, float)) and not isinstance(key, bool):
+            gray[np.asarray(image) == key] = 255  # a colour-keyed transparent value: white, like alpha below
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.has_transparency_data:
+        rgba = image.convert("LA" if mode == "La" else "RGBA").convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _gray_to_uint8(image: Image.Image) -> np.ndarray:
+    """The values of a one-channel ``I;16*``, ``I`` or ``F`` image scaled to uint8 (H x W, a fresh array).
+
+    16-bit: / 257 (0..65535 to 0..255). ``I`` (32-bit int) holds any range, so it is read as 8-bit when its
+    maximum is <= 255, as 16-bit when <= 65535 (how PIL loads many 16-bit files), else scaled by its maximum.
+    ``F``: values within [0, 1] times 255, else scaled by the maximum; NaN is 0, +inf the maximum. Negative
+    values become 0.
+    """
+    arr = np.asarray(image).astype(np.float32)  # float32 is exact for 16-bit values and halves 64 MP's memory
+    if image.mode.startswith("I;16"):
+        scale = 1.0 / 257.0
+    else:
+        finite = np.isfinite(arr)
+        if not finite.all():
+            top_finite = float(arr[finite].max()) if finite.any() else 0.0
+            arr = np.where(np.isposinf(arr), top_finite, np.where(finite, arr, 0.0)).astype(np.float32)
+        top = float(arr.max()) if arr.size else 0.0
+        if image.mode == "F":
+            low = float(arr.min()) if arr.size else 0.0
+            scale = 255.0 if low >= 0.0 and top <= 1.0 else (255.0 / top if top > 0 else 0.0)
+        elif top <= 255:
+            scale = 1.0
+        elif top <= 65535:
+            scale = 1.0 / 257.0
+        else:
+            scale = 255.0 / top
+    arr *= scale
+    np.clip(arr, 0.0, 255.0, out=arr)
+    return np.rint(arr).astype(np.uint8)
+
+
 def to_tensor(pil: Image.Image) -> torch.Tensor:
-    """A PIL image (any mode) as a float32 3xHxW tensor in [0, 1] (converted to RGB first)."""
-    arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    """A PIL image (any mode) as a float32 3xHxW tensor in [0, 1] (converted by ``to_rgb`` first)."""
+    arr = np.asarray(to_rgb(pil), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
 
 
@@ -37,8 +93,9 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
 
 
 def pil_to_model_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """CLIP-style resize (shorter side to ``size``, bicubic) + centre crop of a PIL image to a tensor in [0, 1]."""
-    image = image.convert("RGB")
+    """CLIP-style resize (shorter side to ``size``, bicubic) + centre crop of a PIL image (any mode, via ``to_rgb``)
+    to a tensor in [0, 1]."""
+    image = to_rgb(image)
     w, h = image.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
