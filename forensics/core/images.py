@@ -192,3 +192,24 @@ def box_iou(a: Box, b: Box) -> float:
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def load_pattern(path: str | Path) -> torch.Tensor:
+    """A trigger pattern file as a 3 x h x w tensor in [0, 1] at its own size (patterns are pasted, not resized),
+    with the same size limit and one-line errors as :func:`load_image`."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ForensicsError(
+                    f"trigger pattern {path.name} is too large ({im.width}x{im.height} pixels; "
+                    f"limit {MAX_IMAGE_PIXELS:,})"
+                )
+            im.load()
+            return to_tensor(im)
+    except ForensicsError:
+        raise
+    except FileNotFoundError:
+        raise ForensicsError(f"trigger pattern {path.name} does not exist") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ForensicsError(f"cannot read trigger pattern {path.name}: {exc}") from None

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from forensics.core.errors import ForensicsError
-from forensics.core.images import Box
+from forensics.core.images import Box, to_rgb
 from forensics.core.registry import Registry
 
 ORACLES: Registry = Registry("oracle")
@@ -155,7 +155,7 @@ def to_numpy_rgb(image: Any) -> np.ndarray:
     except ImportError:  # pragma: no cover
         Image = None
     if Image is not None and isinstance(image, Image.Image):
-        return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        return np.ascontiguousarray(np.asarray(to_rgb(image), dtype=np.uint8))
     if isinstance(image, np.ndarray):
         a = image
         if a.ndim == 2:

@@ -140,15 +140,6 @@ def explain_image(
     )
 
 
-def load_pattern(path: str | Path) -> torch.Tensor:
-    """A reconstructed trigger pattern file (as the scan writes it) as a 3 x h x w tensor in [0, 1], at its own size."""
-    try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
-    except (OSError, ValueError) as exc:
-        raise ForensicsError(f"cannot read trigger pattern {Path(path).name}: {exc}") from None
-
-
 def paste_trigger(
     model: SuspectModel,
     image: ImageInput,

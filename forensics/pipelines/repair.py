@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from forensics.attacks import build_attack
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
 from forensics.core.files import model_files, refuse_overwriting_inputs
-from forensics.core.images import load_image
+from forensics.core.images import load_image, load_pattern
 from forensics.core.models import ModelRef, SuspectModel, as_ref, save_model
 from forensics.core.progress import Progress, ShouldStop, sub_progress
 from forensics.core.zeroshot import ASR_NOTE
@@ -107,10 +106,7 @@ def read_patterns(report: dict) -> list[torch.Tensor]:
 
     They are pasted, not resized.
     """
-    patterns = []
-    for t in report["triggers"]:
-        with Image.open(Path(report["_dir"]) / t["pattern"]) as im:
-            patterns.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255)
+    patterns = [load_pattern(Path(report["_dir"]) / t["pattern"]) for t in report["triggers"]]
     return patterns
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import gradio as gr
 
+from forensics.core.images import load_pattern
 from forensics.pipelines.evaluate import get_model
-from forensics.pipelines.explain import load_pattern, paste_trigger
+from forensics.pipelines.explain import paste_trigger
 from forensics.ui.common import guarded, model_ref, need_scan
 
 EXPLAIN = """**Flagged labels** collect predictions that a small non-object window decides; a backdoor's target
