@@ -151,3 +151,14 @@ def test_csv_saved_with_a_byte_order_mark_loads(tmp_path):
     probe = load_probe_set(tmp_path / "probe.csv")
     assert len(probe) == 1 and probe.items[0].label == 0
     assert read_caption_csv(tmp_path / "probe.csv")[0]["caption"] == "a red thing"
+
+
+@pytest.mark.parametrize("box", ["one two three four", "1 2 3", "1 2 3 nan", "1 2 inf 4"])
+def test_a_trigger_box_that_is_not_four_numbers_is_one_clear_error(tmp_path, box):
+    from forensics.core.data import load_probe_set
+
+    _png(tmp_path / "a.png", "red", (8, 8))
+    (tmp_path / "probe.csv").write_text(f"image,caption,label,trigger_box\na.png,x,red,{box}\n")
+    (tmp_path / "classes.json").write_text('{"classes": ["red"]}')
+    with pytest.raises(ForensicsError, match="must be four numbers"):
+        load_probe_set(tmp_path / "probe.csv")

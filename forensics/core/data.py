@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -143,9 +144,13 @@ def _parse_box(text: str | None) -> Box | None:
     if not text or not text.strip():
         return None
     parts = text.replace(",", " ").split()
-    if len(parts) != 4:
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
         raise ForensicsError(f"trigger_box {text!r} must be four numbers x0 y0 x1 y1")
-    return tuple(int(float(p)) for p in parts)  # type: ignore[return-value]
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
 
 
 def _parse_flag(text: str | None) -> bool | None:
