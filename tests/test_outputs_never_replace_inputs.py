@@ -88,3 +88,28 @@ def test_repair_into_the_scan_folder_would_replace_the_findings(tmp_path, capsys
         )
         == 0
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["scan", "demo", "--max-images", "8", "--out", "{out}"],
+        ["repair", "demo", "--method", "cleanclip", "--out", "{out}"],
+        ["compare", "demo", "--methods", "cleanclip", "--out", "{out}"],
+        ["implant", "--data", "{data}", "--base", "demo", "--epochs", "1", "--out", "{out}"],
+        ["audit", "demo", "--data", "{data}", "--out", "{out}"],
+    ],
+)
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_an_output_folder_that_cannot_be_one_is_refused_before_any_work(command, where, tmp_path, capsys):
+    from forensics.core.data import DEMO_PROBES
+
+    blocker = tmp_path / "taken.txt"
+    blocker.write_text("not a folder")
+    out = blocker if where == "a file" else blocker / "sub"
+    args = [a.format(out=out, data=DEMO_PROBES["demo-clean"]) for a in command]
+    capsys.readouterr()
+    assert main(["--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file" in err and "unexpected" not in err, err
+    assert blocker.read_text() == "not a folder"

@@ -3,6 +3,7 @@ before writing anything, when one resolves to the other (a model's sidecar, a pr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -34,3 +35,29 @@ def refuse_overwriting_inputs(
                 f"refusing to write {Path(out).name} in {Path(out).parent}: it would replace one of this command's "
                 "inputs (the model, its sidecar, the probe set, the data or the findings); choose another --out"
             )
+
+
+def check_output_folder(out: str | Path) -> Path:
+    """Say now, in one ForensicsError line, when ``out`` cannot become the output folder (it is a file, or the
+    nearest existing folder above it is not writable), so no long step runs before the writing fails."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ForensicsError(f"--out {out} is a file, not a folder; choose a folder")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ForensicsError(f"cannot create the output folder {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ForensicsError(f"the output folder {out} cannot be written ({existing} is not writable)")
+    return out
+
+
+def output_folder(out: str | Path) -> Path:
+    """``out`` checked (:func:`check_output_folder`) and created when missing."""
+    out = check_output_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ForensicsError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+    return out

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from forensics.core.errors import ForensicsError
-from forensics.core.files import model_files, refuse_overwriting_inputs
+from forensics.core.files import check_output_folder, model_files, output_folder, refuse_overwriting_inputs
 from forensics.core.models import ModelRef, SuspectModel, atomic_write_text, resolve_model
 from forensics.core.progress import Progress
 from forensics.detect.safeclip_audit import AuditSettings, ScoreWith, _poison_flags, audit_metrics, pair_cosines
@@ -63,6 +63,7 @@ def audit_dataset(
         raise ForensicsError("scoring with the reference needs a reference model (--reference)")
     rows = read_caption_csv(csv_path)
     if out is not None:  # refuse before any scoring: no output may replace the data, its images or a model
+        check_output_folder(out)
         inputs = [Path(csv_path), *(Path(r["image"]) for r in rows), *_files(model)]
         inputs += _files(reference) if reference is not None else []
         refuse_overwriting_inputs([Path(out) / "audit.json", Path(out) / "audit.csv"], inputs)
@@ -128,7 +129,7 @@ def audit_dataset(
 def write_audit(out: str | Path, summary: dict, ranked: list[dict]) -> None:
     """Write ``audit.json`` (summary + ranked rows) and ``audit.csv`` (ranked rows), each atomically."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     atomic_write_text(out / "audit.json", json.dumps({**summary, "rows": ranked}, indent=2))
     fields = ["rank", "row", "image", "caption", "label", "cosine", "risk", "safe", "poisoned"]
     fields = [f for f in fields if any(f in r for r in ranked)]

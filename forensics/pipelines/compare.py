@@ -28,7 +28,7 @@ import torch
 from forensics.attacks import Attack, attack_from_dict, build_attack
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
-from forensics.core.files import model_files, refuse_overwriting_inputs
+from forensics.core.files import check_output_folder, model_files, output_folder, refuse_overwriting_inputs
 from forensics.core.models import ModelRef, SuspectModel, as_ref, save_model
 from forensics.core.progress import Progress, ShouldStop, sub_progress
 from forensics.core.zeroshot import ASR_NOTE
@@ -236,14 +236,14 @@ def run_compare(
     loaded = ref.load() if ref else model
     measured = resolve_attacks(loaded, ref, probe_set.class_names, attacks, target)
     triggers = [(a["key"], a["attack"], a["target"]) for a in measured]
-    out = Path(out)
+    out = check_output_folder(out)
     outputs = [out / "compare.json", out / "compare.md", out / "report.html"]
     outputs += (
         [out / "models" / f"{n}{suffix}" for n in names for suffix in (".safetensors", ".json")] if save_models else []
     )
     inputs = model_files(loaded.facts.source) + probe_set.files()
     refuse_overwriting_inputs(outputs, inputs + (findings_files(read_findings(findings)) if findings else []))
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     data = budget_repair_data(probe_set, budget_idx, loaded.image_size)
     eval_images = probe_set.load_images(loaded.image_size, eval_idx)
     eval_labels = [probe_set.items[i].label for i in eval_idx]

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from forensics.core.errors import ForensicsError
-from forensics.core.files import model_files, refuse_overwriting_inputs
+from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs
 from forensics.core.models import load_model, new_model, save_model
 from forensics.core.templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
 from forensics.core.tokenizer import WordTokenizer
@@ -76,7 +76,7 @@ def implant(
     rows = read_caption_csv(data)
     if epochs < 1 or batch_size < 2:
         raise ForensicsError("--epochs must be at least 1 and --batch-size at least 2")
-    out = Path(out)
+    out = check_output_folder(out)
     inputs = [Path(data), *(Path(r["image"]) for r in rows), *(model_files(base) if base else [])]
     refuse_overwriting_inputs([out / "model.safetensors", out / "model.json"], inputs)
     notes = []

@@ -21,7 +21,7 @@ import torch
 from forensics.attacks import build_attack
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
-from forensics.core.files import model_files, refuse_overwriting_inputs
+from forensics.core.files import check_output_folder, model_files, output_folder, refuse_overwriting_inputs
 from forensics.core.images import load_image, load_pattern
 from forensics.core.models import ModelRef, SuspectModel, as_ref, save_model
 from forensics.core.progress import Progress, ShouldStop, sub_progress
@@ -216,7 +216,7 @@ def run_repair(
         budget_idx, eval_idx = split_clean_budget(probe_set, budget, seed)
     loaded = ref.load() if ref else model
     notes = check_findings_model(report, loaded, force) if report else []
-    out = Path(out)
+    out = check_output_folder(out)
     inputs = model_files(loaded.facts.source) + (findings_files(report) if report else [])
     outputs = [out / "model.safetensors", out / "model.json", out / "metrics.json", out / "report.html"]
     split: dict[str, Any] = {}
@@ -264,7 +264,7 @@ def run_repair(
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {"before": before, "after": after}
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     result.model.facts.source = f"repaired ({method})"
     model_path = save_model(
         result.model,

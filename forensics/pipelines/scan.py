@@ -20,7 +20,7 @@ import torch
 
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
-from forensics.core.files import model_files, refuse_overwriting_inputs
+from forensics.core.files import check_output_folder, model_files, output_folder, refuse_overwriting_inputs
 from forensics.core.images import inpaint_box, to_pil
 from forensics.core.models import ModelRef, SuspectModel, resolve_model
 from forensics.core.progress import Progress, sub_progress
@@ -204,7 +204,7 @@ def write_scan(outcome: ScanOutcome, out: str | Path, progress: Progress | None 
     outputs += [out / "compact" / "classes.json", *(out / "compact" / r["image"] for r in rows)]
     outputs += [out / n for n in patterns] + [out / n.replace(".png", "_preview.png") for n in patterns]
     refuse_overwriting_inputs(outputs, model_files(outcome.model.facts.source) + outcome.probe.files())
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     start = time.time()
     for name, info in outcome.findings.artefacts["patterns"].items():
         pattern = to_pil(info["pattern"])
@@ -240,5 +240,6 @@ def run_scan(
 ) -> dict:
     """Scan ``model`` on ``probe`` and write ``out/report.json``, ``out/report.html``, trigger patterns and the
     compact set; returns the summary (paths, flagged labels, triggers, victim count, metrics)."""
+    check_output_folder(out)  # before the scan, not after it
     outcome = scan(model, probe, oracle, sam_checkpoint, settings, max_images, progress)
     return write_scan(outcome, out, progress)
