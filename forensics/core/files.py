@@ -1,11 +1,18 @@
-"""Outputs never replace inputs: every command names the files it will write and the files it read, and refuses,
-before writing anything, when one resolves to the other (a model's sidecar, a probe CSV, a scan's findings)."""
+"""Outputs never replace inputs, and interrupted commands leave nothing half-written.
+
+Every command names the files it will write and the files it read, and refuses, before writing anything, when
+one resolves to the other (a model's sidecar, a probe CSV, a scan's findings); it writes into a temporary folder
+beside ``--out`` and moves the finished files into place at the end (:func:`staged_output`).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from forensics.core.errors import ForensicsError
 
@@ -53,11 +60,29 @@ def check_output_folder(out: str | Path) -> Path:
     return out
 
 
-def output_folder(out: str | Path) -> Path:
-    """``out`` checked (:func:`check_output_folder`) and created when missing."""
+@contextmanager
+def staged_output(out: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to write a command's outputs into; when the block ends normally its files
+    move into ``out`` (the whole folder at once when ``out`` did not exist, else file by file with ``os.replace``),
+    and when it fails or is interrupted (Ctrl-C) the temporary folder is removed: ``out`` keeps its previous
+    result, or stays absent."""
     out = check_output_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    try:
+        if not out.exists():
+            os.replace(stage, out)
+            return
+        for file in sorted(p for p in stage.rglob("*") if p.is_file()):
+            target = out / file.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
     except OSError as exc:
-        raise ForensicsError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-    return out
+        raise ForensicsError(f"cannot move the outputs into {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

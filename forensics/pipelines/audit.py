@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from forensics.core.errors import ForensicsError
-from forensics.core.files import check_output_folder, model_files, output_folder, refuse_overwriting_inputs
+from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
 from forensics.core.models import ModelRef, SuspectModel, atomic_write_text, resolve_model
 from forensics.core.progress import Progress
 from forensics.detect.safeclip_audit import AuditSettings, ScoreWith, _poison_flags, audit_metrics, pair_cosines
@@ -127,14 +127,13 @@ def audit_dataset(
 
 
 def write_audit(out: str | Path, summary: dict, ranked: list[dict]) -> None:
-    """Write ``audit.json`` (summary + ranked rows) and ``audit.csv`` (ranked rows), each atomically."""
-    out = Path(out)
-    output_folder(out)
-    atomic_write_text(out / "audit.json", json.dumps({**summary, "rows": ranked}, indent=2))
+    """Write ``audit.json`` (summary + ranked rows) and ``audit.csv`` (ranked rows): both, or (interrupted) neither."""
     fields = ["rank", "row", "image", "caption", "label", "cosine", "risk", "safe", "poisoned"]
     fields = [f for f in fields if any(f in r for r in ranked)]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(ranked)
-    atomic_write_text(out / "audit.csv", buf.getvalue())
+    with staged_output(out) as stage:
+        atomic_write_text(stage / "audit.json", json.dumps({**summary, "rows": ranked}, indent=2))
+        atomic_write_text(stage / "audit.csv", buf.getvalue())

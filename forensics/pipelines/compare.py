@@ -28,7 +28,7 @@ import torch
 from forensics.attacks import Attack, attack_from_dict, build_attack
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
-from forensics.core.files import check_output_folder, model_files, output_folder, refuse_overwriting_inputs
+from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
 from forensics.core.models import ModelRef, SuspectModel, as_ref, save_model
 from forensics.core.progress import Progress, ShouldStop, sub_progress
 from forensics.core.zeroshot import ASR_NOTE
@@ -176,7 +176,8 @@ def findings_data(
     progress: Progress | None,
 ) -> tuple[RepairData, list[str]]:
     """Repair data for a findings-needing method: from ``findings``, or from a scan (in memory) of the budget
-    images plus the probe's suspect images here; that scan's report is written under ``out/scan`` for reading."""
+    images plus the probe's suspect images here, whose report is written under ``out/scan`` for reading
+    (``out`` is the compare's staging folder)."""
     if findings is not None:
         report = read_findings(findings)
         check_findings_model(report, model)  # findings of another model file make this row an error
@@ -243,111 +244,112 @@ def run_compare(
     )
     inputs = model_files(loaded.facts.source) + probe_set.files()
     refuse_overwriting_inputs(outputs, inputs + (findings_files(read_findings(findings)) if findings else []))
-    output_folder(out)
-    data = budget_repair_data(probe_set, budget_idx, loaded.image_size)
-    eval_images = probe_set.load_images(loaded.image_size, eval_idx)
-    eval_labels = [probe_set.items[i].label for i in eval_idx]
-    if progress:
-        progress(0.03, "measuring CA/ASR before repair")
-    before = measure(loaded, eval_images, eval_labels, probe_set.class_names, triggers)
-    rows = []
-    share = 0.92 / len(names)
-    for k, name in enumerate(names):
-        base = 0.05 + k * share
-        sub = sub_progress(progress, base, base + share, f"{name}: ")
-        row: dict[str, Any] = {
-            "method": name,
-            "status": "ok",
-            "error": None,
-            "ca_before": before["ca"],
-            "ca_after": None,
-            "asr_before": dict(before["asr"]),
-            "asr_after": {},
-            "clean_samples": len(budget_idx),
-            "samples_used": None,
-            "seconds": None,
-            "peak_mib": None,
-            "notes": [],
-        }
-        t0 = time.time()
-        try:
-            cls = DEFENSES[name]
-            defense = make_defense(name, settings.get(name), seed)
-            with PeakMemory() as memory:
-                if cls.needs_findings:
-                    method_data, notes = findings_data(
-                        loaded,
-                        ref,
-                        probe_set,
-                        budget_idx,
-                        eval_idx,
-                        findings,
-                        out,
-                        seed,
-                        sub_progress(sub, 0.0, 0.4, "scan "),
-                    )
-                    row["notes"] += notes
-                    inner = sub_progress(sub, 0.4, 0.9)
-                else:
-                    method_data, inner = data, sub_progress(sub, 0.0, 0.9)
-                result = defense.repair(loaded, method_data, inner, should_stop)
-            row["seconds"] = round(time.time() - t0, 2)
-            row["peak_mib"] = round(memory.peak_mib, 1)
-            if sub:
-                sub(0.92, "measuring CA/ASR after repair")
-            after = measure(result.model, eval_images, eval_labels, probe_set.class_names, triggers)
-            row.update(
-                ca_after=after["ca"],
-                asr_after=after["asr"],
-                samples_used=result.samples_used,
-                settings=result.settings,
-                notes=row["notes"] + list(result.notes),
-            )
-            if save_models:
-                result.model.facts.source = f"repaired ({name})"
-                save_model(
-                    result.model,
-                    out / "models" / f"{name}.safetensors",
-                    backdoor=None,
-                    extra={"repair": {"method": name, "settings": result.settings, "compare": str(out)}},
+    with staged_output(out) as stage:  # an interrupted or failed compare leaves the previous result, or nothing
+        data = budget_repair_data(probe_set, budget_idx, loaded.image_size)
+        eval_images = probe_set.load_images(loaded.image_size, eval_idx)
+        eval_labels = [probe_set.items[i].label for i in eval_idx]
+        if progress:
+            progress(0.03, "measuring CA/ASR before repair")
+        before = measure(loaded, eval_images, eval_labels, probe_set.class_names, triggers)
+        rows = []
+        share = 0.92 / len(names)
+        for k, name in enumerate(names):
+            base = 0.05 + k * share
+            sub = sub_progress(progress, base, base + share, f"{name}: ")
+            row: dict[str, Any] = {
+                "method": name,
+                "status": "ok",
+                "error": None,
+                "ca_before": before["ca"],
+                "ca_after": None,
+                "asr_before": dict(before["asr"]),
+                "asr_after": {},
+                "clean_samples": len(budget_idx),
+                "samples_used": None,
+                "seconds": None,
+                "peak_mib": None,
+                "notes": [],
+            }
+            t0 = time.time()
+            try:
+                cls = DEFENSES[name]
+                defense = make_defense(name, settings.get(name), seed)
+                with PeakMemory() as memory:
+                    if cls.needs_findings:
+                        method_data, notes = findings_data(
+                            loaded,
+                            ref,
+                            probe_set,
+                            budget_idx,
+                            eval_idx,
+                            findings,
+                            stage,
+                            seed,
+                            sub_progress(sub, 0.0, 0.4, "scan "),
+                        )
+                        row["notes"] += notes
+                        inner = sub_progress(sub, 0.4, 0.9)
+                    else:
+                        method_data, inner = data, sub_progress(sub, 0.0, 0.9)
+                    result = defense.repair(loaded, method_data, inner, should_stop)
+                row["seconds"] = round(time.time() - t0, 2)
+                row["peak_mib"] = round(memory.peak_mib, 1)
+                if sub:
+                    sub(0.92, "measuring CA/ASR after repair")
+                after = measure(result.model, eval_images, eval_labels, probe_set.class_names, triggers)
+                row.update(
+                    ca_after=after["ca"],
+                    asr_after=after["asr"],
+                    samples_used=result.samples_used,
+                    settings=result.settings,
+                    notes=row["notes"] + list(result.notes),
                 )
-            del result
-        except Exception as exc:  # noqa: BLE001 - a failing method is a row, not a crash
-            if should_stop and should_stop():
-                raise ForensicsError("compare cancelled") from None
-            row.update(
-                status="error",
-                seconds=round(time.time() - t0, 2),
-                error=str(exc) if isinstance(exc, ForensicsError) else f"{type(exc).__name__}: {exc}",
-            )
-        rows.append(row)
-    report = {
-        "model": ref.spec if ref else loaded.facts.source,
-        "sha256": loaded.facts.sha256,
-        "architecture": loaded.facts.architecture,
-        "probe": str(probe_spec),
-        "budget": len(budget_idx),
-        "held_out": len(eval_idx),
-        "seed": seed,
-        "budget_indices": budget_idx,
-        "findings": None if findings is None else str(findings),
-        "attacks": [
-            {"key": a["key"], "target": a["target"], "origin": a["origin"], **a["attack"].to_dict()} for a in measured
-        ],
-        "before": before,
-        "rows": rows,
-        "note": ASR_NOTE + f"; every method is measured on the same {len(eval_idx)} "
-        f"held-out clean images and repairs with the same {len(budget_idx)} clean budget images (seed {seed})",
-        "memory_note": "peak MiB: "
-        + (
-            "CUDA max_memory_allocated above the allocation at the start of the repair"
-            if torch.cuda.is_available()
-            else "peak process RSS (sampled every 20 ms) above its level at the start of the repair, after "
-            "returning freed memory to the OS; a lower bound where memory is reused"
-        ),
-        "seconds": round(time.time() - start, 2),
-    }
-    write_compare_outputs(out, report)
+                if save_models:
+                    result.model.facts.source = f"repaired ({name})"
+                    save_model(
+                        result.model,
+                        stage / "models" / f"{name}.safetensors",
+                        backdoor=None,
+                        extra={"repair": {"method": name, "settings": result.settings, "compare": str(out)}},
+                    )
+                del result
+            except Exception as exc:  # noqa: BLE001 - a failing method is a row, not a crash
+                if should_stop and should_stop():
+                    raise ForensicsError("compare cancelled") from None
+                row.update(
+                    status="error",
+                    seconds=round(time.time() - t0, 2),
+                    error=str(exc) if isinstance(exc, ForensicsError) else f"{type(exc).__name__}: {exc}",
+                )
+            rows.append(row)
+        report = {
+            "model": ref.spec if ref else loaded.facts.source,
+            "sha256": loaded.facts.sha256,
+            "architecture": loaded.facts.architecture,
+            "probe": str(probe_spec),
+            "budget": len(budget_idx),
+            "held_out": len(eval_idx),
+            "seed": seed,
+            "budget_indices": budget_idx,
+            "findings": None if findings is None else str(findings),
+            "attacks": [
+                {"key": a["key"], "target": a["target"], "origin": a["origin"], **a["attack"].to_dict()}
+                for a in measured
+            ],
+            "before": before,
+            "rows": rows,
+            "note": ASR_NOTE + f"; every method is measured on the same {len(eval_idx)} "
+            f"held-out clean images and repairs with the same {len(budget_idx)} clean budget images (seed {seed})",
+            "memory_note": "peak MiB: "
+            + (
+                "CUDA max_memory_allocated above the allocation at the start of the repair"
+                if torch.cuda.is_available()
+                else "peak process RSS (sampled every 20 ms) above its level at the start of the repair, after "
+                "returning freed memory to the OS; a lower bound where memory is reused"
+            ),
+            "seconds": round(time.time() - start, 2),
+        }
+        write_compare_outputs(stage, report)
     if progress:
         progress(1.0, "done")
     return report

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from forensics.core.errors import ForensicsError
-from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs
+from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
 from forensics.core.models import load_model, new_model, save_model
 from forensics.core.templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
 from forensics.core.tokenizer import WordTokenizer
@@ -111,22 +111,24 @@ def implant(
         history = train_clip(model, rows, cfg, progress)
     backdoor = planted_backdoor(Path(data))
     model.facts.source = f"implant ({'fine-tuned ' + str(base) if base else 'trained ' + str(config)})"
-    path = save_model(
-        model,
-        out / "model.safetensors",
-        backdoor=backdoor,
-        extra={
-            "training": {
-                "config": cfg.to_dict(),
-                "history": history,
-                "data": str(Path(data).resolve()),
-                "base": base,
-                "from_config": config,
-                "mode": mode,
-                **({"safeclip": asdict(safe)} if safe else {}),
-            }
-        },
-    )
+    path = out / "model.safetensors"
+    with staged_output(out) as stage:  # model and sidecar land together, or (interrupted) not at all
+        save_model(
+            model,
+            stage / "model.safetensors",
+            backdoor=backdoor,
+            extra={
+                "training": {
+                    "config": cfg.to_dict(),
+                    "history": history,
+                    "data": str(Path(data).resolve()),
+                    "base": base,
+                    "from_config": config,
+                    "mode": mode,
+                    **({"safeclip": asdict(safe)} if safe else {}),
+                }
+            },
+        )
     return {
         "model": str(path),
         "architecture": model.config["arch"],

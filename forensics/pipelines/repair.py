@@ -21,7 +21,7 @@ import torch
 from forensics.attacks import build_attack
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
-from forensics.core.files import check_output_folder, model_files, output_folder, refuse_overwriting_inputs
+from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
 from forensics.core.images import load_image, load_pattern
 from forensics.core.models import ModelRef, SuspectModel, as_ref, save_model
 from forensics.core.progress import Progress, ShouldStop, sub_progress
@@ -264,45 +264,46 @@ def run_repair(
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {"before": before, "after": after}
-    output_folder(out)
     result.model.facts.source = f"repaired ({method})"
-    model_path = save_model(
-        result.model,
-        out / "model.safetensors",
-        backdoor=None,
-        extra={
-            "repair": {
-                "method": method,
-                "settings": result.settings,
-                "findings": None if findings is None else str(findings),
-                "clean_budget": {k: v for k, v in split.items() if k != "budget_indices"} or None,
-                "original_sha256": loaded.facts.sha256,
-            }
-        },
-    )
-    where = (
-        "the probe set's clean images"
-        if needs
-        else f"the {len(eval_idx)} held-out clean images (the {split.get('budget')} budget images are never scored)"
-    )
-    metrics = {
-        "before": before,
-        "after": after,
-        "method": method,
-        "samples_used": result.samples_used,
-        "seconds": round(time.time() - start, 2),
-        "repair_seconds": result.seconds,
-        "history": result.history,
-        "settings": result.settings,
-        "note": ASR_NOTE + "; measured on " + where,
-        "true_trigger_known": true_trigger is not None,
-        "notes": notes + result.notes,
-        "original_sha256": loaded.facts.sha256,
-        "eval_images": len(eval_idx),
-        "clean_budget": split or None,
-    }
-    write_json(out / "metrics.json", metrics)
-    write_repair_html(out / "report.html", ref.spec if ref else loaded.facts.source, metrics, where, model_path)
+    model_path = out / "model.safetensors"
+    with staged_output(out) as stage:  # an interrupted write leaves the previous result, or nothing
+        save_model(
+            result.model,
+            stage / "model.safetensors",
+            backdoor=None,
+            extra={
+                "repair": {
+                    "method": method,
+                    "settings": result.settings,
+                    "findings": None if findings is None else str(findings),
+                    "clean_budget": {k: v for k, v in split.items() if k != "budget_indices"} or None,
+                    "original_sha256": loaded.facts.sha256,
+                }
+            },
+        )
+        where = (
+            "the probe set's clean images"
+            if needs
+            else f"the {len(eval_idx)} held-out clean images (the {split.get('budget')} budget images are never scored)"
+        )
+        metrics = {
+            "before": before,
+            "after": after,
+            "method": method,
+            "samples_used": result.samples_used,
+            "seconds": round(time.time() - start, 2),
+            "repair_seconds": result.seconds,
+            "history": result.history,
+            "settings": result.settings,
+            "note": ASR_NOTE + "; measured on " + where,
+            "true_trigger_known": true_trigger is not None,
+            "notes": notes + result.notes,
+            "original_sha256": loaded.facts.sha256,
+            "eval_images": len(eval_idx),
+            "clean_budget": split or None,
+        }
+        write_json(stage / "metrics.json", metrics)
+        write_repair_html(stage / "report.html", ref.spec if ref else loaded.facts.source, metrics, where, model_path)
     if progress:
         progress(1.0, "done")
     return {

@@ -20,7 +20,7 @@ import torch
 
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
-from forensics.core.files import check_output_folder, model_files, output_folder, refuse_overwriting_inputs
+from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
 from forensics.core.images import inpaint_box, to_pil
 from forensics.core.models import ModelRef, SuspectModel, resolve_model
 from forensics.core.progress import Progress, sub_progress
@@ -204,18 +204,18 @@ def write_scan(outcome: ScanOutcome, out: str | Path, progress: Progress | None 
     outputs += [out / "compact" / "classes.json", *(out / "compact" / r["image"] for r in rows)]
     outputs += [out / n for n in patterns] + [out / n.replace(".png", "_preview.png") for n in patterns]
     refuse_overwriting_inputs(outputs, model_files(outcome.model.facts.source) + outcome.probe.files())
-    output_folder(out)
     start = time.time()
-    for name, info in outcome.findings.artefacts["patterns"].items():
-        pattern = to_pil(info["pattern"])
-        pattern.save(out / name)
-        pattern.resize((96, 96), resample=0).save(out / name.replace(".png", "_preview.png"))
-    report["compact_set"] = write_compact_set(out, rows, outcome.probe.class_names)
-    report["metrics"]["seconds_total"] = round(report["metrics"]["seconds_total"] + time.time() - start, 2)
-    write_json(out / "report.json", report)
-    if progress:
-        progress(0.92, "drawing the report")
-    write_scan_html(out, report, outcome.findings, outcome.model, outcome.probe)
+    with staged_output(out) as stage:  # an interrupted write leaves the previous result, or nothing
+        for name, info in outcome.findings.artefacts["patterns"].items():
+            pattern = to_pil(info["pattern"])
+            pattern.save(stage / name)
+            pattern.resize((96, 96), resample=0).save(stage / name.replace(".png", "_preview.png"))
+        report["compact_set"] = write_compact_set(stage, rows, outcome.probe.class_names)
+        report["metrics"]["seconds_total"] = round(report["metrics"]["seconds_total"] + time.time() - start, 2)
+        write_json(stage / "report.json", report)
+        if progress:
+            progress(0.92, "drawing the report")
+        write_scan_html(stage, report, outcome.findings, outcome.model, outcome.probe)
     if progress:
         progress(1.0, "done")
     return {
