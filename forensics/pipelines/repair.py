@@ -34,21 +34,74 @@ DEFAULT_BUDGET = 120  # clean repair images when a method needs no findings
 
 
 def read_findings(path: str | Path) -> dict:
-    """A scan's report.json, checked for the fields a repair needs."""
+    """A scan's report.json, checked for the fields a repair needs, their types, and that every file it names
+    (trigger patterns, the compact set) lies inside the findings' own folder."""
     path = Path(path)
     if path.is_dir():
         path = path / "report.json"
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ForensicsError(f"findings file {path} does not exist; run `python -m forensics scan` first") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ForensicsError(f"findings file {path} is not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ForensicsError(f"findings file {path.name} is not valid JSON: {exc}") from None
+    if not isinstance(report, dict):
+        raise ForensicsError(f"findings file {path.name} is not a scan report (a JSON object)")
     for key in ("flagged_labels", "triggers", "victims", "compact_set", "probe", "model"):
         if key not in report:
             raise ForensicsError(f"findings file {path.name} lacks '{key}'; is it a scan report?")
+    _check_findings_types(report, path.name)
     report["_dir"] = str(path.parent)
+    for t in report["triggers"]:
+        inside_findings(report, t["pattern"], "trigger pattern")
+    inside_findings(report, report["compact_set"]["csv"], "compact set")
     return report
+
+
+def _check_findings_types(report: dict, name: str) -> None:
+    """Each field a repair reads has the type the scan writes; a wrong one is named in one line."""
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise ForensicsError(f"findings file {name}: '{field}' must be {what}")
+
+    def is_list_of_dicts(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+    for key in ("flagged_labels", "triggers", "victims"):
+        need(is_list_of_dicts(report[key]), key, "a list of objects")
+    for key in ("compact_set", "probe", "model"):
+        need(isinstance(report[key], dict), key, "an object")
+    classes = report["probe"].get("classes")
+    need(
+        isinstance(classes, list) and bool(classes) and all(isinstance(c, str) for c in classes),
+        "probe.classes",
+        "a non-empty list of class names",
+    )
+    need(isinstance(report["probe"].get("source"), str), "probe.source", "a probe set name or path")
+    need(isinstance(report["compact_set"].get("csv"), str), "compact_set.csv", "a path inside the findings folder")
+    need(report["model"].get("sha256") is None or isinstance(report["model"]["sha256"], str), "model.sha256", "text")
+    for f in report["flagged_labels"]:
+        need(isinstance(f.get("label"), str), "flagged_labels[].label", "a class name")
+    for t in report["triggers"]:
+        need(isinstance(t.get("label"), str) and t["label"] in classes, "triggers[].label", "one of probe.classes")
+        need(isinstance(t.get("pattern"), str), "triggers[].pattern", "a file name inside the findings folder")
+        size = t.get("size")
+        need(
+            isinstance(size, (int, float)) and not isinstance(size, bool) and 0 < size <= 1,
+            "triggers[].size",
+            "a number in (0, 1]",
+        )
+
+
+def inside_findings(report: dict, relative: str, what: str) -> Path:
+    """``relative`` resolved inside the findings' folder; a path that leaves it (absolute, ``..``, a link out)
+    is refused in one line."""
+    folder = Path(report["_dir"]).resolve()
+    target = (folder / relative).resolve()
+    if not target.is_relative_to(folder):
+        raise ForensicsError(f"the findings name a {what} outside their folder ({relative!r}); refused")
+    return target
 
 
 def check_findings_model(report: dict, model: SuspectModel, force: bool = False) -> list[str]:
@@ -78,14 +131,23 @@ def findings_files(report: dict) -> list[Path]:
 
 
 def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
-    """The scan's compact set and trigger patterns, read from beside its report.json."""
-    folder = Path(report["_dir"])
-    csv_path = folder / report["compact_set"]["csv"]
+    """The scan's compact set and trigger patterns, read from beside its report.json (rows checked: a known label,
+    a known kind, an image inside the compact set's folder)."""
+    csv_path = inside_findings(report, report["compact_set"]["csv"], "compact set")
     if not csv_path.is_file():
-        raise ForensicsError(f"the compact fine-tuning set {csv_path} is missing beside the findings")
+        raise ForensicsError(f"the compact fine-tuning set {csv_path.name} is missing beside the findings")
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     class_names = report["probe"]["classes"]
+    kinds = ("victim-neutralised", "victim", "anchor")
+    for n, r in enumerate(rows, 2):
+        if r.get("label") not in class_names or r.get("kind") not in kinds or not r.get("image"):
+            raise ForensicsError(
+                f"compact set {csv_path.name}, line {n}: needs an image, a label among the probe's classes and a kind "
+                f"({', '.join(kinds)})"
+            )
+        if not (csv_path.parent / r["image"]).resolve().is_relative_to(csv_path.parent.resolve()):
+            raise ForensicsError(f"compact set {csv_path.name}, line {n}: image {r['image']!r} is outside its folder")
     images = (
         torch.stack([load_image(csv_path.parent / r["image"], model.image_size) for r in rows])
         if rows
@@ -106,7 +168,7 @@ def read_patterns(report: dict) -> list[torch.Tensor]:
 
     They are pasted, not resized.
     """
-    patterns = [load_pattern(Path(report["_dir"]) / t["pattern"]) for t in report["triggers"]]
+    patterns = [load_pattern(inside_findings(report, t["pattern"], "trigger pattern")) for t in report["triggers"]]
     return patterns
 
 
