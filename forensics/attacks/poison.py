@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from forensics.attacks.base import Attack, ProgressFn, check_seed, to_pil, to_tensor
 from forensics.core.errors import ForensicsError
+from forensics.core.images import read_pil
 
 PATH_COLUMNS = ("image", "mask")
 """Columns holding file paths relative to the CSV's folder; they are rewritten as absolute paths."""
@@ -159,11 +159,9 @@ def poison_dataset(
         if dest.resolve() in inputs:
             raise ForensicsError(f"refusing to overwrite input file {dest}; choose another out_dir")
         try:
-            with Image.open(src) as im:
-                im.load()
-                tensor = to_tensor(im)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise ForensicsError(f"cannot read image {src} ({csv_path.name}, row {i + 1}): {exc}") from None
+            tensor = to_tensor(read_pil(src))
+        except ForensicsError as exc:
+            raise ForensicsError(f"{exc} ({csv_path.name}, row {i + 1})") from None
         triggered, box = attack.apply(tensor, np.random.default_rng([seed, i]))
         fd, tmp = tempfile.mkstemp(dir=images_dir, prefix=".", suffix=".png.tmp")
         os.close(fd)

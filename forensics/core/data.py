@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from forensics.core.errors import ForensicsError
-from forensics.core.images import Box, load_image, pil_to_model_tensor
+from forensics.core.images import Box, load_image, pil_to_model_tensor, read_pil
 from forensics.core.models import ASSETS_DIR
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -117,8 +117,8 @@ class ProbeSet:
         item = self.items[index]
         if item.mask is None:
             return None
-        with Image.open(item.mask) as im:
-            return pil_to_model_tensor(im.convert("L").convert("RGB"), size)[0] > 0.5
+        mask = read_pil(item.mask, "mask")
+        return pil_to_model_tensor(mask.convert("L").convert("RGB"), size)[0] > 0.5
 
     def trigger_box_at(self, index: int, size: int) -> Box | None:
         """The trigger box mapped through the same resize + centre crop as the images."""

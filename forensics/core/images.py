@@ -107,26 +107,32 @@ def pil_to_model_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return data.permute(2, 0, 1).float().div(255.0)
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """Read one image file as 3 x size x size in [0, 1]; unreadable or oversized files give a clear error.
-
-    The one loader for probe sets, training data and trigger files, so every path has the same size limit.
-    """
+def read_pil(path: str | Path, what: str = "image") -> Image.Image:
+    """Open and decode one image file, refusing oversized ones (decompression bombs) before decoding; every
+    failure is one ForensicsError line naming the file. The one way this library opens an image file."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise ForensicsError(
-                    f"image {path.name} is too large ({im.width}x{im.height} pixels; limit {MAX_IMAGE_PIXELS:,})"
+                    f"{what} {path.name} is too large ({im.width}x{im.height} pixels; limit {MAX_IMAGE_PIXELS:,})"
                 )
             im.load()
-            return pil_to_model_tensor(im, size)
+            return im.copy()  # decoded and detached from the file, which closes here
     except ForensicsError:
         raise
     except FileNotFoundError:
-        raise ForensicsError(f"image {path} does not exist") from None
+        raise ForensicsError(f"{what} {path.name} does not exist") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ForensicsError(f"cannot read image {path.name}: {exc}") from None
+        raise ForensicsError(f"cannot read {what} {path.name}: {exc}") from None
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """Read one image file as 3 x size x size in [0, 1]; unreadable or oversized files give a clear error.
+
+    The one loader for probe sets, training data and poisoning, so every path has the same size limit.
+    """
+    return pil_to_model_tensor(read_pil(path), size)
 
 
 def paste(images: torch.Tensor, patch: torch.Tensor, boxes: Box | Sequence[Box]) -> torch.Tensor:
@@ -197,19 +203,4 @@ def box_iou(a: Box, b: Box) -> float:
 def load_pattern(path: str | Path) -> torch.Tensor:
     """A trigger pattern file as a 3 x h x w tensor in [0, 1] at its own size (patterns are pasted, not resized),
     with the same size limit and one-line errors as :func:`load_image`."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ForensicsError(
-                    f"trigger pattern {path.name} is too large ({im.width}x{im.height} pixels; "
-                    f"limit {MAX_IMAGE_PIXELS:,})"
-                )
-            im.load()
-            return to_tensor(im)
-    except ForensicsError:
-        raise
-    except FileNotFoundError:
-        raise ForensicsError(f"trigger pattern {path.name} does not exist") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ForensicsError(f"cannot read trigger pattern {path.name}: {exc}") from None
+    return to_tensor(read_pil(path, "trigger pattern"))
