@@ -122,6 +122,43 @@ def occluded_logits(
 # --------------------------------------------------------------------------- the scan
 
 
+@dataclass
+class Grounding:
+    """Pass 1 for one image: the oracle's regions, whether any is big enough to be an object, their union, CLIP's
+    probabilities on the objects alone, CLIP's label per region crop, and whether the prediction is grounded."""
+
+    regions: list[Region]
+    has_objects: bool
+    object_mask: torch.Tensor
+    object_view: torch.Tensor
+    region_labels: list[dict[str, Any]]
+    grounded: bool
+
+
+@dataclass
+class WindowResult:
+    """Pass 2 for one image: the window whose occlusion drops the prediction most, the label it leaves, whether
+    the label flips, the share of probability removed, and whether that makes a hijack candidate."""
+
+    box: Box
+    new_label: int
+    flips: bool
+    share: float
+    candidate: bool
+
+
+@dataclass
+class Sweep:
+    """Pass 2 across the probe set: per-image window results, the signed occlusion estimate, which images it has
+    signal for, the attribution maps being built, and the window side in pixels."""
+
+    windows: list[WindowResult]
+    estimate: torch.Tensor
+    signal: torch.Tensor
+    maps: torch.Tensor
+    window: int
+
+
 @DETECTORS.register
 class OracleGuidedScan(Detector):
     """EftCLIP-style scan: oracle grounding + small-window hijack test + occlusion attribution."""
@@ -204,13 +241,34 @@ class OracleGuidedScan(Detector):
         Passes, each batched across images: oracle grounding; the estimated occlusion drop (one backward pass)
         and real occlusion of the windows it ranks highest; the trigger's box on that map, checked by occluding it.
         """
+        report = progress or (lambda f, m: None)
+        full = predict(model, images, class_emb, self.settings.batch_size)
+        pred = full.argmax(-1)
+        grounding = self._ground(model, images, class_emb, class_names, full, pred, report)
+        sweep = self._sweep(model, images, class_emb, full, pred, report)
+        hijack_boxes, decisive = self._localize(model, images, class_emb, full, pred, sweep)
+        report(0.95, f"localized {len(hijack_boxes)} candidate hijacks")
+        records = [
+            self._record(class_names, full, int(pred[i]), grounding[i], sweep, i, hijack_boxes, decisive)
+            for i in range(len(images))
+        ]
+        report(1.0, f"examined {len(images)} images")
+        mx = sweep.maps.flatten(1).max(-1).values.clamp(min=1e-12)
+        return records, sweep.maps / mx[:, None, None]
+
+    def _ground(
+        self,
+        model: SuspectModel,
+        images: torch.Tensor,
+        class_emb: torch.Tensor,
+        class_names: list[str],
+        full: torch.Tensor,
+        pred: torch.Tensor,
+        report: Progress,
+    ) -> list[Grounding]:
+        """Pass 1, grounding: the oracle's regions, CLIP on each region crop and on the objects alone."""
         s = self.settings
         n, size = len(images), images.shape[-1]
-        report = progress or (lambda f, m: None)
-        full = predict(model, images, class_emb, s.batch_size)
-        pred = full.argmax(-1)
-
-        # 1. grounding: the oracle's regions, CLIP on each region crop and on the objects alone
         grounding = []
         for i in range(n):
             image, label = images[i], int(pred[i])
@@ -246,12 +304,26 @@ class OracleGuidedScan(Detector):
                     for rl in region_labels
                 )
             )
-            grounding.append((regions, big, object_mask, object_view, region_labels, grounded))
+            grounding.append(Grounding(regions, bool(big), object_mask, object_view, region_labels, grounded))
             report(0.25 * (i + 1) / n, f"oracle regions {i + 1}/{n}")
+        return grounding
 
-        # 2. small-window hijack test: where would covering a window take the prediction away? A first-order
-        # estimate for every pixel (one backward pass) ranks the windows of a grid and the top few are really
-        # occluded. Where the estimate carries no signal (a saturated model has no gradient), every window is.
+    def _sweep(
+        self,
+        model: SuspectModel,
+        images: torch.Tensor,
+        class_emb: torch.Tensor,
+        full: torch.Tensor,
+        pred: torch.Tensor,
+        report: Progress,
+    ) -> Sweep:
+        """Pass 2, the small-window hijack test: where would covering a window take the prediction away?
+
+        A first-order estimate for every pixel (one backward pass) ranks the windows of a grid and the top few are
+        really occluded. Where the estimate carries no signal (a saturated model has no gradient), every window is.
+        """
+        s = self.settings
+        n, size = len(images), images.shape[-1]
         estimate = occlusion_estimate_signed(
             model, images, class_emb, pred, steps=s.estimate_steps, batch_size=s.batch_size
         )
@@ -274,7 +346,7 @@ class OracleGuidedScan(Detector):
             s.batch_size,
             lambda k: report(0.35 + 0.5 * k / len(jobs), f"occluding windows {k}/{len(jobs)}"),
         ).softmax(-1)
-        sweeps, offset = [], 0
+        results, offset = [], 0
         maps = torch.zeros(n, size, size)
         for i in range(n):
             label, p_label = int(pred[i]), float(full[i, int(pred[i])])
@@ -286,20 +358,33 @@ class OracleGuidedScan(Detector):
             flips = new_label != label
             share = float(drops[k]) / p_label if p_label > 0 else 0.0
             candidate = flips and share >= s.hijack_share and new_conf >= s.new_confidence
-            sweeps.append((boxes[tried[i][k]], new_label, flips, share, candidate))
+            results.append(WindowResult(boxes[tried[i][k]], new_label, flips, share, candidate))
             if not signal[i]:  # attribution map from the full sweep (the estimator of captum's Occlusion)
                 for b, d in zip(tried[i], drops.clamp(min=0).tolist()):
                     x0, y0, x1, y1 = boxes[b]
                     maps[i, y0:y1, x0:x1] += d
+        return Sweep(results, estimate, signal, maps, window)
 
-        # 3. the trigger's extent: the estimated-drop map around the decisive window (or, without signal, a graded
-        # map from a small occluder swept around it); then the box itself is occluded and must take the prediction
-        # away on its own
+    def _localize(
+        self,
+        model: SuspectModel,
+        images: torch.Tensor,
+        class_emb: torch.Tensor,
+        full: torch.Tensor,
+        pred: torch.Tensor,
+        sweep: Sweep,
+    ) -> tuple[dict[int, Box], dict[int, bool]]:
+        """Pass 3, the trigger's extent: the estimated-drop map around the decisive window (or, without signal, a
+        graded map from a small occluder swept around it); then the box itself is occluded and must take the
+        prediction away on its own. Fills ``sweep.maps`` with the smoothed estimate where it had signal."""
+        s = self.settings
+        size = images.shape[-1]
+        signal = sweep.signal
         smooth = max(1, round(size * s.smooth))
-        heat = torch.from_numpy(ndimage.uniform_filter(estimate.clamp(min=0).numpy(), size=(1, smooth, smooth)))
-        maps[signal] = heat[signal]
-        candidates = [i for i, sw in enumerate(sweeps) if sw[4]]
-        hijack_boxes = {i: self._trigger_box(heat[i], sweeps[i][0], size) for i in candidates if signal[i]}
+        heat = torch.from_numpy(ndimage.uniform_filter(sweep.estimate.clamp(min=0).numpy(), size=(1, smooth, smooth)))
+        sweep.maps[signal] = heat[signal]
+        candidates = [i for i, w in enumerate(sweep.windows) if w.candidate]
+        hijack_boxes = {i: self._trigger_box(heat[i], sweep.windows[i].box, size) for i in candidates if signal[i]}
         hijack_boxes.update(
             self._swept_boxes(
                 model,
@@ -307,7 +392,7 @@ class OracleGuidedScan(Detector):
                 class_emb,
                 pred,
                 [i for i in candidates if not signal[i]],
-                {i: sweeps[i][0] for i in candidates},
+                {i: sweep.windows[i].box for i in candidates},
             )
         )
         check_jobs = list(hijack_boxes.items())
@@ -316,42 +401,50 @@ class OracleGuidedScan(Detector):
         for (i, _), p in zip(check_jobs, check):
             label, p_label = int(pred[i]), float(full[i, int(pred[i])])
             decisive[i] = int(p.argmax()) != label and p_label - float(p[label]) >= s.hijack_share * p_label
-        report(0.95, f"localized {len(hijack_boxes)} candidate hijacks")
+        return hijack_boxes, decisive
 
-        records = []
-        for i in range(n):
-            label, p_label = int(pred[i]), float(full[i, int(pred[i])])
-            regions, big, object_mask, object_view, region_labels, grounded = grounding[i]
-            best_window, new_label, flips, share, candidate = sweeps[i]
-            hijack_box = hijack_boxes.get(i, best_window)
-            total = float(maps[i].sum())
-            outside = float(maps[i][~object_mask].sum() / total) if total > 0 and big else (1.0 if total > 0 else 0.0)
-            bw, bh = hijack_box[2] - hijack_box[0], hijack_box[3] - hijack_box[1]
-            compact = bw * bh <= s.compact_share * window * window
-            captured = bool(candidate and compact and decisive.get(i, False))
-            discrepancy = float(np.clip(0.45 * share * flips + 0.3 * (not grounded) + 0.25 * outside, 0, 1))
-            records.append(
-                {
-                    "predicted": class_names[label],
-                    "confidence": p_label,
-                    "object_view_label": class_names[int(object_view.argmax())],
-                    "object_view_support": float(object_view[label]),
-                    "region_labels": region_labels,
-                    "grounded": grounded,
-                    "hijack_drop": share,
-                    "hijack_box": tuple(int(v) for v in hijack_box),
-                    "hijack_flips": flips,
-                    "hijack_new_label": class_names[new_label],
-                    "outside_mass": outside,
-                    "discrepancy": discrepancy,
-                    "captured": captured,
-                    "localized": candidate,
-                    "regions": regions,
-                }
-            )
-        report(1.0, f"examined {n} images")
-        mx = maps.flatten(1).max(-1).values.clamp(min=1e-12)
-        return records, maps / mx[:, None, None]
+    def _record(
+        self,
+        class_names: list[str],
+        full: torch.Tensor,
+        label: int,
+        grounding: Grounding,
+        sweep: Sweep,
+        i: int,
+        hijack_boxes: dict[int, Box],
+        decisive: dict[int, bool],
+    ) -> dict[str, Any]:
+        """One image's evidence, as the reports and the compact set read it."""
+        s = self.settings
+        p_label = float(full[i, label])
+        w = sweep.windows[i]
+        hijack_box = hijack_boxes.get(i, w.box)
+        total = float(sweep.maps[i].sum())
+        if total > 0 and grounding.has_objects:
+            outside = float(sweep.maps[i][~grounding.object_mask].sum() / total)
+        else:
+            outside = 1.0 if total > 0 else 0.0
+        bw, bh = hijack_box[2] - hijack_box[0], hijack_box[3] - hijack_box[1]
+        compact = bw * bh <= s.compact_share * sweep.window * sweep.window
+        captured = bool(w.candidate and compact and decisive.get(i, False))
+        discrepancy = float(np.clip(0.45 * w.share * w.flips + 0.3 * (not grounding.grounded) + 0.25 * outside, 0, 1))
+        return {
+            "predicted": class_names[label],
+            "confidence": p_label,
+            "object_view_label": class_names[int(grounding.object_view.argmax())],
+            "object_view_support": float(grounding.object_view[label]),
+            "region_labels": grounding.region_labels,
+            "grounded": grounding.grounded,
+            "hijack_drop": w.share,
+            "hijack_box": tuple(int(v) for v in hijack_box),
+            "hijack_flips": w.flips,
+            "hijack_new_label": class_names[w.new_label],
+            "outside_mass": outside,
+            "discrepancy": discrepancy,
+            "captured": captured,
+            "localized": w.candidate,
+            "regions": grounding.regions,
+        }
 
     # ---- across the probe set
     def flag(self, records: list[dict], class_names: list[str]) -> list[FlaggedLabel]:
