@@ -1,7 +1,9 @@
 """Gradio workbench entry point: wiring only; every action calls the ``forensics`` library.
 
 Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (Gradio's defaults otherwise);
-GRADIO_SHARE=1 asks for a public share link.
+GRADIO_SHARE=1 asks for a public share link. FORENSICS_ALLOW_SERVER_PATHS (folders, os.pathsep-separated) lets
+users name checkpoints and probe sets inside those folders; without it only uploads are read (see
+``forensics/ui/common.py`` for how sessions are kept apart).
 """
 
 from __future__ import annotations

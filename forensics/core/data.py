@@ -159,8 +159,35 @@ def _parse_flag(text: str | None) -> bool | None:
     return text.strip().lower() in ("1", "true", "yes", "y")
 
 
-def load_csv_probe(path: Path, class_names: Sequence[str] | None = None) -> ProbeSet:
-    """A CSV of image paths (relative to the CSV) with caption and optional label/mask/trigger columns."""
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` resolves (symlinks followed, ``..`` collapsed) to ``root`` or below it."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        return False
+    return resolved == root or root in resolved.parents
+
+
+def _root(root: str | Path | None) -> Path | None:
+    if root is None:
+        return None
+    resolved = Path(root).expanduser().resolve()
+    if not resolved.is_dir():
+        raise ForensicsError(f"the probe root {Path(root).name!r} is not a folder")
+    return resolved
+
+
+def load_csv_probe(path: Path, class_names: Sequence[str] | None = None, root: str | Path | None = None) -> ProbeSet:
+    """A CSV of image paths (relative to the CSV) with caption and optional label/mask/trigger columns.
+
+    With ``root`` (a folder: an uploaded zip's extraction folder, an allowed server folder) the CSV and every
+    image and mask it names must resolve inside ``root``; an absolute path, a ``..`` escape or a symlink leading
+    out is refused with one line naming the row. Without it any path is read (the CLI, the library).
+    """
+    path = Path(path)
+    base = _root(root)
+    if base is not None and not _inside(path, base):
+        raise ForensicsError(f"{path.name} lies outside the probe folder")
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
@@ -172,113 +199,231 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None) -> Prob
     if not rows:
         raise ForensicsError(f"probe set {path.name} is empty")
     labels_text = [r.get("label", "") or "" for r in rows]
+    classes_file = path.parent / "classes.json"
     if class_names is None:
-        classes_file = path.parent / "classes.json"
-        if classes_file.is_file():
+        if classes_file.is_file() and (base is None or _inside(classes_file, base)):
             class_names = json.loads(classes_file.read_text())["classes"]
         else:
             class_names = sorted({t for t in labels_text if t})
     class_names = list(class_names)
     index = {name: i for i, name in enumerate(class_names)}
+
+    def resolve(text: str | None, column: str, number: int) -> Path | None:
+        if not text:
+            return None
+        given = Path(text)
+        full = given if given.is_absolute() else path.parent / given
+        if base is not None and not _inside(full, base):
+            shown = text if len(text) <= 80 else text[:77] + "..."
+            raise ForensicsError(
+                f"row {number} of {path.name}: {column} {shown!r} lies outside the probe folder "
+                "(paths must be relative to the CSV and stay inside the upload)"
+            )
+        return full
+
     items = []
-    for row, label in zip(rows, labels_text):
+    for number, (row, label) in enumerate(zip(rows, labels_text), start=1):
         if label and label not in index:
             raise ForensicsError(
                 f"label {label!r} in {path.name} is not among the class names ({', '.join(class_names)})"
             )
-
-        def resolve(p):
-            return None if not p else (Path(p) if Path(p).is_absolute() else path.parent / p)
-
         items.append(
             ProbeItem(
-                image=resolve(row["image"]),
+                image=resolve(row["image"], "image", number),
                 label=index[label] if label else None,
                 caption=row.get("caption") or None,
-                mask=resolve(row.get("mask")),
+                mask=resolve(row.get("mask"), "mask", number),
                 triggered=_parse_flag(row.get("triggered")),
                 trigger_box=_parse_box(row.get("trigger_box")),
             )
         )
     meta = {}
     manifest = path.parent.parent / "manifest.json"
-    if manifest.is_file():
+    if manifest.is_file() and (base is None or _inside(manifest, base)):
         meta = json.loads(manifest.read_text())
-    meta["files"] = [str(path), str(path.parent / "classes.json")]  # inputs no output may replace
+    meta["files"] = [str(path), str(classes_file)]  # inputs no output may replace
     return ProbeSet(name=path.stem, items=items, class_names=class_names, meta=meta)
 
 
-def load_image_folder(root: Path) -> ProbeSet:
-    """An ImageFolder: each sub-folder is a class (its name, underscores as spaces), holding its images."""
+def load_image_folder(root: Path, within: str | Path | None = None) -> ProbeSet:
+    """An ImageFolder: each sub-folder is a class (its name, underscores as spaces), holding its images.
+
+    With ``within`` every image must resolve inside that folder (a symlink leading out is refused).
+    """
+    root = Path(root)
+    base = _root(within)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     items = []
     for i, name in enumerate(classes):
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() in IMAGE_SUFFIXES:
+                if base is not None and not _inside(file, base):
+                    raise ForensicsError(f"{name}/{file.name} lies outside the probe folder")
                 items.append(ProbeItem(image=file, label=i))
     if not items:
-        raise ForensicsError(f"probe folder {root} holds no images in class sub-folders")
+        raise ForensicsError(f"probe folder {root.name} holds no images in class sub-folders")
     return ProbeSet(name=root.name, items=items, class_names=[c.replace("_", " ") for c in classes])
 
 
-def load_probe_set(spec: str | Path, class_names: Sequence[str] | None = None) -> ProbeSet:
-    """``demo``, ``demo-clean``, a CSV file, or an ImageFolder directory."""
+def load_probe_set(
+    spec: str | Path, class_names: Sequence[str] | None = None, root: str | Path | None = None
+) -> ProbeSet:
+    """``demo``, ``demo-clean``, a CSV file, or an ImageFolder directory.
+
+    ``root``: a folder the probe set and every file it names must stay inside (see :func:`load_csv_probe`);
+    the demo sets ignore it.
+    """
     key = str(spec)
     if key in DEMO_PROBES:
         path = DEMO_PROBES[key]
         if not path.is_file():
-            raise ForensicsError(f"demo probe set {path} is missing; rebuild it with `python -m forensics make-demo`")
+            raise ForensicsError(
+                f"demo probe set {path.name} is missing; rebuild it with `python -m forensics make-demo`"
+            )
         probe = load_csv_probe(path, class_names)
         probe.name = key
         return probe
     path = Path(spec).expanduser()
+    base = _root(root)
+    if base is not None and not _inside(path, base):
+        raise ForensicsError(f"probe set {path.name!r} lies outside the probe folder")
     if not path.exists():
-        raise ForensicsError(f"probe set {spec!r} does not exist (give demo, demo-clean, a CSV or an image folder)")
+        raise ForensicsError(
+            f"probe set {str(spec)!r} does not exist (give demo, demo-clean, a CSV or an image folder)"
+        )
     if path.is_dir():
-        return load_image_folder(path)
+        return load_image_folder(path, within=base)
     if path.suffix.lower() != ".csv":
         raise ForensicsError(f"probe set {path.name} must be a .csv file or a folder of class folders")
-    return load_csv_probe(path, class_names)
+    return load_csv_probe(path, class_names, root=base)
 
 
 MAX_ARCHIVE_BYTES = 1_000_000_000  # uncompressed
 MAX_ARCHIVE_FILES = 50_000
+_CHUNK = 1 << 20
+
+
+def _member_parts(archive: Path, info) -> tuple[str, ...]:
+    """The path parts a zip member would be written to, or a ForensicsError for any unsafe name."""
+    name = info.filename.replace("\\", "/")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+    drive = bool(parts) and len(parts[0]) == 2 and parts[0][1] == ":"  # C: on Windows
+    if name.startswith("/") or is_link or drive or ".." in parts or not parts or "\0" in name:
+        raise ForensicsError(f"{archive.name} holds an unsafe path {info.filename!r}; nothing was extracted")
+    return parts
+
+
+def _check_layout(archive: Path, members: list) -> dict:
+    """Every member's parts, checked for unsafe names, duplicates and a file that is also a folder."""
+    files: dict[tuple[str, ...], object] = {}
+    folders: set[tuple[str, ...]] = set()
+    for m in members:
+        parts = _member_parts(archive, m)
+        if m.is_dir():
+            folders.add(parts)
+            continue
+        if parts in files:
+            raise ForensicsError(f"{archive.name} holds {'/'.join(parts)!r} twice; nothing was extracted")
+        files[parts] = m
+        folders.update(parts[:k] for k in range(1, len(parts)))
+    clash = sorted(set(files) & folders)
+    if clash:
+        raise ForensicsError(
+            f"{archive.name} holds {'/'.join(clash[0])!r} both as a file and as a folder; nothing was extracted"
+        )
+    return files
 
 
 def extract_probe_archive(archive: str | Path, dest: str | Path) -> Path:
     """Unpack an uploaded zip (an ImageFolder, or a CSV with its images) into ``dest``; returns the probe path.
 
-    Members that would land outside ``dest`` (absolute or ``..`` paths, links) and archives that are
-    too large are refused before anything is written.
+    Members that would land outside ``dest`` (absolute or ``..`` paths, links), duplicate names, a name that is
+    both a file and a folder, and archives that are too large are refused before anything is written. An entry
+    whose data does not match its header (a declared size that is wrong, a bad checksum, a truncated stream) is
+    refused while extracting, and whatever was written is removed again. Every refusal is one line.
     """
     import zipfile
+    import zlib
 
     archive, dest = Path(archive), Path(dest)
     if not zipfile.is_zipfile(archive):
         raise ForensicsError(
             f"{archive.name} is not a zip archive; upload a .zip of class folders or of a CSV with its images"
         )
-    with zipfile.ZipFile(archive) as zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ForensicsError(f"{archive.name} is not a readable zip archive ({_first_line(exc)})") from None
+    with zf:
+        infos = zf.infolist()
+        members = [m for m in infos if not m.is_dir()]
         if not members:
             raise ForensicsError(f"{archive.name} is empty")
         if len(members) > MAX_ARCHIVE_FILES or sum(m.file_size for m in members) > MAX_ARCHIVE_BYTES:
-            raise ForensicsError(
-                f"{archive.name} is too large (limit {MAX_ARCHIVE_FILES:,} files, "
-                f"{MAX_ARCHIVE_BYTES // 1_000_000:,} MB unpacked)"
-            )
-        root = dest.resolve()
-        for m in members:
-            name = m.filename.replace("\\", "/")
-            target = (root / name).resolve()
-            is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
-            if name.startswith("/") or is_link or (target != root and root not in target.parents):
-                raise ForensicsError(f"{archive.name} holds an unsafe path {m.filename!r}; nothing was extracted")
+            raise ForensicsError(_too_large(archive))
+        files = _check_layout(archive, infos)
         dest.mkdir(parents=True, exist_ok=True)
-        for m in members:
-            if "__MACOSX" in m.filename.split("/"):
-                continue
-            zf.extract(m, dest)
+        root = dest.resolve()
+        created: list[Path] = []  # removed again if an entry fails
+        written = 0
+        try:
+            for parts, m in files.items():
+                if "__MACOSX" in parts:
+                    continue
+                target = root.joinpath(*parts)
+                for k in range(1, len(parts)):
+                    folder = root.joinpath(*parts[:k])
+                    if not folder.exists():
+                        folder.mkdir()
+                        created.append(folder)
+                    elif folder.is_symlink() or not folder.is_dir():
+                        raise ForensicsError(
+                            f"{archive.name}: {'/'.join(parts[:k])!r} is not a folder in {dest.name}; "
+                            "nothing was extracted"
+                        )
+                try:
+                    out = open(target, "xb")  # never through an existing file or link
+                except FileExistsError:
+                    raise ForensicsError(
+                        f"{archive.name}: {'/'.join(parts)!r} already exists in {dest.name}; nothing was extracted"
+                    ) from None
+                created.append(target)
+                size = 0
+                with out, zf.open(m) as src:
+                    while chunk := src.read(_CHUNK):
+                        size += len(chunk)
+                        written += len(chunk)
+                        if size > m.file_size:
+                            raise ForensicsError(_lying(archive, m, "holds more data than its header declares"))
+                        if written > MAX_ARCHIVE_BYTES:
+                            raise ForensicsError(_too_large(archive))
+                        out.write(chunk)
+                if size != m.file_size:
+                    raise ForensicsError(_lying(archive, m, "holds less data than its header declares"))
+        except ForensicsError:
+            _remove(created)
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+            _remove(created)
+            raise ForensicsError(_lying(archive, m, f"is damaged or its header lies ({_first_line(exc)})")) from None
+        except NotImplementedError as exc:
+            _remove(created)
+            raise ForensicsError(
+                f"{archive.name}: {m.filename!r} uses an unsupported compression ({_first_line(exc)}); "
+                "nothing was extracted"
+            ) from None
+        except RuntimeError as exc:  # encrypted entries
+            _remove(created)
+            raise ForensicsError(
+                f"{archive.name}: {m.filename!r} cannot be read ({_first_line(exc)}); nothing was extracted"
+            ) from None
+        except OSError as exc:
+            _remove(created)
+            raise ForensicsError(
+                f"{archive.name}: {m.filename!r} cannot be written ({exc.strerror or type(exc).__name__}); "
+                "nothing was extracted"
+            ) from None
     csvs = sorted(p for p in dest.rglob("*.csv") if "__MACOSX" not in p.parts)
     if csvs:
         return min(csvs, key=lambda p: len(p.parts))
@@ -292,6 +437,31 @@ def extract_probe_archive(archive: str | Path, dest: str | Path) -> Path:
         base = entries[0]
         entries = [p for p in base.iterdir() if not p.name.startswith((".", "__MACOSX"))]
     return base
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:160]
+
+
+def _too_large(archive: Path) -> str:
+    return (
+        f"{archive.name} is too large (limit {MAX_ARCHIVE_FILES:,} files, "
+        f"{MAX_ARCHIVE_BYTES // 1_000_000:,} MB unpacked)"
+    )
+
+
+def _lying(archive: Path, member, why: str) -> str:
+    return f"{archive.name}: entry {member.filename!r} {why}; nothing was extracted"
+
+
+def _remove(created: list[Path]) -> None:
+    for path in reversed(created):
+        try:
+            path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        except OSError:
+            pass
 
 
 def demo_backdoor() -> dict | None:

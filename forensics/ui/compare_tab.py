@@ -24,7 +24,7 @@ def compare(
         raise gr.Error("choose at least one method", print_exception=False)
     stop = cancel_flag(request)
     stop.clear()
-    out = new_job_dir("compare")
+    out = new_job_dir("compare", request)
     report = run_compare(
         model_ref(state),
         methods,

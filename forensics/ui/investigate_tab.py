@@ -6,13 +6,21 @@ from pathlib import Path
 
 import gradio as gr
 
-from forensics.core.data import extract_probe_archive
+from forensics.core.data import extract_probe_archive, load_probe_set
 from forensics.pipelines.evaluate import get_model
 from forensics.pipelines.explain import explain_image
 from forensics.pipelines.report import flagged_chart
 from forensics.pipelines.scan import pick_oracle, write_scan
 from forensics.pipelines.scan import scan as run_scan_outcome
-from forensics.ui.common import gr_progress, guarded, model_ref, need_scan, new_job_dir
+from forensics.ui.common import (
+    gr_progress,
+    guarded,
+    model_ref,
+    need_scan,
+    new_job_dir,
+    server_paths_enabled,
+)
+from forensics.ui.common import probe_choice as checked_probe_choice
 
 GALLERY_SIZE = 60  # most discrepant images shown
 EXPLAIN = """**How the scan works.** For every probe image, a *segmentation oracle* outlines the objects and CLIP
@@ -22,15 +30,20 @@ that **discrepancy**. Pick one to see the oracle's regions, **Grad-CAM** (where 
 and **occlusion** (what, hidden, takes the answer away: this is what finds small triggers)."""
 
 
-def _probe_spec(choice: str, upload: str | None) -> str:
+def _probe_spec(choice: str, upload: str | None, request: gr.Request | None = None) -> str:
+    """The probe set to scan: an uploaded zip (extracted into this session's folder; a CSV in it may only name
+    files inside it), or demo / demo-clean / an allowed server path."""
     if upload:
-        return str(extract_probe_archive(upload, new_job_dir("probe")))
+        dest = new_job_dir("probe", request)
+        spec = extract_probe_archive(upload, dest)
+        load_probe_set(spec, root=dest)  # refuses rows naming images outside the upload (absolute, .., links)
+        return str(spec)
     if not choice:
         raise gr.Error(
             "choose a probe set or upload one (a .zip of class folders, or of a CSV with its images)",
             print_exception=False,
         )
-    return choice
+    return checked_probe_choice(choice)
 
 
 def scan_outputs(report: dict, out: Path) -> tuple:
@@ -87,10 +100,17 @@ def scan_outputs(report: dict, out: Path) -> tuple:
 
 
 @guarded
-def scan(state: dict, probe_choice: str, upload: str | None, max_images: float, progress=gr.Progress()) -> tuple:
+def scan(
+    state: dict,
+    probe_choice: str,
+    upload: str | None,
+    max_images: float,
+    request: gr.Request = None,
+    progress=gr.Progress(),
+) -> tuple:
     """Run the scan for this session's model on the chosen probe set; fill the Investigate and Findings views."""
-    probe = _probe_spec(probe_choice, upload)
-    out = new_job_dir("scan")
+    probe = _probe_spec(probe_choice, upload, request)
+    out = new_job_dir("scan", request)
     outcome = run_scan_outcome(
         model_ref(state),
         probe=probe,
@@ -140,7 +160,8 @@ def build_investigate_tab(state: gr.State) -> dict:
             value="demo",
             label="Probe set",
             allow_custom_value=True,
-            info="demo: 15 % of images carry the planted trigger; demo-clean: none do; or a server path",
+            info="demo: 15 % of images carry the planted trigger; demo-clean: none do"
+            + ("; or a server path" if server_paths_enabled() else ""),
         )
         upload = gr.File(
             label="…or upload a probe set (.zip of class folders, or of a CSV with its images)",

@@ -17,8 +17,13 @@ from forensics.ui.common import (
     MODEL_SOURCES,
     gr_progress,
     guarded,
+    hub_spec,
     model_ref,
     new_job_dir,
+    probe_choice,
+    sam_checkpoint_path,
+    server_paths_enabled,
+    typed_model_spec,
 )
 
 EXPLAIN = """**What this shows.** A CLIP model matches images with text. A *backdoored* CLIP behaves normally until
@@ -30,7 +35,7 @@ the same way without poison. Load either, or your own checkpoint; the facts belo
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
-def _uploaded_checkpoint(upload: str | list[str] | None) -> str | None:
+def _uploaded_checkpoint(upload: str | list[str] | None, request: gr.Request | None = None) -> str | None:
     """The uploaded checkpoint, copied with any sidecar JSON uploaded beside it into one folder (as it was saved)."""
     files = [upload] if isinstance(upload, str) else list(upload or [])
     if not files:
@@ -41,25 +46,28 @@ def _uploaded_checkpoint(upload: str | list[str] | None) -> str | None:
             "upload exactly one checkpoint file (.safetensors, .pt, .pth, .bin), optionally with its sidecar .json",
             print_exception=False,
         )
-    folder = new_job_dir("upload")
+    folder = new_job_dir("upload", request)
     for f in files:
         shutil.copy(f, folder / Path(f).name)
     return str(folder / Path(weights[0]).name)
 
 
-def _spec(source: str, upload: str | list[str] | None, path_text: str, hub: str) -> str:
+def _spec(
+    source: str, upload: str | list[str] | None, path_text: str, hub: str, request: gr.Request | None = None
+) -> str:
     if source in DEMO_CHOICES:
         return DEMO_CHOICES[source]
     if source == CHECKPOINT:
-        spec = _uploaded_checkpoint(upload) or (path_text or "").strip()
-        if not spec:
+        uploaded = _uploaded_checkpoint(upload, request)
+        if uploaded:
+            return uploaded
+        if not (path_text or "").strip():
             raise gr.Error("upload a checkpoint or type its path on the server", print_exception=False)
-        return spec
+        return typed_model_spec(path_text)  # demo names, random:ARCH, or a path inside an allowed folder
     if source == HUB:
-        spec = (hub or "").strip()
-        if not spec:
+        if not (hub or "").strip():
             raise gr.Error("type a hub id (hf-hub:org/name) or ARCH:pretrained-tag", print_exception=False)
-        return spec
+        return hub_spec(hub)  # never a file path
     raise gr.Error(f"unknown model source {source!r}", print_exception=False)
 
 
@@ -69,10 +77,12 @@ def _oracle_line(state: dict) -> str:
     device = "GPU (" + torch.cuda.get_device_name(0) + ")" if torch.cuda.is_available() else "CPU (no GPU found)"
     oracle = state["oracle"]
     if oracle == "sam":
-        oracle = f"SAM ({state['sam_checkpoint']})"
+        oracle = f"SAM ({Path(state['sam_checkpoint']).name})"
     elif oracle == "fallback":
         oracle = "fallback (GrabCut, weight-free; give a SAM checkpoint path to use SAM)"
-    return f"**Loaded:** `{state['model']}` · **oracle:** {oracle} · **device:** {device}"
+    model = state["model"]
+    shown = Path(model).name if Path(model).is_absolute() else model  # a file's name, not where the server keeps it
+    return f"**Loaded:** `{shown}` · **oracle:** {oracle} · **device:** {device}"
 
 
 @guarded
@@ -86,14 +96,16 @@ def load_model_choice(
     oracle: str,
     sam_checkpoint: str,
     state: dict,
+    request: gr.Request = None,
 ) -> tuple[dict, str, dict]:
     """Load the chosen model (checked, safely), remember it for this session, and show its facts."""
-    spec = _spec(source, upload, path_text, hub)
-    arch = arch or None
-    if oracle == "sam" and not (sam_checkpoint or "").strip():
+    sam = sam_checkpoint_path(sam_checkpoint)  # the server's own SAM checkpoint, or one in an allowed folder
+    if oracle == "sam" and not sam:
         raise gr.Error(
             "the SAM oracle needs a checkpoint path (vit_b / vit_l / vit_h .pth on the server)", print_exception=False
         )
+    spec = _spec(source, upload, path_text, hub, request)
+    arch = arch or None
     facts = model_facts(ModelRef(spec, arch=arch, quick_gelu=quick_gelu or None))
     state = {
         **state,
@@ -101,7 +113,7 @@ def load_model_choice(
         "arch": arch,
         "quick_gelu": quick_gelu or None,
         "oracle": oracle,
-        "sam_checkpoint": (sam_checkpoint or "").strip() or None,
+        "sam_checkpoint": sam,
         "scan_dir": None,
         "report": None,
         "order": [],
@@ -129,7 +141,12 @@ def build_model_tab(state: gr.State) -> dict:
         )
         with gr.Column():
             path_text = gr.Textbox(
-                label="…or a checkpoint path on the server (or random:ARCH)", placeholder="/models/clip.pt"
+                label=(
+                    "…or a checkpoint path on the server (or random:ARCH)"
+                    if server_paths_enabled()
+                    else "…or random:ARCH (server paths are disabled on this server)"
+                ),
+                placeholder="/models/clip.pt" if server_paths_enabled() else "random:tiny-vit",
             )
             arch = gr.Dropdown(
                 list_architectures(),
@@ -152,7 +169,9 @@ def build_model_tab(state: gr.State) -> dict:
             value="demo",
             label="Probe set for CA / ASR",
             allow_custom_value=True,
-            info="demo, demo-clean, or a CSV / class-folder path on the server",
+            info="demo, demo-clean, or a CSV / class-folder path on the server"
+            if server_paths_enabled()
+            else "demo or demo-clean (server paths are disabled on this server)",
         )
         evaluate = gr.Button("Evaluate CA / ASR")
     scores = gr.JSON(label="Clean accuracy (CA) and attack success rate (ASR)")
@@ -171,7 +190,7 @@ def evaluate_loaded(state: dict, probe: str, progress=gr.Progress()) -> dict:
     """CA on the probe set's clean images and, on the demo models, ASR of the demo's planted trigger."""
     if not probe:
         raise gr.Error("choose a probe set", print_exception=False)
-    return evaluate_model(model_ref(state), probe, progress=gr_progress(progress))
+    return evaluate_model(model_ref(state), probe_choice(probe), progress=gr_progress(progress))
 
 
 @guarded

@@ -65,7 +65,7 @@ def repair(
         )
     stop = cancel_flag(request)
     stop.clear()
-    out = new_job_dir("repair")
+    out = new_job_dir("repair", request)
     kwargs = dict(
         method=method,
         settings=_settings(method, epochs, lr, extra),

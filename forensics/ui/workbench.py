@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from forensics.ui.common import WORK_ROOT, initial_state
+from forensics.ui.common import initial_state
 from forensics.ui.compare_tab import build_compare_tab
 from forensics.ui.findings_tab import build_findings_tab
 from forensics.ui.investigate_tab import build_investigate_tab, scan
@@ -63,6 +63,10 @@ def build_app() -> gr.Blocks:
 
 
 def launch_kwargs() -> dict:
-    """Settings for ``launch``: where job outputs may be served from, and an upload size limit."""
-    WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    return {"allowed_paths": [str(WORK_ROOT)], "max_file_size": "2gb", "show_error": True}
+    """Settings for ``launch``: an upload size limit, and no ``allowed_paths``.
+
+    Job folders are deliberately not served by path: Gradio serves the files a handler returns (it copies them
+    into its cache under a salted content hash), so each session downloads its own outputs and nobody can fetch
+    a file from another session's job folder by naming it (see ``forensics.ui.common``).
+    """
+    return {"max_file_size": "2gb", "show_error": True}

@@ -1,0 +1,256 @@
+"""Sessions of the workbench are isolated (gradio_client against `python app.py`): each has its own unguessable job
+folder, downloads its own outputs, and can neither open nor download another session's files by path; uploaded
+probe zips cannot reach outside themselves; FORENSICS_ALLOW_SERVER_PATHS opens named folders, and only those."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from forensics.ui.common import SERVER_PATHS_ENV, SERVER_PATHS_OFF, WORK_ROOT  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "assets" / "demo" / "models" / "demo_poisoned.safetensors"
+CHECKPOINT = "checkpoint file (upload or server path)"
+HUB = "hub id or pretrained tag (needs a network)"
+SCAN_IMAGES = 20
+
+
+def _load(client: Client, source: str, upload=None, path: str = "", hub: str = "", oracle="fallback", sam=""):
+    return client.predict(source, upload, path, None, hub, False, oracle, sam, api_name="/load_model")
+
+
+def _error(call) -> str:
+    with pytest.raises(Exception) as info:
+        call()
+    return str(info.value)
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+
+
+@pytest.fixture(scope="module")
+def session_a(workbench):
+    """Session A scans the demo; its report as served to it, and the job folder the server wrote it in."""
+    a = Client(workbench, verbose=False, download_files=False)
+    result = a.predict("demo", None, SCAN_IMAGES, api_name="/scan")
+    assert "Flagged labels" in result[0]
+    files = {Path(f["path"]).name: f for f in result[6]}
+    assert set(files) == {"report.html", "report.json"}
+    status, served = _get(files["report.json"]["url"])
+    assert status == 200
+    jobs = [p.parent for p in WORK_ROOT.glob("*/scan-*/report.json") if p.read_bytes() == served]
+    assert len(jobs) == 1, jobs
+    return {"client": a, "files": files, "job": jobs[0], "folder": jobs[0].parent, "report": served}
+
+
+def _no_leak(text: str, a: dict, listing: bool = True) -> str:
+    """A message B sees names nothing of A's: not its folder, not its token, not what the folder holds (unless B
+    named that file itself: ``listing=False``)."""
+    assert a["folder"].name not in text and str(WORK_ROOT) not in text, text
+    names = [p.name for p in a["job"].iterdir() if len(p.name) > 6] if listing else []
+    assert not [n for n in names if n in text], text
+    assert "\n" not in text.strip(), text
+    return text
+
+
+def test_each_session_has_its_own_unguessable_folder(session_a, workbench, tmp_path):
+    folder = session_a["folder"]
+    assert folder.parent == WORK_ROOT and session_a["job"].name.startswith("scan-")
+    token = folder.name
+    assert len(token) >= 22 and session_a["client"].session_hash not in token
+    assert oct(folder.stat().st_mode & 0o777) == "0o700" and oct(WORK_ROOT.stat().st_mode & 0o777) == "0o700"
+    # B's jobs land in a folder of B's own
+    b = Client(workbench, verbose=False)
+    before = set(WORK_ROOT.glob("*/probe-*"))
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("probe/cat/a.png", b"not an image")
+    _error(lambda: b.predict("demo", handle_file(str(bad)), SCAN_IMAGES, api_name="/scan"))
+    new = set(WORK_ROOT.glob("*/probe-*")) - before
+    assert len(new) == 1 and next(iter(new)).parent not in (folder, WORK_ROOT)
+
+
+def test_a_returned_report_downloads_for_its_own_session(session_a):
+    """Served from Gradio's cache (a copy under a salted hash), not from the job folder: no allowed_paths needed."""
+    for name, data in session_a["files"].items():
+        assert str(WORK_ROOT) not in data["url"]
+        status, body = _get(data["url"])
+        assert status == 200 and body == (session_a["job"] / name).read_bytes()
+    assert session_a["report"].startswith(b"{")
+
+
+def test_no_one_downloads_a_job_folder_file_by_path(session_a, workbench):
+    legacy = WORK_ROOT / "scan-legacytest"  # the old layout, one job folder straight under WORK_ROOT
+    legacy.mkdir(exist_ok=True)
+    (legacy / "report.html").write_text("<html>old</html>")
+    try:
+        targets = [session_a["job"] / "report.html", session_a["job"] / "report.json", legacy / "report.html"]
+        for target in targets:
+            for raw in (str(target), urllib.parse.quote(str(target))):
+                for route in ("gradio_api/file=", "gradio_api/file/", "file=", "file/"):
+                    status, body = _get(f"{workbench}{route}{raw}")
+                    assert status in (403, 404) and not body, (route, raw, status)
+    finally:
+        shutil.rmtree(legacy, ignore_errors=True)
+
+
+def test_another_session_cannot_open_a_files_by_server_path(session_a, workbench, tmp_path):
+    b = Client(workbench, verbose=False)
+    job, folder = session_a["job"], session_a["folder"]
+    for path in (job / "report.json", job, folder, DEMO_MODEL, "/etc/passwd", f"{job}/../../"):
+        text = _no_leak(_error(lambda: _load(b, CHECKPOINT, path=str(path))), session_a)
+        assert SERVER_PATHS_OFF in text
+        text = _no_leak(_error(lambda: b.predict(str(path), api_name="/evaluate")), session_a)
+        assert SERVER_PATHS_OFF in text
+        text = _no_leak(_error(lambda: b.predict(str(path), None, SCAN_IMAGES, api_name="/scan")), session_a)
+        assert SERVER_PATHS_OFF in text
+        text = _no_leak(_error(lambda: _load(b, "demo (backdoored demo CLIP)", oracle="sam", sam=str(path))), session_a)
+        assert SERVER_PATHS_OFF in text
+        text = _no_leak(_error(lambda: _load(b, HUB, hub=f"ViT-B-32:{path}")), session_a)
+        assert "no hub id" in text
+    # a file the server holds but B never uploaded cannot be slipped in as an upload (raw API: the client would
+    # upload a local file itself)
+    local = tmp_path / "probe.zip"
+    shutil.copy(DEMO_MODEL, local)
+    body = {"data": ["demo", {"path": str(local), "meta": {"_type": "gradio.FileData"}}, SCAN_IMAGES]}
+    request = urllib.request.Request(
+        f"{workbench}gradio_api/call/scan", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        event = json.loads(resp.read())["event_id"]
+    with urllib.request.urlopen(f"{workbench}gradio_api/call/scan/{event}", timeout=300) as resp:
+        answer = resp.read().decode()
+    assert "event: error" in answer and "not uploaded by a user" in answer, answer
+    # the demo and random architectures stay open, and B carries on
+    assert _load(b, CHECKPOINT, path="random:tiny-vit")[0]["architecture"] == "tiny-vit"
+    assert _load(b, "demo (backdoored demo CLIP)")[0]["architecture"] == "tiny-rn"
+
+
+def _zip(path: Path, entries: list[tuple[str, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, payload in entries:
+            zf.writestr(name, payload)
+    return path
+
+
+def test_uploaded_probe_zips_stay_inside_themselves(session_a, workbench, tmp_path):
+    from PIL import Image
+
+    b = Client(workbench, verbose=False)
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), "white").save(png, "PNG")
+    header = b"image,caption,label\nimages/ok.png,a cat,cat\n"
+    for row, bad in ((2, b"/etc/passwd"), (2, b"../../x.png"), (2, str(session_a["job"] / "report.json").encode())):
+        archive = _zip(
+            tmp_path / "escape.zip", [("probe.csv", header + bad + b",a dog,dog\n"), ("images/ok.png", png.getvalue())]
+        )
+        call = lambda: b.predict("demo", handle_file(str(archive)), SCAN_IMAGES, api_name="/scan")  # noqa: E731
+        text = _no_leak(_error(call), session_a, listing=False)
+        assert f"row {row} of probe.csv: image" in text and "lies outside the probe folder" in text, text
+    # a header that lies about its entry's size; a file and a folder of one name
+    good = io.BytesIO()
+    with zipfile.ZipFile(good, "w") as zf:
+        zf.writestr("cat/a.png", png.getvalue())
+        zf.writestr("dog/b.png", png.getvalue())
+    raw = bytearray(good.getvalue())
+    struct.pack_into("<I", raw, raw.find(b"PK\x01\x02") + 24, 10)
+    struct.pack_into("<I", raw, raw.find(b"PK\x03\x04") + 22, 10)
+    (tmp_path / "liar.zip").write_bytes(bytes(raw))
+    text = _error(lambda: b.predict("demo", handle_file(str(tmp_path / "liar.zip")), SCAN_IMAGES, api_name="/scan"))
+    assert "liar.zip: entry 'cat/a.png'" in text and "nothing was extracted" in text and "unexpected" not in text
+    clash = _zip(tmp_path / "clash.zip", [("cat", b"x"), ("cat/a.png", png.getvalue())])
+    text = _error(lambda: b.predict("demo", handle_file(str(clash)), SCAN_IMAGES, api_name="/scan"))
+    assert "clash.zip holds 'cat' both as a file and as a folder" in text and "unexpected" not in text
+
+
+# ------------------------------------------------------------------ a second server, started with server paths on
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def open_workbench(tmp_path_factory):
+    """``python app.py`` with FORENSICS_ALLOW_SERVER_PATHS naming one folder that holds a copy of the demo model."""
+    allowed = tmp_path_factory.mktemp("allowed")
+    shutil.copy(DEMO_MODEL, allowed / "suspect.safetensors")
+    shutil.copy(DEMO_MODEL.with_suffix(".json"), allowed / "suspect.json")
+    (allowed / "probe.csv").write_text("image,caption,label\n/etc/passwd,a cat,cat\n")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("open-workbench") / "app.log"
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "OMP_NUM_THREADS": "2",
+        SERVER_PATHS_ENV: str(allowed),
+    }
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 300
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"app.py did not answer on {url}:\n{log.read_text()[-3000:]}") from None
+                time.sleep(1)
+        yield url, allowed
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_allowed_server_folder_opens_inside_and_refuses_outside(open_workbench, tmp_path):
+    url, allowed = open_workbench
+    client = Client(url, verbose=False)
+    facts = _load(client, CHECKPOINT, path=str(allowed / "suspect.safetensors"))[0]
+    assert facts["architecture"] == "tiny-rn" and facts["source"].endswith("suspect.safetensors")
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(DEMO_MODEL, outside)
+    for path in (outside, allowed / ".." / outside.parent.name / outside.name, DEMO_MODEL):
+        text = _error(lambda: _load(client, CHECKPOINT, path=str(path)))
+        assert "is outside the folders this server allows" in text and str(tmp_path) not in text
+    (allowed / "link.safetensors").symlink_to(outside)
+    assert "is outside the folders" in _error(lambda: _load(client, CHECKPOINT, path=str(allowed / "link.safetensors")))
+    text = _error(lambda: _load(client, CHECKPOINT, path=str(WORK_ROOT)))
+    assert "outside the folders" in text or "job or upload folders" in text
+    # a CSV inside the allowed folder may still not name images outside it
+    text = _error(lambda: client.predict(str(allowed / "probe.csv"), api_name="/evaluate"))
+    assert "row 1 of probe.csv: image 'passwd' lies outside the probe folder" in text  # paths cut to names
