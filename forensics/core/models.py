@@ -12,22 +12,26 @@ import ast
 import copy
 import hashlib
 import io
+import itertools
 import json
+import math
 import os
 import pickle
 import re
 import tempfile
+import typing
+import warnings
 import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from PIL import Image
 
 from forensics.core.errors import CheckpointMismatchError, ForensicsError, UnsafeCheckpointError
@@ -49,6 +53,10 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _NON_PARAMETER_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 PROMPT_CONTEXT_KEY = "prompt_learner.context"  # learnt prompt context vectors, saved beside the CLIP's own tensors
+# the most parameters (and buffers) a model may have before it is built: above ViT-e-14 (4.6e9), open_clip's largest
+# native CLIP, so that a config with absurd widths is refused instead of allocating memory the machine lacks
+MAX_PARAMETERS_ENV = "FORENSICS_MAX_PARAMETERS"
+DEFAULT_MAX_PARAMETERS = 5_000_000_000
 
 
 @dataclass
@@ -67,6 +75,7 @@ class ModelFacts:
     quick_gelu: bool
     tokenizer: str
     precision: str = "fp32"
+    nonfinite_parameters: int = 0  # NaN or infinite values among the weights and buffers (a broken model when > 0)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -260,6 +269,51 @@ def build_clip(model_cfg: dict, quick_gelu: bool = False, vocab_size: int | None
         )
     cls = CustomTextCLIP if custom_text else CLIP
     return cls(**cfg, quick_gelu=quick_gelu)
+
+
+def max_parameters() -> int:
+    """The most parameters a model may have before it is built: ``FORENSICS_MAX_PARAMETERS``, else 5e9."""
+    raw = os.environ.get(MAX_PARAMETERS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PARAMETERS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise ForensicsError(f"{MAX_PARAMETERS_ENV} is {raw[:40]!r}; set it to a number of parameters such as 5e9")
+    return int(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def build_bounded(model_cfg: dict, quick_gelu: bool, what: str) -> CLIP:
+    """:func:`build_clip`, but first on the meta device (no memory) to count the parameters the config implies;
+    refused above :func:`max_parameters`. ``what`` names the config in the one-line errors ("architecture RN50")."""
+    limit = max_parameters()
+    try:
+        with torch.device("meta"):
+            skeleton = build_clip(model_cfg, quick_gelu=quick_gelu)
+    except ForensicsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bad config fails open_clip's constructors in many ways
+        raise ForensicsError(f"{what} does not describe a CLIP that open_clip can build ({_first_line(exc)})") from None
+    count = sum(t.numel() for t in itertools.chain(skeleton.parameters(), skeleton.buffers()))
+    del skeleton
+    if count > limit:
+        raise ForensicsError(
+            f"{what} implies {count:,} parameters, above the limit of {limit:,}; refusing to build it "
+            f"(set {MAX_PARAMETERS_ENV} to raise the limit if this model is genuine)"
+        )
+    try:
+        return build_clip(model_cfg, quick_gelu=quick_gelu)
+    except ForensicsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory while allocating the weights
+        raise ForensicsError(f"{what} could not be built ({_first_line(exc)})") from None
 
 
 def make_tokenizer(spec: dict) -> Callable[[list[str]], torch.Tensor]:
@@ -698,16 +752,264 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
+_SIDECAR_MAX_BYTES = 64 << 20  # the project's sidecars are a few kB to a few MB (vocabulary, training history)
+_SIDECAR_KEYS = ("format", "arch", "model_cfg", "tokenizer")  # a JSON holding none of these is no sidecar of ours
+_MAX_LAYERS = 256  # per tower (or ResNet stage): ViT-e-14 has 56; more only slows the build down to a crawl
+_MAX_IMAGE_SIZE = 4096  # pixels a side: CLIPs take 224-448
+_MAX_CONTEXT_LENGTH = 4096  # tokens: CLIPs take 77
+_BPE_VOCAB_SIZE = 49408  # open_clip's tokenizer emits ids up to 49407
+# top-level model_cfg keys build_clip passes on to CLIP(...) with their types; the others it drops
+_MODEL_CFG_SETTINGS: dict[str, Any] = {
+    "embed_dim": int,
+    "vision_cfg": dict,
+    "text_cfg": dict,
+    "custom_text": bool,
+    "init_logit_scale": float,
+    "init_logit_bias": typing.Optional[float],
+    "nonscalar_logit_scale": bool,
+    "output_dict": bool,
+}
+_MODEL_CFG_IGNORED = {"description", "tokenizer", "preprocess_cfg", "quick_gelu"}
+_TOWER_SETTINGS = {
+    "vision_cfg": {f.name: f.type for f in fields(CLIPVisionCfg)},
+    "text_cfg": {f.name: f.type for f in fields(CLIPTextCfg)},
+}
+_TOWER_DEFAULTS = {
+    "vision_cfg": {f.name: f.default for f in fields(CLIPVisionCfg) if f.default is not MISSING},
+    "text_cfg": {f.name: f.default for f in fields(CLIPTextCfg) if f.default is not MISSING},
+}
+_TOWER_SIZES = ("width", "layers", "heads", "head_width", "patch_size", "image_size", "context_length", "vocab_size")
+
+
+def _describe(value: Any) -> str:
+    """A JSON value in a few words, for messages: the string 'abc', the number 3, a list of 2, an object, null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        text = repr(value)
+        return f"the number {text if len(text) <= 24 else text[:21] + '...'}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}" + ("..." if len(value) > 40 else "")
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value fits an open_clip config annotation (int, float, bool, str, dict, Optional, Union, Tuple);
+    null always fits (open_clip reads it as "unset"; where it cannot be, the build check names the config)."""
+    if value is None or annotation is Any:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return any(_fits(value, a) for a in args if a is not type(None))
+    if origin is tuple:
+        items = [a for a in args if a is not Ellipsis]
+        if Ellipsis in args:
+            return isinstance(value, list) and all(_fits(v, items[0]) for v in value)
+        return isinstance(value, list) and len(value) == len(items) and all(_fits(v, a) for v, a in zip(value, items))
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return _is_int(value)
+    if annotation is float:
+        return _is_number(value)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is dict or origin is dict:
+        return isinstance(value, dict)
+    if annotation is list or origin is list:
+        return isinstance(value, list)
+    return True  # a type JSON cannot hold: left to the build check
+
+
+def _type_words(annotation: Any) -> str:
+    """An open_clip config annotation in words: "an integer", "a list of 4 integers or an integer", ..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return " or ".join(_type_words(a) for a in args if a is not type(None))
+    if origin is tuple:
+        items = [a for a in args if a is not Ellipsis]
+        what = {int: "integers", float: "numbers", str: "strings"}.get(items[0] if items else None, "values")
+        return f"a list of {what}" if Ellipsis in args or not items else f"a list of {len(items)} {what}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}.get(
+        annotation if origin is None else origin, "a valid value"
+    )
+
+
+class _Sidecar:
+    """Checks one sidecar's fields, raising a one-line ForensicsError that names the first bad field."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def error(self, key: str, problem: str) -> ForensicsError:
+        return ForensicsError(f"sidecar {self.name}: field {key!r} {problem}")
+
+    def need(self, ok: bool, key: str, expected: str, value: Any) -> None:
+        if not ok:
+            raise self.error(key, f"must be {expected}, not {_describe(value)}")
+
+    def get(self, data: dict, key: str, prefix: str = "", required: bool = False) -> Any:
+        if required and key not in data:
+            raise self.error(prefix + key, "is missing")
+        return data.get(key)
+
+    def check(self, data: Any) -> dict:
+        """The sidecar itself, every field the loader reads checked for presence, type and consistency."""
+        fmt = self.get(data, "format", required=True)
+        if fmt != SIDECAR_FORMAT:
+            raise self.error(
+                "format",
+                f"is {_describe(fmt)}, not {SIDECAR_FORMAT!r} (a sidecar this tool wrote); "
+                "move the JSON away to load the checkpoint without it",
+            )
+        arch = self.get(data, "arch", required=True)
+        self.need(isinstance(arch, str) and bool(arch.strip()), "arch", "a non-empty string", arch)
+        self.need(len(arch) <= 200 and arch.isprintable(), "arch", "an architecture name on one line", arch)
+        if "quick_gelu" in data:
+            self.need(isinstance(data["quick_gelu"], bool), "quick_gelu", "true or false", data["quick_gelu"])
+        cfg = self.get(data, "model_cfg", required=True)
+        self.need(isinstance(cfg, dict), "model_cfg", "an object (the open_clip model config)", cfg)
+        self.model_cfg(cfg)
+        self.tokenizer(self.get(data, "tokenizer", required=True), cfg["text_cfg"])
+        self.preprocess(data.get("preprocess"))
+        self.backdoor(data.get("backdoor"))
+        self.class_prompts(data.get("class_prompts"))
+        return data
+
+    def model_cfg(self, cfg: dict) -> None:
+        for key in ("embed_dim", "vision_cfg", "text_cfg"):
+            self.get(cfg, key, "model_cfg.", required=True)
+        embed_dim = cfg["embed_dim"]
+        self.need(_is_int(embed_dim) and embed_dim >= 1, "model_cfg.embed_dim", "a positive integer", embed_dim)
+        for key, value in cfg.items():
+            if key in _MODEL_CFG_IGNORED or key == "embed_dim":
+                continue
+            if key not in _MODEL_CFG_SETTINGS:
+                raise self.error(f"model_cfg.{key}", "is no setting of the CLIPs this tool builds")
+            annotation = _MODEL_CFG_SETTINGS[key]
+            ok = isinstance(value, dict) if annotation is dict else _fits(value, annotation)
+            self.need(ok, f"model_cfg.{key}", _type_words(annotation), value)
+        for tower in ("vision_cfg", "text_cfg"):
+            self.tower(cfg[tower], tower)
+
+    def tower(self, cfg: dict, tower: str) -> None:
+        settings = _TOWER_SETTINGS[tower]
+        for key, value in cfg.items():
+            where = f"model_cfg.{tower}.{key}"
+            if key not in settings:
+                raise self.error(where, f"is no setting of open_clip's {tower}")
+            self.need(_fits(value, settings[key]), where, _type_words(settings[key]), value)
+            if key not in _TOWER_SIZES or (value is None and key == "patch_size"):
+                continue  # ResNet towers have no patches
+            sizes = value if isinstance(value, list) else [value]
+            self.need(all(_is_int(v) and v >= 1 for v in sizes), where, "a positive integer", value)
+            limit = {"layers": _MAX_LAYERS, "image_size": _MAX_IMAGE_SIZE, "context_length": _MAX_CONTEXT_LENGTH}
+            if key in limit and max(sizes) > limit[key]:
+                raise self.error(where, f"is {_describe(value)}; no CLIP this tool can load has more than {limit[key]}")
+
+    def tokenizer(self, spec: Any, text_cfg: dict) -> None:
+        self.need(isinstance(spec, dict), "tokenizer", "an object (the tokenizer spec)", spec)
+        kind = spec.get("kind", "open_clip")
+        self.need(kind in ("word", "open_clip"), "tokenizer.kind", "'word' or 'open_clip'", kind)
+        model_length = text_cfg.get("context_length", _TOWER_DEFAULTS["text_cfg"]["context_length"])
+        vocab_size = text_cfg.get("vocab_size", _TOWER_DEFAULTS["text_cfg"]["vocab_size"])
+        length = spec.get("context_length", 32 if kind == "word" else 77)
+        self.need(_is_int(length) and length >= 2, "tokenizer.context_length", "an integer of at least 2", length)
+        if length != model_length:
+            raise self.error(
+                "tokenizer.context_length",
+                f"is {length}, but the text tower (model_cfg.text_cfg.context_length) takes {model_length} tokens",
+            )
+        if kind == "word":
+            words = self.get(spec, "words", "tokenizer.", required=True)
+            ok = isinstance(words, list) and all(isinstance(w, str) for w in words)
+            self.need(ok, "tokenizer.words", "a list of strings (the vocabulary)", words)
+            if len(words) + 4 > vocab_size:
+                raise self.error(
+                    "tokenizer.words",
+                    f"holds {len(words)} words, which with 4 special tokens do not fit the text tower's "
+                    f"{vocab_size}-token vocabulary (model_cfg.text_cfg.vocab_size)",
+                )
+        elif vocab_size < _BPE_VOCAB_SIZE:
+            raise self.error(
+                "tokenizer.kind",
+                f"is open_clip's BPE ({_BPE_VOCAB_SIZE} tokens), but the text tower has a {vocab_size}-token "
+                "vocabulary (model_cfg.text_cfg.vocab_size)",
+            )
+
+    def preprocess(self, pre: Any) -> None:
+        if pre is None:
+            return
+        self.need(isinstance(pre, dict), "preprocess", "an object with 'mean' and 'std'", pre)
+        for key in ("mean", "std"):
+            if key in pre:
+                value = pre[key]
+                ok = isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value)
+                ok = ok and (key == "mean" or all(v > 0 for v in value))
+                what = "a list of 3 numbers" if key == "mean" else "a list of 3 positive numbers"
+                self.need(ok, f"preprocess.{key}", what, value)
+
+    def backdoor(self, planted: Any) -> None:
+        if planted is None:
+            return
+        self.need(isinstance(planted, dict), "backdoor", "an object (the planted backdoor) or null", planted)
+        for key in ("attack", "target"):
+            if planted.get(key) is not None:
+                self.need(isinstance(planted[key], str), f"backdoor.{key}", "a string", planted[key])
+        trigger = planted.get("trigger")
+        if trigger is not None:
+            ok = isinstance(trigger, dict) and isinstance(trigger.get("attack"), str)
+            self.need(ok, "backdoor.trigger", "an object naming its 'attack'", trigger)
+
+    def class_prompts(self, spec: Any) -> None:
+        if spec is None:
+            return
+        self.need(isinstance(spec, dict), "class_prompts", "an object (the learnt prompts' classes) or null", spec)
+        names = self.get(spec, "class_names", "class_prompts.", required=True)
+        ok = isinstance(names, list) and bool(names) and all(isinstance(n, str) for n in names)
+        self.need(ok, "class_prompts.class_names", "a non-empty list of strings", names)
+        template = self.get(spec, "template", "class_prompts.", required=True)
+        self.need(
+            isinstance(template, str) and "{}" in template, "class_prompts.template", "a string with {}", template
+        )
+        if "key" in spec:
+            self.need(spec["key"] == PROMPT_CONTEXT_KEY, "class_prompts.key", repr(PROMPT_CONTEXT_KEY), spec["key"])
+
+
 def read_sidecar(path: Path) -> dict | None:
-    """The JSON sidecar the project writes beside its ``.safetensors`` outputs, if there is one."""
+    """The JSON sidecar the project writes beside its ``.safetensors`` outputs, if there is one, checked field by
+    field: a sidecar is as untrusted as its checkpoint, so a bad one is refused in one line naming the field.
+
+    A JSON beside the file that holds none of a sidecar's keys is someone else's file and is ignored.
+    """
     side = path.with_suffix(".json")
     if not side.is_file():
         return None
     try:
-        data = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ForensicsError(f"sidecar {side.name} is not valid JSON: {exc}") from None
-    return data if isinstance(data, dict) and data.get("format") == SIDECAR_FORMAT else None
+        if side.stat().st_size > _SIDECAR_MAX_BYTES:
+            raise ForensicsError(
+                f"sidecar {side.name} is {side.stat().st_size:,} bytes, more than any sidecar this tool writes"
+            )
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ForensicsError(f"sidecar {side.name} is not valid JSON: {_first_line(exc)}") from None
+    if not isinstance(data, dict) or not any(key in data for key in _SIDECAR_KEYS):
+        return None
+    return _Sidecar(side.name).check(data)
 
 
 # --------------------------------------------------------------------------- building SuspectModel
@@ -722,15 +1024,64 @@ def _tower_kind(clip: torch.nn.Module) -> str:
     return type(visual).__name__
 
 
+def count_nonfinite(tensors: Iterable[torch.Tensor]) -> int:
+    """How many values of the floating (and complex) tensors are NaN or infinite."""
+    total = 0
+    for tensor in tensors:
+        if tensor.is_meta or not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+            continue
+        tensor = tensor.detach()
+        if not tensor.is_complex() and bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+            continue  # a finite sum: every value is finite (the cheap path, no tensor-sized mask)
+        total += int((~torch.isfinite(tensor)).sum())
+    return total
+
+
+def _model_tensors(model: SuspectModel) -> Iterator[torch.Tensor]:
+    """Every tensor a model computes with: the CLIP's weights and buffers, and any learnt prompt context."""
+    yield from model.clip.state_dict().values()
+    if model.class_prompts and isinstance(model.class_prompts.get("context"), torch.Tensor):
+        yield model.class_prompts["context"]
+
+
+def _nonfinite_note(count: int) -> str:
+    weights = "1 weight is" if count == 1 else f"{count:,} weights are"
+    return f"{weights} NaN or infinite: this model's outputs cannot be trusted"
+
+
+def check_finite_outputs(model: SuspectModel) -> None:
+    """Refuse a model whose embeddings are NaN or infinite (one tiny forward of both towers): every score of such a
+    model is meaningless, so a scan would report nothing flagged and a repair would polish noise."""
+    size = model.image_size
+    with frozen(model), torch.no_grad():
+        images = torch.full((2, 3, size, size), 0.5)
+        finite = bool(torch.isfinite(model.encode_image(images)).all())
+        finite = bool(torch.isfinite(model.encode_text(["a photo"])).all()) and finite
+    if finite:
+        return
+    count = count_nonfinite(_model_tensors(model))
+    why = (
+        f"{count:,} of its weights are non-finite" if count else "all its weights are finite: its computation overflows"
+    )
+    raise ForensicsError(f"the model's outputs are NaN or infinite ({why}); it cannot be scanned or repaired")
+
+
 def _assemble(
-    clip: CLIP, config: dict, source: str, sha: str | None, notes: list[str], backdoor: dict | None = None
+    clip: CLIP,
+    config: dict,
+    source: str,
+    sha: str | None,
+    notes: list[str],
+    backdoor: dict | None = None,
+    class_prompts: dict | None = None,
 ) -> SuspectModel:
+    """The SuspectModel around a loaded CLIP, its facts counted, and a warning when weights are NaN or infinite."""
     clip.eval()
     image_size = clip.visual.image_size
     image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
     tok_spec = config["tokenizer"]
     text_cfg = config["model_cfg"]["text_cfg"]
-    pre = config.get("preprocess", {})
+    pre = config.get("preprocess") or {}
     facts = ModelFacts(
         architecture=config["arch"],
         source=source,
@@ -745,7 +1096,7 @@ def _assemble(
         tokenizer=tok_spec.get("kind", "open_clip"),
         notes=notes,
     )
-    return SuspectModel(
+    model = SuspectModel(
         clip=clip,
         tokenizer=make_tokenizer(tok_spec),
         config=config,
@@ -753,7 +1104,14 @@ def _assemble(
         backdoor=backdoor,
         mean=tuple(pre.get("mean", OPENAI_MEAN)),
         std=tuple(pre.get("std", OPENAI_STD)),
+        class_prompts=class_prompts,
     )
+    facts.nonfinite_parameters = count_nonfinite(_model_tensors(model))
+    if facts.nonfinite_parameters:
+        note = _nonfinite_note(facts.nonfinite_parameters)
+        notes.append(note)
+        warnings.warn(f"{source}: {note}", RuntimeWarning, stacklevel=3)
+    return model
 
 
 def new_model(
@@ -769,7 +1127,7 @@ def new_model(
         cfg["text_cfg"]["context_length"] = tokenizer.context_length
     quick_gelu = bool(quick_gelu or cfg.get("quick_gelu") or arch.endswith("-quickgelu"))
     torch.manual_seed(seed)
-    clip = build_clip(cfg, quick_gelu=quick_gelu)
+    clip = build_bounded(cfg, quick_gelu, f"architecture {arch}")  # the meta-device count draws no random numbers
     tok_spec = (
         tokenizer.to_dict()
         if tokenizer
@@ -807,9 +1165,9 @@ def load_model(
         arch = spec.split(":", 1)[1]
         tokenizer = None
         if architecture_config(arch).get("tokenizer") == "word":  # the project's configs: the demo lab's vocabulary
-            sidecar = DEMO_MODELS["demo"].with_suffix(".json")
-            if sidecar.is_file():
-                tokenizer = WordTokenizer.from_dict(json.loads(sidecar.read_text())["tokenizer"])
+            sidecar = read_sidecar(DEMO_MODELS["demo"])
+            if sidecar is not None:
+                tokenizer = WordTokenizer.from_dict(sidecar["tokenizer"])
         return new_model(arch, quick_gelu=bool(quick_gelu), tokenizer=tokenizer).to(device)
     path = Path(spec).expanduser()
     if path.exists():
@@ -839,19 +1197,11 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
         config = {k: sidecar[k] for k in ("arch", "model_cfg", "quick_gelu", "tokenizer", "preprocess") if k in sidecar}
         if quick_gelu is not None:
             config["quick_gelu"] = quick_gelu
-        clip = build_clip(config["model_cfg"], quick_gelu=bool(config.get("quick_gelu")))
+        what = f"sidecar {path.with_suffix('.json').name}: field 'model_cfg'"
+        clip = build_bounded(config["model_cfg"], bool(config.get("quick_gelu")), what)
         load_into(clip, _convert_openai_text_keys(state, clip), path.name)
-        model = _assemble(clip, config, str(path), sha, notes, backdoor=sidecar.get("backdoor"))
-        spec = sidecar.get("class_prompts")
-        if context is not None and isinstance(spec, dict) and len(spec.get("class_names") or []) == len(context):
-            model.class_prompts = {
-                "class_names": list(spec["class_names"]),
-                "context": context.float(),
-                "template": spec["template"],
-            }
-        elif context is not None:
-            notes.append("learnt prompts found but the sidecar does not name their classes; they are ignored")
-        return model
+        prompts = _class_prompts(sidecar.get("class_prompts"), context, clip, path, notes)
+        return _assemble(clip, config, str(path), sha, notes, backdoor=sidecar.get("backdoor"), class_prompts=prompts)
     if context is not None:
         notes.append("learnt prompts found but there is no sidecar naming their classes; they are ignored")
     if arch is None:
@@ -879,7 +1229,7 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
         quick_gelu = arch.endswith("-quickgelu")
         if quick_gelu is False and "-quickgelu" not in arch and _is_torchscript(path):
             notes.append("OpenAI-format checkpoint: pass --quick-gelu if it was trained with QuickGELU")
-    clip = build_clip(cfg, quick_gelu=quick_gelu)
+    clip = build_bounded(cfg, quick_gelu, f"architecture {arch}")
     load_into(clip, _convert_openai_text_keys(state, clip), path.name)
     config = {
         "arch": arch,
@@ -889,6 +1239,34 @@ def load_checkpoint(path: Path, arch: str | None = None, quick_gelu: bool | None
         "preprocess": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
     }
     return _assemble(clip, config, str(path), sha, notes)
+
+
+def _class_prompts(
+    spec: dict | None, context: torch.Tensor | None, clip: CLIP, path: Path, notes: list[str]
+) -> dict | None:
+    """The learnt class prompts of a checkpoint: the sidecar's (checked) class names and template with its context
+    tensor, which must hold one n_ctx x width block per class; None (and a note) when one of the two is absent."""
+    if context is None:
+        if spec is not None:
+            notes.append("the sidecar names learnt prompts but the checkpoint holds none; they are ignored")
+        return None
+    if spec is None:
+        notes.append("learnt prompts found but the sidecar does not name their classes; they are ignored")
+        return None
+    names = spec["class_names"]
+    tower = clip if hasattr(clip, "token_embedding") else getattr(clip, "text", None)
+    embedding = getattr(tower, "token_embedding", None)
+    width = embedding.weight.shape[1] if isinstance(embedding, torch.nn.Embedding) else None
+    length = getattr(tower, "context_length", None) or (tower.positional_embedding.shape[0] if tower else 0)
+    shape = tuple(context.shape)
+    fits = len(shape) == 3 and shape[0] == len(names) and 1 <= shape[1] <= length - 2
+    if not fits or (width is not None and shape[2] != width):
+        raise ForensicsError(
+            f"sidecar {path.with_suffix('.json').name}: field 'class_prompts' names {len(names)} classes, but the "
+            f"checkpoint's learnt prompts ({PROMPT_CONTEXT_KEY}) have shape {shape}, not "
+            f"({len(names)}, n_ctx, {width or 'width'}) with n_ctx at most {length - 2}"
+        )
+    return {"class_names": list(names), "context": context.float(), "template": spec["template"]}
 
 
 def _infer_openai_architecture(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
