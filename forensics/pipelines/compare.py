@@ -29,7 +29,7 @@ from forensics.attacks import Attack, attack_from_dict, build_attack
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
 from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
-from forensics.core.models import ModelRef, SuspectModel, as_ref, save_model
+from forensics.core.models import ModelRef, SuspectModel, as_ref, check_finite_outputs, save_model
 from forensics.core.progress import Progress, ShouldStop, sub_progress
 from forensics.core.zeroshot import ASR_NOTE
 from forensics.defenses import DEFENSES, RepairData
@@ -235,6 +235,7 @@ def run_compare(
     if progress:
         progress(0.0, "loading the model and images")
     loaded = ref.load() if ref else model
+    check_finite_outputs(loaded)
     measured = resolve_attacks(loaded, ref, probe_set.class_names, attacks, target)
     triggers = [(a["key"], a["attack"], a["target"]) for a in measured]
     out = check_output_folder(out)

@@ -23,7 +23,7 @@ from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
 from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
 from forensics.core.images import load_image, load_pattern
-from forensics.core.models import ModelRef, SuspectModel, as_ref, save_model
+from forensics.core.models import ModelRef, SuspectModel, as_ref, check_finite_outputs, save_model
 from forensics.core.progress import Progress, ShouldStop, sub_progress
 from forensics.core.zeroshot import ASR_NOTE
 from forensics.defenses import DEFENSES, Defense, RepairData
@@ -277,6 +277,7 @@ def run_repair(
         budget = DEFAULT_BUDGET if budget is None else budget
         budget_idx, eval_idx = split_clean_budget(probe_set, budget, seed)
     loaded = ref.load() if ref else model
+    check_finite_outputs(loaded)  # CA/ASR of a NaN model mean nothing, and fine-tuning cannot mend it
     notes = check_findings_model(report, loaded, force) if report else []
     out = check_output_folder(out)
     inputs = model_files(loaded.facts.source) + (findings_files(report) if report else [])

@@ -22,7 +22,7 @@ from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
 from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
 from forensics.core.images import inpaint_box, to_pil
-from forensics.core.models import ModelRef, SuspectModel, resolve_model
+from forensics.core.models import ModelRef, SuspectModel, check_finite_outputs, resolve_model
 from forensics.core.progress import Progress, sub_progress
 from forensics.defenses import RepairData
 from forensics.detect import DETECTORS, Findings, ScanSettings
@@ -167,6 +167,7 @@ def scan(
     probe_set = probe_set.subset(max_images, settings.seed)
     oracle_obj = pick_oracle(oracle, sam_checkpoint)
     loaded, _ = resolve_model(ref or model)
+    check_finite_outputs(loaded)  # a NaN model would scan as 'nothing flagged'
     detector = DETECTORS.build("oracle-guided", oracle=oracle_obj, settings=settings)
     findings = detector.run(loaded, probe_set, sub_progress(progress, 0.0, 0.9))
     report = {
