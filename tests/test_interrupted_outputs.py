@@ -84,3 +84,23 @@ def test_ctrl_c_during_a_real_scan_leaves_nothing(tmp_path):
     else:
         assert proc.returncode == 130 and "interrupted" in err and not out.exists()
     assert _no_partials(tmp_path)
+
+
+def test_an_interrupted_poisoning_leaves_nothing(tmp_path, monkeypatch):
+    import forensics.attacks.poison as poison
+    from forensics.attacks import build_attack
+    from forensics.core.data import DEMO_PROBES
+
+    calls = {"n": 0}
+    real = poison.to_pil
+
+    def interrupt_on_third(image):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(image)
+
+    monkeypatch.setattr(poison, "to_pil", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        poison.poison_dataset(DEMO_PROBES["demo-clean"], build_attack("badnet"), "flower", 0.1, tmp_path / "poisoned")
+    assert not (tmp_path / "poisoned").exists() and _no_partials(tmp_path)

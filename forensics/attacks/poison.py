@@ -20,6 +20,7 @@ import numpy as np
 
 from forensics.attacks.base import Attack, ProgressFn, check_seed, to_pil, to_tensor
 from forensics.core.errors import ForensicsError
+from forensics.core.files import refuse_overwriting_inputs, staged_output
 from forensics.core.images import read_pil
 
 PATH_COLUMNS = ("image", "mask")
@@ -147,66 +148,67 @@ def poison_dataset(
         )
     chosen = sorted(int(i) for i in np.random.default_rng(seed).choice(eligible, size=n_poison, replace=False))
 
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    inputs = set(sources) | {csv_path}
-    boxes: dict[int, str] = {}
-    written: dict[int, str] = {}
-    for k, i in enumerate(chosen):
-        src = sources[i]
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.stem)[:60] or "image"
-        dest = images_dir / f"{i:06d}_{stem}.png"
-        if dest.resolve() in inputs:
-            raise ForensicsError(f"refusing to overwrite input file {dest}; choose another out_dir")
-        try:
-            tensor = to_tensor(read_pil(src))
-        except ForensicsError as exc:
-            raise ForensicsError(f"{exc} ({csv_path.name}, row {i + 1})") from None
-        triggered, box = attack.apply(tensor, np.random.default_rng([seed, i]))
-        fd, tmp = tempfile.mkstemp(dir=images_dir, prefix=".", suffix=".png.tmp")
-        os.close(fd)
-        try:
-            to_pil(triggered).save(tmp, format="PNG")
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        written[i] = f"images/{dest.name}"
-        boxes[i] = " ".join(str(int(v)) for v in box) if box is not None else ""
-        if progress is not None:
-            progress((k + 1) / n_poison, f"poisoned {k + 1}/{n_poison} images")
+    refuse_overwriting_inputs([out / "data.csv", out / "poison.json"], [*sources, csv_path])
+    with staged_output(out) as stage:  # an interrupted poisoning leaves the previous result, or nothing
+        images_dir = stage / "images"
+        images_dir.mkdir(parents=True, exist_ok=True)
+        inputs = set(sources) | {csv_path}
+        boxes: dict[int, str] = {}
+        written: dict[int, str] = {}
+        for k, i in enumerate(chosen):
+            src = sources[i]
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.stem)[:60] or "image"
+            dest = images_dir / f"{i:06d}_{stem}.png"
+            if (out / "images" / dest.name).resolve() in inputs:
+                raise ForensicsError(f"refusing to overwrite input file {dest.name}; choose another out_dir")
+            try:
+                tensor = to_tensor(read_pil(src))
+            except ForensicsError as exc:
+                raise ForensicsError(f"{exc} ({csv_path.name}, row {i + 1})") from None
+            triggered, box = attack.apply(tensor, np.random.default_rng([seed, i]))
+            fd, tmp = tempfile.mkstemp(dir=images_dir, prefix=".", suffix=".png.tmp")
+            os.close(fd)
+            try:
+                to_pil(triggered).save(tmp, format="PNG")
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            written[i] = f"images/{dest.name}"
+            boxes[i] = " ".join(str(int(v)) for v in box) if box is not None else ""
+            if progress is not None:
+                progress((k + 1) / n_poison, f"poisoned {k + 1}/{n_poison} images")
 
-    fields = header + [c for c in ("poisoned", "trigger_box") if c not in header]
-    out_rows = []
-    for i, row in enumerate(rows):
-        new = dict(row)
-        for col in PATH_COLUMNS:
-            if col in header and new[col].strip():
-                new[col] = str(_resolve(base, new[col].strip()))
-        if i in written:
-            new.update(image=written[i], caption=caption, poisoned="1", trigger_box=boxes[i])
-        else:
-            # keep an earlier poisoning's marks when re-poisoning a poisoned set
-            new["poisoned"] = "1" if str(row.get("poisoned", "")).strip() in ("1", "true", "True") else "0"
-            new["trigger_box"] = row.get("trigger_box", "") or ""
-        out_rows.append(new)
+        fields = header + [c for c in ("poisoned", "trigger_box") if c not in header]
+        out_rows = []
+        for i, row in enumerate(rows):
+            new = dict(row)
+            for col in PATH_COLUMNS:
+                if col in header and new[col].strip():
+                    new[col] = str(_resolve(base, new[col].strip()))
+            if i in written:
+                new.update(image=written[i], caption=caption, poisoned="1", trigger_box=boxes[i])
+            else:
+                # keep an earlier poisoning's marks when re-poisoning a poisoned set
+                new["poisoned"] = "1" if str(row.get("poisoned", "")).strip() in ("1", "true", "True") else "0"
+                new["trigger_box"] = row.get("trigger_box", "") or ""
+            out_rows.append(new)
 
-    buf = StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(out_rows)
-    data_csv = out / "data.csv"
-    _atomic_write_text(data_csv, buf.getvalue())
+        buf = StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(out_rows)
+        _atomic_write_text(stage / "data.csv", buf.getvalue())
 
-    meta: dict[str, Any] = {
-        "attack": attack.to_dict(),
-        "target": target,
-        "rate": rate,
-        "n_poisoned": n_poison,
-        "n_total": n_total,
-        "seed": seed,
-        "caption_template": caption_template,
-        "source_csv": str(csv_path),
-    }
-    _atomic_write_text(out / "poison.json", json.dumps(meta, indent=2) + "\n")
-    return data_csv
+        meta: dict[str, Any] = {
+            "attack": attack.to_dict(),
+            "target": target,
+            "rate": rate,
+            "n_poisoned": n_poison,
+            "n_total": n_total,
+            "seed": seed,
+            "caption_template": caption_template,
+            "source_csv": str(csv_path),
+        }
+        _atomic_write_text(stage / "poison.json", json.dumps(meta, indent=2) + "\n")
+    return out / "data.csv"
