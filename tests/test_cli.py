@@ -171,7 +171,7 @@ def test_poison_then_implant_then_evaluate(tmp_path):
         (["evaluate", "demo", "--batch-size", "0"], "--batch-size: must be at least 1"),
         (["repair", "demo", "--method", "cleanclip", "--budget", "-1", "--out", "OUT"], "--budget: must be at least 1"),
         (["compare", "demo", "--budget", "0", "--out", "OUT"], "--budget: must be at least 1"),
-        (["scan", "demo", "--max-images", "abc", "--out", "OUT"], "'abc' is not a whole number"),
+        (["scan", "demo", "--max-images", "abc", "--out", "OUT"], "invalid int value: 'abc'"),
         (["evaluate", "demo", "--seed", "-3"], "--seed: must be 0 or more"),
         (["audit", "demo", "--data", "x.csv", "--top", "0", "--out", "OUT"], "--top: must be at least 1"),
     ],

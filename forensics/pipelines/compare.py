@@ -164,6 +164,16 @@ def resolve_attacks(
     return out
 
 
+def _findings_files_if_readable(findings: str | Path | None) -> list[Path]:
+    """The given findings' files (outputs may not replace them); unreadable findings become the rows' error later."""
+    if findings is None:
+        return []
+    try:
+        return findings_files(read_findings(findings))
+    except ForensicsError:
+        return []
+
+
 def findings_data(
     model: SuspectModel,
     ref: ModelRef | None,
@@ -244,7 +254,7 @@ def run_compare(
         [out / "models" / f"{n}{suffix}" for n in names for suffix in (".safetensors", ".json")] if save_models else []
     )
     inputs = model_files(loaded.facts.source) + probe_set.files()
-    refuse_overwriting_inputs(outputs, inputs + (findings_files(read_findings(findings)) if findings else []))
+    refuse_overwriting_inputs(outputs, inputs + _findings_files_if_readable(findings))
     with staged_output(out) as stage:  # an interrupted or failed compare leaves the previous result, or nothing
         data = budget_repair_data(probe_set, budget_idx, loaded.image_size)
         eval_images = probe_set.load_images(loaded.image_size, eval_idx)
