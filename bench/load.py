@@ -144,8 +144,8 @@ def write(out: Path, records: list[dict], args: argparse.Namespace) -> None:
         f"# Load: {args.sessions} sessions scanning the demo while one repairs",
         "",
         f"`python bench/load.py --sessions {args.sessions} --images {args.images}` on {machine}. "
-        "All jobs submitted at once; the app runs one job at a time (queue), the others wait with their "
-        "position shown.",
+        "All jobs submitted at once; scans run as many at a time as the workbench's scan concurrency allows and "
+        "repairs one at a time, beside them; waiting jobs see their queue position (polled every 0.5 s).",
         "",
         "| session | job | finished after (s) | queue positions seen | right and its own | detail |",
         "|---|---|---|---|---|---|",
