@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from forensics.core.errors import ForensicsError
 
@@ -23,26 +23,23 @@ class _Parser(argparse.ArgumentParser):
         raise ForensicsError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1 (batch sizes, epochs, image counts, budgets)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum`` (``what`` names it in the help)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    """argparse type: a seed, a whole number of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+_positive_int = _int_at_least(1, "at least 1")  # batch sizes, epochs, image counts, budgets
+_seed = _int_at_least(0, "0 or more")
 
 
 def _emit(data: Any) -> None:

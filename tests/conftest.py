@@ -22,7 +22,9 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -35,11 +37,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def workbench(tmp_path_factory):
-    """``python app.py`` running on a free local port (as a user starts it); yields its URL, stops it after."""
+@contextmanager
+def running_app(log_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """``python app.py`` on a free local port (as a user starts it), with ``extra_env``; yields its URL, stops it."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("workbench") / "app.log"
+    log = log_dir / "app.log"
     env = {
         **os.environ,
         "GRADIO_SERVER_NAME": "127.0.0.1",
@@ -47,25 +49,34 @@ def workbench(tmp_path_factory):
         "HF_HUB_OFFLINE": "1",
         "GRADIO_ANALYTICS_ENABLED": "False",
         "OMP_NUM_THREADS": "2",
+        **(extra_env or {}),
     }
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError(f"app.py did not answer on {url} within 180 s:\n{log.read_text()[-3000:]}")
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"app.py did not answer on {url}:\n{log.read_text()[-3000:]}") from None
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def workbench(tmp_path_factory):
+    """``python app.py`` running on a free local port (as a user starts it); yields its URL, stops it after."""
+    with running_app(tmp_path_factory.mktemp("workbench")) as url:
+        yield url

@@ -6,13 +6,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import socket
 import struct
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +20,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from forensics.ui.common import SERVER_PATHS_ENV, SERVER_PATHS_OFF, WORK_ROOT  # noqa: E402
+from tests.conftest import running_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "assets" / "demo" / "models" / "demo_poisoned.safetensors"
@@ -189,12 +185,6 @@ def test_uploaded_probe_zips_stay_inside_themselves(session_a, workbench, tmp_pa
 # ------------------------------------------------------------------ a second server, started with server paths on
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def open_workbench(tmp_path_factory):
     """``python app.py`` with FORENSICS_ALLOW_SERVER_PATHS naming one folder that holds a copy of the demo model."""
@@ -202,39 +192,8 @@ def open_workbench(tmp_path_factory):
     shutil.copy(DEMO_MODEL, allowed / "suspect.safetensors")
     shutil.copy(DEMO_MODEL.with_suffix(".json"), allowed / "suspect.json")
     (allowed / "probe.csv").write_text("image,caption,label\n/etc/passwd,a cat,cat\n")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("open-workbench") / "app.log"
-    env = {
-        **os.environ,
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "HF_HUB_OFFLINE": "1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "OMP_NUM_THREADS": "2",
-        SERVER_PATHS_ENV: str(allowed),
-    }
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 300
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=5)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError(f"app.py did not answer on {url}:\n{log.read_text()[-3000:]}") from None
-                time.sleep(1)
+    with running_app(tmp_path_factory.mktemp("open-workbench"), {SERVER_PATHS_ENV: str(allowed)}) as url:
         yield url, allowed
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_allowed_server_folder_opens_inside_and_refuses_outside(open_workbench, tmp_path):
