@@ -99,3 +99,13 @@ def test_scan_flags_nothing_without_a_backdoor(tmp_path):
     probe = _probe(tmp_path, "green", 1)
     findings = OracleGuidedScan(build_oracle("fallback")).run(FakeBackdooredModel(None), probe)
     assert findings.flagged_labels == [] and findings.victims == [] and findings.triggers == []
+
+
+@pytest.mark.parametrize("label", ["../../evil", "/etc/passwd", "a/b\\\\c", "..", "flower<svg onload=alert(1)>"])
+def test_trigger_file_names_never_leave_the_output_folder(label):
+    from forensics.detect.oracle_scan import trigger_file_name
+
+    name = trigger_file_name(0, label)
+    assert "/" not in name and "\\\\" not in name and not name.startswith(".") and name.endswith(".png")
+    assert trigger_file_name(0, "flower") == "trigger_0_flower.png"
+    assert trigger_file_name(1, "traffic light") == "trigger_1_traffic_light.png"

@@ -13,6 +13,7 @@ relative to the model's own behaviour on the probe set.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
@@ -120,6 +121,13 @@ def occluded_logits(
 
 
 # --------------------------------------------------------------------------- the scan
+
+
+def trigger_file_name(index: int, label: str) -> str:
+    """The file a reconstructed trigger is saved as; the label comes from the probe set (user input), so only
+    letters, digits, ``.``, ``_`` and ``-`` reach the name: no folder separator, no ``..`` escape."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._")[:60] or "label"
+    return f"trigger_{index}_{safe}.png"
 
 
 @dataclass
@@ -602,7 +610,7 @@ class OracleGuidedScan(Detector):
                 if not r["captured"] and r["predicted"] != f.label and r["predicted"] not in flagged_names
             ]
             pattern, info = self.reconstruct(model, images, class_emb, class_names, f.label, members, boxes, clean_pool)
-            name = f"trigger_{len(triggers)}_{f.label.replace(' ', '_')}.png"
+            name = trigger_file_name(len(triggers), f.label)
             artefacts["patterns"][name] = {"pattern": pattern, **info}
             triggers.append(
                 TriggerCandidate(
