@@ -11,3 +11,9 @@ class UnsafeCheckpointError(ForensicsError):
 
 class CheckpointMismatchError(ForensicsError):
     """A checkpoint whose keys or shapes do not match the chosen architecture."""
+
+
+def exception_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters), for one-line messages about a library's error."""
+    text = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

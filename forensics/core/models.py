@@ -8,37 +8,33 @@ holding the full model config, tokenizer and (for the demo lab) the planted back
 
 from __future__ import annotations
 
-import ast
 import copy
 import hashlib
-import io
 import itertools
 import json
 import math
 import os
 import pickle
-import re
 import tempfile
-import typing
 import warnings
 import zipfile
-from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+from open_clip.model import CLIP, CustomTextCLIP
 from PIL import Image
 
-from forensics.core.errors import CheckpointMismatchError, ForensicsError, UnsafeCheckpointError
+from forensics.core.errors import CheckpointMismatchError, ForensicsError, UnsafeCheckpointError, exception_line
 from forensics.core.images import pil_to_model_tensor
+from forensics.core.sidecar import PROMPT_CONTEXT_KEY, SIDECAR_FORMAT, read_sidecar
 from forensics.core.tokenizer import WordTokenizer
+from forensics.core.torchscript import read_torchscript_tensors
 
-SIDECAR_FORMAT = "clip-forensics/1"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PROJECT_CONFIG_DIR = PACKAGE_DIR / "model_configs"
 ASSETS_DIR = PACKAGE_DIR.parent / "assets"
@@ -52,7 +48,6 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # that open_clip derives from the context length (a non-persistent buffer, which TorchScript saves)
 _NON_PARAMETER_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-PROMPT_CONTEXT_KEY = "prompt_learner.context"  # learnt prompt context vectors, saved beside the CLIP's own tensors
 # the most parameters (and buffers) a model may have before it is built: above ViT-e-14 (4.6e9), open_clip's largest
 # native CLIP, so that a config with absurd widths is refused instead of allocating memory the machine lacks
 MAX_PARAMETERS_ENV = "FORENSICS_MAX_PARAMETERS"
@@ -285,11 +280,6 @@ def max_parameters() -> int:
     return int(value)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0][:160]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def build_bounded(model_cfg: dict, quick_gelu: bool, what: str) -> CLIP:
     """:func:`build_clip`, but first on the meta device (no memory) to count the parameters the config implies;
     refused above :func:`max_parameters`. ``what`` names the config in the one-line errors ("architecture RN50")."""
@@ -300,7 +290,9 @@ def build_bounded(model_cfg: dict, quick_gelu: bool, what: str) -> CLIP:
     except ForensicsError:
         raise
     except Exception as exc:  # noqa: BLE001 - a bad config fails open_clip's constructors in many ways
-        raise ForensicsError(f"{what} does not describe a CLIP that open_clip can build ({_first_line(exc)})") from None
+        raise ForensicsError(
+            f"{what} does not describe a CLIP that open_clip can build ({exception_line(exc)})"
+        ) from None
     count = sum(t.numel() for t in itertools.chain(skeleton.parameters(), skeleton.buffers()))
     del skeleton
     if count > limit:
@@ -313,7 +305,7 @@ def build_bounded(model_cfg: dict, quick_gelu: bool, what: str) -> CLIP:
     except ForensicsError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory while allocating the weights
-        raise ForensicsError(f"{what} could not be built ({_first_line(exc)})") from None
+        raise ForensicsError(f"{what} could not be built ({exception_line(exc)})") from None
 
 
 def make_tokenizer(spec: dict) -> Callable[[list[str]], torch.Tensor]:
@@ -351,301 +343,6 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
-# --------------------------------------------------------------------------- TorchScript archives, read as data
-#
-# ``torch.jit.load`` runs code from the archive (a scripted ``__setstate__`` runs as the archive loads), so a
-# TorchScript checkpoint is read here as what it is on disk: a zip holding ``<root>/data.pkl`` (the module tree
-# as a pickle), ``<root>/data/<key>`` (raw storage bytes) and ``<root>/code/`` (the scripted source, which is only
-# scanned as text for each class's ``__parameters__``/``__buffers__`` lists, never compiled).
-
-_TORCHSCRIPT_STORAGE_DTYPES = {
-    name: dtype
-    for name, dtype in {
-        "FloatStorage": torch.float32,
-        "DoubleStorage": torch.float64,
-        "HalfStorage": torch.float16,
-        "BFloat16Storage": torch.bfloat16,
-        "LongStorage": torch.int64,
-        "IntStorage": torch.int32,
-        "ShortStorage": torch.int16,
-        "CharStorage": torch.int8,
-        "ByteStorage": torch.uint8,
-        "BoolStorage": torch.bool,
-        "ComplexHalfStorage": getattr(torch, "complex32", None),
-        "ComplexFloatStorage": torch.complex64,
-        "ComplexDoubleStorage": torch.complex128,
-        "UInt16Storage": getattr(torch, "uint16", None),
-        "UInt32Storage": getattr(torch, "uint32", None),
-        "UInt64Storage": getattr(torch, "uint64", None),
-        "Float8_e5m2Storage": getattr(torch, "float8_e5m2", None),
-        "Float8_e4m3fnStorage": getattr(torch, "float8_e4m3fn", None),
-        "Float8_e5m2fnuzStorage": getattr(torch, "float8_e5m2fnuz", None),
-        "Float8_e4m3fnuzStorage": getattr(torch, "float8_e4m3fnuz", None),
-    }.items()
-    if dtype is not None
-}
-_TORCHSCRIPT_MAX_DIMS = 64
-_TORCHSCRIPT_MAX_DEPTH = 1000
-_TORCHSCRIPT_MAX_TEXT_BYTES = 1 << 28  # data.pkl and each code file: OpenAI's are well under 10 MB
-_TORCHSCRIPT_CLASS_RE = re.compile(r"^class (\w+)(?:\(([\w.]*)\))?:[ \t]*$", re.MULTILINE)
-_TORCHSCRIPT_TOP_LEVEL_RE = re.compile(r"^\S", re.MULTILINE)
-_TORCHSCRIPT_NAMES_RE = re.compile(r"^  (__parameters__|__buffers__) = (\[.*\])[ \t]*$", re.MULTILINE)
-
-
-class _ScriptObject:
-    """Inert stand-in for an instance of a class scripted in the archive: it keeps its state and runs nothing."""
-
-    __slots__ = ("state",)
-    type_name = ""  # the scripted class's qualified name, set on the per-name subclass
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_ScriptObject":
-        obj = super().__new__(cls)
-        obj.state = None
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass  # REDUCE construction: the arguments are ignored
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state  # stored, never interpreted or called
-
-
-class _StorageType:
-    """What ``torch.FloatStorage`` and its kin stand for in the pickle: only the dtype."""
-
-    __slots__ = ("name", "dtype")
-
-    def __init__(self, name: str, dtype: torch.dtype) -> None:
-        self.name, self.dtype = name, dtype
-
-
-class _Storage:
-    """One storage of the archive, read from ``<root>/data/<key>`` into a flat CPU tensor."""
-
-    __slots__ = ("flat",)
-
-    def __init__(self, flat: torch.Tensor) -> None:
-        self.flat = flat
-
-
-def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or len(value) > _TORCHSCRIPT_MAX_DIMS:
-        raise ForensicsError(f"its tensor {what} is not a short tuple of integers")
-    if not all(isinstance(v, int) and v >= 0 for v in value):
-        raise ForensicsError(f"its tensor {what} {value!r} holds a negative or non-integer entry")
-    return tuple(value)
-
-
-def _rebuild_tensor_safely(
-    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None, *rest: Any
-) -> torch.Tensor:
-    """Stand-in for ``torch._utils._rebuild_tensor_v2``: a view of a storage, checked to lie inside it."""
-    if not isinstance(storage, _Storage):
-        raise ForensicsError("a tensor in it is built from something that is no storage of the archive")
-    if not isinstance(offset, int) or offset < 0:
-        raise ForensicsError(f"a tensor in it has the storage offset {offset!r}")
-    size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
-    if len(size) != len(stride):
-        raise ForensicsError(f"a tensor in it has size {size} but stride {stride}")
-    numel = storage.flat.numel()
-    if 0 not in size:
-        end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
-        if end > numel:
-            raise ForensicsError(f"a tensor in it ({size}, offset {offset}) reaches past its storage of {numel}")
-    elif offset > numel:
-        raise ForensicsError(f"a tensor in it starts at {offset}, past its storage of {numel}")
-    return torch.as_strided(storage.flat, size, stride, offset)
-
-
-def _rebuild_parameter_safely(data: Any, requires_grad: Any = False, hooks: Any = None, *rest: Any) -> torch.Tensor:
-    """Stand-in for ``torch._utils._rebuild_parameter``: the tensor itself (a state dict needs no Parameter)."""
-    if not isinstance(data, torch.Tensor):
-        raise ForensicsError("a parameter in it wraps something that is no tensor")
-    return data
-
-
-def _same_value(value: Any, *rest: Any) -> Any:
-    """Stand-in for ``torch.jit._pickle``'s list builders and ``restore_type_tag``: the value itself."""
-    return value
-
-
-def _device_name(*args: Any) -> str:
-    """Stand-in for ``torch.device``: its text, which no tensor here needs."""
-    return ":".join(str(a) for a in args if isinstance(a, (str, int)))
-
-
-_TORCHSCRIPT_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_safely,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter_safely,
-    ("collections", "OrderedDict"): OrderedDict,
-    ("torch.jit._pickle", "build_intlist"): _same_value,
-    ("torch.jit._pickle", "build_doublelist"): _same_value,
-    ("torch.jit._pickle", "build_boollist"): _same_value,
-    ("torch.jit._pickle", "build_tensorlist"): _same_value,
-    ("torch.jit._pickle", "restore_type_tag"): _same_value,
-    ("torch", "device"): _device_name,
-    ("builtins", "complex"): complex,
-    **{("torch", name): _StorageType(name, dtype) for name, dtype in _TORCHSCRIPT_STORAGE_DTYPES.items()},
-}
-
-
-class _TorchScriptUnpickler(pickle.Unpickler):
-    """Unpickles ``data.pkl`` with inert stand-ins for scripted classes and a short list of tensor builders;
-    every other global is refused before it could run, and storages come straight from the zip's bytes."""
-
-    def __init__(self, data: bytes, zf: zipfile.ZipFile, root: str, name: str) -> None:
-        super().__init__(io.BytesIO(data))
-        self._zf, self._root, self._name = zf, root, name
-        self._members = {info.filename: info for info in zf.infolist()}
-        self._storages: dict[str, _Storage] = {}
-        self._classes: dict[str, type[_ScriptObject]] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "__torch__" or module.startswith("__torch__."):
-            qualname = f"{module}.{name}"
-            if qualname not in self._classes:
-                self._classes[qualname] = type(
-                    "_ScriptObject", (_ScriptObject,), {"__slots__": (), "type_name": qualname}
-                )
-            return self._classes[qualname]
-        if (module, name) in _TORCHSCRIPT_GLOBALS:
-            return _TORCHSCRIPT_GLOBALS[(module, name)]
-        raise UnsafeCheckpointError(
-            f"refused {self._name}: its TorchScript pickle names the global {module}.{name}, which no archive "
-            "of tensors needs; nothing in it was run"
-        )
-
-    def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise ForensicsError(f"it refers to a persistent object {str(pid)[:80]!r} that is no storage")
-        _, kind, key, _location, numel = pid
-        if not isinstance(kind, _StorageType):
-            raise ForensicsError(f"its storage {str(key)[:40]!r} has no known storage type")
-        if not isinstance(key, str) or not key or "/" in key or not isinstance(numel, int) or numel < 0:
-            raise ForensicsError(f"it has a malformed storage reference {str(pid)[:80]!r}")
-        if key in self._storages:
-            storage = self._storages[key]
-            if storage.flat.dtype != kind.dtype or storage.flat.numel() != numel:
-                raise ForensicsError(f"its storage {key!r} is referred to with two different types or sizes")
-            return storage
-        member = f"{self._root}/data/{key}"
-        info = self._members.get(member)
-        if info is None:
-            raise ForensicsError(f"its storage {key!r} should be {member}, which the archive lacks")
-        expected = numel * kind.dtype.itemsize
-        if info.file_size != expected:
-            raise ForensicsError(
-                f"its storage {member} holds {info.file_size} bytes, not the {expected} that {numel} "
-                f"{kind.name} elements need (truncated or corrupt)"
-            )
-        buffer = bytearray(expected)
-        view, filled = memoryview(buffer), 0
-        with self._zf.open(info) as fh:
-            while filled < expected:
-                chunk = fh.read(min(1 << 24, expected - filled))
-                if not chunk:
-                    break
-                view[filled : filled + len(chunk)] = chunk
-                filled += len(chunk)
-        if filled != expected:
-            raise ForensicsError(f"its storage {member} ends after {filled} of {expected} bytes")
-        flat = torch.frombuffer(buffer, dtype=kind.dtype) if expected else torch.empty(0, dtype=kind.dtype)
-        self._storages[key] = _Storage(flat)
-        return self._storages[key]
-
-
-def _torchscript_class_tensors(zf: zipfile.ZipFile, root: str) -> dict[str, tuple[bool, list[str] | None]]:
-    """For each class in ``<root>/code/``: whether it is a Module, and its parameter and buffer names in order
-    (None when they cannot be read). The source is only scanned as text."""
-    classes: dict[str, tuple[bool, list[str] | None]] = {}
-    prefix = f"{root}/code/"
-    for info in zf.infolist():
-        member = info.filename
-        if not (member.startswith(prefix) and member.endswith(".py")) or info.file_size > _TORCHSCRIPT_MAX_TEXT_BYTES:
-            continue  # an oversized code file leaves its classes unknown: all their tensor attributes count
-        module = member[len(prefix) : -len(".py")].replace("/", ".")
-        text = zf.read(member).decode("utf-8", errors="replace")
-        for header in _TORCHSCRIPT_CLASS_RE.finditer(text):
-            following = _TORCHSCRIPT_TOP_LEVEL_RE.search(text, header.end() + 1)
-            body = text[header.end() : following.start() if following else len(text)]
-            names: list[str] | None = []
-            for match in _TORCHSCRIPT_NAMES_RE.finditer(body):
-                try:
-                    listed = ast.literal_eval(match.group(2))
-                except (ValueError, SyntaxError, MemoryError, RecursionError):
-                    listed = None
-                if names is None or not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
-                    names = None
-                else:
-                    names.extend(listed)
-            classes[f"{module}.{header.group(1)}"] = (header.group(2) == "Module", names)
-    return classes
-
-
-def _collect_module_tensors(top: Any, classes: dict[str, tuple[bool, list[str] | None]]) -> dict[str, torch.Tensor]:
-    """The parameters and buffers under their dotted attribute paths, as ``ScriptModule.state_dict()`` names them.
-
-    A Module class contributes the tensors its ``__parameters__``/``__buffers__`` name; a class missing from the
-    code every tensor attribute; non-Module scripted classes none. State that a scripted ``__getstate__`` made a
-    tuple carries no names, so its tensors are skipped.
-    """
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    stack: list[tuple[Any, str, int]] = [(top, "", 0)]
-    while stack:
-        obj, prefix, depth = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if depth > _TORCHSCRIPT_MAX_DEPTH:
-            raise ForensicsError(f"its modules nest more than {_TORCHSCRIPT_MAX_DEPTH} deep")
-        is_module, names = classes.get(obj.type_name, (True, None))
-        state = obj.state
-        if not is_module or not isinstance(state, dict):
-            continue
-        if names is None:
-            names = [k for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
-        for name in names:
-            value = state.get(name)
-            if isinstance(value, torch.Tensor):
-                out[prefix + name] = value
-        children = [(k, v) for k, v in state.items() if isinstance(k, str) and isinstance(v, _ScriptObject)]
-        stack.extend((child, f"{prefix}{key}.", depth + 1) for key, child in reversed(children))
-    return out
-
-
-def _read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The parameters and buffers of a TorchScript archive, read as data: nothing in the archive runs."""
-    name = path.name
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pickles = [n for n in zf.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n)]
-            if len(pickles) != 1:
-                raise ForensicsError(f"it has {len(pickles) or 'no'} <root>/data.pkl entries, not one")
-            root = pickles[0].split("/", 1)[0]
-            if zf.getinfo(pickles[0]).file_size > _TORCHSCRIPT_MAX_TEXT_BYTES:
-                raise ForensicsError(f"its {pickles[0]} is larger than any module tree needs")
-            members = set(zf.namelist())
-            if f"{root}/byteorder" in members and zf.read(f"{root}/byteorder").strip() not in (b"", b"little"):
-                raise ForensicsError("its tensors are big-endian, which this tool does not read")
-            top = _TorchScriptUnpickler(zf.read(pickles[0]), zf, root, name).load()
-            if not isinstance(top, _ScriptObject):
-                raise ForensicsError("its data.pkl holds no scripted module")
-            state = _collect_module_tensors(top, _torchscript_class_tensors(zf, root))
-    except UnsafeCheckpointError:
-        raise
-    except ForensicsError as exc:
-        raise ForensicsError(f"checkpoint {name} looks like a TorchScript archive but is malformed: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a corrupt zip or pickle fails in many ways; each is one clear line
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ForensicsError(
-            f"checkpoint {name} looks like a TorchScript archive but is malformed: {type(exc).__name__} {first}".strip()
-        ) from None
-    if not state:
-        raise ForensicsError(f"checkpoint {name} is a TorchScript archive without named parameters or buffers")
-    return state
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read tensors from a checkpoint file without running any code from it.
 
@@ -666,7 +363,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise ForensicsError(f"checkpoint {path.name} is not a readable safetensors file: {exc}") from None
     if _is_torchscript(path):
-        return _read_torchscript_tensors(path)
+        return read_torchscript_tensors(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -750,266 +447,6 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str)
             "check --arch (and --quick-gelu) or use a checkpoint saved by this tool"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-
-
-_SIDECAR_MAX_BYTES = 64 << 20  # the project's sidecars are a few kB to a few MB (vocabulary, training history)
-_SIDECAR_KEYS = ("format", "arch", "model_cfg", "tokenizer")  # a JSON holding none of these is no sidecar of ours
-_MAX_LAYERS = 256  # per tower (or ResNet stage): ViT-e-14 has 56; more only slows the build down to a crawl
-_MAX_IMAGE_SIZE = 4096  # pixels a side: CLIPs take 224-448
-_MAX_CONTEXT_LENGTH = 4096  # tokens: CLIPs take 77
-_BPE_VOCAB_SIZE = 49408  # open_clip's tokenizer emits ids up to 49407
-# top-level model_cfg keys build_clip passes on to CLIP(...) with their types; the others it drops
-_MODEL_CFG_SETTINGS: dict[str, Any] = {
-    "embed_dim": int,
-    "vision_cfg": dict,
-    "text_cfg": dict,
-    "custom_text": bool,
-    "init_logit_scale": float,
-    "init_logit_bias": typing.Optional[float],
-    "nonscalar_logit_scale": bool,
-    "output_dict": bool,
-}
-_MODEL_CFG_IGNORED = {"description", "tokenizer", "preprocess_cfg", "quick_gelu"}
-_TOWER_SETTINGS = {
-    "vision_cfg": {f.name: f.type for f in fields(CLIPVisionCfg)},
-    "text_cfg": {f.name: f.type for f in fields(CLIPTextCfg)},
-}
-_TOWER_DEFAULTS = {
-    "vision_cfg": {f.name: f.default for f in fields(CLIPVisionCfg) if f.default is not MISSING},
-    "text_cfg": {f.name: f.default for f in fields(CLIPTextCfg) if f.default is not MISSING},
-}
-_TOWER_SIZES = ("width", "layers", "heads", "head_width", "patch_size", "image_size", "context_length", "vocab_size")
-
-
-def _describe(value: Any) -> str:
-    """A JSON value in a few words, for messages: the string 'abc', the number 3, a list of 2, an object, null."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        text = repr(value)
-        return f"the number {text if len(text) <= 24 else text[:21] + '...'}"
-    if isinstance(value, str):
-        return f"the string {value[:40]!r}" + ("..." if len(value) > 40 else "")
-    if isinstance(value, list):
-        return f"a list of {len(value)}"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _fits(value: Any, annotation: Any) -> bool:
-    """Whether a JSON value fits an open_clip config annotation (int, float, bool, str, dict, Optional, Union, Tuple);
-    null always fits (open_clip reads it as "unset"; where it cannot be, the build check names the config)."""
-    if value is None or annotation is Any:
-        return True
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:
-        return any(_fits(value, a) for a in args if a is not type(None))
-    if origin is tuple:
-        items = [a for a in args if a is not Ellipsis]
-        if Ellipsis in args:
-            return isinstance(value, list) and all(_fits(v, items[0]) for v in value)
-        return isinstance(value, list) and len(value) == len(items) and all(_fits(v, a) for v, a in zip(value, items))
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return _is_int(value)
-    if annotation is float:
-        return _is_number(value)
-    if annotation is str:
-        return isinstance(value, str)
-    if annotation is dict or origin is dict:
-        return isinstance(value, dict)
-    if annotation is list or origin is list:
-        return isinstance(value, list)
-    return True  # a type JSON cannot hold: left to the build check
-
-
-def _type_words(annotation: Any) -> str:
-    """An open_clip config annotation in words: "an integer", "a list of 4 integers or an integer", ..."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:
-        return " or ".join(_type_words(a) for a in args if a is not type(None))
-    if origin is tuple:
-        items = [a for a in args if a is not Ellipsis]
-        what = {int: "integers", float: "numbers", str: "strings"}.get(items[0] if items else None, "values")
-        return f"a list of {what}" if Ellipsis in args or not items else f"a list of {len(items)} {what}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}.get(
-        annotation if origin is None else origin, "a valid value"
-    )
-
-
-class _Sidecar:
-    """Checks one sidecar's fields, raising a one-line ForensicsError that names the first bad field."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def error(self, key: str, problem: str) -> ForensicsError:
-        return ForensicsError(f"sidecar {self.name}: field {key!r} {problem}")
-
-    def need(self, ok: bool, key: str, expected: str, value: Any) -> None:
-        if not ok:
-            raise self.error(key, f"must be {expected}, not {_describe(value)}")
-
-    def get(self, data: dict, key: str, prefix: str = "", required: bool = False) -> Any:
-        if required and key not in data:
-            raise self.error(prefix + key, "is missing")
-        return data.get(key)
-
-    def check(self, data: Any) -> dict:
-        """The sidecar itself, every field the loader reads checked for presence, type and consistency."""
-        fmt = self.get(data, "format", required=True)
-        if fmt != SIDECAR_FORMAT:
-            raise self.error(
-                "format",
-                f"is {_describe(fmt)}, not {SIDECAR_FORMAT!r} (a sidecar this tool wrote); "
-                "move the JSON away to load the checkpoint without it",
-            )
-        arch = self.get(data, "arch", required=True)
-        self.need(isinstance(arch, str) and bool(arch.strip()), "arch", "a non-empty string", arch)
-        self.need(len(arch) <= 200 and arch.isprintable(), "arch", "an architecture name on one line", arch)
-        if "quick_gelu" in data:
-            self.need(isinstance(data["quick_gelu"], bool), "quick_gelu", "true or false", data["quick_gelu"])
-        cfg = self.get(data, "model_cfg", required=True)
-        self.need(isinstance(cfg, dict), "model_cfg", "an object (the open_clip model config)", cfg)
-        self.model_cfg(cfg)
-        self.tokenizer(self.get(data, "tokenizer", required=True), cfg["text_cfg"])
-        self.preprocess(data.get("preprocess"))
-        self.backdoor(data.get("backdoor"))
-        self.class_prompts(data.get("class_prompts"))
-        return data
-
-    def model_cfg(self, cfg: dict) -> None:
-        for key in ("embed_dim", "vision_cfg", "text_cfg"):
-            self.get(cfg, key, "model_cfg.", required=True)
-        embed_dim = cfg["embed_dim"]
-        self.need(_is_int(embed_dim) and embed_dim >= 1, "model_cfg.embed_dim", "a positive integer", embed_dim)
-        for key, value in cfg.items():
-            if key in _MODEL_CFG_IGNORED or key == "embed_dim":
-                continue
-            if key not in _MODEL_CFG_SETTINGS:
-                raise self.error(f"model_cfg.{key}", "is no setting of the CLIPs this tool builds")
-            annotation = _MODEL_CFG_SETTINGS[key]
-            ok = isinstance(value, dict) if annotation is dict else _fits(value, annotation)
-            self.need(ok, f"model_cfg.{key}", _type_words(annotation), value)
-        for tower in ("vision_cfg", "text_cfg"):
-            self.tower(cfg[tower], tower)
-
-    def tower(self, cfg: dict, tower: str) -> None:
-        settings = _TOWER_SETTINGS[tower]
-        for key, value in cfg.items():
-            where = f"model_cfg.{tower}.{key}"
-            if key not in settings:
-                raise self.error(where, f"is no setting of open_clip's {tower}")
-            self.need(_fits(value, settings[key]), where, _type_words(settings[key]), value)
-            if key not in _TOWER_SIZES or (value is None and key == "patch_size"):
-                continue  # ResNet towers have no patches
-            sizes = value if isinstance(value, list) else [value]
-            self.need(all(_is_int(v) and v >= 1 for v in sizes), where, "a positive integer", value)
-            limit = {"layers": _MAX_LAYERS, "image_size": _MAX_IMAGE_SIZE, "context_length": _MAX_CONTEXT_LENGTH}
-            if key in limit and max(sizes) > limit[key]:
-                raise self.error(where, f"is {_describe(value)}; no CLIP this tool can load has more than {limit[key]}")
-
-    def tokenizer(self, spec: Any, text_cfg: dict) -> None:
-        self.need(isinstance(spec, dict), "tokenizer", "an object (the tokenizer spec)", spec)
-        kind = spec.get("kind", "open_clip")
-        self.need(kind in ("word", "open_clip"), "tokenizer.kind", "'word' or 'open_clip'", kind)
-        model_length = text_cfg.get("context_length", _TOWER_DEFAULTS["text_cfg"]["context_length"])
-        vocab_size = text_cfg.get("vocab_size", _TOWER_DEFAULTS["text_cfg"]["vocab_size"])
-        length = spec.get("context_length", 32 if kind == "word" else 77)
-        self.need(_is_int(length) and length >= 2, "tokenizer.context_length", "an integer of at least 2", length)
-        if length != model_length:
-            raise self.error(
-                "tokenizer.context_length",
-                f"is {length}, but the text tower (model_cfg.text_cfg.context_length) takes {model_length} tokens",
-            )
-        if kind == "word":
-            words = self.get(spec, "words", "tokenizer.", required=True)
-            ok = isinstance(words, list) and all(isinstance(w, str) for w in words)
-            self.need(ok, "tokenizer.words", "a list of strings (the vocabulary)", words)
-            if len(words) + 4 > vocab_size:
-                raise self.error(
-                    "tokenizer.words",
-                    f"holds {len(words)} words, which with 4 special tokens do not fit the text tower's "
-                    f"{vocab_size}-token vocabulary (model_cfg.text_cfg.vocab_size)",
-                )
-        elif vocab_size < _BPE_VOCAB_SIZE:
-            raise self.error(
-                "tokenizer.kind",
-                f"is open_clip's BPE ({_BPE_VOCAB_SIZE} tokens), but the text tower has a {vocab_size}-token "
-                "vocabulary (model_cfg.text_cfg.vocab_size)",
-            )
-
-    def preprocess(self, pre: Any) -> None:
-        if pre is None:
-            return
-        self.need(isinstance(pre, dict), "preprocess", "an object with 'mean' and 'std'", pre)
-        for key in ("mean", "std"):
-            if key in pre:
-                value = pre[key]
-                ok = isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value)
-                ok = ok and (key == "mean" or all(v > 0 for v in value))
-                what = "a list of 3 numbers" if key == "mean" else "a list of 3 positive numbers"
-                self.need(ok, f"preprocess.{key}", what, value)
-
-    def backdoor(self, planted: Any) -> None:
-        if planted is None:
-            return
-        self.need(isinstance(planted, dict), "backdoor", "an object (the planted backdoor) or null", planted)
-        for key in ("attack", "target"):
-            if planted.get(key) is not None:
-                self.need(isinstance(planted[key], str), f"backdoor.{key}", "a string", planted[key])
-        trigger = planted.get("trigger")
-        if trigger is not None:
-            ok = isinstance(trigger, dict) and isinstance(trigger.get("attack"), str)
-            self.need(ok, "backdoor.trigger", "an object naming its 'attack'", trigger)
-
-    def class_prompts(self, spec: Any) -> None:
-        if spec is None:
-            return
-        self.need(isinstance(spec, dict), "class_prompts", "an object (the learnt prompts' classes) or null", spec)
-        names = self.get(spec, "class_names", "class_prompts.", required=True)
-        ok = isinstance(names, list) and bool(names) and all(isinstance(n, str) for n in names)
-        self.need(ok, "class_prompts.class_names", "a non-empty list of strings", names)
-        template = self.get(spec, "template", "class_prompts.", required=True)
-        self.need(
-            isinstance(template, str) and "{}" in template, "class_prompts.template", "a string with {}", template
-        )
-        if "key" in spec:
-            self.need(spec["key"] == PROMPT_CONTEXT_KEY, "class_prompts.key", repr(PROMPT_CONTEXT_KEY), spec["key"])
-
-
-def read_sidecar(path: Path) -> dict | None:
-    """The JSON sidecar the project writes beside its ``.safetensors`` outputs, if there is one, checked field by
-    field: a sidecar is as untrusted as its checkpoint, so a bad one is refused in one line naming the field.
-
-    A JSON beside the file that holds none of a sidecar's keys is someone else's file and is ignored.
-    """
-    side = path.with_suffix(".json")
-    if not side.is_file():
-        return None
-    try:
-        if side.stat().st_size > _SIDECAR_MAX_BYTES:
-            raise ForensicsError(
-                f"sidecar {side.name} is {side.stat().st_size:,} bytes, more than any sidecar this tool writes"
-            )
-        data = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise ForensicsError(f"sidecar {side.name} is not valid JSON: {_first_line(exc)}") from None
-    if not isinstance(data, dict) or not any(key in data for key in _SIDECAR_KEYS):
-        return None
-    return _Sidecar(side.name).check(data)
 
 
 # --------------------------------------------------------------------------- building SuspectModel
