@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from forensics.core.errors import ForensicsError
+from forensics.core.files import resolves_inside
 from forensics.core.images import Box, load_image, pil_to_model_tensor, read_pil
 from forensics.core.models import ASSETS_DIR
 
@@ -159,15 +160,6 @@ def _parse_flag(text: str | None) -> bool | None:
     return text.strip().lower() in ("1", "true", "yes", "y")
 
 
-def _inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` resolves (symlinks followed, ``..`` collapsed) to ``root`` or below it."""
-    try:
-        resolved = path.resolve()
-    except (OSError, RuntimeError):
-        return False
-    return resolved == root or root in resolved.parents
-
-
 def _root(root: str | Path | None) -> Path | None:
     if root is None:
         return None
@@ -186,7 +178,7 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None, root: s
     """
     path = Path(path)
     base = _root(root)
-    if base is not None and not _inside(path, base):
+    if base is not None and not resolves_inside(path, base):
         raise ForensicsError(f"{path.name} lies outside the probe folder")
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
@@ -201,7 +193,7 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None, root: s
     labels_text = [r.get("label", "") or "" for r in rows]
     classes_file = path.parent / "classes.json"
     if class_names is None:
-        if classes_file.is_file() and (base is None or _inside(classes_file, base)):
+        if classes_file.is_file() and (base is None or resolves_inside(classes_file, base)):
             class_names = json.loads(classes_file.read_text())["classes"]
         else:
             class_names = sorted({t for t in labels_text if t})
@@ -213,7 +205,7 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None, root: s
             return None
         given = Path(text)
         full = given if given.is_absolute() else path.parent / given
-        if base is not None and not _inside(full, base):
+        if base is not None and not resolves_inside(full, base):
             shown = text if len(text) <= 80 else text[:77] + "..."
             raise ForensicsError(
                 f"row {number} of {path.name}: {column} {shown!r} lies outside the probe folder "
@@ -239,7 +231,7 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None, root: s
         )
     meta = {}
     manifest = path.parent.parent / "manifest.json"
-    if manifest.is_file() and (base is None or _inside(manifest, base)):
+    if manifest.is_file() and (base is None or resolves_inside(manifest, base)):
         meta = json.loads(manifest.read_text())
     meta["files"] = [str(path), str(classes_file)]  # inputs no output may replace
     return ProbeSet(name=path.stem, items=items, class_names=class_names, meta=meta)
@@ -257,7 +249,7 @@ def load_image_folder(root: Path, within: str | Path | None = None) -> ProbeSet:
     for i, name in enumerate(classes):
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() in IMAGE_SUFFIXES:
-                if base is not None and not _inside(file, base):
+                if base is not None and not resolves_inside(file, base):
                     raise ForensicsError(f"{name}/{file.name} lies outside the probe folder")
                 items.append(ProbeItem(image=file, label=i))
     if not items:
@@ -285,7 +277,7 @@ def load_probe_set(
         return probe
     path = Path(spec).expanduser()
     base = _root(root)
-    if base is not None and not _inside(path, base):
+    if base is not None and not resolves_inside(path, base):
         raise ForensicsError(f"probe set {path.name!r} lies outside the probe folder")
     if not path.exists():
         raise ForensicsError(

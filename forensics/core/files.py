@@ -27,13 +27,20 @@ def model_files(source: str | Path | None) -> list[Path]:
     return [path, path.with_suffix(".json")] if path.is_file() else [path]
 
 
+def resolves_inside(path: str | Path, root: str | Path) -> bool:
+    """Whether ``path`` resolves (symlinks followed, ``..`` collapsed) to ``root`` or below it; ``root`` is
+    resolved too. A path that cannot be resolved is not inside."""
+    try:
+        return Path(path).expanduser().resolve().is_relative_to(Path(root).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
 def _key(path: Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def refuse_overwriting_inputs(
-    outputs: Iterable[str | Path], inputs: Iterable[str | Path], what: str = "output"
-) -> None:
+def refuse_overwriting_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path]) -> None:
     """Raise one ForensicsError line when any of ``outputs`` is (by resolved path) one of ``inputs``."""
     read = {_key(Path(p)) for p in inputs}
     for out in outputs:

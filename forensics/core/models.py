@@ -202,9 +202,6 @@ class ModelRef:
         return load_model(self.spec, arch=self.arch, quick_gelu=self.quick_gelu, device=self.device or default_device())
 
 
-ModelInput = "str | ModelRef | SuspectModel"
-
-
 def as_ref(model: "str | ModelRef") -> ModelRef:
     """A ModelRef from a plain spec string (or the ref itself)."""
     if isinstance(model, ModelRef):

@@ -4,7 +4,7 @@
 pairs plus in-modal self-supervision, each image against its AutoAugment view Ĩ and each caption
 against its EDA view T̃ (the other views of the batch are the negatives). Learning each modality on
 its own weakens the spurious trigger-to-caption shortcut a backdoor plants. ABD reuses the fine-tuning loop,
-:func:`cleanclip_train`, with its own image views; :func:`cleanclip_finetune` is the stand-alone form.
+:func:`cleanclip_train`, with its own image views.
 """
 
 from __future__ import annotations
@@ -168,34 +168,6 @@ def cleanclip_train(
         )
     repaired.clip = unwrapped.eval()
     return history
-
-
-def cleanclip_finetune(
-    model: SuspectModel,
-    images: torch.Tensor,
-    captions: list[str],
-    settings: CleanCLIPSettings,
-    image_views: ImageViews | None = None,
-    progress: Progress | None = None,
-    should_stop: ShouldStop | None = None,
-    label: str = "CleanCLIP",
-) -> tuple[SuspectModel, list[dict]]:
-    """Fine-tune a copy of ``model`` (all parameters) with the CleanCLIP loss; returns it and the per-epoch history.
-
-    The stand-alone form of :class:`CleanCLIP`'s repair (same seeding, so the same numbers) for callers outside
-    the :class:`~forensics.defenses.base.Defense` template; ``image_views`` as in :func:`cleanclip_train`.
-    """
-    from accelerate import Accelerator
-
-    check_cleanclip(images, captions, model.image_size, settings, label)
-    torch.manual_seed(settings.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    repaired = model.clone()
-    history = cleanclip_train(
-        repaired, accelerator, images, captions, settings, image_views, progress, should_stop, label
-    )
-    repaired.__dict__.pop("text_cache", None)
-    return repaired, history
 
 
 @DEFENSES.register

@@ -21,7 +21,13 @@ import torch
 from forensics.attacks import build_attack
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
-from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
+from forensics.core.files import (
+    check_output_folder,
+    model_files,
+    refuse_overwriting_inputs,
+    resolves_inside,
+    staged_output,
+)
 from forensics.core.images import load_image, load_pattern
 from forensics.core.models import ModelRef, SuspectModel, as_ref, check_finite_outputs, save_model
 from forensics.core.progress import Progress, ShouldStop, sub_progress
@@ -99,7 +105,7 @@ def inside_findings(report: dict, relative: str, what: str) -> Path:
     is refused in one line."""
     folder = Path(report["_dir"]).resolve()
     target = (folder / relative).resolve()
-    if not target.is_relative_to(folder):
+    if not resolves_inside(target, folder):
         raise ForensicsError(f"the findings name a {what} outside their folder ({relative!r}); refused")
     return target
 
@@ -146,7 +152,7 @@ def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
                 f"compact set {csv_path.name}, line {n}: needs an image, a label among the probe's classes and a kind "
                 f"({', '.join(kinds)})"
             )
-        if not (csv_path.parent / r["image"]).resolve().is_relative_to(csv_path.parent.resolve()):
+        if not resolves_inside(csv_path.parent / r["image"], csv_path.parent):
             raise ForensicsError(f"compact set {csv_path.name}, line {n}: image {r['image']!r} is outside its folder")
     images = (
         torch.stack([load_image(csv_path.parent / r["image"], model.image_size) for r in rows])

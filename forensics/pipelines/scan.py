@@ -29,8 +29,6 @@ from forensics.detect import DETECTORS, Findings, ScanSettings
 from forensics.oracles import Oracle, build_oracle, default_oracle
 from forensics.pipelines.report import write_json, write_scan_html
 
-neutralise = inpaint_box  # the victim with its localized trigger inpainted away
-
 
 @dataclass
 class ScanOutcome:
@@ -68,7 +66,7 @@ def compact_rows(
     rows = []
     victim_ids = {v.index for v in findings.victims}
     for v in findings.victims:
-        for kind, image in (("victim-neutralised", neutralise(images[v.index], v.box)), ("victim", images[v.index])):
+        for kind, image in (("victim-neutralised", inpaint_box(images[v.index], v.box)), ("victim", images[v.index])):
             rows.append(
                 {
                     "image": f"images/{kind}_{v.index:05d}.png",

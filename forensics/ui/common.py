@@ -38,13 +38,14 @@ from typing import Any, Callable
 import gradio as gr
 
 from forensics.core.errors import ForensicsError
+from forensics.core.files import resolves_inside
 from forensics.core.models import ModelRef
 
 log = logging.getLogger("forensics.ui")
 WORK_ROOT = Path(tempfile.gettempdir()) / "clip-forensics-workbench"
 JOB_TTL_SECONDS = 3 * 3600  # job folders older than this are removed when a new job starts
 DEMO_CHOICES = {"demo (backdoored demo CLIP)": "demo", "demo-clean (its clean twin)": "demo-clean"}
-DEMO_NAMES = ("demo", "demo-clean")
+DEMO_NAMES = tuple(DEMO_CHOICES.values())
 CHECKPOINT = "checkpoint file (upload or server path)"
 HUB = "hub id or pretrained tag (needs a network)"
 MODEL_SOURCES = [*DEMO_CHOICES, CHECKPOINT, HUB]
@@ -213,10 +214,6 @@ def server_paths_enabled() -> bool:
     return bool(allowed_server_folders())
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def _private_folders() -> list[Path]:
     """The workbench's job folders and Gradio's upload folder: other sessions' files, never opened by path."""
     folders = [WORK_ROOT.resolve()]
@@ -248,12 +245,12 @@ def check_server_path(text: str) -> Path:
         resolved = given.resolve()
     except (OSError, RuntimeError):
         raise ForensicsError(f"the server path {name!r} cannot be resolved") from None
-    if any(_inside(resolved, private) for private in _private_folders()):
+    if any(resolves_inside(resolved, private) for private in _private_folders()):
         raise ForensicsError(
             f"{name} lies in the workbench's job or upload folders, which cannot be opened by path; "
             "upload the file instead"
         )
-    if not any(_inside(resolved, folder) for folder in folders):
+    if not any(resolves_inside(resolved, folder) for folder in folders):
         raise ForensicsError(
             f"{name} is outside the folders this server allows paths in ({SERVER_PATHS_ENV}); upload the file instead"
         )
@@ -262,7 +259,7 @@ def check_server_path(text: str) -> Path:
 
 def server_path_root(path: Path) -> Path:
     """The allowed folder holding ``path`` (a result of :func:`check_server_path`)."""
-    return next(folder for folder in allowed_server_folders() if _inside(path, folder))
+    return next(folder for folder in allowed_server_folders() if resolves_inside(path, folder))
 
 
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
