@@ -272,6 +272,7 @@ def cmd_scan(args: argparse.Namespace) -> dict:
             settings=settings,
             max_images=args.max_images,
             progress=progress,
+            detectors=args.detectors,
         )
 
 
@@ -471,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-checkpoint", help="path to a segment-anything checkpoint (vit_b/vit_l/vit_h)")
     p.add_argument(
         "--max-images", type=_positive_int, help="scan a seeded random subset of this many probe images (quicker)"
+    )
+    p.add_argument(
+        "--detectors",
+        default="all",
+        help="comma-separated detectors to run and merge into the verdict (default all: oracle-guided, "
+        "trigger-inversion, embedding-density)",
     )
     p.add_argument("--templates", default="short")
     p.add_argument(

@@ -15,7 +15,18 @@ def test_nan_weights_are_in_the_facts_and_refused_by_every_pipeline(tmp_path, ca
     path = save_model(model, tmp_path / "broken.safetensors")
     assert load_model(str(path)).facts.nonfinite_parameters == 3
     for args in (
-        ["scan", str(path), "--probe", "demo", "--max-images", "8", "--out", str(tmp_path / "scan")],
+        [
+            "scan",
+            str(path),
+            "--detectors",
+            "oracle-guided",
+            "--probe",
+            "demo",
+            "--max-images",
+            "8",
+            "--out",
+            str(tmp_path / "scan"),
+        ],
         ["repair", str(path), "--method", "cleanclip", "--probe", "demo", "--out", str(tmp_path / "repair")],
         ["compare", str(path), "--methods", "cleanclip", "--probe", "demo", "--out", str(tmp_path / "compare")],
     ):

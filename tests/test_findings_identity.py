@@ -12,7 +12,9 @@ from forensics.cli import main
 @pytest.fixture(scope="module")
 def demo_scan(tmp_path_factory):
     out = tmp_path_factory.mktemp("scan")
-    assert main(["--quiet", "scan", "demo", "--max-images", "40", "--out", str(out)]) == 0
+    assert (
+        main(["--quiet", "scan", "demo", "--detectors", "oracle-guided", "--max-images", "40", "--out", str(out)]) == 0
+    )
     return out
 
 

@@ -17,7 +17,9 @@ from forensics.pipelines.repair import load_repair_data, read_findings
 @pytest.fixture(scope="module")
 def scan_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("scan") / "scan"
-    assert main(["--quiet", "scan", "demo", "--max-images", "60", "--out", str(out)]) == 0
+    assert (
+        main(["--quiet", "scan", "demo", "--detectors", "oracle-guided", "--max-images", "60", "--out", str(out)]) == 0
+    )
     return out
 
 

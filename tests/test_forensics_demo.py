@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def poisoned_scan(tmp_path_factory):
     out = tmp_path_factory.mktemp("scan_demo")
-    run_cli("scan", "demo", "--out", str(out))
+    run_cli("scan", "demo", "--detectors", "oracle-guided", "--out", str(out))
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -39,7 +39,7 @@ def test_scan_finds_the_demo_backdoor(poisoned_scan):
 
 
 def test_scan_flags_nothing_on_the_clean_twin(tmp_path):
-    run_cli("scan", "demo-clean", "--out", str(tmp_path))
+    run_cli("scan", "demo-clean", "--detectors", "oracle-guided", "--out", str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["flagged_labels"] == [] and report["victims"] == []
 

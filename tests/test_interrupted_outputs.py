@@ -39,21 +39,55 @@ def _interrupt(*_args, **_kwargs):
 @pytest.fixture(scope="module")
 def older_scan(tmp_path_factory):
     out = tmp_path_factory.mktemp("older") / "scan"
-    assert main(["--quiet", "scan", "demo", "--max-images", "30", "--out", str(out)]) == 0
+    assert (
+        main(["--quiet", "scan", "demo", "--detectors", "oracle-guided", "--max-images", "30", "--out", str(out)]) == 0
+    )
     return out
 
 
 def test_an_interrupted_rescan_keeps_the_previous_result(older_scan, monkeypatch, capsys):
     before = _state(older_scan)
     monkeypatch.setattr(scan_pipeline, "write_scan_html", _interrupt)  # Ctrl-C while the report is drawn
-    assert main(["--quiet", "scan", "demo", "--max-images", "40", "--seed", "1", "--out", str(older_scan)]) == 130
+    assert (
+        main(
+            [
+                "--quiet",
+                "scan",
+                "demo",
+                "--detectors",
+                "oracle-guided",
+                "--max-images",
+                "40",
+                "--seed",
+                "1",
+                "--out",
+                str(older_scan),
+            ]
+        )
+        == 130
+    )
     assert "interrupted" in capsys.readouterr().err
     assert _state(older_scan) == before and _no_partials(older_scan.parent)
 
 
 def test_an_interrupted_first_scan_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(scan_pipeline, "write_compact_set", _interrupt)  # after the trigger PNGs were written
-    assert main(["--quiet", "scan", "demo", "--max-images", "30", "--out", str(tmp_path / "new")]) == 130
+    assert (
+        main(
+            [
+                "--quiet",
+                "scan",
+                "demo",
+                "--detectors",
+                "oracle-guided",
+                "--max-images",
+                "30",
+                "--out",
+                str(tmp_path / "new"),
+            ]
+        )
+        == 130
+    )
     assert not (tmp_path / "new").exists() and _no_partials(tmp_path)
 
 
@@ -69,7 +103,18 @@ def test_ctrl_c_during_a_real_scan_leaves_nothing(tmp_path):
     out = tmp_path / "scan"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "forensics", "--quiet", "scan", "demo", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "forensics",
+            "--quiet",
+            "scan",
+            "demo",
+            "--detectors",
+            "oracle-guided",
+            "--out",
+            str(out),
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

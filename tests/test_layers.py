@@ -162,7 +162,7 @@ def test_one_registry_style_with_aliases_and_checked_settings():
         assert isinstance(registry, Registry)
         assert all(name == name.lower() and "_" not in name for name in registry.names())
     assert ATTACKS.resolve("optimized_patch") == "optimized-patch" and ORACLES.resolve("Ground_Truth") == "ground-truth"
-    assert DETECTORS.names() == ["oracle-guided"]
+    assert DETECTORS.names() == ["embedding-density", "oracle-guided", "trigger-inversion"]
     with pytest.raises(ForensicsError, match="unknown setting.*nonsense"):
         DEFENSES.build("cleanclip", nonsense=1)
     with pytest.raises(ForensicsError, match="unknown repair method 'nope'"):

@@ -43,7 +43,7 @@ def loads(monkeypatch):
 @pytest.mark.parametrize(
     "command",
     [
-        ["scan", "demo", "--out", "{tmp}/scan"],
+        ["scan", "demo", "--detectors", "oracle-guided", "--out", "{tmp}/scan"],
         ["repair", "demo", "--method", "cleanclip", "--out", "{tmp}/repair"],
         ["compare", "demo", "--methods", "cleanclip", "--out", "{tmp}/compare"],
         ["audit", "demo", "--data", "{probe}", "--out", "{tmp}/audit"],

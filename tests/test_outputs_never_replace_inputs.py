@@ -39,7 +39,21 @@ def _refused(args: list[str], folder: Path, capsys) -> str:
 @pytest.mark.parametrize(
     "stem,command",
     [
-        ("report", ["scan", "{model}", "--probe", "demo", "--max-images", "8", "--out", "{folder}"]),
+        (
+            "report",
+            [
+                "scan",
+                "{model}",
+                "--detectors",
+                "oracle-guided",
+                "--probe",
+                "demo",
+                "--max-images",
+                "8",
+                "--out",
+                "{folder}",
+            ],
+        ),
         ("metrics", ["repair", "{model}", "--method", "cleanclip", "--probe", "demo", "--out", "{folder}"]),
         ("model", ["repair", "{model}", "--method", "cleanclip", "--probe", "demo", "--out", "{folder}"]),
         ("compare", ["compare", "{model}", "--methods", "cleanclip", "--probe", "demo", "--out", "{folder}"]),
@@ -69,7 +83,9 @@ def test_audit_refuses_an_output_folder_holding_its_data(tmp_path, capsys):
 
 def test_repair_into_the_scan_folder_would_replace_the_findings(tmp_path, capsys):
     scan = tmp_path / "scan"
-    assert main(["--quiet", "scan", "demo", "--max-images", "30", "--out", str(scan)]) == 0
+    assert (
+        main(["--quiet", "scan", "demo", "--detectors", "oracle-guided", "--max-images", "30", "--out", str(scan)]) == 0
+    )
     _refused(["repair", "demo", "--findings", str(scan), "--param", "epochs=1", "--out", str(scan)], scan, capsys)
     # a separate folder is fine
     assert (
@@ -93,7 +109,7 @@ def test_repair_into_the_scan_folder_would_replace_the_findings(tmp_path, capsys
 @pytest.mark.parametrize(
     "command",
     [
-        ["scan", "demo", "--max-images", "8", "--out", "{out}"],
+        ["scan", "demo", "--detectors", "oracle-guided", "--max-images", "8", "--out", "{out}"],
         ["repair", "demo", "--method", "cleanclip", "--out", "{out}"],
         ["compare", "demo", "--methods", "cleanclip", "--out", "{out}"],
         ["implant", "--data", "{data}", "--base", "demo", "--epochs", "1", "--out", "{out}"],

@@ -135,12 +135,22 @@ class OracleGuidedFinetune(Defense):
     @staticmethod
     def _coverage_notes(data: RepairData) -> list[str]:
         """Say plainly when the findings gave this repair nothing to unlearn (no flagged label, no victim)."""
-        victims = sum(k != "anchor" for k in data.kinds)
+        stamped = sum(k == "inverted-trigger" for k in data.kinds)
+        victims = sum(k not in ("anchor", "inverted-trigger") for k in data.kinds)
+        notes = []
+        if stamped:
+            notes.append(
+                f"no victim to neutralise, so the compact set was built from the inverted trigger: {stamped} clean "
+                f"images carrying it, labelled with their own class, to unlearn it for "
+                f"{', '.join(data.flagged) or '(none named)'}"
+            )
         if victims:
-            return [
+            return notes + [
                 f"{victims} victim samples (as found and with the trigger neutralised) for flagged label(s) "
                 f"{', '.join(data.flagged) or '(none named)'}"
             ]
+        if stamped:
+            return notes
         return [
             "the scan flagged no label and found no victim, so there was nothing to unlearn: this run only "
             "distilled clean anchors toward the original (the oracle-guided method looks for visible, localized "

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from forensics.detect.base import DETECTORS, Detector
+from forensics.detect.embedding_density import EmbeddingDensity, EmbeddingDensitySettings
 from forensics.detect.findings import Findings, FlaggedLabel, ImageEvidence, InvertedTrigger, TriggerCandidate, Victim
 from forensics.detect.oracle_scan import OracleGuidedScan, ScanSettings
+from forensics.detect.trigger_inversion import TriggerInversion, TriggerInversionSettings
 
 
 def build_detector(name: str, oracle: Any, settings: ScanSettings | None = None) -> Detector:
@@ -17,6 +19,8 @@ def build_detector(name: str, oracle: Any, settings: ScanSettings | None = None)
 __all__ = [
     "DETECTORS",
     "Detector",
+    "EmbeddingDensity",
+    "EmbeddingDensitySettings",
     "Findings",
     "FlaggedLabel",
     "ImageEvidence",
@@ -24,6 +28,8 @@ __all__ = [
     "OracleGuidedScan",
     "ScanSettings",
     "TriggerCandidate",
+    "TriggerInversion",
+    "TriggerInversionSettings",
     "Victim",
     "build_detector",
 ]

@@ -101,6 +101,8 @@ class Findings:
     images: list[ImageEvidence]
     metrics: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    inverted: list[InvertedTrigger] = field(default_factory=list)  # triggers recovered by optimisation
+    label_evidence: dict[str, Any] = field(default_factory=dict)  # per-label scores, by detector's own grouping
     # in-memory results for the pipeline (images, maps, per-image records, trigger tensors); never serialised
     artefacts: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -113,4 +115,11 @@ class Findings:
             "images": [e.to_dict() for e in self.images],
             "metrics": self.metrics,
             "settings": self.settings,
+            **({"inverted_triggers": [t.to_dict() for t in self.inverted]} if self.inverted else {}),
+            **({"label_evidence": self.label_evidence} if self.label_evidence else {}),
         }
+
+
+def skipped(reason: str, settings: dict[str, Any]) -> Findings:
+    """The findings of a detector that could not run on this probe set (too few images or classes), saying why."""
+    return Findings([], [], [], [], metrics={"skipped": reason}, settings=settings)

@@ -35,6 +35,7 @@ from forensics.core.zeroshot import ASR_NOTE
 from forensics.defenses import DEFENSES, Defense, RepairData
 from forensics.pipelines.evaluate import known_trigger, measure
 from forensics.pipelines.report import write_json, write_repair_html
+from forensics.pipelines.scan import COMPACT_KINDS, flagged_for_repair
 
 DEFAULT_BUDGET = 120  # clean repair images when a method needs no findings
 
@@ -145,7 +146,7 @@ def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     class_names = report["probe"]["classes"]
-    kinds = ("victim-neutralised", "victim", "anchor")
+    kinds = COMPACT_KINDS
     for n, r in enumerate(rows, 2):
         if r.get("label") not in class_names or r.get("kind") not in kinds or not r.get("image"):
             raise ForensicsError(
@@ -165,7 +166,7 @@ def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
         kinds=[r["kind"] for r in rows],
         class_names=class_names,
         patterns=read_patterns(report),
-        flagged=[f["label"] for f in report["flagged_labels"]],
+        flagged=flagged_for_repair(report),
     )
 
 

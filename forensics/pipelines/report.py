@@ -174,7 +174,7 @@ def write_scan_html(out: Path, report: dict, findings: Any, model: Any, probe_se
     from forensics.core.zeroshot import class_text_embeddings
 
     artefacts = findings.artefacts
-    records, images, maps = artefacts["records"], artefacts["images"], artefacts["maps"]
+    records, images, maps = artefacts.get("records", []), artefacts.get("images"), artefacts.get("maps")
     class_names = probe_set.class_names
     order = sorted(range(len(records)), key=lambda i: -records[i]["discrepancy"])[:PANELS]
     class_emb = class_text_embeddings(model, class_names, findings.settings.get("templates", "short"))
@@ -221,7 +221,11 @@ def scan_sections(
     flagged = [f["label"] for f in report["flagged_labels"]]
     patterns = trigger_patterns_html(out, report["triggers"])
     metrics = {k: v for k, v in report["metrics"].items()}
+    verdict = report.get("verdict") or {}
     summary = {
+        "verdict": verdict.get("verdict", "not merged"),
+        "target": verdict.get("target") or "none",
+        "trigger family": verdict.get("family") or "none",
         "model": report["model"]["spec"],
         "SHA-256": report["model"]["sha256"],
         "architecture": report["model"]["architecture"],
@@ -231,9 +235,10 @@ def scan_sections(
         "victims": len(report["victims"]),
         "seconds": metrics.get("seconds_total"),
     }
-    sections = [
+    sections = [verdict_section(out, report)] if verdict else []
+    sections += [
         (
-            "Flagged labels",
+            "Flagged labels (oracle-guided scan)",
             figure_html(flagged_chart(records, class_names, flagged))
             + (
                 table_html(report["flagged_labels"], ["label", "score", "captured", "predicted", "explanation"])
@@ -254,6 +259,50 @@ def scan_sections(
         ),
     ]
     return summary, sections
+
+
+def verdict_section(out: Path, report: dict) -> tuple[str, str]:
+    """The verdict on top: the answer, why, the best trigger, and each detector's evidence side by side."""
+    verdict = report["verdict"]
+    trigger = verdict.get("trigger")
+    parts = [
+        f"<p><b>{_text(verdict['verdict'])}</b>"
+        + (f": target {_text(verdict['target'])}" if verdict.get("target") else "")
+    ]
+    parts[0] += (f", {_text(verdict['family'])} trigger" if verdict.get("family") else "") + "</p>"
+    parts.append("<ul>" + "".join(f"<li>{_text(r)}</li>" for r in verdict.get("reasons", [])) + "</ul>")
+    if trigger:
+        picture = out / str(trigger.get("pattern") or "")
+        image = f'<img src="data:image/png;base64,{_b64_file(picture)}" width="128"><br>' if picture.is_file() else ""
+        parts.append(
+            f'<div class="pattern">{image}{_text(trigger.get("method", ""))}: verified flip rate '
+            f"{float(trigger['verified_asr']):.0%} on {_text(trigger['n_verified'])} held-out clean images</div>"
+        )
+    rows = []
+    for name, evidence in verdict.get("evidence", {}).items():
+        flagged = ", ".join(f"{f['label']} ({f['score']})" for f in evidence.get("flagged", [])) or "none"
+        rows.append(
+            {
+                "detector": name,
+                "flagged (score)": flagged,
+                "thresholds": evidence.get("thresholds"),
+                "seconds": evidence.get("seconds"),
+            }
+        )
+    parts.append(table_html(rows, ["detector", "flagged (score)", "thresholds", "seconds"]))
+    pictures = []
+    for t in report.get("detectors", {}).get("trigger-inversion", {}).get("inverted_triggers", []):
+        picture = out / str(t.get("pattern") or "")
+        if picture.is_file():
+            pictures.append(
+                f'<div class="pattern"><img src="data:image/png;base64,{_b64_file(picture)}" width="96"><br>'
+                f"{_text(t['label'])} ({_text(t['stats'].get('family'))}): flip {float(t['verified_asr']):.0%}, "
+                f"anomaly {_text(t['stats'].get('anomaly'))}, alignment {_text(t['stats'].get('alignment'))}</div>"
+            )
+    parts.append("".join(pictures))
+    if verdict.get("victims"):
+        parts.append(table_html(verdict["victims"][:50], ["index", "image", "label", "box", "found_by"]))
+    return "Verdict", "".join(parts)
 
 
 def _b64_file(path: Path) -> str:

@@ -26,6 +26,7 @@ from forensics.core.models import ModelRef, SuspectModel, check_finite_outputs, 
 from forensics.core.progress import Progress, sub_progress
 from forensics.defenses import RepairData
 from forensics.detect import DETECTORS, Findings, ScanSettings
+from forensics.detect.verdict import Verdict, merge
 from forensics.oracles import Oracle, build_oracle, default_oracle
 from forensics.pipelines.report import write_json, write_scan_html
 
@@ -38,8 +39,10 @@ class ScanOutcome:
     ref: ModelRef | None
     probe: ProbeSet
     oracle: Oracle
-    findings: Findings
+    findings: Findings  # the oracle-guided scan's (empty when it did not run)
     report: dict[str, Any]
+    results: dict[str, Findings] | None = None  # every detector's findings, by name
+    verdict: Verdict | None = None
 
     @property
     def patterns(self) -> list[torch.Tensor]:
@@ -62,6 +65,8 @@ def compact_rows(
     with only a few anchors the repair overfits them and clean accuracy falls (measured: 16 anchors from a
     40-image scan cost 0.14 CA; see bench/scan_repair.py). Each row holds its image tensor under ``tensor``.
     """
+    if "records" not in findings.artefacts:  # the oracle-guided scan did not run
+        return []
     images, records = findings.artefacts["images"], findings.artefacts["records"]
     rows = []
     victim_ids = {v.index for v in findings.victims}
@@ -97,11 +102,53 @@ def compact_rows(
     return rows
 
 
+def inverted_trigger_rows(outcome: ScanOutcome, limit: int = 128) -> list[dict[str, Any]]:
+    """When the verdict's trigger was inverted (not reconstructed from victims): clean probe images carrying it,
+    labelled with their own class (the probe's label, else the model's prediction), to unlearn it from.
+
+    Used when the scan found no victim to neutralise (a clean-only probe, or a whole-image trigger)."""
+    verdict, results = outcome.verdict, outcome.results or {}
+    inversion = results.get("trigger-inversion")
+    if verdict is None or verdict.trigger is None or inversion is None:
+        return []
+    if verdict.trigger.get("detector") != "trigger-inversion" or any(v.get("box") for v in verdict.victims):
+        return []
+    pattern = inversion.artefacts["inverted_patterns"][verdict.trigger["stats"]["key"]]
+    names = outcome.probe.class_names
+    target = names.index(verdict.target)
+    predicted = inversion.artefacts["predicted"].tolist()
+    suspicious = {v["index"] for v in verdict.victims}
+    labels = [it.label if it.label is not None else predicted[i] for i, it in enumerate(outcome.probe.items)]
+    pool = [i for i, y in enumerate(labels) if y != target and i not in suspicious and predicted[i] == y]
+    pool = pool or [i for i, y in enumerate(labels) if y != target and i not in suspicious]
+    rng = np.random.default_rng(outcome.report["seed"])
+    chosen = sorted(rng.choice(pool, size=min(limit, len(pool)), replace=False).tolist()) if pool else []
+    images = inversion.artefacts["images"]
+    return [
+        {
+            "image": f"images/inverted-trigger_{i:05d}.png",
+            "label": names[labels[i]],
+            "kind": "inverted-trigger",
+            "source_index": i,
+            "box": "",
+            "caption": f"a photo of a {names[labels[i]]}.",
+            "tensor": pattern.apply(images[i : i + 1])[0].cpu(),
+        }
+        for i in chosen
+    ]
+
+
+def all_compact_rows(outcome: ScanOutcome) -> list[dict[str, Any]]:
+    """The compact set: the oracle scan's victims and anchors, plus clean images carrying an inverted trigger."""
+    rows = compact_rows(outcome.findings, outcome.probe.class_names, seed=outcome.report["seed"])
+    return rows + inverted_trigger_rows(outcome)
+
+
 def compact_repair_data(outcome: ScanOutcome) -> RepairData:
     """The scan's compact set and trigger patterns as RepairData, straight from memory (what a repair with
     ``--findings`` reads back from disk, pixel for pixel)."""
     class_names = outcome.probe.class_names
-    rows = compact_rows(outcome.findings, class_names, seed=outcome.report["seed"])
+    rows = all_compact_rows(outcome)
     size = outcome.model.image_size
     images = torch.stack([quantized(r["tensor"]) for r in rows]) if rows else torch.empty(0, 3, size, size)
     return RepairData(
@@ -110,8 +157,17 @@ def compact_repair_data(outcome: ScanOutcome) -> RepairData:
         kinds=[r["kind"] for r in rows],
         class_names=list(class_names),
         patterns=outcome.patterns,
-        flagged=[f["label"] for f in outcome.report["flagged_labels"]],
+        flagged=flagged_for_repair(outcome.report),
     )
+
+
+def flagged_for_repair(report: dict) -> list[str]:
+    """The labels a repair is told about: the verdict's target first, then the oracle scan's flags."""
+    target = (report.get("verdict") or {}).get("target")
+    return list(dict.fromkeys(([target] if target else []) + [f["label"] for f in report["flagged_labels"]]))
+
+
+COMPACT_KINDS = ("victim-neutralised", "victim", "anchor", "inverted-trigger")
 
 
 def write_compact_set(out: Path, rows: list[dict[str, Any]], class_names: list[str]) -> dict:
@@ -125,7 +181,7 @@ def write_compact_set(out: Path, rows: list[dict[str, Any]], class_names: list[s
         writer.writeheader()
         writer.writerows({k: v for k, v in r.items() if k != "tensor"} for r in rows)
     (folder / "classes.json").write_text(json.dumps({"classes": class_names}))
-    kinds = {k: sum(r["kind"] == k for r in rows) for k in ("victim-neutralised", "victim", "anchor")}
+    kinds = {k: sum(r["kind"] == k for r in rows) for k in COMPACT_KINDS}
     return {"csv": "compact/compact.csv", "samples": len(rows), **kinds}
 
 
@@ -150,8 +206,10 @@ def scan(
     settings: ScanSettings | None = None,
     max_images: int | None = None,
     progress: Progress | None = None,
+    detectors: str | list[str] | None = None,
 ) -> ScanOutcome:
-    """Scan ``model`` on ``probe`` in memory (no file is written); ``max_images`` scans a seeded random subset."""
+    """Scan ``model`` on ``probe`` in memory (no file is written) with ``detectors`` (all by default) and merge
+    their evidence into one verdict; ``max_images`` scans a seeded random subset."""
     start = time.time()
     settings = settings or ScanSettings()
     ref = None if isinstance(model, SuspectModel) else (model if isinstance(model, ModelRef) else ModelRef(str(model)))
@@ -166,11 +224,22 @@ def scan(
     oracle_obj = pick_oracle(oracle, sam_checkpoint)
     loaded, _ = resolve_model(ref or model)
     check_finite_outputs(loaded)  # a NaN model would scan as 'nothing flagged'
-    detector = DETECTORS.build("oracle-guided", oracle=oracle_obj, settings=settings)
-    findings = detector.run(loaded, probe_set, sub_progress(progress, 0.0, 0.9))
+    names = detector_names(detectors)
+    results: dict[str, Findings] = {}
+    for n, name in enumerate(names):
+        detector = DETECTORS.build(name, oracle=oracle_obj, settings=settings if name == "oracle-guided" else None)
+        lo, hi = 0.9 * n / len(names), 0.9 * (n + 1) / len(names)
+        results[name] = detector.run(loaded, probe_set, sub_progress(progress, lo, hi, f"{name}: "))
+    findings = results.get("oracle-guided") or Findings([], [], [], [], artefacts={"images": None, "patterns": {}})
+    verdict = merge(results, probe_set)
     report = {
         "tool": "clip-backdoor-forensics",
-        "detector": detector.name,
+        "detector": "oracle-guided" if "oracle-guided" in results else names[0],
+        "detectors": {
+            name: {k: v for k, v in f.to_dict().items() if k != "images"}
+            for name, f in results.items()
+            if f is not findings
+        },
         "model": {"spec": ref.spec if ref else loaded.facts.source, **loaded.facts.to_dict()},
         "probe": {
             "name": probe_set.name,
@@ -181,6 +250,7 @@ def scan(
         },
         "oracle": {"name": oracle_obj.name, **oracle_obj.settings()},
         **findings.to_dict(),
+        "verdict": verdict.to_dict(),
         "seed": settings.seed,
         "machine": {
             "platform": platform.platform(),
@@ -190,18 +260,43 @@ def scan(
         },
     }
     report["metrics"]["seconds_total"] = round(time.time() - start, 2)
-    return ScanOutcome(model=loaded, ref=ref, probe=probe_set, oracle=oracle_obj, findings=findings, report=report)
+    return ScanOutcome(
+        model=loaded,
+        ref=ref,
+        probe=probe_set,
+        oracle=oracle_obj,
+        findings=findings,
+        report=report,
+        results=results,
+        verdict=verdict,
+    )
+
+
+DEFAULT_DETECTORS = ("oracle-guided", "trigger-inversion", "embedding-density")
+
+
+def detector_names(detectors: str | list[str] | None) -> list[str]:
+    """Detector names from ``"all"``/``None``, a comma-separated string or a list (each checked, in run order)."""
+    if detectors is None or detectors == "all":
+        return list(DEFAULT_DETECTORS)
+    wanted = [d.strip() for d in detectors.split(",")] if isinstance(detectors, str) else list(detectors)
+    wanted = [DETECTORS.resolve(d) for d in wanted if d]
+    if not wanted:
+        raise ForensicsError(f"no detector named; choose from {', '.join(DETECTORS.names())} or 'all'")
+    return list(dict.fromkeys(wanted))
 
 
 def write_scan(outcome: ScanOutcome, out: str | Path, progress: Progress | None = None) -> dict:
     """Write report.json, report.html, the trigger patterns and the compact set under ``out``; the CLI's summary."""
     out = Path(out)
     report = outcome.report
-    rows = compact_rows(outcome.findings, outcome.probe.class_names, seed=report["seed"])
+    rows = all_compact_rows(outcome)
     patterns = list(outcome.findings.artefacts["patterns"])
+    inverted = inverted_pictures(outcome)
     outputs = [out / "report.json", out / "report.html", out / "compact" / "compact.csv"]
     outputs += [out / "compact" / "classes.json", *(out / "compact" / r["image"] for r in rows)]
     outputs += [out / n for n in patterns] + [out / n.replace(".png", "_preview.png") for n in patterns]
+    outputs += [out / n for n in inverted]
     refuse_overwriting_inputs(outputs, model_files(outcome.model.facts.source) + outcome.probe.files())
     start = time.time()
     with staged_output(out) as stage:  # an interrupted write leaves the previous result, or nothing
@@ -209,6 +304,9 @@ def write_scan(outcome: ScanOutcome, out: str | Path, progress: Progress | None 
             pattern = to_pil(info["pattern"])
             pattern.save(stage / name)
             pattern.resize((96, 96), resample=0).save(stage / name.replace(".png", "_preview.png"))
+        for name, picture in inverted.items():
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            to_pil(picture).save(stage / name)
         report["compact_set"] = write_compact_set(stage, rows, outcome.probe.class_names)
         report["metrics"]["seconds_total"] = round(report["metrics"]["seconds_total"] + time.time() - start, 2)
         write_json(stage / "report.json", report)
@@ -224,7 +322,18 @@ def write_scan(outcome: ScanOutcome, out: str | Path, progress: Progress | None 
         "triggers": report["triggers"],
         "n_victims": len(report["victims"]),
         "metrics": report["metrics"],
+        "verdict": {k: report["verdict"][k] for k in ("verdict", "target", "family", "trigger", "reasons")}
+        | {"n_victims": len(report["verdict"]["victims"])},
     }
+
+
+def inverted_pictures(outcome: ScanOutcome) -> dict[str, torch.Tensor]:
+    """File name -> picture of each inverted trigger the findings name (written beside report.json)."""
+    inversion = (outcome.results or {}).get("trigger-inversion")
+    if inversion is None:
+        return {}
+    patterns = inversion.artefacts["inverted_patterns"]
+    return {t.pattern: patterns[t.stats["key"]].picture().cpu() for t in inversion.inverted if t.pattern}
 
 
 def run_scan(
@@ -236,9 +345,10 @@ def run_scan(
     settings: ScanSettings | None = None,
     max_images: int | None = None,
     progress: Progress | None = None,
+    detectors: str | list[str] | None = None,
 ) -> dict:
     """Scan ``model`` on ``probe`` and write ``out/report.json``, ``out/report.html``, trigger patterns and the
     compact set; returns the summary (paths, flagged labels, triggers, victim count, metrics)."""
     check_output_folder(out)  # before the scan, not after it
-    outcome = scan(model, probe, oracle, sam_checkpoint, settings, max_images, progress)
+    outcome = scan(model, probe, oracle, sam_checkpoint, settings, max_images, progress, detectors)
     return write_scan(outcome, out, progress)

@@ -1,0 +1,240 @@
+"""Benchmark (not a test): the scan's one verdict on clean and backdoored models, in both probe modes, then a
+repair from those findings; ``--calibrate`` sets the detectors' thresholds from the clean models.
+
+Models come from bench/detect_zoo.py (``--zoo``: clean tiny CLIPs with other seeds, lab backdoors at other
+shapes, colours, sizes, places and targets) plus the bundled demo and its clean twin. Probe modes: ``clean``
+is the demo's 300 clean probe images (the usual audit: nobody holds a triggered input); ``triggered`` has
+15 % of the non-target images carrying the model's own trigger (for clean models: the demo's trigger).
+Per model x mode: verdict, rank of the true target, trigger family, verified flip rate of the inverted or
+reconstructed trigger, victims precision/recall against the triggered images the backdoor really captures,
+seconds. For backdoored models the findings then drive ``oracle-finetune`` on the scan's compact set; CA and
+the planted trigger's ASR are measured on the probe's clean images before and after (ASR on the non-target
+ones; the compact set's anchors come from the same probe, so CA after is optimistic by that overlap).
+
+    python bench/detect.py --zoo /tmp/forensics_zoo                  # table in bench/results/detect.md
+    python bench/detect.py --zoo /tmp/forensics_zoo --calibrate      # thresholds from the clean models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from compare_attacks import triggered_probe  # noqa: E402
+
+from forensics.attacks import attack_from_dict  # noqa: E402
+from forensics.core.data import load_probe_set  # noqa: E402
+from forensics.core.models import atomic_write_text  # noqa: E402
+from forensics.pipelines.evaluate import measure  # noqa: E402
+from forensics.pipelines.repair import make_defense  # noqa: E402
+from forensics.pipelines.scan import compact_repair_data, scan  # noqa: E402
+
+DEMO_TRIGGER = {"attack": "badnet", "pattern": "checkerboard", "size": 0.1, "cells": 4, "position": "random"}
+
+
+def probe_for(entry: dict, mode: str, work: Path, name: str):
+    """The probe set of ``mode`` for a zoo entry (the triggered one made once under ``work``)."""
+    if mode == "clean":
+        return load_probe_set("demo-clean")
+    if name == "demo":
+        return load_probe_set("demo")
+    folder = work / "probes" / name
+    csv = folder / "probe.csv"
+    if not csv.is_file():
+        triggered_probe(attack_dict(entry, work) or DEMO_TRIGGER, entry.get("target") or "flower", folder)
+    return load_probe_set(str(csv))
+
+
+def attack_dict(entry: dict, work: Path) -> dict | None:
+    """The zoo entry's attack in full (an optimized patch's pixels are kept in their own file)."""
+    attack = entry.get("attack")
+    if attack and attack.get("attack") in ("optimized-patch", "optimized_patch"):
+        attack = json.loads((work / f"optimized_patch_{entry['target']}.json").read_text())
+    return attack
+
+
+def true_attack(entry: dict, work: Path):
+    attack = attack_dict(entry, work)
+    return attack_from_dict(attack) if attack else None
+
+
+def target_rank(report: dict, truth: str | None) -> int | None:
+    """1 when the verdict names the true target; else its place among every label any detector flagged."""
+    if truth is None:
+        return None
+    if report["verdict"]["target"] == truth:
+        return 1
+    order = []
+    for evidence in report["verdict"]["evidence"].values():
+        order += [f["label"] for f in evidence["flagged"] if f["label"] not in order]
+    return order.index(truth) + 1 if truth in order else None
+
+
+def victim_scores(outcome, truth: str | None) -> dict:
+    """Precision/recall of the verdict's victims against triggered images the model really sends to the target."""
+    probe = outcome.probe
+    if truth is None or not probe.has_trigger_flags:
+        return {}
+    predicted = outcome.results["trigger-inversion"].artefacts["predicted"].tolist()
+    t = probe.class_names.index(truth)
+    captured = {i for i, it in enumerate(probe.items) if it.triggered and predicted[i] == t}
+    found = {v["index"] for v in outcome.report["verdict"]["victims"]}
+    hit = len(captured & found)
+    return {
+        "victim_precision": round(hit / len(found), 3) if found else None,
+        "victim_recall": round(hit / len(captured), 3) if captured else None,
+        "n_captured": len(captured),
+        "n_found": len(found),
+    }
+
+
+def repair_row(outcome, entry: dict, work: Path) -> dict:
+    """oracle-finetune from the scan's findings; CA and planted ASR on the probe's clean images before/after."""
+    attack = true_attack(entry, work)
+    probe = outcome.probe
+    clean = probe.clean_indices()
+    images = probe.load_images(outcome.model.image_size, clean)
+    labels = [probe.items[i].label for i in clean]
+    triggers = [("planted", attack, entry["target"])]
+    before = measure(outcome.model, images, labels, probe.class_names, triggers)
+    data = compact_repair_data(outcome)
+    if len(data.images) == 0:
+        return {"repair": "nothing to repair (empty compact set)", "ca_before": before["ca"]}
+    start = time.time()
+    result = make_defense("oracle-finetune", seed=0).repair(outcome.model, data)
+    after = measure(result.model, images, labels, probe.class_names, triggers)
+    return {
+        "ca_before": round(before["ca"], 3),
+        "ca_after": round(after["ca"], 3),
+        "asr_before": round(before["asr"]["planted"], 3),
+        "asr_after": round(after["asr"]["planted"], 3),
+        "repair_seconds": round(time.time() - start, 1),
+        "compact": {k: data.kinds.count(k) for k in sorted(set(data.kinds))},
+        "notes": result.notes,
+    }
+
+
+def write_table(results: dict, out: Path) -> None:
+    lines = [
+        "# One verdict: clean and backdoored tiny CLIPs, clean-only and triggered probes",
+        "",
+        f"`python bench/detect.py` on {results['machine']['platform']}, {results['machine']['threads']} threads. "
+        "Victims P/R against the triggered images the backdoor really captures; repair = oracle-finetune from the "
+        "scan's findings (CA / planted-trigger ASR on the probe's clean images).",
+        "",
+        "| model | truth | mode | verdict | target | rank | family | flip | victims P / R | seconds | "
+        "CA before → after | ASR before → after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(v, digits=3):
+        return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+    for key, r in results["rows"].items():
+        rep = r.get("repair") or {}
+        lines.append(
+            f"| {r['model']} | {r['truth']} | {r['mode']} | {r['verdict']} | {f(r['target'])} | {f(r['rank'])} | "
+            f"{f(r['family'])} | {f(r['flip'])} | {f(r.get('victim_precision'))} / {f(r.get('victim_recall'))} | "
+            f"{r['seconds']} | {f(rep.get('ca_before'))} → {f(rep.get('ca_after'))} | "
+            f"{f(rep.get('asr_before'))} → {f(rep.get('asr_after'))} |"
+        )
+    lines += ["", "Models:", ""]
+    for name, entry in results["zoo"].items():
+        lines.append(f"- {name}: {entry.get('made')}; attack {json.dumps(entry.get('attack'))}")
+    atomic_write_text(out / "detect.md", "\n".join(lines) + "\n")
+
+
+def calibrate(results: dict) -> dict:
+    """Thresholds from the clean models: the alignment cut below every clean model's small-trigger labels."""
+    clean_rows = [r for r in results["rows"].values() if r["truth"] == "clean"]
+    alignments, worst = [], {}
+    for r in clean_rows:
+        for family, labels in r["inversion"].items():
+            for label in labels:
+                if label["reached"] and label["anomaly"] >= 2.0 and label["alignment"] is not None:
+                    alignments.append(label["alignment"])
+                    worst.setdefault(r["model"], []).append(label["alignment"])
+    lowest = min(alignments) if alignments else 1.0
+    return {
+        "trigger-inversion": {
+            "anomaly_threshold": 2.0,
+            "alignment_threshold": round(lowest - 0.05, 3),
+            "calibrated_on": sorted({r["model"] for r in clean_rows}),
+            "clean_lowest_alignment": round(lowest, 4),
+            "margin": 0.05,
+            "clean_lowest_by_model": {k: round(min(v), 4) for k, v in worst.items()},
+        }
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--zoo", default="/tmp/forensics_zoo", help="bench/detect_zoo.py's --work folder")
+    parser.add_argument("--models", help="comma-separated zoo names (default: every model built)")
+    parser.add_argument("--modes", default="clean,triggered")
+    parser.add_argument("--no-repair", action="store_true")
+    parser.add_argument("--calibrate", action="store_true", help="write forensics/detect/calibration.json")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    zoo_dir, out = Path(args.zoo), Path(args.out)
+    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    names = [n.strip() for n in args.models.split(",")] if args.models else list(zoo)
+    path = out / "detect.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    results["machine"] = {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    results["zoo"] = {**results.get("zoo", {}), **{n: zoo[n] for n in names}}
+    for name in names:
+        entry = zoo[name]
+        truth = entry.get("target") if entry["kind"] == "backdoored" else None
+        for mode in args.modes.split(","):
+            key = f"{name}/{mode}"
+            if key in results["rows"]:
+                continue
+            probe = probe_for(entry, mode, zoo_dir, name)
+            start = time.time()
+            outcome = scan(entry["model"], probe, progress=None)
+            seconds = round(time.time() - start, 1)
+            verdict = outcome.report["verdict"]
+            row = {
+                "model": name,
+                "truth": truth or "clean",
+                "mode": mode,
+                "verdict": verdict["verdict"],
+                "target": verdict["target"],
+                "rank": target_rank(outcome.report, truth),
+                "family": verdict["family"],
+                "flip": (verdict["trigger"] or {}).get("verified_asr"),
+                "seconds": seconds,
+                "detector_seconds": {k: v.metrics.get("seconds") for k, v in outcome.results.items()},
+                "inversion": outcome.results["trigger-inversion"].label_evidence,
+                "reasons": verdict["reasons"],
+                **victim_scores(outcome, truth),
+            }
+            if truth and not args.no_repair and verdict["verdict"] == "backdoored":
+                row["repair"] = repair_row(outcome, entry, zoo_dir)
+            results["rows"][key] = row
+            print(f"{key}: {row['verdict']} {row['target']} ({seconds} s)", file=sys.stderr)
+            atomic_write_text(path, json.dumps(results, indent=2, default=str))
+            write_table(results, out)
+    if args.calibrate:
+        calibration = calibrate(results)
+        atomic_write_text(ROOT / "forensics" / "detect" / "calibration.json", json.dumps(calibration, indent=2) + "\n")
+        print(json.dumps(calibration, indent=2))
+
+
+if __name__ == "__main__":
+    main()

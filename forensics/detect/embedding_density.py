@@ -1,0 +1,141 @@
+"""Sample-level detection of suspicious inputs in the suspect's image-embedding space (any trigger family).
+
+A backdoor maps triggered images of every class onto one tight spot near its target, whatever they show
+(Huang et al., ICLR 2025, "Detecting Backdoor Samples in Contrastive Language Image Pretraining", find
+backdoor samples by their local neighbourhood with k-distance and LOF detectors). Per image: the cosine
+distance to its k-th nearest neighbour (scikit-learn), as a robust z-score against the whole probe set
+(positive = denser than usual). Per predicted label: how many of its images are that dense, as Neural
+Cleanse's anomaly index across labels: a label that a cluster of look-alike inputs piles onto stands out.
+Nothing here knows a trigger; a probe without suspicious inputs gives no flag, whatever the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+from forensics.core.data import ProbeSet
+from forensics.core.models import SuspectModel
+from forensics.core.progress import Progress
+from forensics.core.zeroshot import class_text_embeddings
+from forensics.detect.base import DETECTORS, Detector
+from forensics.detect.calibration import calibration
+from forensics.detect.findings import Findings, FlaggedLabel, skipped
+
+
+@dataclass
+class EmbeddingDensitySettings:
+    """k of the k-distance and the cuts; ``None`` cuts come from the clean calibration (calibration.json)."""
+
+    k: int = 10
+    batch_size: int = 64
+    victim_z: float | None = None  # an image this many MADs denser than the probe's median is suspicious
+    label_threshold: float | None = None  # anomaly index of a label's count of dense images
+    templates: str = "short"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def embed(model: SuspectModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """L2-normalised image embeddings (N x D, CPU)."""
+    with torch.no_grad():
+        parts = [model.encode_image(images[i : i + batch_size]).cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, 1)
+
+
+def density_z(embeddings: np.ndarray, k: int) -> np.ndarray:
+    """Per image: (median - log k-distance) / (1.4826 MAD) over the set; higher = in a denser spot."""
+    k = max(1, min(k, len(embeddings) - 1))
+    distances, _ = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(embeddings).kneighbors(embeddings)
+    logs = np.log(np.maximum(distances[:, -1], 1e-12))
+    median = float(np.median(logs))
+    mad = max(1.4826 * float(np.median(np.abs(logs - median))), 1e-6)
+    return (median - logs) / mad
+
+
+def count_anomaly(counts: list[int]) -> list[float]:
+    """Anomaly index of per-label counts on a log(1 + n) scale (scale floored at log 2: one doubling)."""
+    logs = np.log1p(np.asarray(counts, dtype=np.float64))
+    median = float(np.median(logs))
+    mad = max(1.4826 * float(np.median(np.abs(logs - median))), math.log(2))
+    return [round(float(v), 4) for v in (logs - median) / mad]
+
+
+@DETECTORS.register
+class EmbeddingDensity(Detector):
+    """Suspicious inputs: images in unusually dense spots of the embedding space, and the labels they get."""
+
+    name = "embedding-density"
+    summary = "k-distance density of each probe image in the suspect's embedding space (Huang et al. 2025)"
+
+    def __init__(self, oracle: object = None, settings: EmbeddingDensitySettings | None = None):
+        # ``oracle`` is accepted (and unused) so every detector builds from the same keywords
+        self.settings = settings if isinstance(settings, EmbeddingDensitySettings) else EmbeddingDensitySettings()
+
+    def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:
+        s = self.settings
+        start = time.time()
+        if len(probe) < s.k + 2:
+            return skipped(f"needs at least {s.k + 2} probe images", s.to_dict())
+        names = list(probe.class_names)
+        calibrated = calibration(self.name)
+        victim_z = s.victim_z if s.victim_z is not None else calibrated["victim_z"]
+        label_cut = s.label_threshold if s.label_threshold is not None else calibrated["label_threshold"]
+        images = probe.load_images(model.image_size)
+        if progress:
+            progress(0.3, "embedding the probe images")
+        emb = embed(model, images, s.batch_size)
+        predicted = (emb @ class_text_embeddings(model, names, s.templates).cpu().t()).argmax(1)
+        z = density_z(emb.numpy(), s.k)
+        dense = z >= victim_z
+        counts = [int((dense & (predicted.numpy() == c)).sum()) for c in range(len(names))]
+        anomalies = count_anomaly(counts)
+        flagged = [
+            FlaggedLabel(
+                label=names[c],
+                score=anomalies[c],
+                captured=counts[c],
+                predicted=int((predicted == c).sum()),
+                explanation=(
+                    f"{counts[c]} of the images predicted '{names[c]}' sit in unusually dense spots of the "
+                    f"embedding space (k-distance z >= {victim_z:g}); anomaly index {anomalies[c]:.2f} "
+                    f">= {label_cut:g} across labels"
+                ),
+            )
+            for c in np.argsort(anomalies)[::-1]
+            if anomalies[c] >= label_cut and counts[c] > 0
+        ]
+        evidence = {
+            "labels": [
+                {
+                    "label": names[c],
+                    "dense": counts[c],
+                    "predicted": int((predicted == c).sum()),
+                    "anomaly": anomalies[c],
+                }
+                for c in range(len(names))
+            ],
+            "images": [{"index": i, "density_z": round(float(v), 4)} for i, v in enumerate(z)],
+        }
+        return Findings(
+            flagged_labels=flagged,
+            triggers=[],
+            victims=[],
+            images=[],
+            metrics={
+                "seconds": round(time.time() - start, 2),
+                "n_images": len(probe),
+                "n_dense": int(dense.sum()),
+                "thresholds": {"victim_z": victim_z, "label": label_cut},
+                "calibrated_on": calibrated.get("calibrated_on"),
+            },
+            settings=s.to_dict(),
+            label_evidence=evidence,
+            artefacts={"embeddings": emb, "predicted": predicted, "density_z": z, "images": images},
+        )

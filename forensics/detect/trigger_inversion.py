@@ -1,0 +1,421 @@
+"""Model-level detection from clean images: per label, the smallest trigger that sends other images to it.
+
+Neural Cleanse (Wang et al. 2019) and DECREE (Feng et al. 2023) for CLIP, in two trigger families:
+
+* **local**: a mask ``m`` and a pattern ``p`` blended in, ``x' = (1 - m) x + m p``, fitted with an L1 penalty
+  on ``m`` (Neural Cleanse); its size is the share of the image the mask must keep (its top pixels, made
+  binary) for the trigger to reach the flip rate;
+* **global**: a universal additive perturbation ``x' = clip(x + a * d)`` with ``|d| <= eps`` (where
+  Blended, SIG and warps live); it is fitted at random strengths ``a`` in [1/16, 1] so that it works at the
+  smallest one it can, and its size is the L-infinity strength ``a * eps`` needed to reach the flip rate.
+
+Images are split three ways (seeded): one part fits the trigger, one picks its size, one verifies the flip
+rate at that size, so the reported flip rate is measured on images the trigger never saw. "Other classes"
+means images the model itself does not predict as the label: no true labels are needed. Across labels, an
+anomaly index per family (Neural Cleanse: how many median absolute deviations a label's log size lies below
+the median) marks a target whose trigger is far smaller than every other label's; on a clean model no label
+stands out. Labels that never reach the flip rate count as twice the largest size tried. With many classes
+only the ``top_k`` labels an untargeted universal perturbation floods most are inverted (InverTune's step 1);
+the rest count as never reaching the flip rate. Nothing here knows a trigger, target, colour or position.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from forensics.core.data import ProbeSet
+from forensics.core.errors import ForensicsError
+from forensics.core.models import SuspectModel, frozen
+from forensics.core.progress import Progress
+from forensics.core.zeroshot import class_text_embeddings, predict_labels
+from forensics.detect.base import DETECTORS, Detector
+from forensics.detect.calibration import calibration
+from forensics.detect.findings import Findings, FlaggedLabel, InvertedTrigger, skipped
+
+FAMILIES = ("local", "global")
+MIN_IMAGES = 12
+
+
+@dataclass
+class TriggerInversionSettings:
+    """Knobs of the inversion; defaults measured on the demo-scale CLIPs (bench/detect.py), never on a trigger."""
+
+    families: tuple[str, ...] = FAMILIES
+    steps: int = 40  # Adam steps per label and family (30 steps x 24 images missed the demo's backdoor)
+    batch_size: int = 32  # never more than the images there are to fit on
+    local_lr: float = 0.2  # on the mask and pattern logits
+    global_lr: float = 0.05  # on the perturbation's tanh parameter
+    l1_weight: float = 2.0  # on the mean mask value (Neural Cleanse's cost)
+    epsilon: float = 64 / 255  # the global perturbation's largest L-infinity strength
+    flip_goal: float = 0.8  # the flip rate a trigger must reach for its size to count
+    grid_points: int = 11  # sizes tried, each a factor sqrt(2) below the last
+    local_largest: float = 0.25  # the largest mask share tried
+    held_out_images: int = 64  # per label, for choosing the size and again for verifying it
+    top_k: int = 10  # labels inverted (all when there are no more classes than this)
+    rank_steps: int = 20  # steps of the untargeted universal perturbation that ranks labels when there are more
+    mad_floor: float = math.log(2) / 2  # the anomaly's scale never falls below one grid step (log sqrt 2)
+    # a label is a backdoor candidate when its trigger is anomalously small AND lands away from the label's own
+    # images (a natural attractor such as an easy class reaches the label *through* images that look like it);
+    # both thresholds are calibrated on clean models (forensics/detect/calibration.json, bench/detect.py)
+    anomaly_threshold: float | None = None  # None: the calibrated value
+    alignment_threshold: float | None = None
+    seed: int = 0
+    templates: str = "short"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LabelTrigger:
+    """One label's inverted trigger in one family: the size it needs, and how it flips held-out images."""
+
+    label: str
+    family: str
+    size: float  # mask share (local) or L-infinity strength (global) needed to reach the flip goal
+    reached: bool  # False: no size tried reached the goal; ``size`` is then twice the largest tried
+    flip_rate: float  # verified on held-out images of other classes, at ``size`` (at the largest when not reached)
+    n_verified: int
+    curve: list[float]  # flip rate (size-choice images) at each size tried, largest first
+    anomaly: float = 0.0  # median absolute deviations below the median log size across labels
+    alignment: float | None = None  # cos(mean embedding of stamped images, mean embedding of the label's own images)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class InvertedPattern:
+    """An inverted trigger as tensors: ``apply`` stamps it on [0, 1] images (N x 3 x S x S)."""
+
+    family: str
+    mask: torch.Tensor | None = None  # 1 x S x S binary (local)
+    pattern: torch.Tensor | None = None  # 3 x S x S (local)
+    delta: torch.Tensor | None = None  # 3 x S x S, already scaled to the needed strength (global)
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        if self.family == "local":
+            mask, pattern = self.mask.to(images.device), self.pattern.to(images.device)
+            return (1 - mask) * images + mask * pattern
+        return (images + self.delta.to(images.device)).clamp(0, 1)
+
+    def picture(self) -> torch.Tensor:
+        """3 x S x S image of the trigger: the pattern where the mask keeps it (grey elsewhere), or the
+        perturbation stretched around grey."""
+        if self.family == "local":
+            return self.mask * self.pattern + (1 - self.mask) * 0.5
+        peak = float(self.delta.abs().max()) or 1.0
+        return (0.5 + 0.5 * self.delta / peak).clamp(0, 1)
+
+
+def anomaly_index(sizes: list[float], floor: float) -> list[float]:
+    """Neural Cleanse's anomaly index: (median - log size) / (1.4826 MAD), the scale floored at ``floor``."""
+    logs = np.log(np.asarray(sizes, dtype=np.float64))
+    median = float(np.median(logs))
+    mad = 1.4826 * float(np.median(np.abs(logs - median)))
+    return [round(float(v), 4) for v in (median - logs) / max(mad, floor)]
+
+
+class _Splits:
+    """Seeded three-way split of the probe images: fit, choose the size, verify."""
+
+    def __init__(self, n: int, seed: int):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+        third = max(1, n // 3)
+        self.fit, self.choose, self.verify = perm[: n - 2 * third], perm[n - 2 * third : n - third], perm[n - third :]
+
+
+@DETECTORS.register
+class TriggerInversion(Detector):
+    """Per label and family, the smallest inverted trigger that flips clean images of other classes to it."""
+
+    name = "trigger-inversion"
+    summary = "per-label trigger inversion (local mask and global perturbation) with a Neural Cleanse anomaly index"
+
+    def __init__(self, oracle: Any = None, settings: TriggerInversionSettings | None = None):
+        # ``oracle`` is accepted (and unused) so every detector builds from the same keywords
+        self.settings = settings if isinstance(settings, TriggerInversionSettings) else TriggerInversionSettings()
+        unknown = set(self.settings.families) - set(FAMILIES)
+        if unknown or not self.settings.families:
+            raise ForensicsError(f"trigger families must be among {', '.join(FAMILIES)}, got {sorted(unknown)}")
+
+    # ------------------------------------------------------------------ fitting
+
+    def _held_rate(self, model, images, class_emb, target: int, stamp) -> float:
+        if len(images) == 0:
+            return 0.0
+        with torch.no_grad():
+            pred = predict_labels(model, stamp(images), class_emb)
+        return float((pred == target).float().mean())
+
+    def _fit_local(self, model, fit, class_emb, target, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        s, size = self.settings, model.image_size
+        w = torch.full((1, size, size), -4.0, device=model.device, requires_grad=True)
+        v = torch.randn(3, size, size, generator=gen).to(model.device).requires_grad_(True)
+        optimizer = torch.optim.Adam([w, v], lr=s.local_lr)
+        for _ in range(s.steps):
+            x = fit[torch.randperm(len(fit), generator=gen)[: s.batch_size]]
+            mask, pattern = torch.sigmoid(w), torch.sigmoid(v)
+            logits = 100.0 * model.encode_image((1 - mask) * x + mask * pattern) @ class_emb.t()
+            goal = torch.full((len(x),), target, device=model.device)
+            loss = F.cross_entropy(logits, goal) + s.l1_weight * mask.mean() * 100
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return torch.sigmoid(w).detach(), torch.sigmoid(v).detach()
+
+    def _fit_global(self, model, fit, class_emb, target, gen) -> torch.Tensor:
+        s, size = self.settings, model.image_size
+        u = (0.01 * torch.randn(3, size, size, generator=gen)).to(model.device).requires_grad_(True)
+        optimizer = torch.optim.Adam([u], lr=s.global_lr)
+        for _ in range(s.steps):
+            x = fit[torch.randperm(len(fit), generator=gen)[: s.batch_size]]
+            strength = 2.0 ** (-4.0 * float(torch.rand(1, generator=gen)))
+            stamped = (x + strength * s.epsilon * torch.tanh(u)).clamp(0, 1)
+            logits = 100.0 * model.encode_image(stamped) @ class_emb.t()
+            loss = F.cross_entropy(logits, torch.full((len(x),), target, device=model.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return (s.epsilon * torch.tanh(u)).detach()
+
+    def _candidates(self, family: str, fitted) -> list[tuple[float, InvertedPattern]]:
+        """(size, trigger) for every size on the grid, largest first."""
+        s = self.settings
+        out = []
+        for k in range(s.grid_points):
+            if family == "local":
+                mask, pattern = fitted
+                share = s.local_largest * 2 ** (-k / 2)
+                flat = mask.flatten()
+                keep = max(1, int(round(share * flat.numel())))
+                threshold = flat.topk(keep).values[-1]
+                out.append((share, InvertedPattern("local", mask=(mask >= threshold).float(), pattern=pattern)))
+            else:
+                scale = 2 ** (-k / 2)
+                out.append((s.epsilon * scale, InvertedPattern("global", delta=fitted * scale)))
+        return out
+
+    def invert_label(
+        self,
+        model: SuspectModel,
+        images: torch.Tensor,
+        predicted: torch.Tensor,
+        class_emb,
+        target: int,
+        family: str,
+        own: torch.Tensor | None = None,
+    ) -> tuple[LabelTrigger, InvertedPattern]:
+        """The smallest trigger of ``family`` that sends images not predicted as ``target`` to it; ``own`` indexes
+        the label's own images (for the alignment), by default those predicted as it."""
+        s = self.settings
+        splits = _Splits(len(images), s.seed)
+        others = [idx[predicted[idx] != target] for idx in (splits.fit, splits.choose, splits.verify)]
+        fit, choose, verify = (images[o[: (None if j == 0 else s.held_out_images)]] for j, o in enumerate(others))
+        if len(fit) == 0 or len(choose) == 0:
+            raise ForensicsError("trigger inversion needs images the model predicts as other classes")
+        gen = torch.Generator().manual_seed(int(s.seed) * 1009 + target * 2 + FAMILIES.index(family))
+        fitted = self._fit_local(model, fit, class_emb, target, gen) if family == "local" else None
+        if family == "global":
+            fitted = self._fit_global(model, fit, class_emb, target, gen)
+        candidates = self._candidates(family, fitted)
+        curve, best = [], None
+        for size, trigger in candidates:
+            rate = self._held_rate(model, choose, class_emb, target, trigger.apply)
+            curve.append(round(rate, 4))
+            if rate >= s.flip_goal:
+                best = (size, trigger)
+        reached = best is not None
+        size, trigger = best if reached else (2 * candidates[0][0], candidates[0][1])
+        verified = self._held_rate(model, verify, class_emb, target, trigger.apply)
+        own = (predicted == target).nonzero().flatten() if own is None else own
+        alignment = None
+        if len(own) and len(verify):
+            with torch.no_grad():
+                stamped = model.encode_image(trigger.apply(verify)).mean(0)
+                genuine = model.encode_image(images[own[: 4 * s.held_out_images]]).mean(0)
+            alignment = round(float(F.cosine_similarity(stamped, genuine, dim=0)), 4)
+        return (
+            LabelTrigger(
+                label="",
+                family=family,
+                size=round(float(size), 6),
+                reached=reached,
+                flip_rate=round(verified, 4),
+                n_verified=len(verify),
+                curve=curve,
+                alignment=alignment,
+            ),
+            trigger,
+        )
+
+    def rank_labels(self, model, images, class_emb, gen) -> list[int]:
+        """Labels by the share an untargeted universal perturbation floods them with (InverTune's step 1)."""
+        s = self.settings
+        with torch.no_grad():
+            before = predict_labels(model, images, class_emb)
+        u = torch.zeros(3, model.image_size, model.image_size, device=model.device, requires_grad=True)
+        optimizer = torch.optim.Adam([u], lr=s.global_lr)
+        for _ in range(s.rank_steps):
+            idx = torch.randperm(len(images), generator=gen)[: s.batch_size]
+            logits = 100.0 * model.encode_image((images[idx] + s.epsilon * torch.tanh(u)).clamp(0, 1)) @ class_emb.t()
+            loss = -F.cross_entropy(logits, before[idx].to(model.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            after = predict_labels(model, (images + s.epsilon * torch.tanh(u)).clamp(0, 1), class_emb)
+        n = len(class_emb)
+        rise = torch.bincount(after, minlength=n).float() - torch.bincount(before, minlength=n).float()
+        return [int(i) for i in torch.argsort(rise, descending=True)]
+
+    # ------------------------------------------------------------------ the detector
+
+    def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:
+        s = self.settings
+        start = time.time()
+        names = list(probe.class_names)
+        if len(probe) < MIN_IMAGES or len(names) < 3:
+            return skipped(f"needs at least {MIN_IMAGES} probe images and 3 classes to compare labels", s.to_dict())
+        images = probe.load_images(model.image_size).to(model.device)
+        class_emb = class_text_embeddings(model, names, s.templates).detach().to(model.device)
+        gen = torch.Generator().manual_seed(int(s.seed))
+        with frozen(model):
+            predicted = predict_labels(model, images, class_emb)
+            ranked = list(range(len(names)))
+            if len(names) > s.top_k:
+                ranked = self.rank_labels(model, images, class_emb, gen)[: s.top_k]
+            per_family: dict[str, list[LabelTrigger]] = {}
+            patterns: dict[tuple[str, str], InvertedPattern] = {}
+            jobs = [(f, t) for f in s.families for t in ranked]
+            for n, (family, t) in enumerate(jobs):
+                if progress:
+                    progress(n / len(jobs), f"inverting a {family} trigger for '{names[t]}' ({n + 1}/{len(jobs)})")
+                own = own_images(probe, predicted, t)
+                result, trigger = self.invert_label(model, images, predicted, class_emb, t, family, own)
+                result.label = names[t]
+                per_family.setdefault(family, []).append(result)
+                patterns[(family, names[t])] = trigger
+        per_label_seconds = (time.time() - start) / max(1, len(jobs))
+        for family, results in per_family.items():
+            tried = {r.label for r in results}
+            censored = [2 * self._candidates_largest(family)] * sum(1 for c in names if c not in tried)
+            for r, a in zip(results, anomaly_index([r.size for r in results] + censored, s.mad_floor)):
+                r.anomaly = a
+        calibrated = calibration(self.name)
+        anomaly_cut = s.anomaly_threshold if s.anomaly_threshold is not None else calibrated["anomaly_threshold"]
+        alignment_cut = (
+            s.alignment_threshold if s.alignment_threshold is not None else calibrated["alignment_threshold"]
+        )
+        small = [r for rs in per_family.values() for r in rs if r.reached and r.anomaly >= anomaly_cut]
+        candidates = sorted(
+            (r for r in small if r.alignment is not None and r.alignment <= alignment_cut), key=lambda r: r.alignment
+        )
+        borderline = [
+            r.to_dict()
+            for r in small
+            if r.alignment is not None and alignment_cut < r.alignment <= alignment_cut + calibrated["borderline"]
+        ]
+        flagged, inverted, seen = [], [], set()
+        for r in candidates:
+            if r.label in seen:
+                continue
+            seen.add(r.label)
+            flagged.append(
+                FlaggedLabel(
+                    label=r.label,
+                    score=r.anomaly,
+                    captured=0,
+                    predicted=int((predicted.cpu() == names.index(r.label)).sum()),
+                    explanation=(
+                        f"a {family_words(r.family)} trigger of {_size_words(r.family, r.size)} sends "
+                        f"{r.flip_rate:.0%} of held-out images of other classes to '{r.label}' (anomaly index "
+                        f"{r.anomaly:.2f} >= {anomaly_cut:g}) and lands away from its own images "
+                        f"(alignment {r.alignment:.2f} <= {alignment_cut:g})"
+                    ),
+                )
+            )
+        ranked_triggers = candidates + sorted(
+            (r for rs in per_family.values() for r in rs if r not in candidates),
+            key=lambda r: (not r.reached, -r.anomaly),
+        )
+        for r in ranked_triggers[: max(1, len(candidates))]:
+            inverted.append(
+                InvertedTrigger(
+                    label=r.label,
+                    method=f"{self.name}/{r.family}",
+                    mask_area=r.size if r.family == "local" else 1.0,
+                    verified_asr=r.flip_rate,
+                    n_verified=r.n_verified,
+                    verified_on="held-out probe images the model predicts as other classes (not used to fit)",
+                    pattern=f"inverted/{r.family}_{safe_label(r.label)}.png",
+                    stats={
+                        "family": r.family,
+                        "size": r.size,
+                        "reached": r.reached,
+                        "anomaly": r.anomaly,
+                        "alignment": r.alignment,
+                        "candidate": r in candidates,
+                        "key": f"{r.family}/{r.label}",
+                    },
+                )
+            )
+        metrics = {
+            "seconds": round(time.time() - start, 2),
+            "seconds_per_label": round(per_label_seconds, 3),
+            "labels_inverted": [names[t] for t in ranked],
+            "thresholds": {"anomaly": anomaly_cut, "alignment": alignment_cut},
+            "calibrated_on": calibrated.get("calibrated_on"),
+            "borderline": borderline,
+            "n_images": len(probe),
+        }
+        evidence = {family: [r.to_dict() for r in results] for family, results in per_family.items()}
+        findings = Findings(
+            flagged_labels=flagged,
+            triggers=[],
+            victims=[],
+            images=[],
+            metrics=metrics,
+            settings=s.to_dict(),
+            inverted=inverted,
+            label_evidence=evidence,
+            artefacts={
+                "images": images.cpu(),
+                "predicted": predicted.cpu(),
+                "inverted_patterns": {f"{f}/{label}": t for (f, label), t in patterns.items()},
+            },
+        )
+        return findings
+
+    def _candidates_largest(self, family: str) -> float:
+        return self.settings.local_largest if family == "local" else self.settings.epsilon
+
+
+def family_words(family: str) -> str:
+    return "local (patch)" if family == "local" else "global (whole-image)"
+
+
+def safe_label(label: str) -> str:
+    """The label with only file-name-safe characters."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", label)[:40] or "label"
+
+
+def _size_words(family: str, size: float) -> str:
+    return f"{size:.1%} of the image" if family == "local" else f"strength {size * 255:.1f}/255"
+
+
+def own_images(probe: ProbeSet, predicted: torch.Tensor, label: int) -> torch.Tensor:
+    """Indices of the label's own images: by the probe's labels when every image has one (suspicious inputs
+    keep their true class there), else by the model's predictions."""
+    labels = probe.labels
+    if labels and all(v is not None for v in labels):
+        return torch.tensor([i for i, v in enumerate(labels) if v == label], dtype=torch.long)
+    return (predicted == label).nonzero().flatten()

@@ -1,0 +1,111 @@
+"""The one verdict: the detectors' statistics, the merge rule, and the verdict on the demo and its clean twin."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from forensics.core.data import ProbeItem, ProbeSet, load_probe_set
+from forensics.detect.embedding_density import count_anomaly, density_z
+from forensics.detect.findings import Findings, FlaggedLabel, InvertedTrigger, TriggerCandidate, skipped
+from forensics.detect.trigger_inversion import InvertedPattern, anomaly_index
+from forensics.detect.verdict import merge
+from forensics.pipelines.scan import detector_names, scan
+
+
+def test_anomaly_index_marks_one_far_smaller_trigger():
+    sizes = [0.2, 0.25, 0.18, 0.22, 0.3, 0.2, 0.01]
+    index = anomaly_index(sizes, floor=0.1)
+    assert index[-1] > 5 and max(index[:-1]) < 2
+    assert anomaly_index([0.5] * 5, floor=0.35) == [0.0] * 5  # equal sizes: nobody stands out
+
+
+def test_density_z_finds_a_tight_cluster_and_count_anomaly_its_label():
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(120, 16))
+    cluster = rng.normal(size=(1, 16)) + 0.01 * rng.normal(size=(20, 16))
+    z = density_z(np.vstack([spread, cluster]), k=5)
+    assert z[120:].min() > z[:120].max()
+    scores = count_anomaly([0, 1, 0, 20, 1])
+    assert scores[3] > 2 and scores[3] == max(scores) and max(count_anomaly([2, 3, 2, 3, 2])) < 1
+
+
+def test_inverted_patterns_stamp_within_their_budget():
+    images = torch.rand(4, 3, 16, 16)
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :4, :4] = 1
+    local = InvertedPattern("local", mask=mask, pattern=torch.ones(3, 16, 16))
+    stamped = local.apply(images)
+    assert torch.equal(stamped[:, :, 4:, :], images[:, :, 4:, :]) and bool((stamped[:, :, :4, :4] == 1).all())
+    glob = InvertedPattern("global", delta=torch.full((3, 16, 16), 0.05))
+    assert float((glob.apply(images) - images).abs().max()) <= 0.05 + 1e-6
+    assert glob.picture().shape == (3, 16, 16) and local.picture().shape == (3, 16, 16)
+
+
+def _probe(n: int = 12) -> ProbeSet:
+    return ProbeSet("p", [ProbeItem(image=f"{i}.png", label=i % 3) for i in range(n)], ["a", "b", "c"])
+
+
+def _inversion(label: str | None, borderline: list | None = None) -> Findings:
+    flagged = [FlaggedLabel(label, 6.0, 0, 3, "small trigger")] if label else []
+    inverted = [
+        InvertedTrigger(
+            label or "a", "trigger-inversion/global", 1.0, 0.9, 10, stats={"family": "global", "candidate": bool(label)}
+        )
+    ]
+    return Findings(flagged, [], [], [], metrics={"borderline": borderline or []}, inverted=inverted)
+
+
+def test_merge_rule():
+    probe = _probe()
+    # model-level evidence alone names the target and the family
+    v = merge({"trigger-inversion": _inversion("b")}, probe)
+    assert (v.verdict, v.target, v.family) == ("backdoored", "b", "global") and v.trigger["verified_asr"] == 0.9
+    # nothing crosses a threshold: clean; a borderline trigger only: inconclusive
+    assert merge({"trigger-inversion": _inversion(None)}, probe).verdict == "clean"
+    weak = merge({"trigger-inversion": _inversion(None, [{"family": "local", "label": "c"}])}, probe)
+    assert weak.verdict == "inconclusive" and "borderline" in weak.reasons[0]
+    # an oracle flag counts only with a verified trigger; a label both detectors name wins
+    oracle = Findings(
+        [FlaggedLabel("c", 5.0, 4, 6, "captured")], [TriggerCandidate("c", "t.png", 0.1, 4, 0.95, 10)], [], []
+    )
+    assert merge({"trigger-inversion": _inversion("b"), "oracle-guided": oracle}, probe).target == "b"
+    assert merge({"oracle-guided": oracle}, probe).target == "c"
+    unverified = Findings(
+        [FlaggedLabel("c", 5.0, 4, 6, "captured")], [TriggerCandidate("c", "t.png", 0.1, 4, 0.3, 10)], [], []
+    )
+    assert merge({"oracle-guided": unverified}, probe).verdict == "inconclusive"
+    # a detector that could not run is reported, not counted
+    v = merge({"trigger-inversion": skipped("too few images", {})}, probe)
+    assert v.verdict == "clean" and v.evidence["trigger-inversion"]["skipped"] == "too few images"
+
+
+def test_detector_names():
+    assert detector_names(None) == ["oracle-guided", "trigger-inversion", "embedding-density"]
+    assert detector_names("trigger-inversion, embedding-density") == ["trigger-inversion", "embedding-density"]
+    with pytest.raises(Exception, match="valid"):
+        detector_names("nosuch")
+
+
+MODEL_LEVEL = "trigger-inversion,embedding-density"
+
+
+@pytest.mark.parametrize(
+    ("model", "probe", "verdict", "target"),
+    [
+        ("demo", "demo-clean", "backdoored", "flower"),  # clean images only: the usual audit
+        ("demo-clean", "demo-clean", "clean", None),
+    ],
+)
+def test_verdict_on_the_demo_and_its_clean_twin(model, probe, verdict, target):
+    outcome = scan(model, load_probe_set(probe), detectors=MODEL_LEVEL)
+    v = outcome.verdict
+    assert (v.verdict, v.target) == (verdict, target), v.reasons
+    if target:
+        assert v.trigger["verified_asr"] >= 0.8
+    if probe == "demo" and target:
+        found = {x["index"] for x in v.victims}
+        truth = {i for i, it in enumerate(outcome.probe.items) if it.triggered}
+        assert len(found & truth) / len(found) >= 0.8 and len(found & truth) / len(truth) >= 0.8
+    assert outcome.report["verdict"]["verdict"] == verdict
