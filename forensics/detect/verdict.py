@@ -3,11 +3,12 @@
 Strong evidence names a target: a trigger-inversion candidate (an anomalously small trigger that lands away
 from the label's own images) or an oracle-scan flag whose reconstructed trigger is verified on clean images.
 Where both name labels, a label both name wins; else the inversion's (a model-level test needs no suspicious
-inputs). Weak evidence alone (a dense cluster of inputs, a borderline inversion, an unverified oracle flag)
-makes the verdict inconclusive; the density detector's label flags decide nothing (clean probes have natural
-near-duplicates as dense as triggered inputs), its densities only pick victims. Victims of the target: the oracle scan's (with their trigger boxes) and the
-embedding-density ones: images predicted as the target that are nearer the centroid of the target's densest
-inputs than the centroid of the label's own images (Huang et al. 2025's density, seeded; our choice).
+inputs). Weak evidence alone (a borderline inversion, an unverified oracle flag) makes the verdict
+inconclusive. The density detector's label flags decide nothing (clean probes hold natural near-duplicates
+as dense as triggered inputs); its densities pick victims. Victims of the target: the oracle scan's (with
+their trigger boxes) and the embedding-density ones: images predicted as the target that are nearer the
+centroid of the target's densest inputs than the centroid of the label's own images (Huang et al. 2025's
+density, seeded; our choice).
 Thresholds come from the detectors' clean calibration (calibration.json), which the verdict reports.
 """
 
