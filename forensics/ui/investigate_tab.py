@@ -66,6 +66,12 @@ def scan_outputs(report: dict, out: Path) -> tuple:
         f"candidate(s), {len(images)} images scanned with the `{report['oracle']['name']}` oracle in "
         f"{m.get('seconds_total', m.get('seconds', 0)):.0f} s."
     )
+    verdict = report.get("verdict")
+    if verdict:
+        target = f", target **{verdict['target']}**" if verdict.get("target") else ""
+        family = f" ({verdict['family']} trigger)" if verdict.get("family") else ""
+        reasons = "".join(f"\n- {r}" for r in verdict.get("reasons", []))
+        summary = f"## Verdict: **{verdict['verdict']}**{target}{family}{reasons}\n\n" + summary
     if m.get("victim_precision") is not None:
         summary += (
             f" Against the probe set's known trigger flags: victim precision {m['victim_precision']:.2f}, "
