@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--no-repair", action="store_true")
     parser.add_argument("--calibrate", action="store_true", help="write forensics/detect/calibration.json")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--merge", nargs="*", default=[], help="detect.json files of other runs whose rows to keep")
     args = parser.parse_args()
     zoo_dir, out = Path(args.zoo), Path(args.out)
     zoo = json.loads((zoo_dir / "zoo.json").read_text())
@@ -197,7 +198,11 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     results["zoo"] = {**results.get("zoo", {}), **{n: zoo[n] for n in names}}
-    for name in names:
+    for other in args.merge:  # runs made side by side (one thread each) into other folders
+        merged = json.loads(Path(other).read_text())
+        results["rows"].update(merged["rows"])
+        results["zoo"].update(merged["zoo"])
+    for name in [] if args.merge and not args.models else names:
         entry = zoo[name]
         truth = entry.get("target") if entry["kind"] == "backdoored" else None
         for mode in args.modes.split(","):
@@ -230,6 +235,8 @@ def main() -> None:
             print(f"{key}: {row['verdict']} {row['target']} ({seconds} s)", file=sys.stderr)
             atomic_write_text(path, json.dumps(results, indent=2, default=str))
             write_table(results, out)
+    write_table(results, out)
+    atomic_write_text(path, json.dumps(results, indent=2, default=str))
     if args.calibrate:
         calibration = calibrate(results)
         atomic_write_text(ROOT / "forensics" / "detect" / "calibration.json", json.dumps(calibration, indent=2) + "\n")

@@ -61,6 +61,10 @@ def test_concurrent_scans_are_both_right(scans):
     assert len(triggers) == 1 and triggers[0]["caption"].startswith("flower: flips")
     assert len(poisoned[5]) >= 3  # victims
     assert len(poisoned[1]) == SCAN_IMAGES  # the ranked gallery holds every scanned image (fewer than 60)
+    # the verdict on top of the Findings tab, with every detector's evidence beside it
+    assert poisoned[8].startswith("## Verdict: **backdoored**") and "Verdict: **backdoored**" in poisoned[0]
+    assert [row[0] for row in poisoned[9]["data"]] == ["oracle-guided", "trigger-inversion", "embedding-density"]
+    assert clean[8].startswith("## Verdict:") and "**backdoored**" not in clean[8]
 
 
 @pytest.mark.slow

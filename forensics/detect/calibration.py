@@ -14,10 +14,11 @@ from typing import Any
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    # Neural Cleanse's anomaly index cut (2); the alignment cut sits below every clean model's natural attractor
-    # (lowest seen: 0.86, the clean twin's global 'house'; a second clean tiny CLIP's local 'house': 0.94) and
-    # above the backdoors' (demo 0.36, a Blended model 0.42); bench/detect.py --calibrate replaces it
-    "trigger-inversion": {"anomaly_threshold": 2.0, "alignment_threshold": 0.7, "borderline": 0.05},
+    # Neural Cleanse's anomaly index cut (2). Alignment of the natural attractors measured on clean models: the
+    # clean twin's local 'house' 0.57 and global 'house' 0.86, a second clean tiny CLIP's local 'house' 0.94;
+    # of backdoors: the demo's 0.36, a Blended model's 0.42 (its local 'house', 0.55, is natural too). The cut
+    # sits between, with thin margins; bench/detect.py --calibrate replaces it from more clean models.
+    "trigger-inversion": {"anomaly_threshold": 2.0, "alignment_threshold": 0.48, "borderline": 0.05},
     "embedding-density": {"label_threshold": 3.0, "victim_z": 2.0},
 }
 

@@ -12,7 +12,10 @@ from forensics.pipelines.evaluate import get_model
 from forensics.pipelines.explain import paste_trigger
 from forensics.ui.common import guarded, model_ref, need_scan
 
-EXPLAIN = """**Flagged labels** collect predictions that a small non-object window decides; a backdoor's target
+EXPLAIN = """The **verdict** on top merges every detector: the oracle-guided scan (victims with trigger boxes),
+trigger inversion (from clean images alone: the smallest patch or whole-image trigger per label) and
+embedding density (look-alike inputs piled onto one spot). **Flagged labels** collect predictions that a
+small non-object window decides; a backdoor's target
 label stands out. **Trigger candidates** are rebuilt from the windows that hijacked those predictions; the
 flip rate says how often pasting one on clean images of other classes turns them into the flagged label.
 **Victims** are the probe images whose prediction the trigger captured. Paste a candidate on any image below
@@ -47,10 +50,19 @@ def paste(state: dict, trigger: str | None, image: str | None, position: str) ->
 def build_findings_tab(state: gr.State) -> dict:
     """Components of the Findings tab; the scan (Investigate tab) fills them."""
     gr.Markdown(EXPLAIN)
+    verdict = gr.Markdown(elem_id="verdict")
+    with gr.Row():
+        evidence = gr.Dataframe(
+            headers=["detector", "flagged (score)", "thresholds", "seconds"],
+            label="Each detector's evidence",
+            interactive=False,
+            elem_id="evidence-table",
+        )
+        inverted = gr.Gallery(label="Inverted triggers (trigger inversion)", columns=4, height=200, allow_preview=False)
     with gr.Row():
         flagged = gr.Dataframe(
             headers=["label", "score", "captured", "predicted", "explanation"],
-            label="Flagged labels",
+            label="Flagged labels (oracle-guided scan)",
             interactive=False,
             elem_id="flagged-table",
         )
@@ -76,4 +88,7 @@ def build_findings_tab(state: gr.State) -> dict:
         "victims": victims,
         "files": files,
         "trigger": trigger,
+        "verdict": verdict,
+        "evidence": evidence,
+        "inverted": inverted,
     }

@@ -70,8 +70,7 @@ def scan_outputs(report: dict, out: Path) -> tuple:
     if verdict:
         target = f", target **{verdict['target']}**" if verdict.get("target") else ""
         family = f" ({verdict['family']} trigger)" if verdict.get("family") else ""
-        reasons = "".join(f"\n- {r}" for r in verdict.get("reasons", []))
-        summary = f"## Verdict: **{verdict['verdict']}**{target}{family}{reasons}\n\n" + summary
+        summary = f"## Verdict: **{verdict['verdict']}**{target}{family} (details in Findings)\n\n" + summary
     if m.get("victim_precision") is not None:
         summary += (
             f" Against the probe set's known trigger flags: victim precision {m['victim_precision']:.2f}, "
@@ -92,6 +91,7 @@ def scan_outputs(report: dict, out: Path) -> tuple:
     ]
     files = [str(out / "report.html"), str(out / "report.json")]
     choices = [f"{k}: {t['label']}" for k, t in enumerate(report["triggers"])]
+    verdict_text, evidence, inverted = verdict_views(report, out)
     return (
         summary,
         gallery,
@@ -101,8 +101,47 @@ def scan_outputs(report: dict, out: Path) -> tuple:
         victims,
         files,
         gr.update(choices=choices, value=choices[0] if choices else None),
+        verdict_text,
+        evidence,
+        inverted,
         order,
     )
+
+
+def verdict_views(report: dict, out: Path) -> tuple[str, list[list], list[tuple[str, str]]]:
+    """The Findings tab's top: the verdict in words, each detector's evidence as rows, the inverted triggers."""
+    verdict = report.get("verdict") or {}
+    if not verdict:
+        return "", [], []
+    text = f"## Verdict: **{verdict['verdict']}**"
+    if verdict.get("target"):
+        text += f", target **{verdict['target']}**"
+    if verdict.get("family"):
+        text += f" ({verdict['family']} trigger)"
+    trigger = verdict.get("trigger")
+    if trigger:
+        text += f"\n\nBest trigger: {trigger.get('method', '')}, verified flip rate {trigger['verified_asr']:.0%}"
+        text += f" on {trigger['n_verified']} held-out clean images of other classes."
+    text += "".join(f"\n- {r}" for r in verdict.get("reasons", []))
+    rows = [
+        [
+            name,
+            ", ".join(f"{f['label']} ({f['score']})" for f in e.get("flagged", [])) or e.get("skipped", "none"),
+            str(e.get("thresholds") or ""),
+            e.get("seconds"),
+        ]
+        for name, e in verdict.get("evidence", {}).items()
+    ]
+    inverted = [
+        (
+            str(out / t["pattern"]),
+            f"{t['label']} ({t['stats'].get('family')}): flip {t['verified_asr']:.0%}, "
+            f"alignment {t['stats'].get('alignment')}",
+        )
+        for t in report.get("detectors", {}).get("trigger-inversion", {}).get("inverted_triggers", [])
+        if t.get("pattern") and (out / t["pattern"]).is_file()
+    ]
+    return text, rows, inverted
 
 
 @guarded
