@@ -154,25 +154,37 @@ def write_table(results: dict, out: Path) -> None:
     atomic_write_text(out / "detect.md", "\n".join(lines) + "\n")
 
 
+BORDERLINE = 0.03  # above the cut, this much more alignment makes a verdict inconclusive
+CLEAN_MARGIN = 0.04  # the lowest clean alignment stays this far above the borderline band
+
+
 def calibrate(results: dict) -> dict:
-    """Thresholds from the clean models: the alignment cut below every clean model's small-trigger labels."""
+    """The alignment cut from the clean models: below every small-trigger label they have (natural attractors),
+    by the borderline band and a margin; the backdoors' true targets are reported for the other side's margin."""
     clean_rows = [r for r in results["rows"].values() if r["truth"] == "clean"]
-    alignments, worst = [], {}
+    by_model: dict[str, float] = {}
     for r in clean_rows:
-        for family, labels in r["inversion"].items():
+        for labels in r["inversion"].values():
             for label in labels:
                 if label["reached"] and label["anomaly"] >= 2.0 and label["alignment"] is not None:
-                    alignments.append(label["alignment"])
-                    worst.setdefault(r["model"], []).append(label["alignment"])
-    lowest = min(alignments) if alignments else 1.0
+                    by_model[r["model"]] = min(by_model.get(r["model"], 1.0), label["alignment"])
+    lowest = min(by_model.values()) if by_model else 1.0
+    targets = [
+        label["alignment"]
+        for r in results["rows"].values()
+        if r["truth"] != "clean"
+        for labels in r["inversion"].values()
+        for label in labels
+        if label["label"] == r["truth"] and label["reached"] and label["alignment"] is not None
+    ]
     return {
         "trigger-inversion": {
             "anomaly_threshold": 2.0,
-            "alignment_threshold": round(lowest - 0.05, 3),
+            "alignment_threshold": round(lowest - BORDERLINE - CLEAN_MARGIN, 3),
+            "borderline": BORDERLINE,
             "calibrated_on": sorted({r["model"] for r in clean_rows}),
-            "clean_lowest_alignment": round(lowest, 4),
-            "margin": 0.05,
-            "clean_lowest_by_model": {k: round(min(v), 4) for k, v in worst.items()},
+            "clean_lowest_alignment_by_model": {k: round(v, 4) for k, v in sorted(by_model.items())},
+            "backdoor_target_alignments": sorted(round(v, 4) for v in targets),
         }
     }
 

@@ -15,10 +15,11 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     # Neural Cleanse's anomaly index cut (2). Alignment of the natural attractors measured on clean models: the
-    # clean twin's local 'house' 0.57 and global 'house' 0.86, a second clean tiny CLIP's local 'house' 0.94;
-    # of backdoors: the demo's 0.36, a Blended model's 0.42 (its local 'house', 0.55, is natural too). The cut
-    # sits between, with thin margins; bench/detect.py --calibrate replaces it from more clean models.
-    "trigger-inversion": {"anomaly_threshold": 2.0, "alignment_threshold": 0.48, "borderline": 0.05},
+    # clean twin's local 'house' 0.53 (bench/detect.py; 0.57 in another run) and global 'house' 0.60-0.86, a
+    # second clean tiny CLIP's local 'house' 0.94; of backdoors: the demo's 0.36, a Blended model's 0.42 (its
+    # local 'house', 0.55, is natural too). The cut sits between, with thin margins (borderline: up to 0.49,
+    # inconclusive); bench/detect.py --calibrate replaces it from more clean models.
+    "trigger-inversion": {"anomaly_threshold": 2.0, "alignment_threshold": 0.46, "borderline": 0.03},
     "embedding-density": {"label_threshold": 3.0, "victim_z": 2.0},
 }
 
