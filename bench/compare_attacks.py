@@ -56,7 +56,11 @@ def attack_spec(name: str, work: Path, target: str, seed: int, params: dict | No
         return demo_backdoor()["trigger"]
     if name != "optimized_patch":
         return build_attack(name, seed=seed, **(params or {})).to_dict()
-    path = work / "optimized_patch.json"
+    return clean_twin_patch(work / "optimized_patch.json", target, seed)
+
+
+def clean_twin_patch(path: Path, target: str, seed: int, size: float = 0.1, position: str = "center") -> dict:
+    """A BadCLIP-style patch for ``target`` trained against the clean twin, cached as JSON at ``path``."""
     if not path.is_file():
         from forensics.core.models import load_model
 
@@ -69,7 +73,8 @@ def attack_spec(name: str, work: Path, target: str, seed: int, params: dict | No
             [probe.items[i].label for i in idx],
             probe.class_names,
             target,
-            size=0.1,
+            size=size,
+            position=position,
             epochs=20,
             seed=seed,
         )

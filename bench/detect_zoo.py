@@ -23,10 +23,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from forensics.attacks import attack_from_dict, build_attack, poison_dataset, train_optimized_patch  # noqa: E402
-from forensics.core.data import load_probe_set  # noqa: E402
-from forensics.core.models import atomic_write_text, load_model  # noqa: E402
+from compare_attacks import clean_twin_patch  # noqa: E402
+
+from forensics.attacks import attack_from_dict, build_attack, poison_dataset  # noqa: E402
+from forensics.core.models import atomic_write_text  # noqa: E402
 from forensics.demo.build import DemoSpec, write_data  # noqa: E402
 from forensics.pipelines.implant import implant  # noqa: E402
 
@@ -62,28 +64,6 @@ BUNDLED = {
 }
 
 
-def optimized_patch_attack(work: Path, settings: dict, target: str, seed: int) -> dict:
-    """A BadCLIP-style patch trained against the clean twin for ``target`` (cached in ``work``)."""
-    path = work / f"optimized_patch_{target}.json"
-    if not path.is_file():
-        probe = load_probe_set("demo-clean")
-        clean = load_model("demo-clean")
-        idx = probe.clean_indices()
-        patch = train_optimized_patch(
-            clean,
-            probe.load_images(clean.image_size, idx),
-            [probe.items[i].label for i in idx],
-            probe.class_names,
-            target,
-            size=settings["size"],
-            position=settings["position"],
-            epochs=20,
-            seed=seed,
-        )
-        atomic_write_text(path, json.dumps(patch.to_dict()))
-    return json.loads(path.read_text())
-
-
 def build(
     work: Path, train_per_class: int, backdoor_epochs: int, clean_epochs: int, only: list[str] | None = None
 ) -> dict:
@@ -106,7 +86,8 @@ def build(
         data = data_dir / "train" / "data.csv"
         if attack is not None:
             if attack["attack"] == "optimized-patch":
-                attack = optimized_patch_attack(work, attack, target, seed)
+                path = work / f"optimized_patch_{target}.json"
+                attack = clean_twin_patch(path, target, seed, attack["size"], attack["position"])
             else:
                 attack = build_attack(attack["attack"], **{k: v for k, v in attack.items() if k != "attack"}).to_dict()
             data = poison_dataset(data, attack_from_dict(attack), target, 0.1, work / name / "train", seed=seed)

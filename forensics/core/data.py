@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,6 +48,12 @@ class ProbeSet:
     items: list[ProbeItem]
     class_names: list[str]
     meta: dict = field(default_factory=dict)
+    _shared: dict | None = field(default=None, repr=False, compare=False)  # size -> the loaded full set
+
+    def sharing_loaded_images(self) -> "ProbeSet":
+        """A copy whose whole-set :meth:`load_images` decodes once per size and hands every caller the same
+        tensor (a scan's detectors read the same pixels; callers must not write into it)."""
+        return replace(self, _shared={})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,6 +77,10 @@ class ProbeSet:
         self, size: int, indices: Sequence[int] | None = None, progress: Progress | None = None
     ) -> torch.Tensor:
         """Images as N x 3 x size x size floats in [0, 1] (resize + centre crop)."""
+        if indices is None and self._shared is not None:
+            if size not in self._shared:
+                self._shared[size] = replace(self, _shared=None).load_images(size, None, progress)
+            return self._shared[size]
         indices = range(len(self.items)) if indices is None else indices
         out = []
         for n, i in enumerate(indices):

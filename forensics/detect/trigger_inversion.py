@@ -223,9 +223,8 @@ class TriggerInversion(Detector):
         if len(fit) == 0 or len(choose) == 0:
             raise ForensicsError("trigger inversion needs images the model predicts as other classes")
         gen = torch.Generator().manual_seed(int(s.seed) * 1009 + target * 2 + FAMILIES.index(family))
-        fitted = self._fit_local(model, fit, class_emb, target, gen) if family == "local" else None
-        if family == "global":
-            fitted = self._fit_global(model, fit, class_emb, target, gen)
+        fit_trigger = self._fit_local if family == "local" else self._fit_global
+        fitted = fit_trigger(model, fit, class_emb, target, gen)
         candidates = self._candidates(family, fitted)
         curve, best = [], None
         for size, trigger in candidates:

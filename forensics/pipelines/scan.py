@@ -226,10 +226,11 @@ def scan(
     check_finite_outputs(loaded)  # a NaN model would scan as 'nothing flagged'
     names = detector_names(detectors)
     results: dict[str, Findings] = {}
+    shared = probe_set.sharing_loaded_images()  # the detectors decode the probe images once, not each
     for n, name in enumerate(names):
         detector = DETECTORS.build(name, oracle=oracle_obj, settings=settings if name == "oracle-guided" else None)
         lo, hi = 0.9 * n / len(names), 0.9 * (n + 1) / len(names)
-        results[name] = detector.run(loaded, probe_set, sub_progress(progress, lo, hi, f"{name}: "))
+        results[name] = detector.run(loaded, shared, sub_progress(progress, lo, hi, f"{name}: "))
     findings = results.get("oracle-guided") or Findings([], [], [], [], artefacts={"images": None, "patterns": {}})
     verdict = merge(results, probe_set)
     report = {
