@@ -6,6 +6,7 @@ The public API, one call per action (the CLI and the Gradio workbench call the s
     model = forensics.load_model("demo")
     forensics.evaluate("demo")                                  # CA, and ASR of the demo's planted trigger
     forensics.scan(forensics.ModelRef("demo"), "out/scan")      # flagged labels, triggers, victims, report
+    forensics.scan_many(["demo", "demo-clean"], "demo", "out/zoo")  # zoo audit: one verdict per model (resumable)
     forensics.repair("demo", "out/scan", "out/repair")          # oracle-guided fine-tuning, CA/ASR before/after
     forensics.compare("demo", "all", "out/compare")             # every defense on one clean budget
     forensics.audit("data.csv", "demo", reference="demo-clean")  # SafeCLIP data-set audit
@@ -25,6 +26,7 @@ _API = {
     "load_model": ("forensics.core.models", "load_model"),
     "evaluate": ("forensics.pipelines.evaluate", "evaluate_model"),
     "scan": ("forensics.pipelines.scan", "run_scan"),
+    "scan_many": ("forensics.pipelines.scan_many", "scan_many"),
     "repair": ("forensics.pipelines.repair", "run_repair"),
     "compare": ("forensics.pipelines.compare", "run_compare"),
     "audit": ("forensics.pipelines.audit", "audit_dataset"),

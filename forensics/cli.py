@@ -254,14 +254,19 @@ def cmd_make_demo(args: argparse.Namespace) -> dict:
     return summary
 
 
-def cmd_scan(args: argparse.Namespace) -> dict:
-    from forensics.core.progress import tqdm_progress
+def _scan_settings(args: argparse.Namespace):
+    """The scan settings from --seed, --templates and --batch-size (shared by scan and scan-many)."""
     from forensics.detect import ScanSettings
-    from forensics.pipelines.scan import run_scan
 
-    settings = ScanSettings(
+    return ScanSettings(
         seed=args.seed, templates=args.templates, **({} if args.batch_size is None else {"batch_size": args.batch_size})
     )
+
+
+def cmd_scan(args: argparse.Namespace) -> dict:
+    from forensics.core.progress import tqdm_progress
+    from forensics.pipelines.scan import run_scan
+
     with tqdm_progress("scan", not args.quiet) as progress:
         return run_scan(
             _ref(args),
@@ -269,11 +274,34 @@ def cmd_scan(args: argparse.Namespace) -> dict:
             probe=args.probe,
             oracle=args.oracle,
             sam_checkpoint=args.sam_checkpoint,
-            settings=settings,
+            settings=_scan_settings(args),
             max_images=args.max_images,
             progress=progress,
             detectors=args.detectors,
         )
+
+
+def cmd_scan_many(args: argparse.Namespace) -> dict:
+    from forensics.core.progress import tqdm_progress
+    from forensics.pipelines.scan_many import scan_many
+
+    if not args.models and not args.models_dir:
+        raise ForensicsError("name the models to audit (MODEL ...) or give --models-dir DIR")
+    with tqdm_progress("scan-many", not args.quiet) as progress:
+        audit = scan_many(
+            args.models,
+            args.probe,
+            args.out,
+            detectors=args.detectors,
+            oracle=args.oracle,
+            sam_checkpoint=args.sam_checkpoint,
+            settings=_scan_settings(args),
+            max_images=args.max_images,
+            models_dir=args.models_dir,
+            model_options={"arch": args.arch, "quick_gelu": args.quick_gelu, "device": args.device},
+            progress=progress,
+        )
+    return audit.summary()
 
 
 def cmd_repair(args: argparse.Namespace) -> dict:
@@ -350,9 +378,34 @@ def cmd_list(args: argparse.Namespace) -> dict:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="demo, demo-clean, a checkpoint path, random:ARCH, hf-hub:ORG/NAME or ARCH:TAG")
+    _add_model_options(p)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture of a checkpoint that does not say (e.g. ViT-B-32, RN50)")
     p.add_argument("--quick-gelu", action="store_true", default=None, help="use QuickGELU (OpenAI-trained weights)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def _add_scan_args(p: argparse.ArgumentParser) -> None:
+    """The probe, oracle, detectors and scan settings (shared by scan and scan-many)."""
+    p.add_argument("--probe", help="demo, demo-clean, a CSV or an ImageFolder (default for demo models: demo)")
+    p.add_argument("--oracle", help="segmentation oracle (default: sam with --sam-checkpoint, else fallback)")
+    p.add_argument("--sam-checkpoint", help="path to a segment-anything checkpoint (vit_b/vit_l/vit_h)")
+    p.add_argument(
+        "--max-images", type=_positive_int, help="scan a seeded random subset of this many probe images (quicker)"
+    )
+    p.add_argument(
+        "--detectors",
+        default="all",
+        help="comma-separated detectors to run and merge into the verdict (default all: oracle-guided, "
+        "trigger-inversion, embedding-density)",
+    )
+    p.add_argument("--templates", default="short")
+    p.add_argument(
+        "--batch-size", type=_positive_int, help="images per forward (default: the scan's own, 32: fastest on CPU)"
+    )
+    p.add_argument("--seed", type=_seed, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,25 +520,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="find the backdoor: flagged labels, trigger candidates, victims, report")
     _add_model_args(p)
-    p.add_argument("--probe", help="demo, demo-clean, a CSV or an ImageFolder (default for demo models: demo)")
-    p.add_argument("--oracle", help="segmentation oracle (default: sam with --sam-checkpoint, else fallback)")
-    p.add_argument("--sam-checkpoint", help="path to a segment-anything checkpoint (vit_b/vit_l/vit_h)")
-    p.add_argument(
-        "--max-images", type=_positive_int, help="scan a seeded random subset of this many probe images (quicker)"
-    )
-    p.add_argument(
-        "--detectors",
-        default="all",
-        help="comma-separated detectors to run and merge into the verdict (default all: oracle-guided, "
-        "trigger-inversion, embedding-density)",
-    )
-    p.add_argument("--templates", default="short")
-    p.add_argument(
-        "--batch-size", type=_positive_int, help="images per forward (default: the scan's own, 32: fastest on CPU)"
-    )
-    p.add_argument("--seed", type=_seed, default=0)
+    _add_scan_args(p)
     p.add_argument("--out", required=True, help="folder for report.json, report.html, trigger patterns, compact set")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("scan-many", help="audit a model zoo: scan every model on one probe set; one table (resumable)")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="models to audit (any MODEL spec, as for scan)")
+    p.add_argument(
+        "--models-dir", help="also every checkpoint file in DIR (*.safetensors, *.pt, *.pth, *.bin; not recursive)"
+    )
+    _add_model_options(p)
+    _add_scan_args(p)
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for audit.csv, audit.md, audit.json and each model's report; an audit run again there "
+        "skips the models already done with the same settings",
+    )
+    p.set_defaults(func=cmd_scan_many)
 
     p = sub.add_parser(
         "repair", help="repair a model (with a scan's findings or a clean budget); CA/ASR before and after"

@@ -11,6 +11,7 @@ from forensics.ui.investigate_tab import build_investigate_tab, scan
 from forensics.ui.learn_tab import build_learn_tab
 from forensics.ui.model_tab import build_model_tab, startup
 from forensics.ui.repair_tab import build_repair_tab
+from forensics.ui.zoo_tab import build_zoo_tab
 
 INTRO = """# CLIP backdoor forensics
 Load a suspect CLIP, let a segmentation oracle and CLIP's attributions disagree about what an image shows,
@@ -36,6 +37,8 @@ def build_app() -> gr.Blocks:
                 build_repair_tab(state)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(state)
+            with gr.Tab("Zoo audit", id="zoo"):
+                build_zoo_tab(state)
             with gr.Tab("Learn", id="learn"):
                 build_learn_tab()
         model["load"].click(lambda s: s, model["status"], status, api_name=False)
