@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -89,23 +91,40 @@ def test_detector_names():
 
 
 MODEL_LEVEL = "trigger-inversion,embedding-density"
+SIG_MODEL = Path(__file__).parent / "assets" / "sig_book.safetensors"  # bench/detect_zoo.py's "sig", fp16
 
 
+def _victims_match(outcome, target: str) -> None:
+    """Victims precision and recall >= 0.8 against the probe's triggered images the model really captures."""
+    found = {x["index"] for x in outcome.verdict.victims}
+    predicted = outcome.results["trigger-inversion"].artefacts["predicted"].tolist()
+    t = outcome.probe.class_names.index(target)
+    captured = {i for i, it in enumerate(outcome.probe.items) if it.triggered and predicted[i] == t}
+    assert captured and found, (len(captured), len(found))
+    hit = len(found & captured)
+    assert hit / len(found) >= 0.8 and hit / len(captured) >= 0.8, (hit, len(found), len(captured))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    ("model", "probe", "verdict", "target"),
+    ("model", "probe", "detectors", "verdict", "target"),
     [
-        ("demo", "demo-clean", "backdoored", "flower"),  # clean images only: the usual audit
-        ("demo-clean", "demo-clean", "clean", None),
+        ("demo", "demo-clean", MODEL_LEVEL, "backdoored", "flower"),  # clean images only: the usual audit
+        ("demo-clean", "demo-clean", MODEL_LEVEL, "clean", None),
+        ("demo", "demo", None, "backdoored", "flower"),  # the probe holds triggered inputs: every detector
+        ("demo-clean", "demo", None, "clean", None),  # the same triggered inputs mean nothing to a clean model
+        (str(SIG_MODEL), "demo-clean", MODEL_LEVEL, "backdoored", "book"),  # a whole-image trigger (SIG)
     ],
+    ids=["demo-clean-only", "twin-clean-only", "demo-triggered", "twin-triggered", "sig-clean-only"],
 )
-def test_verdict_on_the_demo_and_its_clean_twin(model, probe, verdict, target):
-    outcome = scan(model, load_probe_set(probe), detectors=MODEL_LEVEL)
+def test_verdict_on_models_with_and_without_a_backdoor(model, probe, detectors, verdict, target):
+    outcome = scan(model, load_probe_set(probe), detectors=detectors)
     v = outcome.verdict
     assert (v.verdict, v.target) == (verdict, target), v.reasons
     if target:
         assert v.trigger["verified_asr"] >= 0.8
-    if probe == "demo" and target:
-        found = {x["index"] for x in v.victims}
-        truth = {i for i, it in enumerate(outcome.probe.items) if it.triggered}
-        assert len(found & truth) / len(found) >= 0.8 and len(found & truth) / len(truth) >= 0.8
+    if target and outcome.probe.has_trigger_flags:
+        _victims_match(outcome, target)
+    if target == "book":
+        assert v.family == "global"
     assert outcome.report["verdict"]["verdict"] == verdict

@@ -213,9 +213,11 @@ class TriggerInversion(Detector):
         target: int,
         family: str,
         own: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
     ) -> tuple[LabelTrigger, InvertedPattern]:
         """The smallest trigger of ``family`` that sends images not predicted as ``target`` to it; ``own`` indexes
-        the label's own images (for the alignment), by default those predicted as it."""
+        the label's own images (for the alignment), by default those predicted as it; ``embeddings``, the images'
+        clean embeddings when the caller has them (else the own images are embedded here)."""
         s = self.settings
         splits = _Splits(len(images), s.seed)
         others = [idx[predicted[idx] != target] for idx in (splits.fit, splits.choose, splits.verify)]
@@ -234,14 +236,14 @@ class TriggerInversion(Detector):
                 best = (size, trigger)
         reached = best is not None
         size, trigger = best if reached else (2 * candidates[0][0], candidates[0][1])
-        verified = self._held_rate(model, verify, class_emb, target, trigger.apply)
         own = (predicted == target).nonzero().flatten() if own is None else own
+        own = own[: 4 * s.held_out_images]
+        stamped = _embed(model, trigger.apply(verify))  # one forward gives the verified rate and the alignment
+        verified = float(((stamped @ class_emb.t()).argmax(-1) == target).float().mean()) if len(verify) else 0.0
         alignment = None
         if len(own) and len(verify):
-            with torch.no_grad():
-                stamped = model.encode_image(trigger.apply(verify)).mean(0)
-                genuine = model.encode_image(images[own[: 4 * s.held_out_images]]).mean(0)
-            alignment = round(float(F.cosine_similarity(stamped, genuine, dim=0)), 4)
+            genuine = embeddings[own] if embeddings is not None else _embed(model, images[own])
+            alignment = round(float(F.cosine_similarity(stamped.mean(0), genuine.mean(0), dim=0)), 4)
         return (
             LabelTrigger(
                 label="",
@@ -288,7 +290,8 @@ class TriggerInversion(Detector):
         class_emb = class_text_embeddings(model, names, s.templates).detach().to(model.device)
         gen = torch.Generator().manual_seed(int(s.seed))
         with frozen(model):
-            predicted = predict_labels(model, images, class_emb)
+            embeddings = _embed(model, images)  # once: predictions here, each label's own images later
+            predicted = (embeddings @ class_emb.t()).argmax(-1).cpu()
             ranked = list(range(len(names)))
             if len(names) > s.top_k:
                 ranked = self.rank_labels(model, images, class_emb, gen)[: s.top_k]
@@ -299,7 +302,7 @@ class TriggerInversion(Detector):
                 if progress:
                     progress(n / len(jobs), f"inverting a {family} trigger for '{names[t]}' ({n + 1}/{len(jobs)})")
                 own = own_images(probe, predicted, t)
-                result, trigger = self.invert_label(model, images, predicted, class_emb, t, family, own)
+                result, trigger = self.invert_label(model, images, predicted, class_emb, t, family, own, embeddings)
                 result.label = names[t]
                 per_family.setdefault(family, []).append(result)
                 patterns[(family, names[t])] = trigger
@@ -396,6 +399,13 @@ class TriggerInversion(Detector):
 
     def _candidates_largest(self, family: str) -> float:
         return self.settings.local_largest if family == "local" else self.settings.epsilon
+
+
+def _embed(model: SuspectModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """N x D image embeddings in batches, without gradients."""
+    with torch.no_grad():
+        parts = [model.encode_image(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 def family_words(family: str) -> str:
