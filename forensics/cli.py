@@ -581,11 +581,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MULTI_PROCESS = {"info", "list", "evaluate", "scan", "scan-many", "repair"}  # the commands made for a launcher
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = build_parser().parse_args(argv)
-        _emit(args.func(args))
+        from forensics.core import distributed
+
+        distributed.init()  # under torchrun / accelerate launch: join the others first (each rank on its own GPU)
+        if distributed.world_size() > 1 and args.command not in _MULTI_PROCESS:
+            raise ForensicsError(f"{args.command} does not run on several processes yet; run it in one process")
+        main_process = distributed.is_main()
+        args.quiet = args.quiet or not main_process  # one progress bar and one result, from rank 0
+        result = args.func(args)
+        if main_process:
+            _emit(result)
         return 0
     except ForensicsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from forensics.core.distributed import gather, shard_range
 from forensics.core.errors import ForensicsError
 from forensics.core.images import blend
 from forensics.core.models import SuspectModel
@@ -90,18 +91,26 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
     progress: Progress | None = None,
+    distributed: bool = False,
 ) -> dict:
-    """CA on ``images`` (clean, labelled) and, given an attack and target, ASR on the non-target ones."""
+    """CA on ``images`` (clean, labelled) and, given an attack and target, ASR on the non-target ones.
+
+    ``distributed``: every process of a launcher calls this on the same images; each predicts its contiguous
+    share (per-image attack seeds as in one process) and the predictions are gathered, so all get the same result.
+    """
     labels = torch.as_tensor(list(labels), dtype=torch.long)
     if len(images) == 0:
         raise ForensicsError("no clean labelled images to evaluate")
     class_emb = class_text_embeddings(model, class_names, templates)
+    lo, hi = shard_range(len(images)) if distributed else (0, len(images))
     probs = []
-    for start in range(0, len(images), batch_size):
-        probs.append(predict(model, images[start : start + batch_size], class_emb, batch_size))
+    for start in range(lo, hi, batch_size):
+        probs.append(predict(model, images[start : min(hi, start + batch_size)], class_emb, batch_size))
         if progress:
-            progress(min(1.0, (start + batch_size) / len(images)) * (0.5 if attack else 1.0), "clean accuracy")
-    pred = torch.cat(probs).argmax(-1)
+            progress(min(1.0, (start - lo + batch_size) / max(1, hi - lo)) * (0.5 if attack else 1.0), "clean accuracy")
+    pred = torch.cat(probs).argmax(-1) if probs else torch.empty(0, dtype=torch.long)
+    if distributed:
+        pred = torch.cat(gather(pred))
     result = {
         "ca": float((pred == labels).float().mean()),
         "n_clean": int(len(labels)),
@@ -117,13 +126,16 @@ def evaluate(
         raise ForensicsError(f"target label {target!r} is not one of the classes ({', '.join(class_names)})")
     target_index = list(class_names).index(target)
     keep = torch.nonzero(labels != target_index).flatten()
+    lo, hi = shard_range(len(keep)) if distributed else (0, len(keep))
     hits = 0
-    for start in range(0, len(keep), batch_size):
-        idx = keep[start : start + batch_size]
+    for start in range(lo, hi, batch_size):
+        idx = keep[start : min(hi, start + batch_size)]
         triggered = apply_attack_batch(attack, images[idx], seed, start)
         hits += int((predict(model, triggered, class_emb, batch_size).argmax(-1) == target_index).sum())
         if progress:
-            progress(0.5 + 0.5 * min(1.0, (start + batch_size) / max(1, len(keep))), "attack success rate")
+            progress(0.5 + 0.5 * min(1.0, (start - lo + batch_size) / max(1, hi - lo)), "attack success rate")
+    if distributed:
+        hits = sum(gather(hits))
     result.update(asr=hits / max(1, len(keep)), n_attacked=int(len(keep)), attack=attack.to_dict(), target=target)
     return result
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from forensics.core.distributed import broadcast
 from forensics.core.errors import ForensicsError
 from forensics.core.images import paste, random_boxes
 from forensics.core.models import SuspectModel, frozen
@@ -149,6 +150,7 @@ class ABD(Defense):
     needs_findings = False
     summary = "ABD: find a universal backdoor-like patch, then CleanCLIP fine-tuning with patched images as image views"
     settings_cls = ABDSettings
+    distributed = True  # the fine-tuning is cleanclip_train's; the patch search is repeated on each rank
     last_patch: torch.Tensor | None = None  # the last repair's patch (3 x k x k), for callers that show or reuse it
 
     def check(self, model: SuspectModel, data: RepairData) -> None:
@@ -179,6 +181,8 @@ class ABD(Defense):
             should_stop,
             stats,
         )
+
+        patch = broadcast(patch)  # searched alike on every rank (not shared out); rank 0's, to be sure they agree
 
         def patched_views(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             return paste_patch(batch, patch.to(batch.device), generator)

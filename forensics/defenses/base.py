@@ -14,6 +14,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from forensics.core.distributed import gather, sync_buffers, synced_batchnorm, weights_digest, world_size
+from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
 from forensics.core.progress import check_stop
 from forensics.core.registry import Registry
@@ -55,6 +57,7 @@ class RepairResult:
     seconds: float
     settings: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    processes: dict[str, Any] | None = None  # several processes: their number and each one's weights digest
 
 
 @dataclass
@@ -99,6 +102,7 @@ class Defense(ABC):
 
     name: ClassVar[str]
     needs_findings: ClassVar[bool] = False  # True: needs a scan's compact set (kinds/patterns), not just clean data
+    distributed: ClassVar[bool] = False  # True: fit() shards each batch across processes and is correct under DDP
     summary: ClassVar[str] = ""  # one line for lists and the UI
     settings_cls: ClassVar[type]
 
@@ -123,6 +127,16 @@ class Defense(ABC):
         made; poll ``should_stop`` through :meth:`check_cancel` between steps.
         """
 
+    @classmethod
+    def check_processes(cls) -> None:
+        """Refuse, in one line, to run under several processes a method whose fit() is not made for DDP."""
+        if not cls.distributed and world_size() > 1:
+            able = ", ".join(DEFENSES.names(lambda c: c.distributed))
+            raise ForensicsError(
+                f"{cls.name} does not run on several processes yet (world size {world_size()}); run it in one "
+                f"process, or choose {able}"
+            )
+
     @staticmethod
     def check_cancel(should_stop: ShouldStop | None) -> None:
         """Raise ForensicsError("repair cancelled") when the caller asked to stop."""
@@ -138,21 +152,32 @@ class Defense(ABC):
         """Return a repaired copy; the input model is left untouched."""
         from accelerate import Accelerator
 
+        self.check_processes()
         self.check(model, data)
         start = time.time()
-        torch.manual_seed(self.settings.seed)
+        torch.manual_seed(self.settings.seed)  # the same seed on every rank: each draws the same global batches
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         repaired = model.clone()
-        fitted = self.fit(RepairJob(model, repaired, data, accelerator, progress, should_stop))
+        with synced_batchnorm(repaired.clip):  # several processes: BatchNorm statistics over the whole batch
+            fitted = self.fit(RepairJob(model, repaired, data, accelerator, progress, should_stop))
         out = fitted.model if fitted.model is not None else repaired
         out.__dict__.pop("text_cache", None)  # class embeddings cached during the repair belong to the old towers
+        notes, processes = list(fitted.notes), None
+        if world_size() > 1:
+            sync_buffers(out.clip)  # the last step's batch statistics differ by rank; DDP would send rank 0's next
+            digests = gather(weights_digest(out.clip))
+            if len(set(digests)) != 1:
+                raise ForensicsError(f"{self.name}: the processes ended with different weights (DDP out of sync)")
+            processes = {"world_size": len(digests), "weights_sha256": digests}
+            notes.append(f"DDP on {len(digests)} processes: each batch shared out, gradients averaged every step")
         return RepairResult(
             model=out,
             samples_used=int(fitted.samples_used),
             history=fitted.history,
             seconds=round(time.time() - start, 2),
             settings={**asdict(self.settings), **fitted.details},
-            notes=list(fitted.notes),
+            notes=notes,
+            processes=processes,
         )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from forensics.core.distributed import gather_rows, shard_range, shard_sizes, world_size
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
 from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, RepairJob, ShouldStop
@@ -130,9 +131,15 @@ def cleanclip_train(
     n_batches = math.ceil(len(images) / s.batch_size)
     total_steps = s.epochs * n_batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(s.warmup_steps, total_steps))
-    clip, optimizer, scheduler = accelerator.prepare(clip, optimizer, scheduler)
+    clip, optimizer, scheduler = accelerator.prepare(clip, optimizer, scheduler)  # DDP under several processes
     unwrapped = accelerator.unwrap_model(clip)
     device = accelerator.device
+    world = world_size()
+    if world > 1 and len(images) // n_batches < world:
+        raise ForensicsError(
+            f"{label}: batches of {len(images) // n_batches} images cannot be shared by {world} processes; "
+            "use fewer processes or a larger clean budget"
+        )
     max_log_scale = math.log(s.max_logit_scale)
     history, step = [], 0
     for epoch in range(s.epochs):
@@ -145,13 +152,18 @@ def cleanclip_train(
             views = image_views(originals, generator)
             texts = [captions[i] for i in batch]
             text_views = eda_views(texts, rng, s.eda_alpha, vocabulary)
+            if world > 1:  # this rank's block of the batch (views made for all of it, so every rank's RNG agrees)
+                lo, hi = shard_range(len(batch))
+                originals, views, texts, text_views = originals[lo:hi], views[lo:hi], texts[lo:hi], text_views[lo:hi]
             pixels = repaired.normalize(torch.cat([originals, views]).to(device))
             tokens = repaired.tokenizer(texts + text_views).to(device)
             image_emb, text_emb, logit_scale = clip(image=pixels, text=tokens)[:3]  # normalised, through DDP if any
-            n = len(batch)
-            loss, part = cleanclip_loss(
-                image_emb[:n], text_emb[:n], image_emb[n:], text_emb[n:], logit_scale, s.clip_weight, s.inmodal_weight
-            )
+            n = len(originals)
+            embs = [image_emb[:n], text_emb[:n], image_emb[n:], text_emb[n:]]
+            if world > 1:  # the whole batch's embeddings on every rank: the loss has all the negatives
+                counts = shard_sizes(len(batch))
+                embs = [gather_rows(e, counts) for e in embs]
+            loss, part = cleanclip_loss(*embs, logit_scale, s.clip_weight, s.inmodal_weight)
             clip_step(accelerator, clip, unwrapped, optimizer, scheduler, loss, s.grad_clip, max_log_scale)
             parts["loss"].append(float(loss.detach()))
             for key, value in part.items():
@@ -174,6 +186,7 @@ def cleanclip_train(
 class CleanCLIP(Defense):
     name = "cleanclip"
     needs_findings = False
+    distributed = True
     summary = (
         "CleanCLIP: fine-tune all of CLIP on clean pairs with CLIP + in-modal (AutoAugment / EDA) contrastive losses"
     )

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from forensics.core.distributed import global_mean, rank, shard_range, world_size
 from forensics.core.errors import ForensicsError
 from forensics.core.images import paste
 from forensics.core.models import SuspectModel
@@ -46,6 +47,7 @@ class OracleFinetuneSettings:
 class OracleGuidedFinetune(Defense):
     name = "oracle-finetune"
     needs_findings = True
+    distributed = True
     summary = (
         "EftCLIP: fine-tune the image tower on the scan's compact set (victims neutralised + anchors + pasted trigger)"
     )
@@ -69,8 +71,9 @@ class OracleGuidedFinetune(Defense):
         optimizer = torch.optim.AdamW(
             [p for p in student.visual.parameters() if p.requires_grad], lr=s.lr, weight_decay=s.weight_decay
         )
-        student, optimizer = accelerator.prepare(student, optimizer)
+        student, optimizer = accelerator.prepare(student, optimizer)  # DDP under several processes
         device = accelerator.device
+        world, rank_ = world_size(), rank()
         class_emb = class_emb.to(device)
         teacher = teacher.to(device).eval()
         images, labels = data.images, torch.tensor(data.labels)
@@ -104,19 +107,25 @@ class OracleGuidedFinetune(Defense):
             for begin in range(0, len(xs), s.batch_size):
                 self.check_cancel(should_stop)
                 idx = order[begin : begin + s.batch_size]
+                n, n_keep = len(idx), int(clean[idx].sum())
+                if world > 1:  # this rank's block of the global batch (every rank draws the same batches)
+                    lo, hi = shard_range(n, rank_, world)
+                    idx = idx[lo:hi]  # may be empty: its forward then adds zero gradients, as DDP needs
                 x = repaired.normalize(xs[idx].to(device))
-                emb = student(image=x)[0]  # normalised image features, through DDP when several GPUs
+                emb = student(image=x)[0]  # normalised image features, through DDP under several processes
                 keep = clean[idx].to(device)
                 per_sample = F.cross_entropy(100.0 * emb @ class_emb.t(), ys[idx].to(device), reduction="none")
-                loss = torch.where(keep, s.anchor_ce_weight * per_sample, per_sample).mean()
+                # means over the global batch (one process: plain means), so DDP's gradient average is the global one
+                loss = global_mean(torch.where(keep, s.anchor_ce_weight * per_sample, per_sample), n)
                 if keep.any() and s.distill_weight:
                     with torch.no_grad():
                         ref = F.normalize(teacher(x[keep]), dim=-1)
-                    loss = loss + s.distill_weight * (emb[keep] - ref).pow(2).sum(-1).mean() * 10.0
+                    loss = loss + s.distill_weight * global_mean((emb[keep] - ref).pow(2).sum(-1), n_keep) * 10.0
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                value = loss.detach()
+                losses.append(float(accelerator.reduce(value, "sum") / world if world > 1 else value))
                 step += 1
                 if progress:
                     progress(

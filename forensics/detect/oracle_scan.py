@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from forensics.attribution import occlusion_estimate_signed
 from forensics.core.data import ProbeSet
+from forensics.core.distributed import gather, shard_range, world_size
 from forensics.core.errors import ForensicsError
 from forensics.core.images import Box, box_iou, crop_resize, paste
 from forensics.core.models import SuspectModel
@@ -174,9 +175,10 @@ class OracleGuidedScan(Detector):
     name = "oracle-guided"
     summary = "EftCLIP: labels whose predictions a small non-object window decides, their victims and trigger"
 
-    def __init__(self, oracle: Oracle, settings: ScanSettings | None = None):
+    def __init__(self, oracle: Oracle, settings: ScanSettings | None = None, shard: bool = False):
         self.oracle = oracle
         self.settings = settings or ScanSettings()
+        self.shard = shard  # several processes: each examines its block of the images, all get every record
 
     # ---- per image
     def _regions(self, image: torch.Tensor) -> list[Region]:
@@ -243,16 +245,18 @@ class OracleGuidedScan(Detector):
         class_emb: torch.Tensor,
         class_names: list[str],
         progress: Progress | None = None,
+        regions: list[list[Region]] | None = None,
     ) -> tuple[list[dict], torch.Tensor]:
         """Evidence for every image (a dict per image) and the occlusion attribution maps (N x S x S).
 
         Passes, each batched across images: oracle grounding; the estimated occlusion drop (one backward pass)
         and real occlusion of the windows it ranks highest; the trigger's box on that map, checked by occluding it.
+        ``regions``: the oracle's regions per image when already segmented (else the oracle is asked here).
         """
         report = progress or (lambda f, m: None)
         full = predict(model, images, class_emb, self.settings.batch_size)
         pred = full.argmax(-1)
-        grounding = self._ground(model, images, class_emb, class_names, full, pred, report)
+        grounding = self._ground(model, images, class_emb, class_names, full, pred, report, regions)
         sweep = self._sweep(model, images, class_emb, full, pred, report)
         hijack_boxes, decisive = self._localize(model, images, class_emb, full, pred, sweep)
         report(0.95, f"localized {len(hijack_boxes)} candidate hijacks")
@@ -273,6 +277,7 @@ class OracleGuidedScan(Detector):
         full: torch.Tensor,
         pred: torch.Tensor,
         report: Progress,
+        given: list[list[Region]] | None = None,
     ) -> list[Grounding]:
         """Pass 1, grounding: the oracle's regions, CLIP on each region crop and on the objects alone."""
         s = self.settings
@@ -280,7 +285,7 @@ class OracleGuidedScan(Detector):
         grounding = []
         for i in range(n):
             image, label = images[i], int(pred[i])
-            regions = self._regions(image)
+            regions = given[i] if given is not None else self._regions(image)
             big = [r for r in regions if r.area >= s.min_object_area * size * size]
             object_mask = torch.zeros(size, size, dtype=torch.bool)
             for r in big:
@@ -559,7 +564,20 @@ class OracleGuidedScan(Detector):
         part = (lambda lo, hi: lambda f, m: progress(lo + (hi - lo) * f, m)) if progress else (lambda lo, hi: None)
         images = probe.load_images(size, progress=part(0.0, 0.05))
         class_emb = class_text_embeddings(model, class_names, s.templates)
-        records, maps = self.examine(model, images, class_emb, class_names, part(0.05, 0.9))
+        if self.shard and world_size() > 1:  # the per-image pass shared out; the rest sees all, as in one process
+            lo, hi = shard_range(len(images))
+            # the fallback oracle's GrabCut draws from OpenCV's process-wide RNG, so an image's regions depend on the
+            # images segmented before it: segment in the one-process order up to this block, keep the block's
+            regions = [self._regions(images[i]) for i in range(hi)][lo:]
+            mine = (
+                self.examine(model, images[lo:hi], class_emb, class_names, part(0.05, 0.9), regions)
+                if hi > lo
+                else ([], torch.zeros(0, size, size))
+            )
+            shares = gather(mine)
+            records, maps = [r for share, _ in shares for r in share], torch.cat([m for _, m in shares])
+        else:
+            records, maps = self.examine(model, images, class_emb, class_names, part(0.05, 0.9))
         flagged = self.flag(records, class_names)
         flagged_names = {f.label for f in flagged}
 

@@ -13,6 +13,7 @@ import torch
 
 from forensics.attacks import Attack, attack_from_dict
 from forensics.core.data import demo_backdoor, load_probe_set
+from forensics.core.distributed import world_size
 from forensics.core.errors import ForensicsError
 from forensics.core.models import ModelRef, SuspectModel, as_ref
 from forensics.core.progress import Progress, sub_progress
@@ -61,12 +62,14 @@ def measure(
     labels: list[int],
     class_names: list[str],
     triggers: Sequence[tuple[str, Attack, str]] = (),
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """CA on clean labelled images and, per trigger ``(key, attack, target)``, ASR on the non-target ones:
-    ``{"ca": float, "asr": {key: float}}``. Repair and compare score before and after with this one function."""
-    out: dict[str, Any] = {"ca": evaluate(model, images, labels, class_names)["ca"], "asr": {}}
+    ``{"ca": float, "asr": {key: float}}``. Repair and compare score before and after with this one function.
+    ``distributed``: every process calls it and each scores its share of the images (see ``zeroshot.evaluate``)."""
+    out: dict[str, Any] = {"ca": evaluate(model, images, labels, class_names, distributed=distributed)["ca"], "asr": {}}
     for key, attack, target in triggers:
-        out["asr"][key] = evaluate(model, images, labels, class_names, attack, target)["asr"]
+        out["asr"][key] = evaluate(model, images, labels, class_names, attack, target, distributed=distributed)["asr"]
     return out
 
 
@@ -80,10 +83,12 @@ def evaluate_model(
     batch_size: int = 64,
     seed: int = 0,
     progress: Progress | None = None,
+    distributed: bool = True,
 ) -> dict[str, Any]:
     """CA on the probe set's clean labelled images and ASR of ``attack``.
 
-    ``attack`` defaults to the demo's trigger on demo models.
+    ``attack`` defaults to the demo's trigger on demo models. Under a launcher (``torchrun``, ``accelerate launch``)
+    with ``distributed``, every process calls this and scores its share of the images; all get the whole result.
     """
     start = time.time()
     resolve_templates(templates)  # a bad template set fails before any loading
@@ -115,6 +120,7 @@ def evaluate_model(
         batch_size=batch_size,
         seed=seed,
         progress=sub_progress(progress, 0.3, 1.0),
+        distributed=distributed,
     )
     result.update(
         model=ref.spec if ref else loaded.facts.source,
@@ -126,6 +132,8 @@ def evaluate_model(
         seed=seed,
         seconds=round(time.time() - start, 2),
     )
+    if distributed and world_size() > 1:
+        result["processes"] = world_size()
     n_trig = len(probe_set.triggered_indices())
     if n_trig:
         result["note"] += f"; the probe set's {n_trig} images that already carry a trigger are left out of CA"

@@ -20,6 +20,7 @@ import torch
 
 from forensics.attacks import build_attack
 from forensics.core.data import ProbeSet, load_probe_set
+from forensics.core.distributed import barrier, is_main
 from forensics.core.errors import ForensicsError
 from forensics.core.files import (
     check_output_folder,
@@ -267,6 +268,7 @@ def run_repair(
         raise ForensicsError("an output folder is required (--out)")
     cls = DEFENSES.get(method)
     method = cls.name
+    cls.check_processes()  # under several processes, only methods made for DDP
     needs = cls.needs_findings
     if needs and findings is None:
         others = DEFENSES.names(lambda c: not c.needs_findings)
@@ -324,15 +326,16 @@ def run_repair(
         triggers.append(("asr_true", *true_trigger))
     if progress:
         progress(0.02, "measuring CA/ASR before repair")
-    before = flat_scores(measure(loaded, eval_images, eval_labels, probe_set.class_names, triggers))
+    before = flat_scores(measure(loaded, eval_images, eval_labels, probe_set.class_names, triggers, distributed=True))
     defense = make_defense(method, settings, seed)
     result = defense.repair(loaded, data, sub_progress(progress, 0.1, 0.9), should_stop)
     if progress:
         progress(0.92, "measuring CA/ASR after repair")
-    after = flat_scores(measure(result.model, eval_images, eval_labels, probe_set.class_names, triggers))
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
+    after = flat_scores(
+        measure(result.model, eval_images, eval_labels, probe_set.class_names, triggers, distributed=True)
+    )
+    if not is_main():  # under a launcher, rank 0 writes the outputs; the others wait until it has
+        barrier()
         return {"before": before, "after": after}
     result.model.facts.source = f"repaired ({method})"
     model_path = out / "model.safetensors"
@@ -372,8 +375,11 @@ def run_repair(
             "eval_images": len(eval_idx),
             "clean_budget": split or None,
         }
+        if result.processes:
+            metrics["processes"] = result.processes
         write_json(stage / "metrics.json", metrics)
         write_repair_html(stage / "report.html", ref.spec if ref else loaded.facts.source, metrics, where, model_path)
+    barrier()  # the outputs are in place: the other processes may end
     if progress:
         progress(1.0, "done")
     return {

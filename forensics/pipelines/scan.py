@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from forensics.core.data import ProbeSet, load_probe_set
+from forensics.core.distributed import barrier, is_main, rank, world_size
 from forensics.core.errors import ForensicsError
 from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
 from forensics.core.images import inpaint_box, to_pil
@@ -207,9 +208,13 @@ def scan(
     max_images: int | None = None,
     progress: Progress | None = None,
     detectors: str | list[str] | None = None,
+    distributed: bool = False,
 ) -> ScanOutcome:
     """Scan ``model`` on ``probe`` in memory (no file is written) with ``detectors`` (all by default) and merge
-    their evidence into one verdict; ``max_images`` scans a seeded random subset."""
+    their evidence into one verdict; ``max_images`` scans a seeded random subset.
+
+    ``distributed`` (every process of a launcher calls this): the oracle-guided scan's per-image pass is shared
+    out and gathered, first; the other detectors run on rank 0 alone, whose outcome is the whole one."""
     start = time.time()
     settings = settings or ScanSettings()
     ref = None if isinstance(model, SuspectModel) else (model if isinstance(model, ModelRef) else ModelRef(str(model)))
@@ -227,10 +232,19 @@ def scan(
     names = detector_names(detectors)
     results: dict[str, Findings] = {}
     shared = probe_set.sharing_loaded_images()  # the detectors decode the probe images once, not each
-    for n, name in enumerate(names):
-        detector = DETECTORS.build(name, oracle=oracle_obj, settings=settings if name == "oracle-guided" else None)
+    sharded = distributed and world_size() > 1
+    order = sorted(range(len(names)), key=lambda n: names[n] != "oracle-guided") if sharded else range(len(names))
+    for n in order:  # several processes: the shared-out detector first, then rank 0 alone runs the others
+        name = names[n]
+        if sharded and name != "oracle-guided" and not is_main():
+            continue
+        extra = {"shard": True} if sharded and name == "oracle-guided" else {}
+        detector = DETECTORS.build(
+            name, oracle=oracle_obj, settings=settings if name == "oracle-guided" else None, **extra
+        )
         lo, hi = 0.9 * n / len(names), 0.9 * (n + 1) / len(names)
         results[name] = detector.run(loaded, shared, sub_progress(progress, lo, hi, f"{name}: "))
+    results = {name: results[name] for name in names if name in results}  # in the order asked for
     findings = results.get("oracle-guided") or Findings([], [], [], [], artefacts={"images": None, "patterns": {}})
     verdict = merge(results, probe_set)
     report = {
@@ -349,7 +363,14 @@ def run_scan(
     detectors: str | list[str] | None = None,
 ) -> dict:
     """Scan ``model`` on ``probe`` and write ``out/report.json``, ``out/report.html``, trigger patterns and the
-    compact set; returns the summary (paths, flagged labels, triggers, victim count, metrics)."""
+    compact set; returns the summary (paths, flagged labels, triggers, victim count, metrics).
+
+    Under a launcher every process calls this: the scan is shared out as :func:`scan` says and rank 0 writes."""
     check_output_folder(out)  # before the scan, not after it
-    outcome = scan(model, probe, oracle, sam_checkpoint, settings, max_images, progress, detectors)
-    return write_scan(outcome, out, progress)
+    outcome = scan(model, probe, oracle, sam_checkpoint, settings, max_images, progress, detectors, distributed=True)
+    if not is_main():
+        barrier()  # rank 0 writes; this process waits until it has
+        return {"rank": rank(), "written_by": 0}
+    summary = write_scan(outcome, out, progress)
+    barrier()
+    return summary

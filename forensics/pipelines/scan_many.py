@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from forensics.core.data import ProbeSet, load_probe_set
+from forensics.core.distributed import barrier, rank_and_world
 from forensics.core.errors import ForensicsError, exception_line
 from forensics.core.files import (
     check_output_folder,
@@ -166,18 +167,6 @@ def _hash(data: Any) -> str:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "model"
-
-
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    """This process's rank and the number of processes (from torch.distributed when it is initialised)."""
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = (dist.get_rank() if distributed else 0) if rank is None else int(rank)
-    world_size = (dist.get_world_size() if distributed else 1) if world_size is None else int(world_size)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ForensicsError(f"rank {rank} of world size {world_size}: the rank must be in 0..world_size-1")
-    return rank, world_size, distributed
 
 
 # --------------------------------------------------------------------------- rows
@@ -387,7 +376,7 @@ def scan_many(
     default to torch.distributed's when it is initialised, else 0 and 1.
     """
     start = time.time()
-    rank, world_size, distributed = _rank_and_world(rank, world_size)
+    rank, world_size, distributed = rank_and_world(rank, world_size)
     options = {k: v for k, v in (model_options or {}).items() if v is not None}
     refs = [m if isinstance(m, ModelRef) else ModelRef(str(m), **options) for m in models]
     if models_dir is not None:
@@ -497,9 +486,7 @@ def scan_many(
         atomic_write_text(rows_file, json.dumps({"format": ZOO_FORMAT, "run": run_key, "rows": []}))
 
     if distributed and world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+        barrier()
     if rank != 0:
         rows = [own[e.index] for e in mine]
         return ZooAudit(out, rows, audit_settings, names, rank=rank, world_size=world_size, merged=False)
