@@ -123,7 +123,7 @@ def test_verdict_on_models_with_and_without_a_backdoor(model, probe, detectors, 
     assert (v.verdict, v.target) == (verdict, target), v.reasons
     if target:
         assert v.trigger["verified_asr"] >= 0.8
-    if target and outcome.probe.has_trigger_flags:
+    if target and any(it.triggered for it in outcome.probe.items):
         _victims_match(outcome, target)
     if target == "book":
         assert v.family == "global"
