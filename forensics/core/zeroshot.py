@@ -141,6 +141,13 @@ def evaluate(
 
 
 @torch.no_grad()
+def image_embeddings(model: SuspectModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """L2-normalised image embeddings (N x D, on the model's device) in batches, without gradients."""
+    with torch.no_grad():
+        parts = [model.encode_image(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, 1)
+
+
 def predict_labels(
     model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor, batch_size: int = 64
 ) -> torch.Tensor:

@@ -16,13 +16,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from sklearn.neighbors import NearestNeighbors
 
 from forensics.core.data import ProbeSet
 from forensics.core.models import SuspectModel
 from forensics.core.progress import Progress
-from forensics.core.zeroshot import class_text_embeddings
+from forensics.core.zeroshot import class_text_embeddings, image_embeddings
 from forensics.detect.base import DETECTORS, Detector
 from forensics.detect.calibration import calibration
 from forensics.detect.findings import Findings, FlaggedLabel, skipped
@@ -40,13 +39,6 @@ class EmbeddingDensitySettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def embed(model: SuspectModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """L2-normalised image embeddings (N x D, CPU)."""
-    with torch.no_grad():
-        parts = [model.encode_image(images[i : i + batch_size]).cpu() for i in range(0, len(images), batch_size)]
-    return torch.cat(parts) if parts else torch.empty(0, 1)
 
 
 def density_z(embeddings: np.ndarray, k: int) -> np.ndarray:
@@ -90,7 +82,7 @@ class EmbeddingDensity(Detector):
         images = probe.load_images(model.image_size)
         if progress:
             progress(0.3, "embedding the probe images")
-        emb = embed(model, images, s.batch_size)
+        emb = image_embeddings(model, images, s.batch_size).cpu()
         predicted = (emb @ class_text_embeddings(model, names, s.templates).cpu().t()).argmax(1)
         z = density_z(emb.numpy(), s.k)
         dense = z >= victim_z

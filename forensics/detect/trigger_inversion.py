@@ -35,7 +35,7 @@ from forensics.core.data import ProbeSet
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel, frozen
 from forensics.core.progress import Progress
-from forensics.core.zeroshot import class_text_embeddings, predict_labels
+from forensics.core.zeroshot import class_text_embeddings, image_embeddings, predict_labels
 from forensics.detect.base import DETECTORS, Detector
 from forensics.detect.calibration import calibration
 from forensics.detect.findings import Findings, FlaggedLabel, InvertedTrigger, skipped
@@ -238,11 +238,13 @@ class TriggerInversion(Detector):
         size, trigger = best if reached else (2 * candidates[0][0], candidates[0][1])
         own = (predicted == target).nonzero().flatten() if own is None else own
         own = own[: 4 * s.held_out_images]
-        stamped = _embed(model, trigger.apply(verify))  # one forward gives the verified rate and the alignment
+        stamped = image_embeddings(
+            model, trigger.apply(verify)
+        )  # one forward gives the verified rate and the alignment
         verified = float(((stamped @ class_emb.t()).argmax(-1) == target).float().mean()) if len(verify) else 0.0
         alignment = None
         if len(own) and len(verify):
-            genuine = embeddings[own] if embeddings is not None else _embed(model, images[own])
+            genuine = embeddings[own] if embeddings is not None else image_embeddings(model, images[own])
             alignment = round(float(F.cosine_similarity(stamped.mean(0), genuine.mean(0), dim=0)), 4)
         return (
             LabelTrigger(
@@ -290,7 +292,7 @@ class TriggerInversion(Detector):
         class_emb = class_text_embeddings(model, names, s.templates).detach().to(model.device)
         gen = torch.Generator().manual_seed(int(s.seed))
         with frozen(model):
-            embeddings = _embed(model, images)  # once: predictions here, each label's own images later
+            embeddings = image_embeddings(model, images)  # once: predictions here, each label's own images later
             predicted = (embeddings @ class_emb.t()).argmax(-1).cpu()
             ranked = list(range(len(names)))
             if len(names) > s.top_k:
@@ -399,13 +401,6 @@ class TriggerInversion(Detector):
 
     def _candidates_largest(self, family: str) -> float:
         return self.settings.local_largest if family == "local" else self.settings.epsilon
-
-
-def _embed(model: SuspectModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """N x D image embeddings in batches, without gradients."""
-    with torch.no_grad():
-        parts = [model.encode_image(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return torch.cat(parts) if parts else torch.empty(0)
 
 
 def family_words(family: str) -> str:
