@@ -600,16 +600,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             _emit(result)
         return 0
     except ForensicsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error_line(str(exc))
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _error_line("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if os.environ.get("FORENSICS_DEBUG"):
             raise
-        print(f"error: unexpected {type(exc).__name__}: {exc} (set FORENSICS_DEBUG=1 for details)", file=sys.stderr)
+        _error_line(f"unexpected {type(exc).__name__}: {exc} (set FORENSICS_DEBUG=1 for details)")
         return 1
+
+
+def _error_line(text: str) -> None:
+    """Write ``error: text`` as one write, so the lines of several processes sharing stderr never interleave."""
+    sys.stderr.write(f"error: {text}\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
