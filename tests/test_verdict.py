@@ -11,7 +11,7 @@ import torch
 from forensics.core.data import ProbeItem, ProbeSet, load_probe_set
 from forensics.detect.embedding_density import count_anomaly, density_z
 from forensics.detect.findings import Findings, FlaggedLabel, InvertedTrigger, TriggerCandidate, skipped
-from forensics.detect.trigger_inversion import InvertedPattern, anomaly_index
+from forensics.detect.trigger_inversion import InvertedPattern, LabelTrigger, anomaly_index, select_candidates
 from forensics.detect.verdict import merge
 from forensics.pipelines.scan import detector_names, scan
 
@@ -81,6 +81,32 @@ def test_merge_rule():
     # a detector that could not run is reported, not counted
     v = merge({"trigger-inversion": skipped("too few images", {})}, probe)
     assert v.verdict == "clean" and v.evidence["trigger-inversion"]["skipped"] == "too few images"
+
+
+def _trigger(label, family, size, anomaly, alignment, uniqueness):
+    return LabelTrigger(label, family, size, True, 0.9, 64, [], anomaly, alignment, uniqueness)
+
+
+def test_the_candidate_must_be_unique_in_its_family():
+    # the lab's Blended model (bench/detect.py): tiny local patches reach 'flower' and 'house' alike (a general
+    # weakness), the global trigger reaches 'tree' alone: tree is the target, flower/house are shared
+    results = [
+        _trigger("flower", "local", 0.0221, 9.0, 0.19, 1.0),
+        _trigger("house", "local", 0.0221, 9.0, 0.29, 1.0),
+        _trigger("tree", "global", 0.0222, 9.0, 0.36, 5.66),
+        _trigger("house", "global", 0.1255, 4.0, 0.37, 0.18),
+        _trigger("cat", "global", 0.1255, 4.0, 0.95, 3.0),  # natural attractor: lands among its own images
+    ]
+    candidates, near, shared = select_candidates(results, 2.0, 0.46, 0.03, 2.0)
+    assert [(r.label, r.family) for r in candidates] == [("tree", "global")]
+    assert {(r.label, r.family) for r in shared} == {("flower", "local"), ("house", "local"), ("house", "global")}
+    assert near == []
+    # several labels alike and none unique: no candidate, and the verdict says inconclusive, naming them
+    candidates, _, shared = select_candidates(results[:2], 2.0, 0.46, 0.03, 2.0)
+    assert candidates == [] and len(shared) == 2
+    findings = Findings([], [], [], [], metrics={"shared": [r.to_dict() for r in shared]})
+    v = merge({"trigger-inversion": findings}, _probe())
+    assert v.verdict == "inconclusive" and "flower, house" in v.reasons[0]
 
 
 def test_detector_names():

@@ -14,7 +14,10 @@ rate at that size, so the reported flip rate is measured on images the trigger n
 means images the model itself does not predict as the label: no true labels are needed. Across labels, an
 anomaly index per family (Neural Cleanse: how many median absolute deviations a label's log size lies below
 the median) marks a target whose trigger is far smaller than every other label's; on a clean model no label
-stands out. Labels that never reach the flip rate count as twice the largest size tried. With many classes
+stands out. Labels that never reach the flip rate count as twice the largest size tried. A candidate must
+also land away from the label's own images (natural attractors reach a label through images like its own)
+and be the one such label in its family (uniqueness: the next label's trigger there is at least 2x larger;
+models that take tiny patches to several labels alike are inconclusive, not pinned on one of them). With many classes
 only the ``top_k`` labels an untargeted universal perturbation floods most are inverted (InverTune's step 1);
 the rest count as never reaching the flip rate. Nothing here knows a trigger, target, colour or position.
 """
@@ -67,6 +70,10 @@ class TriggerInversionSettings:
     # both thresholds are calibrated on clean models (forensics/detect/calibration.json, bench/detect.py)
     anomaly_threshold: float | None = None  # None: the calibrated value
     alignment_threshold: float | None = None
+    # ... AND is the one such label in its family: every other label's trigger there is at least this factor
+    # larger (two grid steps). A model that takes tiny patches to several labels alike has a general weakness,
+    # not a planted target: that is reported as inconclusive (a backdoor with several targets is too; said so)
+    uniqueness: float = 2.0
     seed: int = 0
     templates: str = "short"
 
@@ -87,6 +94,7 @@ class LabelTrigger:
     curve: list[float]  # flip rate (size-choice images) at each size tried, largest first
     anomaly: float = 0.0  # median absolute deviations below the median log size across labels
     alignment: float | None = None  # cos(mean embedding of stamped images, mean embedding of the label's own images)
+    uniqueness: float = 0.0  # the next label's size in this family over this one's (unreached: twice the largest)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -314,20 +322,17 @@ class TriggerInversion(Detector):
             censored = [2 * self._candidates_largest(family)] * sum(1 for c in names if c not in tried)
             for r, a in zip(results, anomaly_index([r.size for r in results] + censored, s.mad_floor)):
                 r.anomaly = a
+                others = [o.size for o in results if o is not r] + censored
+                r.uniqueness = round(min(others) / r.size, 3) if others else 0.0
         calibrated = calibration(self.name)
         anomaly_cut = s.anomaly_threshold if s.anomaly_threshold is not None else calibrated["anomaly_threshold"]
         alignment_cut = (
             s.alignment_threshold if s.alignment_threshold is not None else calibrated["alignment_threshold"]
         )
-        small = [r for rs in per_family.values() for r in rs if r.reached and r.anomaly >= anomaly_cut]
-        candidates = sorted(
-            (r for r in small if r.alignment is not None and r.alignment <= alignment_cut), key=lambda r: r.alignment
+        results = [r for rs in per_family.values() for r in rs]
+        candidates, borderline, shared = select_candidates(
+            results, anomaly_cut, alignment_cut, calibrated["borderline"], s.uniqueness
         )
-        borderline = [
-            r.to_dict()
-            for r in small
-            if r.alignment is not None and alignment_cut < r.alignment <= alignment_cut + calibrated["borderline"]
-        ]
         flagged, inverted, seen = [], [], set()
         for r in candidates:
             if r.label in seen:
@@ -342,13 +347,14 @@ class TriggerInversion(Detector):
                     explanation=(
                         f"a {family_words(r.family)} trigger of {_size_words(r.family, r.size)} sends "
                         f"{r.flip_rate:.0%} of held-out images of other classes to '{r.label}' (anomaly index "
-                        f"{r.anomaly:.2f} >= {anomaly_cut:g}) and lands away from its own images "
-                        f"(alignment {r.alignment:.2f} <= {alignment_cut:g})"
+                        f"{r.anomaly:.2f} >= {anomaly_cut:g}), lands away from its own images "
+                        f"(alignment {r.alignment:.2f} <= {alignment_cut:g}), and every other label needs "
+                        f"{r.uniqueness:.1f}x more (>= {s.uniqueness:g}x)"
                     ),
                 )
             )
         ranked_triggers = candidates + sorted(
-            (r for rs in per_family.values() for r in rs if r not in candidates),
+            (r for r in results if r not in candidates),
             key=lambda r: (not r.reached, -r.anomaly),
         )
         for r in ranked_triggers[: max(1, len(candidates))]:
@@ -376,9 +382,10 @@ class TriggerInversion(Detector):
             "seconds": round(time.time() - start, 2),
             "seconds_per_label": round(per_label_seconds, 3),
             "labels_inverted": [names[t] for t in ranked],
-            "thresholds": {"anomaly": anomaly_cut, "alignment": alignment_cut},
+            "thresholds": {"anomaly": anomaly_cut, "alignment": alignment_cut, "uniqueness": s.uniqueness},
             "calibrated_on": calibrated.get("calibrated_on"),
-            "borderline": borderline,
+            "borderline": [r.to_dict() for r in borderline],
+            "shared": [r.to_dict() for r in shared],
             "n_images": len(probe),
         }
         evidence = {family: [r.to_dict() for r in results] for family, results in per_family.items()}
@@ -401,6 +408,21 @@ class TriggerInversion(Detector):
 
     def _candidates_largest(self, family: str) -> float:
         return self.settings.local_largest if family == "local" else self.settings.epsilon
+
+
+def select_candidates(
+    results: list[LabelTrigger], anomaly_cut: float, alignment_cut: float, borderline: float, uniqueness: float
+) -> tuple[list[LabelTrigger], list[LabelTrigger], list[LabelTrigger]]:
+    """(candidates, borderline, shared) among every label's trigger in every family (anomaly already set).
+
+    Candidates: reached, anomalous, landing away from the label's own images and unique in their family, the
+    most unique first (then the farthest away). Borderline: anomalous, alignment just above the cut. Shared:
+    anomalous and away but another label's trigger in the family is within ``uniqueness`` of it."""
+    small = [r for r in results if r.reached and r.anomaly >= anomaly_cut and r.alignment is not None]
+    away = [r for r in small if r.alignment <= alignment_cut]
+    candidates = sorted((r for r in away if r.uniqueness >= uniqueness), key=lambda r: (-r.uniqueness, r.alignment))
+    near = [r for r in small if alignment_cut < r.alignment <= alignment_cut + borderline]
+    return candidates, near, [r for r in away if r.uniqueness < uniqueness]
 
 
 def family_words(family: str) -> str:

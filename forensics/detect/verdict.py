@@ -1,14 +1,14 @@
 """One verdict from every detector's evidence: backdoored, clean or inconclusive; target, family, trigger, victims.
 
 Strong evidence names a target: a trigger-inversion candidate (an anomalously small trigger that lands away
-from the label's own images) or an oracle-scan flag whose reconstructed trigger is verified on clean images.
-Where both name labels, a label both name wins; else the inversion's (a model-level test needs no suspicious
-inputs). Weak evidence alone (a borderline inversion, an unverified oracle flag) makes the verdict
-inconclusive. The density detector's label flags decide nothing (clean probes hold natural near-duplicates
-as dense as triggered inputs); its densities pick victims. Victims of the target: the oracle scan's (with
-their trigger boxes) and the embedding-density ones: images predicted as the target that are nearer the
-centroid of the target's densest inputs than the centroid of the label's own images (Huang et al. 2025's
-density, seeded; our choice).
+from the label's own images, and the one such in its family) or an oracle-scan flag whose reconstructed
+trigger is verified on clean images. Where both name labels, a label both name wins; else the inversion's (a
+model-level test needs no suspicious inputs). Weak evidence alone (a borderline inversion, tiny triggers
+shared by several labels, an unverified oracle flag) makes the verdict inconclusive. The density detector's
+label flags decide nothing (clean probes hold natural near-duplicates as dense as triggered inputs); its
+densities pick victims. Victims of the target: the oracle scan's (with their trigger boxes) and the embedding-
+density ones: images predicted as the target that are nearer the centroid of the target's densest inputs than
+the centroid of the label's own images (Huang et al. 2025's density, seeded; our choice).
 Thresholds come from the detectors' clean calibration (calibration.json), which the verdict reports.
 """
 
@@ -96,6 +96,13 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
     weak = []
     if inversion and inversion.metrics.get("borderline"):
         weak += [f"a borderline {r['family']} trigger for '{r['label']}'" for r in inversion.metrics["borderline"]]
+    if inversion and inversion.metrics.get("shared"):
+        shared = inversion.metrics["shared"]
+        weak += [
+            f"tiny {r['family']} triggers reach several labels alike ({', '.join(r['label'] for r in shared)}): a "
+            f"general weakness of the model or a backdoor with several targets"
+            for r in shared[:1]
+        ]
     if oracle:
         weak += [
             f"unverified oracle flag on '{f.label}'" for f in oracle.flagged_labels if f.label not in oracle_verified
