@@ -1,0 +1,114 @@
+"""Device figures (not a test): scan, repair and compare times for random-weight ViT-B-32 and RN50 at 224 px.
+
+One run, every row on the same device, in bench/scan_repair.py's table format (rates side by side with the
+bare forward+backward, so the ratios read without a reference machine). Random weights: the figures are
+speed only (no backdoor to find or repair). Run by bench/gpu.sh on a machine with a GPU:
+
+    python bench/gpu.py --device cuda --out bench/results/gpu    # a few minutes on one GPU
+    python bench/gpu.py --device cpu --archs RN50 --images 4 --budget 8 --out /tmp/gpu  # a smoke run here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from forensics.core.models import ModelRef  # noqa: E402
+from forensics.pipelines.compare import run_compare  # noqa: E402
+from forensics.pipelines.repair import run_repair  # noqa: E402
+from forensics.pipelines.scan import scan  # noqa: E402
+
+
+def forward_backward_rate(model, batch: int, steps: int = 3) -> float:
+    """Images/s of a forward+backward pass through the image tower alone (the physical limit of a scan)."""
+    x = torch.rand(batch, 3, model.image_size, model.image_size, device=model.device)
+    model.clip.visual.train()
+    for i in range(steps + 1):
+        if i == 1:
+            _sync(model.device)
+            start = time.time()
+        model.clip.visual(model.normalize(x)).sum().backward()
+    _sync(model.device)
+    rate = batch * steps / (time.time() - start)
+    model.clip.visual.eval()
+    model.clip.zero_grad(set_to_none=True)
+    return rate
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    start = time.time()
+    fn()
+    return time.time() - start
+
+
+def arch_row(arch: str, device: str, images: int, budget: int, methods: str, work: Path) -> dict:
+    """One architecture's row: fwd+bwd, the oracle scan, the full scan (every detector), a repair, a compare."""
+    ref = ModelRef(f"random:{arch}", device=device)
+    model = ref.load()
+    n = images
+    row = {
+        "model": f"random {arch}",
+        "device": str(model.device),
+        "image px": model.image_size,
+        "probe images": n,
+        "fwd+bwd img/s": forward_backward_rate(model, batch=min(32, max(2, n))),
+    }
+    oracle_s = timed(lambda: scan(model, "demo", max_images=n, detectors="oracle-guided"))
+    row["scan img/s (oracle)"] = n / oracle_s
+    all_s = timed(lambda: scan(model, "demo", max_images=n))
+    row["scan img/s (all detectors)"] = n / all_s
+    row["repair s (cleanclip)"] = timed(
+        lambda: run_repair(ref, method="cleanclip", probe="demo", budget=budget, out=work / f"repair_{arch}")
+    )
+    row["compare s"] = timed(
+        lambda: run_compare(ref, methods, work / f"compare_{arch}", probe="demo", budget=budget, target="flower")
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--archs", default="ViT-B-32,RN50")
+    parser.add_argument("--images", type=int, default=64, help="probe images per scan")
+    parser.add_argument("--budget", type=int, default=120, help="clean images of the repair and compare")
+    parser.add_argument("--methods", default="all", help="compare's methods")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [
+            arch_row(a.strip(), args.device, args.images, args.budget, args.methods, Path(tmp))
+            for a in args.archs.split(",")
+        ]
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    machine = f"{device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = [f"Machine: {machine}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = (f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    (out / "gpu.md").write_text(table + "\n")
+    (out / "gpu.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Device figures in one command: set up (when there is no .venv) and time scan, repair and compare of
+# random-weight ViT-B-32 and RN50 at 224 px on the GPU; writes bench/results/gpu/gpu.{md,json}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q -r requirements.txt
+fi
+export HF_HUB_OFFLINE=1
+.venv/bin/python bench/gpu.py --device "${DEVICE:-cuda}" --out "${OUT:-bench/results/gpu}" "$@"
