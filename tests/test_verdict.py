@@ -11,9 +11,15 @@ import torch
 from forensics.core.data import ProbeItem, ProbeSet, load_probe_set
 from forensics.detect.embedding_density import count_anomaly, density_z
 from forensics.detect.findings import Findings, FlaggedLabel, InvertedTrigger, TriggerCandidate, skipped
-from forensics.detect.trigger_inversion import InvertedPattern, LabelTrigger, anomaly_index, select_candidates
+from forensics.detect.trigger_inversion import (
+    InvertedPattern,
+    LabelTrigger,
+    anomaly_index,
+    family_uniqueness,
+    select_candidates,
+)
 from forensics.detect.verdict import merge
-from forensics.pipelines.scan import detector_names, scan
+from forensics.pipelines.scan import all_compact_rows, detector_names, scan
 
 
 def test_anomaly_index_marks_one_far_smaller_trigger():
@@ -43,6 +49,10 @@ def test_inverted_patterns_stamp_within_their_budget():
     glob = InvertedPattern("global", delta=torch.full((3, 16, 16), 0.05))
     assert float((glob.apply(images) - images).abs().max()) <= 0.05 + 1e-6
     assert glob.picture().shape == (3, 16, 16) and local.picture().shape == (3, 16, 16)
+    moved = local.shifted(8, 4)  # the same patch, elsewhere (wrapping round): what repair unlearns besides
+    assert bool((moved.apply(images)[:, :, 8:12, 4:8] == 1).all()) and torch.equal(moved.mask.sum(), mask.sum())
+    assert torch.equal(local.shifted(16, 16).mask, mask)
+    assert torch.allclose(glob.shifted(3, 5).delta.sum(), glob.delta.sum())
 
 
 def _probe(n: int = 12) -> ProbeSet:
@@ -109,6 +119,21 @@ def test_the_candidate_must_be_unique_in_its_family():
     assert v.verdict == "inconclusive" and "flower, house" in v.reasons[0]
 
 
+def test_a_larger_natural_attractor_does_not_compete():
+    # the shipped SIG model (tests/assets, demo-clean probe): 'book' needs 0.177, the attractor 'house' 0.251 and
+    # lands among house images (alignment 0.77); no other label is reached (censored at twice the largest, 0.502)
+    book = _trigger("book", "global", 0.1775, 3.0, 0.34, 0.0)
+    house = _trigger("house", "global", 0.251, 2.0, 0.77, 0.0)
+    assert family_uniqueness(book, [book, house], [0.502] * 8, 0.46) == pytest.approx(2.83, abs=0.01)
+    # the same attractor counts when it is the smaller one (the lab's optimized patch: 'house' 0.044, 'clock' 0.251)
+    clock = _trigger("clock", "global", 0.251, 2.0, 0.07, 0.0)
+    small_house = _trigger("house", "global", 0.0444, 7.0, 0.55, 0.0)
+    assert family_uniqueness(clock, [clock, small_house], [0.502] * 8, 0.46) == pytest.approx(0.177, abs=0.001)
+    # a larger label that lands away from its own images competes
+    away = _trigger("tree", "global", 0.251, 2.0, 0.30, 0.0)
+    assert family_uniqueness(book, [book, away], [0.502] * 8, 0.46) == pytest.approx(1.414, abs=0.001)
+
+
 def test_detector_names():
     assert detector_names(None) == ["oracle-guided", "trigger-inversion", "embedding-density"]
     assert detector_names("trigger-inversion, embedding-density") == ["trigger-inversion", "embedding-density"]
@@ -153,4 +178,12 @@ def test_verdict_on_models_with_and_without_a_backdoor(model, probe, detectors, 
         _victims_match(outcome, target)
     if target == "book":
         assert v.family == "global"
+    if target and not any(it.triggered for it in outcome.probe.items):  # repair's set, from the inverted trigger
+        rows = all_compact_rows(outcome)
+        stamped = [r for r in rows if r["kind"] == "inverted-trigger"]
+        assert len(stamped) == 128 and len({r["image"] for r in rows}) == len(rows)
+        assert all(r["label"] != target for r in stamped)
+        assert sum(r["kind"] == "anchor" for r in rows) <= len(stamped) // 2
+        first, moved = stamped[0]["tensor"], stamped[1]["tensor"]  # one image: at the inverted place, and moved
+        assert stamped[0]["source_index"] == stamped[1]["source_index"] and not torch.equal(first, moved)
     assert outcome.report["verdict"]["verdict"] == verdict

@@ -150,7 +150,8 @@ class OracleGuidedFinetune(Defense):
         if stamped:
             notes.append(
                 f"no victim to neutralise, so the compact set was built from the inverted trigger: {stamped} clean "
-                f"images carrying it, labelled with their own class, to unlearn it for "
+                f"images carrying it (each image twice: where it was inverted and moved elsewhere), labelled with "
+                f"their own class, to unlearn it for "
                 f"{', '.join(data.flagged) or '(none named)'}"
             )
         if victims:

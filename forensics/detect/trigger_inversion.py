@@ -16,10 +16,11 @@ anomaly index per family (Neural Cleanse: how many median absolute deviations a 
 the median) marks a target whose trigger is far smaller than every other label's; on a clean model no label
 stands out. Labels that never reach the flip rate count as twice the largest size tried. A candidate must
 also land away from the label's own images (natural attractors reach a label through images like its own)
-and be the one such label in its family (uniqueness: the next label's trigger there is at least 2x larger;
-models that take tiny patches to several labels alike are inconclusive, not pinned on one of them). With many classes
-only the ``top_k`` labels an untargeted universal perturbation floods most are inverted (InverTune's step 1);
-the rest count as never reaching the flip rate. Nothing here knows a trigger, target, colour or position.
+and be the one such label in its family (uniqueness: every other label's trigger there is at least 2x larger,
+a larger natural attractor's aside; models that take tiny patches to several labels alike are inconclusive,
+not pinned on one of them). With many classes only the ``top_k`` labels an untargeted universal perturbation
+floods most are inverted (InverTune's step 1); the rest count as never reaching the flip rate. Nothing here
+knows a trigger, target, colour or position.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class LabelTrigger:
     curve: list[float]  # flip rate (size-choice images) at each size tried, largest first
     anomaly: float = 0.0  # median absolute deviations below the median log size across labels
     alignment: float | None = None  # cos(mean embedding of stamped images, mean embedding of the label's own images)
-    uniqueness: float = 0.0  # the next label's size in this family over this one's (unreached: twice the largest)
+    uniqueness: float = 0.0  # the next competing size in this family over this one's (see family_uniqueness)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,6 +115,12 @@ class InvertedPattern:
             mask, pattern = self.mask.to(images.device), self.pattern.to(images.device)
             return (1 - mask) * images + mask * pattern
         return (images + self.delta.to(images.device)).clamp(0, 1)
+
+    def shifted(self, dy: int, dx: int) -> InvertedPattern:
+        """The same trigger moved by (dy, dx) pixels, wrapping round the image: the mask and pattern together
+        (local), or the perturbation (global). Repair stamps both, so it unlearns the trigger, not its place."""
+        roll = lambda t: None if t is None else torch.roll(t, shifts=(dy, dx), dims=(-2, -1))  # noqa: E731
+        return InvertedPattern(self.family, roll(self.mask), roll(self.pattern), roll(self.delta))
 
     def picture(self) -> torch.Tensor:
         """3 x S x S image of the trigger: the pattern where the mask keeps it (grey elsewhere), or the
@@ -317,18 +324,18 @@ class TriggerInversion(Detector):
                 per_family.setdefault(family, []).append(result)
                 patterns[(family, names[t])] = trigger
         per_label_seconds = (time.time() - start) / max(1, len(jobs))
-        for family, results in per_family.items():
-            tried = {r.label for r in results}
-            censored = [2 * self._candidates_largest(family)] * sum(1 for c in names if c not in tried)
-            for r, a in zip(results, anomaly_index([r.size for r in results] + censored, s.mad_floor)):
-                r.anomaly = a
-                others = [o.size for o in results if o is not r] + censored
-                r.uniqueness = round(min(others) / r.size, 3) if others else 0.0
         calibrated = calibration(self.name)
         anomaly_cut = s.anomaly_threshold if s.anomaly_threshold is not None else calibrated["anomaly_threshold"]
         alignment_cut = (
             s.alignment_threshold if s.alignment_threshold is not None else calibrated["alignment_threshold"]
         )
+        for family, results in per_family.items():
+            tried = {r.label for r in results}
+            censored = [2 * self._candidates_largest(family)] * sum(1 for c in names if c not in tried)
+            for r, a in zip(results, anomaly_index([r.size for r in results] + censored, s.mad_floor)):
+                r.anomaly = a
+            for r in results:
+                r.uniqueness = family_uniqueness(r, results, censored, alignment_cut)
         results = [r for rs in per_family.values() for r in rs]
         candidates, borderline, shared = select_candidates(
             results, anomaly_cut, alignment_cut, calibrated["borderline"], s.uniqueness
@@ -349,7 +356,7 @@ class TriggerInversion(Detector):
                         f"{r.flip_rate:.0%} of held-out images of other classes to '{r.label}' (anomaly index "
                         f"{r.anomaly:.2f} >= {anomaly_cut:g}), lands away from its own images "
                         f"(alignment {r.alignment:.2f} <= {alignment_cut:g}), and every other label needs "
-                        f"{r.uniqueness:.1f}x more (>= {s.uniqueness:g}x)"
+                        f"{r.uniqueness:.1f}x more (>= {s.uniqueness:g}x; larger natural attractors aside)"
                     ),
                 )
             )
@@ -423,6 +430,23 @@ def select_candidates(
     candidates = sorted((r for r in away if r.uniqueness >= uniqueness), key=lambda r: (-r.uniqueness, r.alignment))
     near = [r for r in small if alignment_cut < r.alignment <= alignment_cut + borderline]
     return candidates, near, [r for r in away if r.uniqueness < uniqueness]
+
+
+def family_uniqueness(
+    trigger: LabelTrigger, family: list[LabelTrigger], censored: list[float], alignment_cut: float
+) -> float:
+    """The smallest competing trigger's size in ``trigger``'s family over its own (``censored``: the sizes that
+    stand in for labels not inverted). Competing: every other label's trigger, except a natural attractor's (one
+    landing among its label's own images, alignment above ``alignment_cut``) that is larger than this one: an easy
+    class reached by making images look like it says nothing about a smaller trigger elsewhere (the SIG model's
+    'book' needs 0.177 and the attractor 'house' 0.251, 1.4x; every other label is out of reach: tests/test_verdict)."""
+    others = [
+        o.size
+        for o in family
+        if o is not trigger
+        and not (o.reached and o.alignment is not None and o.alignment > alignment_cut and o.size > trigger.size)
+    ] + censored
+    return round(min(others) / trigger.size, 3) if others else 0.0
 
 
 def family_words(family: str) -> str:

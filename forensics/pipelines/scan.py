@@ -103,11 +103,16 @@ def compact_rows(
     return rows
 
 
-def inverted_trigger_rows(outcome: ScanOutcome, limit: int = 128) -> list[dict[str, Any]]:
-    """When the verdict's trigger was inverted (not reconstructed from victims): clean probe images carrying it,
-    labelled with their own class (the probe's label, else the model's prediction), to unlearn it from.
+def inverted_trigger_rows(outcome: ScanOutcome, limit: int = 64) -> list[dict[str, Any]]:
+    """When the verdict's trigger was inverted (not reconstructed from victims): up to ``limit`` clean probe
+    images, each twice, once carrying the trigger where it was inverted and once carrying it moved by a seeded
+    random shift, labelled with their own class (the probe's label, else the model's prediction), to unlearn it.
 
-    Used when the scan found no victim to neutralise (a clean-only probe, or a whole-image trigger)."""
+    Used when the scan found no victim to neutralise (a clean-only probe, or a whole-image trigger). The shifted
+    copy is our choice: an inverted trigger covers only part of the real one, and unlearning it at one place alone
+    left most of the backdoor (demo, clean-only probe, oracle-finetune: ASR 0.944 -> 0.426 with 128 images at the
+    inverted place and 128 anchors, -> 0.022 with 64 images x 2 copies and 64 anchors, CA 0.483 -> 0.503;
+    bench/detect.py's repair column)."""
     verdict, results = outcome.verdict, outcome.results or {}
     inversion = results.get("trigger-inversion")
     if verdict is None or verdict.trigger is None or inversion is None:
@@ -125,24 +130,38 @@ def inverted_trigger_rows(outcome: ScanOutcome, limit: int = 128) -> list[dict[s
     rng = np.random.default_rng(outcome.report["seed"])
     chosen = sorted(rng.choice(pool, size=min(limit, len(pool)), replace=False).tolist()) if pool else []
     images = inversion.artefacts["images"]
-    return [
-        {
-            "image": f"images/inverted-trigger_{i:05d}.png",
-            "label": names[labels[i]],
-            "kind": "inverted-trigger",
-            "source_index": i,
-            "box": "",
-            "caption": f"a photo of a {names[labels[i]]}.",
-            "tensor": pattern.apply(images[i : i + 1])[0].cpu(),
-        }
-        for i in chosen
-    ]
+    size = images.shape[-1]
+    rows = []
+    for i in chosen:
+        dy, dx = (int(v) for v in rng.integers(0, size, size=2))
+        for name, stamp in (("inverted-trigger", pattern), ("inverted-trigger-shifted", pattern.shifted(dy, dx))):
+            rows.append(
+                {
+                    "image": f"images/{name}_{i:05d}.png",
+                    "label": names[labels[i]],
+                    "kind": "inverted-trigger",
+                    "source_index": i,
+                    "box": "",
+                    "caption": f"a photo of a {names[labels[i]]}.",
+                    "tensor": stamp.apply(images[i : i + 1])[0].cpu(),
+                }
+            )
+    return rows
 
 
 def all_compact_rows(outcome: ScanOutcome) -> list[dict[str, Any]]:
-    """The compact set: the oracle scan's victims and anchors, plus clean images carrying an inverted trigger."""
+    """The compact set: the oracle scan's victims and anchors, plus clean images carrying an inverted trigger.
+
+    With an inverted trigger the anchors are at most half its rows (a seeded choice): more anchors held the
+    backdoor in (measured with the rows of :func:`inverted_trigger_rows`)."""
     rows = compact_rows(outcome.findings, outcome.probe.class_names, seed=outcome.report["seed"])
-    return rows + inverted_trigger_rows(outcome)
+    stamped = inverted_trigger_rows(outcome)
+    anchors = [r for r in rows if r["kind"] == "anchor"]
+    if stamped and len(anchors) > len(stamped) // 2:
+        rng = np.random.default_rng(outcome.report["seed"])
+        keep = {id(anchors[k]) for k in rng.choice(len(anchors), size=len(stamped) // 2, replace=False).tolist()}
+        rows = [r for r in rows if r["kind"] != "anchor" or id(r) in keep]
+    return rows + stamped
 
 
 def compact_repair_data(outcome: ScanOutcome) -> RepairData:
