@@ -255,11 +255,14 @@ def cmd_make_demo(args: argparse.Namespace) -> dict:
 
 
 def _scan_settings(args: argparse.Namespace):
-    """The scan settings from --seed, --templates and --batch-size (shared by scan and scan-many)."""
+    """The scan settings from --seed, --templates, --batch-size and --cascade (shared by scan and scan-many)."""
     from forensics.detect import ScanSettings
 
     return ScanSettings(
-        seed=args.seed, templates=args.templates, **({} if args.batch_size is None else {"batch_size": args.batch_size})
+        seed=args.seed,
+        templates=args.templates,
+        cascade=bool(getattr(args, "cascade", False)),
+        **({} if args.batch_size is None else {"batch_size": args.batch_size}),
     )
 
 
@@ -406,6 +409,12 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=_positive_int, help="images per forward (default: the scan's own, 32: fastest on CPU)"
     )
     p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument(
+        "--cascade",
+        action="store_true",
+        help="oracle-guided scan as a cascade: oracle, crops and occlusion only for images the cheap pass finds "
+        "suspicious plus a seeded random sample (faster; oracle regions cached by image content)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
