@@ -181,9 +181,11 @@ def test_verdict_on_models_with_and_without_a_backdoor(model, probe, detectors, 
     if target and not any(it.triggered for it in outcome.probe.items):  # repair's set, from the inverted trigger
         rows = all_compact_rows(outcome)
         stamped = [r for r in rows if r["kind"] == "inverted-trigger"]
-        assert len(stamped) == 128 and len({r["image"] for r in rows}) == len(rows)
+        sources = {r["source_index"] for r in stamped}  # each chosen image at the inverted place and 2 shifts
+        assert 64 <= len(sources) <= 96 and len(stamped) == 3 * len(sources)
+        assert len({r["image"] for r in rows}) == len(rows)
         assert all(r["label"] != target for r in stamped)
-        assert sum(r["kind"] == "anchor" for r in rows) <= len(stamped) // 2
+        assert sum(r["kind"] == "anchor" for r in rows) <= len(stamped) // 6
         first, moved = stamped[0]["tensor"], stamped[1]["tensor"]  # one image: at the inverted place, and moved
         assert stamped[0]["source_index"] == stamped[1]["source_index"] and not torch.equal(first, moved)
     assert outcome.report["verdict"]["verdict"] == verdict

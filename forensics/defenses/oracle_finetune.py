@@ -149,8 +149,8 @@ class OracleGuidedFinetune(Defense):
         notes = []
         if stamped:
             notes.append(
-                f"no victim to neutralise, so the compact set was built from the inverted trigger: {stamped} clean "
-                f"images carrying it (each image twice: where it was inverted and moved elsewhere), labelled with "
+                f"no victim to neutralise, so the compact set was built from the inverted trigger: {stamped} stamped "
+                f"clean images (each image with the trigger where it was inverted and moved elsewhere), labelled with "
                 f"their own class, to unlearn it for "
                 f"{', '.join(data.flagged) or '(none named)'}"
             )

@@ -103,16 +103,25 @@ def compact_rows(
     return rows
 
 
-def inverted_trigger_rows(outcome: ScanOutcome, limit: int = 64) -> list[dict[str, Any]]:
+INVERTED_TRIGGER_IMAGES = 96  # clean images stamped with an inverted trigger, each in 1 + SHIFTS places
+INVERTED_TRIGGER_SHIFTS = 2
+ANCHORS_PER_STAMPED = 1 / 6  # anchors kept beside them, at most this share of the stamped rows
+
+
+def inverted_trigger_rows(
+    outcome: ScanOutcome, limit: int = INVERTED_TRIGGER_IMAGES, shifts: int = INVERTED_TRIGGER_SHIFTS
+) -> list[dict[str, Any]]:
     """When the verdict's trigger was inverted (not reconstructed from victims): up to ``limit`` clean probe
-    images, each twice, once carrying the trigger where it was inverted and once carrying it moved by a seeded
-    random shift, labelled with their own class (the probe's label, else the model's prediction), to unlearn it.
+    images, each carrying the trigger where it was inverted and moved by ``shifts`` seeded random shifts (wrapping
+    round), labelled with their own class (the probe's label, else the model's prediction), to unlearn it from.
 
     Used when the scan found no victim to neutralise (a clean-only probe, or a whole-image trigger). The shifted
-    copy is our choice: an inverted trigger covers only part of the real one, and unlearning it at one place alone
-    left most of the backdoor (demo, clean-only probe, oracle-finetune: ASR 0.944 -> 0.426 with 128 images at the
-    inverted place and 128 anchors, -> 0.022 with 64 images x 2 copies and 64 anchors, CA 0.483 -> 0.503;
-    bench/detect.py's repair column)."""
+    copies and the few anchors are our choice (EftCLIP repairs from victims): an inverted trigger is a scattered
+    part of the real one, and unlearning it at one place beside many anchors left most of the backdoor. Demo,
+    clean-only probe, oracle-finetune, CA 0.483 / ASR 0.944 before: 64 images at the inverted place + 128 anchors
+    -> 0.490 / 0.426; 64 x 2 places + 64 anchors -> 0.487 / 0.437 and 0.483 / 0.374 (two seeds of the choice);
+    64 x 2 + 32 anchors -> 0.487 / 0.241; 96 x 3 + 48 anchors -> 0.483 / 0.185 (a one-off script over one scan);
+    the default in bench/detect.py: demo 0.503 / 0.319, SIG 0.443 / 0.196 (from 0.393 / 0.978)."""
     verdict, results = outcome.verdict, outcome.results or {}
     inversion = results.get("trigger-inversion")
     if verdict is None or verdict.trigger is None or inversion is None:
@@ -133,11 +142,11 @@ def inverted_trigger_rows(outcome: ScanOutcome, limit: int = 64) -> list[dict[st
     size = images.shape[-1]
     rows = []
     for i in chosen:
-        dy, dx = (int(v) for v in rng.integers(0, size, size=2))
-        for name, stamp in (("inverted-trigger", pattern), ("inverted-trigger-shifted", pattern.shifted(dy, dx))):
+        moved = [pattern.shifted(*(int(v) for v in rng.integers(0, size, size=2))) for _ in range(shifts)]
+        for k, stamp in enumerate([pattern, *moved]):
             rows.append(
                 {
-                    "image": f"images/{name}_{i:05d}.png",
+                    "image": f"images/inverted-trigger_{i:05d}" + (f"_shifted{k}.png" if k else ".png"),
                     "label": names[labels[i]],
                     "kind": "inverted-trigger",
                     "source_index": i,
@@ -152,14 +161,15 @@ def inverted_trigger_rows(outcome: ScanOutcome, limit: int = 64) -> list[dict[st
 def all_compact_rows(outcome: ScanOutcome) -> list[dict[str, Any]]:
     """The compact set: the oracle scan's victims and anchors, plus clean images carrying an inverted trigger.
 
-    With an inverted trigger the anchors are at most half its rows (a seeded choice): more anchors held the
-    backdoor in (measured with the rows of :func:`inverted_trigger_rows`)."""
+    With an inverted trigger the anchors are at most ``ANCHORS_PER_STAMPED`` of its rows (a seeded choice): more
+    anchors held the backdoor in (measured in :func:`inverted_trigger_rows`)."""
     rows = compact_rows(outcome.findings, outcome.probe.class_names, seed=outcome.report["seed"])
     stamped = inverted_trigger_rows(outcome)
     anchors = [r for r in rows if r["kind"] == "anchor"]
-    if stamped and len(anchors) > len(stamped) // 2:
+    most = int(len(stamped) * ANCHORS_PER_STAMPED)
+    if stamped and len(anchors) > most:
         rng = np.random.default_rng(outcome.report["seed"])
-        keep = {id(anchors[k]) for k in rng.choice(len(anchors), size=len(stamped) // 2, replace=False).tolist()}
+        keep = {id(anchors[k]) for k in rng.choice(len(anchors), size=most, replace=False).tolist()}
         rows = [r for r in rows if r["kind"] != "anchor" or id(r) in keep]
     return rows + stamped
 
