@@ -261,7 +261,7 @@ def _scan_settings(args: argparse.Namespace):
     return ScanSettings(
         seed=args.seed,
         templates=args.templates,
-        cascade=bool(getattr(args, "cascade", False)),
+        cascade=args.cascade,
         **({} if args.batch_size is None else {"batch_size": args.batch_size}),
     )
 

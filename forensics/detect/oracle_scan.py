@@ -97,6 +97,18 @@ def _window_grid(size: int, settings: ScanSettings) -> tuple[int, list[Box]]:
     return window, [(x, y, x + window, y + window) for y in grid for x in grid]
 
 
+def _window_sums(maps: torch.Tensor, boxes: list[Box]) -> torch.Tensor:
+    """N x len(boxes): each map's sum inside each window."""
+    return torch.stack([maps[:, y0:y1, x0:x1].sum(dim=(1, 2)) for x0, y0, x1, y1 in boxes], 1)
+
+
+def _smoothed_heat(estimate: torch.Tensor, settings: ScanSettings) -> torch.Tensor:
+    """The positive estimated drops, box-filtered over ``settings.smooth`` of the side: where a trigger's extent is
+    read from."""
+    smooth = max(1, round(estimate.shape[-1] * settings.smooth))
+    return torch.from_numpy(ndimage.uniform_filter(estimate.clamp(min=0).numpy(), size=(1, smooth, smooth)))
+
+
 def _seed_opencv(digest: str) -> None:
     """Seed OpenCV's process-wide RNG (GrabCut's) from an image's hash, so its regions depend on it alone."""
     try:
@@ -346,7 +358,7 @@ class OracleGuidedScan(Detector):
         n, size = len(images), images.shape[-1]
         _, boxes = _window_grid(size, s)
         positive = estimate.clamp(min=0)
-        top = torch.stack([positive[:, y0:y1, x0:x1].sum(dim=(1, 2)) for x0, y0, x1, y1 in boxes], 1).max(1).values
+        top = _window_sums(positive, boxes).max(1).values
         focus = (top / positive.flatten(1).sum(1).clamp(min=1e-12)).numpy()
         pred = full.argmax(-1).numpy()
         counts = np.bincount(pred, minlength=full.shape[1]).astype(float)
@@ -398,12 +410,11 @@ class OracleGuidedScan(Detector):
         grounding = self._ground(model, sub_images, class_emb, class_names, sub_full, sub_pred, sub)
         sweep = self._sweep(model, sub_images, class_emb, sub_full, sub_pred, sub, estimate=estimate[idx])
         hijack_boxes, decisive = self._localize(model, sub_images, class_emb, sub_full, sub_pred, sweep)
-        smooth = max(1, round(size * s.smooth))
-        heat = torch.from_numpy(ndimage.uniform_filter(estimate.clamp(min=0).numpy(), size=(1, smooth, smooth)))
+        heat = _smoothed_heat(estimate, s)
         maps = heat.clone()
         maps[idx] = sweep.maps
         _, boxes = _window_grid(size, s)
-        per_window = torch.stack([estimate[:, y0:y1, x0:x1].sum(dim=(1, 2)) for x0, y0, x1, y1 in boxes], 1)
+        per_window = _window_sums(estimate, boxes)
         records: list[dict] = [{} for _ in range(n)]
         for k, i in enumerate(chosen.tolist()):
             records[i] = self._record(
@@ -520,7 +531,7 @@ class OracleGuidedScan(Detector):
         signal = estimate.abs().flatten(1).sum(1) > 1e-6
         report(0.35, "estimated occlusion drops")
         window, boxes = _window_grid(size, s)
-        per_window = torch.stack([estimate[:, y0:y1, x0:x1].sum(dim=(1, 2)) for x0, y0, x1, y1 in boxes], 1)
+        per_window = _window_sums(estimate, boxes)
         tried = [
             per_window[i].topk(min(s.proposals, len(boxes))).indices.tolist() if signal[i] else list(range(len(boxes)))
             for i in range(n)
@@ -568,8 +579,7 @@ class OracleGuidedScan(Detector):
         s = self.settings
         size = images.shape[-1]
         signal = sweep.signal
-        smooth = max(1, round(size * s.smooth))
-        heat = torch.from_numpy(ndimage.uniform_filter(sweep.estimate.clamp(min=0).numpy(), size=(1, smooth, smooth)))
+        heat = _smoothed_heat(sweep.estimate, s)
         sweep.maps[signal] = heat[signal]
         candidates = [i for i, w in enumerate(sweep.windows) if w.candidate]
         hijack_boxes = {i: self._trigger_box(heat[i], sweep.windows[i].box, size) for i in candidates if signal[i]}
