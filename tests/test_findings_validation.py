@@ -101,3 +101,19 @@ def test_the_cli_says_it_in_one_line(scan_dir, tmp_path, capsys):
     assert main(["--quiet", "repair", "demo", "--findings", str(folder), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the findings name a trigger pattern outside") and len(err.splitlines()) == 1
+
+
+def test_stamped_rows_read_back_know_their_clean_source(scan_dir, tmp_path):
+    folder, _ = _copy(scan_dir, tmp_path)
+    csv_path = folder / "compact" / "compact.csv"
+    lines = csv_path.read_text().splitlines()
+    image = lines[1].split(",")[0]  # any image of the set stands in for a stamped one and its source
+    extra = [
+        f"{image},a photo of a clock.,clock,inverted-source,42,",
+        f"{image},a photo of a clock.,clock,inverted-trigger,42,",
+        f"{image},a photo of a clock.,clock,inverted-trigger,43,",  # its source is not in the set
+    ]
+    csv_path.write_text("\n".join(lines + extra) + "\n")
+    data = load_repair_data(read_findings(folder), load_model("demo"))
+    n = len(lines) - 1
+    assert data.sources == [-1] * n + [-1, n, -1]

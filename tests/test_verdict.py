@@ -19,7 +19,7 @@ from forensics.detect.trigger_inversion import (
     select_candidates,
 )
 from forensics.detect.verdict import merge
-from forensics.pipelines.scan import all_compact_rows, detector_names, scan
+from forensics.pipelines.scan import all_compact_rows, compact_repair_data, detector_names, scan
 
 
 def test_anomaly_index_marks_one_far_smaller_trigger():
@@ -184,6 +184,12 @@ def test_verdict_on_models_with_and_without_a_backdoor(model, probe, detectors, 
         sources = {r["source_index"] for r in stamped}  # each chosen image at the inverted place and 2 shifts
         assert 64 <= len(sources) <= 96 and len(stamped) == 3 * len(sources)
         assert len({r["image"] for r in rows}) == len(rows)
+        clean_sources = [r for r in rows if r["kind"] == "inverted-source"]  # each chosen image once, as it is
+        assert sorted(r["source_index"] for r in clean_sources) == sorted(sources)
+        data = compact_repair_data(outcome)
+        for row, source in enumerate(data.sources):
+            if data.kinds[row] == "inverted-trigger":
+                assert data.kinds[source] == "inverted-source" and data.labels[source] == data.labels[row]
         assert all(r["label"] != target for r in stamped)
         assert sum(r["kind"] == "anchor" for r in rows) <= len(stamped) // 6
         first, moved = stamped[0]["tensor"], stamped[1]["tensor"]  # one image: at the inverted place, and moved

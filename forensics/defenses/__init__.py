@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forensics.defenses.base import DEFENSES, Defense, Fitted, RepairData, RepairJob, RepairResult
+from forensics.defenses.base import DEFENSES, Defense, Fitted, RepairData, RepairJob, RepairResult, stamped_sources
 
 # isort: off
 # import order is registration order, the order DEFENSES lists them in (CLI, UI, compare tables)
@@ -34,4 +34,5 @@ __all__ = [
     "RepairJob",
     "RepairResult",
     "build_defense",
+    "stamped_sources",
 ]

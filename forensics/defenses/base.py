@@ -39,12 +39,24 @@ class RepairData:
     patterns: list[torch.Tensor] = field(default_factory=list)  # reconstructed triggers (3 x h x w)
     flagged: list[str] = field(default_factory=list)
     captions: list[str] | None = None  # one per image when the clean budget is an image-caption set
+    sources: list[int] | None = None  # per row: the row holding the clean image it was stamped on, else -1
+
+    def source_of(self, row: int) -> int:
+        """The row of the clean image ``row`` was made from by stamping a trigger on it (-1: none in the set)."""
+        return -1 if self.sources is None else self.sources[row]
 
     def captions_or_prompts(self) -> list[str]:
         """A caption per image: the given ones, else "a photo of a {class}." (caption-based defenses need text)."""
         if self.captions is not None:
             return list(self.captions)
         return [f"a photo of a {self.class_names[label]}." for label in self.labels]
+
+
+def stamped_sources(kinds: list[str], source_indices: list[int | None]) -> list[int]:
+    """Per compact-set row: for an ``inverted-trigger`` row, the ``inverted-source`` row of the same probe image
+    (the clean image it was stamped on); -1 for every other row, or when that source is not in the set."""
+    rows = {i: n for n, (k, i) in enumerate(zip(kinds, source_indices)) if k == "inverted-source" and i is not None}
+    return [rows.get(i, -1) if k == "inverted-trigger" else -1 for k, i in zip(kinds, source_indices)]
 
 
 @dataclass

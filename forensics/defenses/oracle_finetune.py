@@ -12,6 +12,14 @@ trigger after repair, from 0.482 / 0.973): full 300-image scan (45 victims, 128 
 weight 3 -> 0.494 / 0.053, weight 10 -> 0.471 / 0.138; 40-image scan (8 victims, 25 anchors): weight 3 ->
 0.404 / 0.000, weight 10 -> 0.451 / 0.022. With BatchNorm in train mode and a label loss on anchors the
 40-image case fell to CA 0.353.
+
+With no victims (a clean-only probe, a whole-image trigger) the compact set holds clean images stamped with the
+trigger the inversion found, each with its clean source: the stamped ones are labelled with their class and
+pulled to the frozen original's embedding of their source (an invariance term, our choice: the trigger should
+not move the embedding), the sources distilled like anchors. Measured over one scan each (clean-only probe,
+CA / planted ASR after): labels alone, demo 0.503 / 0.319, SIG 0.443 / 0.196; invariance weight 3: demo
+0.490 / 0.030, SIG 0.417 / 0.052; weight 10 (the default): demo 0.483 / 0.026, SIG 0.420 / 0.033 (from 0.483 /
+0.944 and 0.393 / 0.978); weight 3 with the sources as references only (not trained): demo 0.460 / 0.059.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ class OracleFinetuneSettings:
     trigger_copies: int = 2  # pasted-trigger copies of each anchor per epoch
     freeze_batchnorm: bool = True  # keep BatchNorm statistics (ResNet towers) as the original had them
     anchor_ce_weight: float = 0.0  # label loss on clean anchors; 0: distillation alone keeps them (less overfitting)
+    invariance_weight: float = 10.0  # pulls an image stamped with an inverted trigger to the original's clean one
     seed: int = 0
 
 
@@ -78,13 +87,24 @@ class OracleGuidedFinetune(Defense):
         teacher = teacher.to(device).eval()
         images, labels = data.images, torch.tensor(data.labels)
         anchors = [i for i, k in enumerate(data.kinds) if k == "anchor"]
+        # clean rows, distilled to the original: the anchors and the clean sources of images stamped with a trigger
+        distilled = [i for i, k in enumerate(data.kinds) if k in ("anchor", "inverted-source")]
+        sources = torch.tensor([data.source_of(i) for i in range(len(images))], dtype=torch.long)
+        if not s.invariance_weight:
+            sources = torch.full_like(sources, -1)
         size = images.shape[-1]
         history = []
         per_epoch = len(images) + s.trigger_copies * len(anchors) * bool(data.patterns)
         total_steps = s.epochs * max(1, int(np.ceil(per_epoch / s.batch_size)))
+        # the frozen original's embeddings of the clean rows, once: the distillation (and invariance) targets
+        wanted = s.distill_weight or s.invariance_weight
+        reference = self._anchor_references(teacher, repaired, images, distilled, device) if wanted else None
         step = 0
         for epoch in range(s.epochs):
-            batch_x, batch_y, batch_clean = [images], [labels], [torch.tensor([k == "anchor" for k in data.kinds])]
+            is_distilled = torch.zeros(len(images), dtype=torch.bool)
+            is_distilled[distilled] = True
+            batch_x, batch_y, batch_clean = [images], [labels], [is_distilled]
+            batch_rows = [torch.arange(len(images))]  # each training row's row in data (-1: a pasted copy)
             if data.patterns and anchors:
                 for _ in range(s.trigger_copies):
                     pasted = []
@@ -96,7 +116,9 @@ class OracleGuidedFinetune(Defense):
                     batch_x.append(torch.stack(pasted))
                     batch_y.append(labels[anchors])
                     batch_clean.append(torch.zeros(len(anchors), dtype=torch.bool))
-            xs, ys, clean = torch.cat(batch_x), torch.cat(batch_y), torch.cat(batch_clean)
+                    batch_rows.append(torch.full((len(anchors),), -1, dtype=torch.long))
+            xs, ys, clean, rows = torch.cat(batch_x), torch.cat(batch_y), torch.cat(batch_clean), torch.cat(batch_rows)
+            source = torch.where(rows >= 0, sources[rows.clamp(min=0)], torch.full_like(rows, -1))
             order = torch.from_numpy(rng.permutation(len(xs)))
             losses = []
             student.train()
@@ -107,7 +129,7 @@ class OracleGuidedFinetune(Defense):
             for begin in range(0, len(xs), s.batch_size):
                 self.check_cancel(should_stop)
                 idx = order[begin : begin + s.batch_size]
-                n, n_keep = len(idx), int(clean[idx].sum())
+                n, n_keep, n_stamped = len(idx), int(clean[idx].sum()), int((source[idx] >= 0).sum())
                 if world > 1:  # this rank's block of the global batch (every rank draws the same batches)
                     lo, hi = shard_range(n, rank_, world)
                     idx = idx[lo:hi]  # may be empty: its forward then adds zero gradients, as DDP needs
@@ -117,10 +139,14 @@ class OracleGuidedFinetune(Defense):
                 per_sample = F.cross_entropy(100.0 * emb @ class_emb.t(), ys[idx].to(device), reduction="none")
                 # means over the global batch (one process: plain means), so DDP's gradient average is the global one
                 loss = global_mean(torch.where(keep, s.anchor_ce_weight * per_sample, per_sample), n)
-                if keep.any() and s.distill_weight:
-                    with torch.no_grad():
-                        ref = F.normalize(teacher(x[keep]), dim=-1)
+                if keep.any() and reference is not None and s.distill_weight:
+                    ref = reference[rows[idx[clean[idx]]]].to(device)
                     loss = loss + s.distill_weight * global_mean((emb[keep] - ref).pow(2).sum(-1), n_keep) * 10.0
+                stamped = source[idx] >= 0
+                if n_stamped and reference is not None:  # the trigger should not move the embedding
+                    ref = reference[source[idx[stamped]]].to(device)
+                    drift = (emb[stamped.to(device)] - ref).pow(2).sum(-1)
+                    loss = loss + s.invariance_weight * global_mean(drift, n_stamped) * 10.0
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()
@@ -142,10 +168,23 @@ class OracleGuidedFinetune(Defense):
         )
 
     @staticmethod
+    def _anchor_references(
+        teacher: torch.nn.Module, model: SuspectModel, images: torch.Tensor, anchors: list[int], device: torch.device
+    ) -> torch.Tensor:
+        """Rows of ``images`` (zeros but for ``anchors``): the frozen tower's normalised embedding of each clean row."""
+        chunks = [anchors[i : i + 64] for i in range(0, len(anchors), 64)]
+        with torch.no_grad():
+            parts = [F.normalize(teacher(model.normalize(images[c].to(device))), dim=-1).cpu() for c in chunks]
+        reference = torch.zeros(len(images), parts[0].shape[-1] if parts else 1)
+        if parts:
+            reference[torch.tensor(anchors)] = torch.cat(parts)
+        return reference
+
+    @staticmethod
     def _coverage_notes(data: RepairData) -> list[str]:
         """Say plainly when the findings gave this repair nothing to unlearn (no flagged label, no victim)."""
         stamped = sum(k == "inverted-trigger" for k in data.kinds)
-        victims = sum(k not in ("anchor", "inverted-trigger") for k in data.kinds)
+        victims = sum(k in ("victim", "victim-neutralised") for k in data.kinds)
         notes = []
         if stamped:
             notes.append(

@@ -33,7 +33,7 @@ from forensics.core.images import load_image, load_pattern
 from forensics.core.models import ModelRef, SuspectModel, as_ref, check_finite_outputs, save_model
 from forensics.core.progress import Progress, ShouldStop, sub_progress
 from forensics.core.zeroshot import ASR_NOTE
-from forensics.defenses import DEFENSES, Defense, RepairData
+from forensics.defenses import DEFENSES, Defense, RepairData, stamped_sources
 from forensics.pipelines.evaluate import known_trigger, measure
 from forensics.pipelines.report import write_json, write_repair_html
 from forensics.pipelines.scan import COMPACT_KINDS, flagged_for_repair
@@ -161,13 +161,16 @@ def load_repair_data(report: dict, model: SuspectModel) -> RepairData:
         if rows
         else torch.empty(0, 3, model.image_size, model.image_size)
     )
+    kinds = [r["kind"] for r in rows]
+    source_indices = [int(r["source_index"]) if (r.get("source_index") or "").isdigit() else None for r in rows]
     return RepairData(
         images=images,
         labels=[class_names.index(r["label"]) for r in rows],
-        kinds=[r["kind"] for r in rows],
+        kinds=kinds,
         class_names=class_names,
         patterns=read_patterns(report),
         flagged=flagged_for_repair(report),
+        sources=stamped_sources(kinds, source_indices),
     )
 
 
