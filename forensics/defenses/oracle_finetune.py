@@ -164,7 +164,7 @@ class OracleGuidedFinetune(Defense):
             samples_used=int(len(images)),
             history=history,
             notes=["image tower fine-tuned; text tower frozen; distillation to the original on clean anchors"]
-            + self._coverage_notes(data),
+            + self._coverage_notes(data, invariance=bool(s.invariance_weight) and bool((sources >= 0).any())),
         )
 
     @staticmethod
@@ -181,7 +181,7 @@ class OracleGuidedFinetune(Defense):
         return reference
 
     @staticmethod
-    def _coverage_notes(data: RepairData) -> list[str]:
+    def _coverage_notes(data: RepairData, invariance: bool = False) -> list[str]:
         """Say plainly when the findings gave this repair nothing to unlearn (no flagged label, no victim)."""
         stamped = sum(k == "inverted-trigger" for k in data.kinds)
         victims = sum(k in ("victim", "victim-neutralised") for k in data.kinds)
@@ -190,8 +190,9 @@ class OracleGuidedFinetune(Defense):
             notes.append(
                 f"no victim to neutralise, so the compact set was built from the inverted trigger: {stamped} stamped "
                 f"clean images (each image with the trigger where it was inverted and moved elsewhere), labelled with "
-                f"their own class, to unlearn it for "
-                f"{', '.join(data.flagged) or '(none named)'}"
+                f"their own class"
+                + (", each pulled to the original's embedding of its clean source" if invariance else "")
+                + f", to unlearn it for {', '.join(data.flagged) or '(none named)'}"
             )
         if victims:
             return notes + [
