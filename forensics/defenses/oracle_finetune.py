@@ -89,6 +89,8 @@ class OracleGuidedFinetune(Defense):
         anchors = [i for i, k in enumerate(data.kinds) if k == "anchor"]
         # clean rows, distilled to the original: the anchors and the clean sources of images stamped with a trigger
         distilled = [i for i, k in enumerate(data.kinds) if k in ("anchor", "inverted-source")]
+        is_distilled = torch.zeros(len(images), dtype=torch.bool)
+        is_distilled[distilled] = True
         sources = torch.tensor([data.source_of(i) for i in range(len(images))], dtype=torch.long)
         if not s.invariance_weight:
             sources = torch.full_like(sources, -1)
@@ -101,8 +103,6 @@ class OracleGuidedFinetune(Defense):
         reference = self._anchor_references(teacher, repaired, images, distilled, device) if wanted else None
         step = 0
         for epoch in range(s.epochs):
-            is_distilled = torch.zeros(len(images), dtype=torch.bool)
-            is_distilled[distilled] = True
             batch_x, batch_y, batch_clean = [images], [labels], [is_distilled]
             batch_rows = [torch.arange(len(images))]  # each training row's row in data (-1: a pasted copy)
             if data.patterns and anchors:
