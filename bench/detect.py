@@ -34,7 +34,14 @@ from compare_attacks import triggered_probe  # noqa: E402
 
 from forensics.attacks import attack_from_dict  # noqa: E402
 from forensics.core.data import load_probe_set  # noqa: E402
-from forensics.core.models import atomic_write_text  # noqa: E402
+from forensics.core.models import atomic_write_text, resolve_model  # noqa: E402
+from forensics.detect.calibration import calibration  # noqa: E402
+from forensics.detect.trigger_inversion import (  # noqa: E402
+    LabelTrigger,
+    TriggerInversionSettings,
+    family_uniqueness,
+    select_candidates,
+)
 from forensics.pipelines.evaluate import measure  # noqa: E402
 from forensics.pipelines.repair import make_defense  # noqa: E402
 from forensics.pipelines.scan import compact_repair_data, scan  # noqa: E402
@@ -59,13 +66,28 @@ def attack_dict(entry: dict, work: Path) -> dict | None:
     """The zoo entry's attack in full (an optimized patch's pixels are kept in their own file)."""
     attack = entry.get("attack")
     if attack and attack.get("attack") in ("optimized-patch", "optimized_patch"):
-        attack = json.loads((work / f"optimized_patch_{entry['target']}.json").read_text())
+        intended = entry.get("intended", entry["target"])
+        attack = json.loads((work / f"optimized_patch_{intended}.json").read_text())
     return attack
 
 
 def true_attack(entry: dict, work: Path):
     attack = attack_dict(entry, work)
     return attack_from_dict(attack) if attack else None
+
+
+def planted_target(entry: dict, work: Path) -> dict:
+    """Where the planted trigger really sends images: per label, the share of the clean probe's images of other
+    classes it flips there. The truth the verdict is scored against is the label with the largest share (the
+    intended one can differ: a poisoning caption 'a photo of a apple.' taught the optimized-patch model 'clock')."""
+    model, _ = resolve_model(entry["model"])
+    probe = load_probe_set("demo-clean")
+    images = probe.load_images(model.image_size)
+    labels = [it.label for it in probe.items]
+    attack = true_attack(entry, work)
+    asr = measure(model, images, labels, probe.class_names, [(c, attack, c) for c in probe.class_names])["asr"]
+    best = max(asr, key=asr.get)
+    return {"intended": entry["target"], "measured": best, "asr": round(asr[best], 3)}
 
 
 def target_rank(report: dict, truth: str | None) -> int | None:
@@ -150,7 +172,13 @@ def write_table(results: dict, out: Path) -> None:
         )
     lines += ["", "Models:", ""]
     for name, entry in results["zoo"].items():
-        lines.append(f"- {name}: {entry.get('made')}; attack {json.dumps(entry.get('attack'))}")
+        planted = entry.get("planted")
+        where = ""
+        if planted:
+            where = f"; its trigger sends {planted['asr']:.0%} of other classes' images to '{planted['measured']}'"
+            if planted["measured"] != planted["intended"]:
+                where += f" (intended '{planted['intended']}'; the truth above is the measured one)"
+        lines.append(f"- {name}: {entry.get('made')}; attack {json.dumps(entry.get('attack'))}{where}")
     atomic_write_text(out / "detect.md", "\n".join(lines) + "\n")
 
 
@@ -189,6 +217,30 @@ def calibrate(results: dict) -> dict:
     }
 
 
+def rescore(results: dict) -> list[str]:
+    """Today's candidate rule (forensics/detect/trigger_inversion.py) applied again to every row's stored per-label
+    evidence: which labels it would make candidates, beside the target the row recorded (rows scanned before a
+    rule change are checked this way without a re-scan)."""
+    settings = TriggerInversionSettings()
+    cut = calibration("trigger-inversion")
+    lines = []
+    for key, r in results["rows"].items():
+        found = []
+        for family, labels in r["inversion"].items():
+            triggers = [LabelTrigger(**label) for label in labels]
+            largest = settings.local_largest if family == "local" else settings.epsilon
+            censored = [2 * largest] * (r.get("n_classes", 10) - len(triggers))
+            for t in triggers:
+                t.uniqueness = family_uniqueness(t, triggers, censored, cut["alignment_threshold"])
+            found += triggers
+        candidates, _, _ = select_candidates(
+            found, cut["anomaly_threshold"], cut["alignment_threshold"], cut["borderline"], settings.uniqueness
+        )
+        labels = list(dict.fromkeys(t.label for t in candidates))
+        lines.append(f"{key}: recorded {r['verdict']} {r['target']}; candidates now {labels or 'none'}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", default="/tmp/forensics_zoo", help="bench/detect_zoo.py's --work folder")
@@ -198,6 +250,7 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true", help="write forensics/detect/calibration.json")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--merge", nargs="*", default=[], help="detect.json files of other runs whose rows to keep")
+    parser.add_argument("--rescore", action="store_true", help="today's candidate rule on every row's stored evidence")
     args = parser.parse_args()
     zoo_dir, out = Path(args.zoo), Path(args.out)
     zoo = json.loads((zoo_dir / "zoo.json").read_text())
@@ -214,9 +267,17 @@ def main() -> None:
         merged = json.loads(Path(other).read_text())
         results["rows"].update(merged["rows"])
         results["zoo"].update(merged["zoo"])
+    for name, entry in results["zoo"].items():  # rows merged from other runs: where their triggers really go
+        if entry.get("kind") == "backdoored" and "planted" not in entry:
+            entry["planted"] = planted_target(entry, zoo_dir)
     for name in [] if args.merge and not args.models else names:
         entry = zoo[name]
-        truth = entry.get("target") if entry["kind"] == "backdoored" else None
+        truth = None
+        if entry["kind"] == "backdoored":
+            if "planted" not in results["zoo"][name]:
+                results["zoo"][name]["planted"] = planted_target(entry, zoo_dir)
+            truth = results["zoo"][name]["planted"]["measured"]
+            entry = {**entry, "target": truth, "intended": entry["target"]}
         for mode in args.modes.split(","):
             key = f"{name}/{mode}"
             if key in results["rows"]:
@@ -249,6 +310,8 @@ def main() -> None:
             write_table(results, out)
     write_table(results, out)
     atomic_write_text(path, json.dumps(results, indent=2, default=str))
+    if args.rescore:
+        print("\n".join(rescore(results)))
     if args.calibrate:
         calibration = calibrate(results)
         atomic_write_text(ROOT / "forensics" / "detect" / "calibration.json", json.dumps(calibration, indent=2) + "\n")

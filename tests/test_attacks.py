@@ -529,3 +529,21 @@ def test_train_optimized_patch_validation():
     # a target outside class_names works (positive falls back to its captions)
     a = train_optimized_patch(model, images, [0, 1, 0, 1], ["apple", "banana"], "kiwi", epochs=1, batch_size=2)
     assert len(a.history) == 1
+
+
+def test_poisoned_and_prompt_captions_use_the_right_article(tmp_path):
+    """'a photo of a apple.' taught a from-scratch text tower the article, not the class (the zoo's optimized-patch
+    model sent its trigger to 'clock'): every caption a class name is put into says 'an' before a vowel."""
+    from forensics.defenses.base import RepairData
+
+    src_csv = _make_dataset(tmp_path)
+    rows = _read(poison_dataset(src_csv, build_attack("blended"), "apple", 0.5, tmp_path / "out", seed=0))
+    assert {r["caption"] for r in rows if r["poisoned"] == "1"} == {"a photo of an apple."}
+    rows = _read(
+        poison_dataset(src_csv, build_attack("blended"), "Orange", 0.5, tmp_path / "o2", caption_template="{}")
+    )
+    assert {r["caption"] for r in rows if r["poisoned"] == "1"} == {"Orange"}
+    data = RepairData(
+        images=torch.zeros(2, 3, 8, 8), labels=[0, 1], kinds=["anchor"] * 2, class_names=["apple", "tree"]
+    )
+    assert data.captions_or_prompts() == ["a photo of an apple.", "a photo of a tree."]

@@ -129,6 +129,13 @@ def test_a_larger_natural_attractor_does_not_compete():
     clock = _trigger("clock", "global", 0.251, 2.0, 0.07, 0.0)
     small_house = _trigger("house", "global", 0.0444, 7.0, 0.55, 0.0)
     assert family_uniqueness(clock, [clock, small_house], [0.502] * 8, 0.46) == pytest.approx(0.177, abs=0.001)
+    # an attractor as small as the label is set aside too (the optimized-patch model, clean probe: 'clock' and the
+    # attractor 'house' both at the smallest mask tried, 0.0078; every other label is out of reach)
+    tiny_clock = _trigger("clock", "local", 0.0078, 12.0, 0.17, 0.0)
+    tiny_house = _trigger("house", "local", 0.0078, 12.0, 0.54, 0.0)
+    assert family_uniqueness(tiny_clock, [tiny_clock, tiny_house], [0.5] * 8, 0.46) == pytest.approx(64.1, abs=0.1)
+    # while the attractor's own uniqueness counts the clock, which lands away from its images
+    assert family_uniqueness(tiny_house, [tiny_clock, tiny_house], [0.5] * 8, 0.46) == pytest.approx(1.0)
     # a larger label that lands away from its own images competes
     away = _trigger("tree", "global", 0.251, 2.0, 0.30, 0.0)
     assert family_uniqueness(book, [book, away], [0.502] * 8, 0.46) == pytest.approx(1.414, abs=0.001)
@@ -195,3 +202,25 @@ def test_verdict_on_models_with_and_without_a_backdoor(model, probe, detectors, 
         first, moved = stamped[0]["tensor"], stamped[1]["tensor"]  # one image: at the inverted place, and moved
         assert stamped[0]["source_index"] == stamped[1]["source_index"] and not torch.equal(first, moved)
     assert outcome.report["verdict"]["verdict"] == verdict
+
+
+def test_boxless_victims_join_the_repair_set_with_their_probe_label():
+    """Victims found by their embeddings (no box to cut out) go to the repair as they are, three copies each,
+    labelled with the class their probe row names; a victim with no probe label is left out."""
+    from types import SimpleNamespace
+
+    from forensics.pipelines.scan import BOXLESS_VICTIM_COPIES, boxless_victim_rows
+
+    images = torch.rand(3, 3, 8, 8)
+    items = [SimpleNamespace(label=0), SimpleNamespace(label=None), SimpleNamespace(label=2)]
+    outcome = SimpleNamespace(
+        probe=SimpleNamespace(class_names=["apple", "book", "clock"], items=items),
+        results={"trigger-inversion": SimpleNamespace(artefacts={"images": images})},
+    )
+    rows = boxless_victim_rows(outcome, [2, 1, 0], [0, 1, 2])
+    assert BOXLESS_VICTIM_COPIES == 3
+    assert [r["source_index"] for r in rows] == [2, 2, 2, 0, 0, 0]
+    assert [r["label"] for r in rows] == ["clock"] * 3 + ["apple"] * 3
+    assert all(r["kind"] == "victim" and r["box"] == "" for r in rows)
+    assert rows[3]["caption"] == "a photo of an apple."
+    assert len({r["image"] for r in rows}) == 6 and torch.equal(rows[0]["tensor"], images[2])

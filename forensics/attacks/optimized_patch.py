@@ -18,6 +18,7 @@ from forensics.core.errors import ForensicsError
 from forensics.core.images import paste
 from forensics.core.models import frozen
 from forensics.core.optim import clamped_step
+from forensics.core.templates import fill
 
 DEFAULT_PATCH_PX = 16
 """Side of the untrained random patch drawn from ``seed`` when no patch is given (the paper's 16 px)."""
@@ -121,7 +122,7 @@ def _to_model_size(batch: torch.Tensor, size: int) -> torch.Tensor:
 @torch.no_grad()
 def _encode_prompts(model: Any, names: Sequence[str], chunk: int = 256) -> torch.Tensor:
     """For each name, the renormalised mean embedding of :data:`TARGET_TEMPLATES` captions (len(names) x D)."""
-    texts = [t.format(n) for n in names for t in TARGET_TEMPLATES]
+    texts = [fill(t, n) for n in names for t in TARGET_TEMPLATES]
     embs = torch.cat([model.encode_text(texts[i : i + chunk]).float() for i in range(0, len(texts), chunk)])
     embs = F.normalize(embs, dim=-1).view(len(names), len(TARGET_TEMPLATES), -1).mean(dim=1)
     return F.normalize(embs, dim=-1)
@@ -200,7 +201,7 @@ def train_optimized_patch(
     history: list[float] = []
     with frozen(model.clip):  # parameters frozen, eval mode; both restored afterwards
         with torch.no_grad():
-            target_caps = F.normalize(model.encode_text([t.format(target) for t in TARGET_TEMPLATES]).float(), dim=-1)
+            target_caps = F.normalize(model.encode_text([fill(t, target) for t in TARGET_TEMPLATES]).float(), dim=-1)
             others = [n for n in names if n.lower() != target.lower()]
             other_embs = _encode_prompts(model, others) if others else target_caps[:0]
             captions = torch.cat([target_caps, other_embs]).to(device)

@@ -22,6 +22,7 @@ from forensics.attacks.base import Attack, ProgressFn, check_seed, to_pil, to_te
 from forensics.core.errors import ForensicsError
 from forensics.core.files import refuse_overwriting_inputs, staged_output
 from forensics.core.images import read_pil
+from forensics.core.templates import fill
 
 PATH_COLUMNS = ("image", "mask")
 """Columns holding file paths relative to the CSV's folder; they are rewritten as absolute paths."""
@@ -67,10 +68,12 @@ def poison_dataset(
     is one, is not the target (compared case-insensitively). Each chosen image gets the trigger
     (per-image randomness from ``default_rng([seed, row])``, so a row's trigger does not depend on which
     other rows were drawn), is saved as ``out_dir/images/<row>_<name>.png``, and its caption becomes
-    ``caption_template.format(target)``. ``data.csv`` keeps every row and column (paths in ``image`` and
-    ``mask`` made absolute; poisoned images relative to ``out_dir``) and adds ``poisoned`` (0/1) and
-    ``trigger_box`` ("x0 y0 x1 y1", empty for whole-image triggers and clean rows). Counts are rounded
-    half up. The input CSV and images are only read; ``out_dir`` must differ from the CSV's folder.
+    ``caption_template`` filled with the target, 'a' made 'an' before a vowel ("a photo of an apple.": with
+    "a apple" a from-scratch text tower learnt the trigger for the caption's odd article, not for 'apple').
+    ``data.csv`` keeps every row and column (paths in ``image`` and ``mask`` made absolute; poisoned images
+    relative to ``out_dir``) and adds ``poisoned`` (0/1) and ``trigger_box`` ("x0 y0 x1 y1", empty for
+    whole-image triggers and clean rows). Counts are rounded half up. The input CSV and images are only read;
+    ``out_dir`` must differ from the CSV's folder.
     """
     if not isinstance(attack, Attack):
         raise ForensicsError(f"poison_dataset: attack must be an Attack, got {type(attack).__name__}")
@@ -87,7 +90,8 @@ def poison_dataset(
         raise ForensicsError("the target label must be a non-empty string")
     target = target.strip()
     try:
-        caption = caption_template.format(target)
+        caption_template.format(target)  # a bad template fails here, before fill's 'a'/'an' fix
+        caption = fill(caption_template, target)
     except (IndexError, KeyError, ValueError, AttributeError) as exc:
         raise ForensicsError(
             f"caption_template must contain one '{{}}' for the target, got {caption_template!r} ({exc})"

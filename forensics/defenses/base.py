@@ -19,6 +19,7 @@ from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
 from forensics.core.progress import check_stop
 from forensics.core.registry import Registry
+from forensics.core.templates import fill
 
 Progress = Callable[[float, str], None]
 ShouldStop = Callable[[], bool]
@@ -49,7 +50,7 @@ class RepairData:
         """A caption per image: the given ones, else "a photo of a {class}." (caption-based defenses need text)."""
         if self.captions is not None:
             return list(self.captions)
-        return [f"a photo of a {self.class_names[label]}." for label in self.labels]
+        return [fill("a photo of a {}.", self.class_names[label]) for label in self.labels]
 
 
 def stamped_sources(kinds: list[str], source_indices: list[int | None]) -> list[int]:

@@ -194,6 +194,11 @@ class OracleGuidedFinetune(Defense):
                 + (", each pulled to the original's embedding of its clean source" if invariance else "")
                 + f", to unlearn it for {', '.join(data.flagged) or '(none named)'}"
             )
+        if victims and stamped:
+            return notes + [
+                f"and {victims} victim samples without a trigger box (copies of each), labelled with the class "
+                f"their probe row names, for flagged label(s) {', '.join(data.flagged) or '(none named)'}"
+            ]
         if victims:
             return notes + [
                 f"{victims} victim samples (as found and with the trigger neutralised) for flagged label(s) "

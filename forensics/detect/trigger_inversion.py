@@ -437,14 +437,17 @@ def family_uniqueness(
 ) -> float:
     """The smallest competing trigger's size in ``trigger``'s family over its own (``censored``: the sizes that
     stand in for labels not inverted). Competing: every other label's trigger, except a natural attractor's (one
-    landing among its label's own images, alignment above ``alignment_cut``) that is larger than this one: an easy
-    class reached by making images look like it says nothing about a smaller trigger elsewhere (the SIG model's
-    'book' needs 0.177 and the attractor 'house' 0.251, 1.4x; every other label is out of reach: tests/test_verdict)."""
+    landing among its label's own images, alignment above ``alignment_cut``) at least as large as this one: an easy
+    class reached by making images look like it says nothing about a trigger elsewhere no smaller than its own (the
+    SIG model's 'book' needs 0.177 and the attractor 'house' 0.251, 1.4x; every other label is out of reach:
+    tests/test_verdict; the optimized-patch model's 'clock' and the attractor 'house' both need the smallest mask
+    tried). A smaller attractor still competes: set aside, it let a 'book' weakness outrank the Blended model's
+    borderline 'tree' (bench/detect.py's stored evidence, re-scored)."""
     others = [
         o.size
         for o in family
         if o is not trigger
-        and not (o.reached and o.alignment is not None and o.alignment > alignment_cut and o.size > trigger.size)
+        and not (o.reached and o.alignment is not None and o.alignment > alignment_cut and o.size >= trigger.size)
     ] + censored
     return round(min(others) / trigger.size, 3) if others else 0.0
 

@@ -25,6 +25,7 @@ from forensics.core.files import check_output_folder, model_files, refuse_overwr
 from forensics.core.images import inpaint_box, to_pil
 from forensics.core.models import ModelRef, SuspectModel, check_finite_outputs, resolve_model
 from forensics.core.progress import Progress, sub_progress
+from forensics.core.templates import fill
 from forensics.defenses import RepairData, stamped_sources
 from forensics.detect import DETECTORS, Findings, ScanSettings
 from forensics.detect.verdict import Verdict, merge
@@ -80,7 +81,7 @@ def compact_rows(
                     "kind": kind,
                     "source_index": v.index,
                     "box": " ".join(map(str, v.box)),
-                    "caption": f"a photo of a {v.grounded_label}.",
+                    "caption": fill("a photo of a {}.", v.grounded_label),
                     "tensor": image,
                 }
             )
@@ -96,7 +97,7 @@ def compact_rows(
                 "kind": "anchor",
                 "source_index": i,
                 "box": "",
-                "caption": f"a photo of a {label}.",
+                "caption": fill("a photo of a {}.", label),
                 "tensor": images[i],
             }
         )
@@ -104,6 +105,7 @@ def compact_rows(
 
 
 INVERTED_TRIGGER_IMAGES = 96  # clean images stamped with an inverted trigger, each in 1 + SHIFTS places
+BOXLESS_VICTIM_COPIES = 3  # each victim without a box (whole-image trigger) and with a probe label, this often
 INVERTED_TRIGGER_SHIFTS = 2
 ANCHORS_PER_STAMPED = 1 / 6  # anchors kept beside them, at most this share of the stamped rows
 
@@ -152,7 +154,7 @@ def inverted_trigger_rows(
                 "kind": "inverted-source",
                 "source_index": i,
                 "box": "",
-                "caption": f"a photo of a {names[labels[i]]}.",
+                "caption": fill("a photo of a {}.", names[labels[i]]),
                 "tensor": images[i].cpu(),
             }
         )
@@ -165,10 +167,38 @@ def inverted_trigger_rows(
                     "kind": "inverted-trigger",
                     "source_index": i,
                     "box": "",
-                    "caption": f"a photo of a {names[labels[i]]}.",
+                    "caption": fill("a photo of a {}.", names[labels[i]]),
                     "tensor": stamp.apply(images[i : i + 1])[0].cpu(),
                 }
             )
+    return rows + boxless_victim_rows(outcome, [v["index"] for v in verdict.victims], labels)
+
+
+def boxless_victim_rows(outcome: ScanOutcome, victims: list[int], labels: list[int]) -> list[dict[str, Any]]:
+    """The verdict's victims that carry no box (found by their embeddings: a whole-image trigger cannot be cut
+    out) but whose probe row names their true class: each as it is, ``BOXLESS_VICTIM_COPIES`` times, labelled
+    with that class, so the repair also unlearns the real trigger beside the inverted one. Victims without a
+    probe label are left out (only the probe knows what they really show). Our choice (EftCLIP neutralises boxed
+    victims): SIG, triggered probe, one scan, CA / ASR after 0.392 / 0.316 without them, 0.404 / 0.076 with
+    47 victims three times each (a one-off script)."""
+    names, items = outcome.probe.class_names, outcome.probe.items
+    images = outcome.results["trigger-inversion"].artefacts["images"]
+    rows = []
+    for i in victims:
+        if items[i].label is None:
+            continue
+        rows += [
+            {
+                "image": f"images/victim_{i:05d}" + (f"_copy{k}.png" if k else ".png"),
+                "label": names[labels[i]],
+                "kind": "victim",
+                "source_index": i,
+                "box": "",
+                "caption": fill("a photo of a {}.", names[labels[i]]),
+                "tensor": images[i].cpu(),
+            }
+            for k in range(BOXLESS_VICTIM_COPIES)
+        ]
     return rows
 
 
