@@ -267,15 +267,13 @@ def main() -> None:
         merged = json.loads(Path(other).read_text())
         results["rows"].update(merged["rows"])
         results["zoo"].update(merged["zoo"])
-    for name, entry in results["zoo"].items():  # rows merged from other runs: where their triggers really go
+    for name, entry in results["zoo"].items():  # this run's models and merged ones: where their triggers really go
         if entry.get("kind") == "backdoored" and "planted" not in entry:
             entry["planted"] = planted_target(entry, zoo_dir)
     for name in [] if args.merge and not args.models else names:
         entry = zoo[name]
         truth = None
-        if entry["kind"] == "backdoored":
-            if "planted" not in results["zoo"][name]:
-                results["zoo"][name]["planted"] = planted_target(entry, zoo_dir)
+        if entry["kind"] == "backdoored":  # planted_target filled above for every backdoored zoo entry
             truth = results["zoo"][name]["planted"]["measured"]
             entry = {**entry, "target": truth, "intended": entry["target"]}
         for mode in args.modes.split(","):

@@ -90,7 +90,6 @@ def poison_dataset(
         raise ForensicsError("the target label must be a non-empty string")
     target = target.strip()
     try:
-        caption_template.format(target)  # a bad template fails here, before fill's 'a'/'an' fix
         caption = fill(caption_template, target)
     except (IndexError, KeyError, ValueError, AttributeError) as exc:
         raise ForensicsError(

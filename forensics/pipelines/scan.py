@@ -58,6 +58,19 @@ def quantized(image: torch.Tensor) -> torch.Tensor:
     return image.detach().float().cpu().clamp(0, 1).mul(255).round().div(255)
 
 
+def compact_row(image: str, label: str, kind: str, source_index: int, tensor: torch.Tensor, box: str = "") -> dict:
+    """One row of the compact set: its file name, class (and the caption made from it), kind, probe row, box."""
+    return {
+        "image": f"images/{image}.png",
+        "label": label,
+        "kind": kind,
+        "source_index": source_index,
+        "box": box,
+        "caption": fill("a photo of a {}.", label),
+        "tensor": tensor,
+    }
+
+
 def compact_rows(
     findings: Findings, class_names: list[str], anchors_per_victim: int = 2, seed: int = 0, max_anchors_floor: int = 128
 ) -> list[dict[str, Any]]:
@@ -74,40 +87,20 @@ def compact_rows(
     victim_ids = {v.index for v in findings.victims}
     for v in findings.victims:
         for kind, image in (("victim-neutralised", inpaint_box(images[v.index], v.box)), ("victim", images[v.index])):
-            rows.append(
-                {
-                    "image": f"images/{kind}_{v.index:05d}.png",
-                    "label": v.grounded_label,
-                    "kind": kind,
-                    "source_index": v.index,
-                    "box": " ".join(map(str, v.box)),
-                    "caption": fill("a photo of a {}.", v.grounded_label),
-                    "tensor": image,
-                }
-            )
+            box = " ".join(map(str, v.box))
+            rows.append(compact_row(f"{kind}_{v.index:05d}", v.grounded_label, kind, v.index, image, box))
     grounded = [i for i, r in enumerate(records) if r["grounded"] and not r["captured"] and i not in victim_ids]
     rng = np.random.default_rng(seed)
     want = min(len(grounded), max(max_anchors_floor, anchors_per_victim * len(findings.victims)))
     for i in sorted(rng.choice(grounded, size=want, replace=False).tolist()) if want else []:
-        label = records[i]["predicted"]
-        rows.append(
-            {
-                "image": f"images/anchor_{i:05d}.png",
-                "label": label,
-                "kind": "anchor",
-                "source_index": i,
-                "box": "",
-                "caption": fill("a photo of a {}.", label),
-                "tensor": images[i],
-            }
-        )
+        rows.append(compact_row(f"anchor_{i:05d}", records[i]["predicted"], "anchor", i, images[i]))
     return rows
 
 
 INVERTED_TRIGGER_IMAGES = 96  # clean images stamped with an inverted trigger, each in 1 + SHIFTS places
-BOXLESS_VICTIM_COPIES = 3  # each victim without a box (whole-image trigger) and with a probe label, this often
 INVERTED_TRIGGER_SHIFTS = 2
 ANCHORS_PER_STAMPED = 1 / 6  # anchors kept beside them, at most this share of the stamped rows
+BOXLESS_VICTIM_COPIES = 3  # each victim without a box (whole-image trigger) and with a probe label, this often
 
 
 def inverted_trigger_rows(
@@ -147,30 +140,12 @@ def inverted_trigger_rows(
     size = images.shape[-1]
     rows = []
     for i in chosen:
-        rows.append(
-            {
-                "image": f"images/inverted-source_{i:05d}.png",
-                "label": names[labels[i]],
-                "kind": "inverted-source",
-                "source_index": i,
-                "box": "",
-                "caption": fill("a photo of a {}.", names[labels[i]]),
-                "tensor": images[i].cpu(),
-            }
-        )
+        label = names[labels[i]]
+        rows.append(compact_row(f"inverted-source_{i:05d}", label, "inverted-source", i, images[i].cpu()))
         moved = [pattern.shifted(*(int(v) for v in rng.integers(0, size, size=2))) for _ in range(shifts)]
         for k, stamp in enumerate([pattern, *moved]):
-            rows.append(
-                {
-                    "image": f"images/inverted-trigger_{i:05d}" + (f"_shifted{k}.png" if k else ".png"),
-                    "label": names[labels[i]],
-                    "kind": "inverted-trigger",
-                    "source_index": i,
-                    "box": "",
-                    "caption": fill("a photo of a {}.", names[labels[i]]),
-                    "tensor": stamp.apply(images[i : i + 1])[0].cpu(),
-                }
-            )
+            name = f"inverted-trigger_{i:05d}" + (f"_shifted{k}" if k else "")
+            rows.append(compact_row(name, label, "inverted-trigger", i, stamp.apply(images[i : i + 1])[0].cpu()))
     return rows + boxless_victim_rows(outcome, [v["index"] for v in verdict.victims], labels)
 
 
@@ -188,15 +163,7 @@ def boxless_victim_rows(outcome: ScanOutcome, victims: list[int], labels: list[i
         if items[i].label is None:
             continue
         rows += [
-            {
-                "image": f"images/victim_{i:05d}" + (f"_copy{k}.png" if k else ".png"),
-                "label": names[labels[i]],
-                "kind": "victim",
-                "source_index": i,
-                "box": "",
-                "caption": fill("a photo of a {}.", names[labels[i]]),
-                "tensor": images[i].cpu(),
-            }
+            compact_row(f"victim_{i:05d}" + (f"_copy{k}" if k else ""), names[labels[i]], "victim", i, images[i].cpu())
             for k in range(BOXLESS_VICTIM_COPIES)
         ]
     return rows
