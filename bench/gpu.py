@@ -1,5 +1,8 @@
 """Device figures (not a test): scan, repair and compare times for random-weight ViT-B-32 and RN50 at 224 px.
 
+The oracle-guided scan is timed in full and as a cascade (cold, then warm region cache), each with its cost
+in forward+backward passes of the same images (issue 14's goal: at most 2x).
+
 One run, every row on the same device, in bench/scan_repair.py's table format (rates side by side with the
 bare forward+backward, so the ratios read without a reference machine). Random weights: the figures are
 speed only (no backdoor to find or repair). Run by bench/gpu.sh on a machine with a GPU:
@@ -23,7 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from forensics.core.models import ModelRef  # noqa: E402
+from forensics.core.models import ModelRef, atomic_write_text  # noqa: E402
+from forensics.detect import ScanSettings  # noqa: E402
 from forensics.pipelines.compare import run_compare  # noqa: E402
 from forensics.pipelines.repair import run_repair  # noqa: E402
 from forensics.pipelines.scan import scan  # noqa: E402
@@ -50,7 +54,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn) -> float:
+def timed(fn, what: str = "") -> float:
+    """Seconds ``fn()`` takes; says what it times on stderr first, so a long run shows where it is."""
+    if what:
+        print(f"timing {what}", file=sys.stderr, flush=True)
     start = time.time()
     fn()
     return time.time() - start
@@ -58,33 +65,57 @@ def timed(fn) -> float:
 
 def arch_row(arch: str, device: str, images: int, budget: int, methods: str, work: Path) -> dict:
     """One architecture's row: fwd+bwd, the oracle scan, the full scan (every detector), a repair, a compare."""
-    ref = ModelRef(f"random:{arch}", device=device)
+    spec = arch if arch in ("demo", "demo-clean") else f"random:{arch}"  # the bundled tiny CLIPs, or random weights
+    ref = ModelRef(spec, device=device)
     model = ref.load()
     n = images
     row = {
-        "model": f"random {arch}",
+        "model": spec.replace(":", " "),
         "device": str(model.device),
         "image px": model.image_size,
         "probe images": n,
         "fwd+bwd img/s": forward_backward_rate(model, batch=min(32, max(2, n))),
     }
-    oracle_s = timed(lambda: scan(model, "demo", max_images=n, detectors="oracle-guided"))
+    oracle_s = timed(lambda: scan(model, "demo", max_images=n, detectors="oracle-guided"), f"{arch} oracle scan")
     row["scan img/s (oracle)"] = n / oracle_s
-    all_s = timed(lambda: scan(model, "demo", max_images=n))
+    for cache in ("cold", "warm"):  # the second cascade finds every examined image's regions in the cache
+        cascade_s = timed(
+            lambda: scan(model, "demo", max_images=n, detectors="oracle-guided", settings=ScanSettings(cascade=True)),
+            f"{arch} cascade scan ({cache} cache)",
+        )
+        row[f"scan img/s (oracle, cascade {cache})"] = n / cascade_s
+    row["cascade cold / fwd+bwd"] = row["fwd+bwd img/s"] / row["scan img/s (oracle, cascade cold)"]
+    row["full scan / fwd+bwd"] = row["fwd+bwd img/s"] / row["scan img/s (oracle)"]
+    all_s = timed(lambda: scan(model, "demo", max_images=n), f"{arch} scan with every detector")
     row["scan img/s (all detectors)"] = n / all_s
     row["repair s (cleanclip)"] = timed(
-        lambda: run_repair(ref, method="cleanclip", probe="demo", budget=budget, out=work / f"repair_{arch}")
+        lambda: run_repair(ref, method="cleanclip", probe="demo", budget=budget, out=work / f"repair_{arch}"),
+        f"{arch} CleanCLIP repair",
     )
     row["compare s"] = timed(
-        lambda: run_compare(ref, methods, work / f"compare_{arch}", probe="demo", budget=budget, target="flower")
+        lambda: run_compare(ref, methods, work / f"compare_{arch}", probe="demo", budget=budget, target="flower"),
+        f"{arch} compare ({methods})",
     )
     return row
+
+
+def write_tables(out: Path, machine: str, rows: list[dict]) -> str:
+    """Write gpu.md and gpu.json (each atomically) for ``rows``; returns the markdown table."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = [f"Machine: {machine}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = (f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    atomic_write_text(out / "gpu.md", table + "\n")
+    atomic_write_text(out / "gpu.json", json.dumps({"machine": machine, "rows": rows}, indent=2))
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--archs", default="ViT-B-32,RN50")
+    parser.add_argument("--archs", default="ViT-B-32,RN50", help="open_clip names, or demo / demo-clean")
     parser.add_argument("--images", type=int, default=64, help="probe images per scan")
     parser.add_argument("--budget", type=int, default=120, help="clean images of the repair and compare")
     parser.add_argument("--methods", default="all", help="compare's methods")
@@ -92,21 +123,13 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [
-            arch_row(a.strip(), args.device, args.images, args.budget, args.methods, Path(tmp))
-            for a in args.archs.split(",")
-        ]
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
     machine = f"{device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    lines = [f"Machine: {machine}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = (f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    (out / "gpu.md").write_text(table + "\n")
-    (out / "gpu.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs.split(","):
+            rows.append(arch_row(arch.strip(), args.device, args.images, args.budget, args.methods, Path(tmp)))
+            table = write_tables(out, machine, rows)  # after every row, so a run cut short keeps what it measured
     print(table)
 
 

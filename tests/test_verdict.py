@@ -224,3 +224,26 @@ def test_boxless_victims_join_the_repair_set_with_their_probe_label():
     assert all(r["kind"] == "victim" and r["box"] == "" for r in rows)
     assert rows[3]["caption"] == "a photo of an apple."
     assert len({r["image"] for r in rows}) == 6 and torch.equal(rows[0]["tensor"], images[2])
+
+
+def test_a_model_that_sends_every_image_to_one_label_is_inverted_for_the_others_only():
+    """A random or broken model can predict one label for every probe image (a random RN50 did, on a GPU run of
+    bench/gpu.py): that label has no images of other classes to invert on, so it is set aside with a note, the
+    other labels are inverted as usual, and nothing is flagged from it."""
+    from forensics.core.models import load_model
+    from forensics.core.zeroshot import class_text_embeddings
+    from forensics.detect.trigger_inversion import TriggerInversion, TriggerInversionSettings
+
+    model = load_model("demo-clean")
+    probe = load_probe_set("demo-clean").subset(36, 0)
+    sink = probe.class_names.index("tree")
+    with torch.no_grad():
+        text = class_text_embeddings(model, list(probe.class_names), "short")[sink]
+        proj = model.clip.visual.attnpool.c_proj
+        proj.weight.zero_()  # every image embeds to the same vector: the text embedding of 'tree'
+        proj.bias.copy_(text.to(proj.bias.dtype) * 10)
+    settings = TriggerInversionSettings(steps=2, grid_points=3, held_out_images=8, families=("global",))
+    findings = TriggerInversion(settings=settings).run(model, probe)
+    assert "tree" in findings.metrics["not_inverted"] and "36 of 36" in findings.metrics["not_inverted"]["tree"]
+    assert "tree" not in findings.metrics["labels_inverted"] and len(findings.metrics["labels_inverted"]) == 9
+    assert findings.flagged_labels == []

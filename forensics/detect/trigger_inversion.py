@@ -219,6 +219,12 @@ class TriggerInversion(Detector):
                 out.append((s.epsilon * scale, InvertedPattern("global", delta=fitted * scale)))
         return out
 
+    def invertible(self, predicted: torch.Tensor, target: int) -> bool:
+        """Whether the fit and choose splits each hold an image predicted as another class than ``target`` (a
+        model that sends every image to one label, a random one say, leaves nothing to invert for that label)."""
+        splits = _Splits(len(predicted), self.settings.seed)
+        return all(bool((predicted[idx] != target).any()) for idx in (splits.fit, splits.choose))
+
     def invert_label(
         self,
         model: SuspectModel,
@@ -315,9 +321,16 @@ class TriggerInversion(Detector):
             per_family: dict[str, list[LabelTrigger]] = {}
             patterns: dict[tuple[str, str], InvertedPattern] = {}
             jobs = [(f, t) for f in s.families for t in ranked]
+            not_inverted: dict[str, str] = {}  # a label that takes (nearly) every image: nothing to send to it
             for n, (family, t) in enumerate(jobs):
                 if progress:
                     progress(n / len(jobs), f"inverting a {family} trigger for '{names[t]}' ({n + 1}/{len(jobs)})")
+                if not self.invertible(predicted, t):
+                    not_inverted[names[t]] = (
+                        f"the model already predicts {int((predicted == t).sum())} of {len(predicted)} probe images "
+                        f"as '{names[t]}': too few images of other classes to fit and choose a trigger"
+                    )
+                    continue
                 own = own_images(probe, predicted, t)
                 result, trigger = self.invert_label(model, images, predicted, class_emb, t, family, own, embeddings)
                 result.label = names[t]
@@ -388,7 +401,8 @@ class TriggerInversion(Detector):
         metrics = {
             "seconds": round(time.time() - start, 2),
             "seconds_per_label": round(per_label_seconds, 3),
-            "labels_inverted": [names[t] for t in ranked],
+            "labels_inverted": [names[t] for t in ranked if names[t] not in not_inverted],
+            "not_inverted": not_inverted,
             "thresholds": {"anomaly": anomaly_cut, "alignment": alignment_cut, "uniqueness": s.uniqueness},
             "calibrated_on": calibrated.get("calibrated_on"),
             "borderline": [r.to_dict() for r in borderline],
