@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from forensics.core.models import ModelRef, atomic_write_text  # noqa: E402
 from forensics.detect import ScanSettings  # noqa: E402
+from forensics.detect.oracle_scan import REGION_CACHE  # noqa: E402
 from forensics.pipelines.compare import run_compare  # noqa: E402
 from forensics.pipelines.repair import run_repair  # noqa: E402
 from forensics.pipelines.scan import scan  # noqa: E402
@@ -54,48 +55,66 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, what: str = "") -> float:
-    """Seconds ``fn()`` takes; says what it times on stderr first, so a long run shows where it is."""
-    if what:
-        print(f"timing {what}", file=sys.stderr, flush=True)
+def timed(fn, what: str, errors: list[str]) -> float | None:
+    """Seconds ``fn()`` takes, or None when it fails (the failure is added to ``errors``: the bench goes on to
+    the next step). Says what it times on stderr first, so a long run shows where it is."""
+    print(f"timing {what}", file=sys.stderr, flush=True)
     start = time.time()
-    fn()
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - a bench row records what failed and keeps measuring
+        errors.append(f"{what}: {type(exc).__name__}: {exc}")
+        print(f"  failed: {errors[-1]}", file=sys.stderr, flush=True)
+        return None
     return time.time() - start
 
 
+def rate(n: int, seconds: float | None) -> float | None:
+    return None if seconds is None else n / seconds
+
+
 def arch_row(arch: str, device: str, images: int, budget: int, methods: str, work: Path) -> dict:
-    """One architecture's row: fwd+bwd, the oracle scan, the full scan (every detector), a repair, a compare."""
+    """One architecture's row: fwd+bwd, the oracle scan in full and as a cascade, the scan with every detector,
+    a CleanCLIP repair and a compare; a step that fails leaves its cell empty and its error in ``errors``."""
     spec = arch if arch in ("demo", "demo-clean") else f"random:{arch}"  # the bundled tiny CLIPs, or random weights
     ref = ModelRef(spec, device=device)
     model = ref.load()
     n = images
-    row = {
-        "model": spec.replace(":", " "),
-        "device": str(model.device),
-        "image px": model.image_size,
-        "probe images": n,
-        "fwd+bwd img/s": forward_backward_rate(model, batch=min(32, max(2, n))),
-    }
-    oracle_s = timed(lambda: scan(model, "demo", max_images=n, detectors="oracle-guided"), f"{arch} oracle scan")
-    row["scan img/s (oracle)"] = n / oracle_s
+    errors: list[str] = []
+    fwd_bwd = forward_backward_rate(model, batch=min(32, max(2, n)))
+    row = {"model": spec.replace(":", " "), "device": str(model.device), "image px": model.image_size}
+    row.update({"probe images": n, "fwd+bwd img/s": fwd_bwd})
+    oracle_s = timed(
+        lambda: scan(model, "demo", max_images=n, detectors="oracle-guided"), f"{arch} oracle scan", errors
+    )
+    row["scan img/s (oracle)"] = rate(n, oracle_s)
+    cascade = ScanSettings(cascade=True)
     for cache in ("cold", "warm"):  # the second cascade finds every examined image's regions in the cache
-        cascade_s = timed(
-            lambda: scan(model, "demo", max_images=n, detectors="oracle-guided", settings=ScanSettings(cascade=True)),
-            f"{arch} cascade scan ({cache} cache)",
+        if cache == "cold":  # the cache is process-wide: an earlier row's images at this size would warm it
+            REGION_CACHE.clear()
+        row[f"scan img/s (oracle, cascade {cache})"] = rate(
+            n,
+            timed(
+                lambda: scan(model, "demo", max_images=n, detectors="oracle-guided", settings=cascade),
+                f"{arch} cascade scan ({cache} cache)",
+                errors,
+            ),
         )
-        row[f"scan img/s (oracle, cascade {cache})"] = n / cascade_s
-    row["cascade cold / fwd+bwd"] = row["fwd+bwd img/s"] / row["scan img/s (oracle, cascade cold)"]
-    row["full scan / fwd+bwd"] = row["fwd+bwd img/s"] / row["scan img/s (oracle)"]
-    all_s = timed(lambda: scan(model, "demo", max_images=n), f"{arch} scan with every detector")
-    row["scan img/s (all detectors)"] = n / all_s
+    for name, key in (("full scan", "scan img/s (oracle)"), ("cascade cold", "scan img/s (oracle, cascade cold)")):
+        row[f"{name} / fwd+bwd"] = fwd_bwd / row[key] if row[key] else None
+    all_s = timed(lambda: scan(model, "demo", max_images=n), f"{arch} scan with every detector", errors)
+    row["scan img/s (all detectors)"] = rate(n, all_s)
     row["repair s (cleanclip)"] = timed(
         lambda: run_repair(ref, method="cleanclip", probe="demo", budget=budget, out=work / f"repair_{arch}"),
         f"{arch} CleanCLIP repair",
+        errors,
     )
     row["compare s"] = timed(
         lambda: run_compare(ref, methods, work / f"compare_{arch}", probe="demo", budget=budget, target="flower"),
         f"{arch} compare ({methods})",
+        errors,
     )
+    row["errors"] = "; ".join(errors)
     return row
 
 
@@ -104,7 +123,7 @@ def write_tables(out: Path, machine: str, rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     lines = [f"Machine: {machine}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        cells = (f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)
+        cells = (f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c) or "") for c in columns)
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     atomic_write_text(out / "gpu.md", table + "\n")
