@@ -247,3 +247,52 @@ def test_a_model_that_sends_every_image_to_one_label_is_inverted_for_the_others_
     assert "tree" in findings.metrics["not_inverted"] and "36 of 36" in findings.metrics["not_inverted"]["tree"]
     assert "tree" not in findings.metrics["labels_inverted"] and len(findings.metrics["labels_inverted"]) == 9
     assert findings.flagged_labels == []
+
+
+def test_an_inverted_trigger_joins_boxed_victims_in_the_repair_set():
+    """When the inversion named the verdict's target, clean images of other classes carrying its trigger go to
+    the repair even when the probe held boxed victims (they are neutralised by the oracle's rows; only box-less
+    victims are copied here); an inversion that named another label adds nothing."""
+    from types import SimpleNamespace
+
+    from forensics.pipelines.scan import INVERTED_TRIGGER_SHIFTS, inverted_trigger_rows
+
+    names = ["apple", "book", "clock"]
+    images = torch.rand(12, 3, 8, 8)
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :2, :2] = 1
+    pattern = InvertedPattern("local", mask=mask, pattern=torch.ones(3, 8, 8))
+    inverted = InvertedTrigger(
+        label="clock",
+        method="trigger-inversion/local",
+        mask_area=0.06,
+        verified_asr=0.9,
+        n_verified=4,
+        verified_on="held-out",
+        pattern="p.png",
+        stats={"key": "local/clock", "candidate": True},
+    )
+    inversion = SimpleNamespace(
+        inverted=[inverted],
+        artefacts={
+            "images": images,
+            "predicted": torch.tensor([i % 3 for i in range(12)]),
+            "inverted_patterns": {"local/clock": pattern},
+        },
+    )
+    victims = [{"index": 2, "box": [0, 0, 2, 2]}, {"index": 5, "box": None}]
+    outcome = SimpleNamespace(
+        verdict=SimpleNamespace(target="clock", trigger={"detector": "oracle-guided"}, victims=victims),
+        results={"trigger-inversion": inversion},
+        probe=SimpleNamespace(class_names=names, items=[SimpleNamespace(label=i % 3) for i in range(12)]),
+        report={"seed": 0},
+    )
+    rows = inverted_trigger_rows(outcome)
+    stamped = [r for r in rows if r["kind"] == "inverted-trigger"]
+    sources = {r["source_index"] for r in rows if r["kind"] == "inverted-source"}
+    assert sources == {0, 1, 3, 4, 6, 7, 9, 10}  # every image not of the target and not a victim
+    assert len(stamped) == len(sources) * (1 + INVERTED_TRIGGER_SHIFTS)
+    assert all(r["label"] != "clock" and bool((r["tensor"][:, :2, :2] == 1).all()) for r in stamped[::3])
+    assert [r["source_index"] for r in rows if r["kind"] == "victim"] == [5, 5, 5]  # box-less only
+    inverted.label = "book"  # the inversion named another label: no evidence of this backdoor's trigger
+    assert inverted_trigger_rows(outcome) == []

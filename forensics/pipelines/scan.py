@@ -112,7 +112,10 @@ def inverted_trigger_rows(
     and each such image as it is (kind ``inverted-source``), the clean embedding oracle-finetune pulls its stamped
     copies to.
 
-    Used when the scan found no victim to neutralise (a clean-only probe, or a whole-image trigger). The shifted
+    Used whenever the inversion named the verdict's target: with no victim to neutralise (a clean-only probe, a
+    whole-image trigger) it is all there is to unlearn from; beside boxed victims it unlearns the trigger on
+    images of every class, not only on the few victims the probe held (optimized patch, triggered probe: 26
+    boxed victims alone left ASR 0.493; measured with the inverted rows in bench/results/detect.md). The shifted
     copies and the few anchors are our choice (EftCLIP repairs from victims): an inverted trigger is a scattered
     part of the real one, and unlearning it at one place beside many anchors left most of the backdoor. Demo,
     clean-only probe, oracle-finetune, CA 0.483 / ASR 0.944 before: 64 images at the inverted place + 128 anchors
@@ -122,11 +125,12 @@ def inverted_trigger_rows(
     sources and oracle-finetune's invariance term (its docstring): demo 0.483 / 0.026, SIG 0.420 / 0.033."""
     verdict, results = outcome.verdict, outcome.results or {}
     inversion = results.get("trigger-inversion")
-    if verdict is None or verdict.trigger is None or inversion is None:
+    if verdict is None or verdict.target is None or inversion is None or "inverted_patterns" not in inversion.artefacts:
         return []
-    if verdict.trigger.get("detector") != "trigger-inversion" or any(v.get("box") for v in verdict.victims):
+    named = [t for t in inversion.inverted if t.label == verdict.target and t.stats.get("candidate")]
+    if not named:  # the inversion did not name the verdict's target: its triggers are no evidence of this backdoor
         return []
-    pattern = inversion.artefacts["inverted_patterns"][verdict.trigger["stats"]["key"]]
+    pattern = inversion.artefacts["inverted_patterns"][max(named, key=lambda t: t.verified_asr).stats["key"]]
     names = outcome.probe.class_names
     target = names.index(verdict.target)
     predicted = inversion.artefacts["predicted"].tolist()
@@ -146,7 +150,8 @@ def inverted_trigger_rows(
         for k, stamp in enumerate([pattern, *moved]):
             name = f"inverted-trigger_{i:05d}" + (f"_shifted{k}" if k else "")
             rows.append(compact_row(name, label, "inverted-trigger", i, stamp.apply(images[i : i + 1])[0].cpu()))
-    return rows + boxless_victim_rows(outcome, [v["index"] for v in verdict.victims], labels)
+    boxless = [v["index"] for v in verdict.victims if not v.get("box")]  # boxed ones are neutralised already
+    return rows + boxless_victim_rows(outcome, boxless, labels)
 
 
 def boxless_victim_rows(outcome: ScanOutcome, victims: list[int], labels: list[int]) -> list[dict[str, Any]]:
