@@ -38,9 +38,21 @@ def test_anchor_only_findings_say_there_was_nothing_to_unlearn_and_change_little
 
 
 def test_victims_are_counted_with_their_flagged_label():
+    notes_of = type(build_defense("oracle-finetune"))._coverage_notes
     kinds = ["victim", "victim-neutralised", "anchor", "anchor"]
-    notes = type(build_defense("oracle-finetune"))._coverage_notes(_data(kinds, ["flower"]))
-    assert notes == ["2 victim samples (as found and with the trigger neutralised) for flagged label(s) flower"]
+    assert notes_of(_data(kinds, ["flower"])) == [
+        "1 victims with their trigger box neutralised (and as found) for flower"
+    ]
+    # boxed victims, an inverted trigger beside them, and box-less victims (3 copies): each said once, counted right
+    kinds = ["victim-neutralised", "victim"] * 2 + ["inverted-source", "inverted-trigger", "inverted-trigger"]
+    notes = notes_of(_data(kinds + ["victim"] * 3 + ["anchor"], ["flower"]), invariance=True)
+    assert len(notes) == 3 and notes[0].startswith("2 victims with the trigger box neutralised")
+    assert notes[1].startswith("beside them, the compact set carries the inverted trigger: 2 stamped clean images")
+    assert "pulled to the original's embedding" in notes[1] and notes[2].startswith(
+        "3 victim samples without a trigger box"
+    )
+    only_stamped = notes_of(_data(["inverted-source", "inverted-trigger", "anchor"], ["book"]))
+    assert only_stamped[0].startswith("no victim to neutralise, so the compact set carries the inverted trigger: 1")
 
 
 def test_stamped_rows_are_pulled_to_the_originals_embedding_of_their_clean_source():

@@ -182,29 +182,31 @@ class OracleGuidedFinetune(Defense):
 
     @staticmethod
     def _coverage_notes(data: RepairData, invariance: bool = False) -> list[str]:
-        """Say plainly when the findings gave this repair nothing to unlearn (no flagged label, no victim)."""
+        """What the compact set gave this repair to unlearn from: boxed victims (neutralised and as found), an
+        inverted trigger stamped on clean images, box-less victims; and say plainly when it gave nothing."""
         stamped = sum(k == "inverted-trigger" for k in data.kinds)
-        victims = sum(k in ("victim", "victim-neutralised") for k in data.kinds)
+        boxed = sum(k == "victim-neutralised" for k in data.kinds)  # each boxed victim: neutralised + as found
+        boxless = sum(k == "victim" for k in data.kinds) - boxed
+        flagged = ", ".join(data.flagged) or "(none named)"
         notes = []
+        if boxed:
+            notes.append(
+                f"{boxed} victim{'s' * (boxed != 1)} with the trigger box neutralised (and as found) for {flagged}"
+            )
         if stamped:
             notes.append(
-                f"no victim to neutralise, so the compact set was built from the inverted trigger: {stamped} stamped "
-                f"clean images (each image with the trigger where it was inverted and moved elsewhere), labelled with "
-                f"their own class"
+                ("beside them, " if boxed else "no victim to neutralise, so ")
+                + f"the compact set carries the inverted trigger: {stamped} stamped clean images (each image with "
+                f"the trigger where it was inverted and moved elsewhere), labelled with their own class"
                 + (", each pulled to the original's embedding of its clean source" if invariance else "")
-                + f", to unlearn it for {', '.join(data.flagged) or '(none named)'}"
+                + f", to unlearn it for {flagged}"
             )
-        if victims and stamped:
-            return notes + [
-                f"and {victims} victim samples without a trigger box (copies of each), labelled with the class "
-                f"their probe row names, for flagged label(s) {', '.join(data.flagged) or '(none named)'}"
-            ]
-        if victims:
-            return notes + [
-                f"{victims} victim samples (as found and with the trigger neutralised) for flagged label(s) "
-                f"{', '.join(data.flagged) or '(none named)'}"
-            ]
-        if stamped:
+        if boxless > 0:
+            notes.append(
+                f"{boxless} victim samples without a trigger box (copies of each), labelled with the class their "
+                f"probe row names, for {flagged}"
+            )
+        if notes:
             return notes
         return [
             "the scan flagged no label and found no victim, so there was nothing to unlearn: this run only "
