@@ -40,9 +40,7 @@ def test_anchor_only_findings_say_there_was_nothing_to_unlearn_and_change_little
 def test_victims_are_counted_with_their_flagged_label():
     notes_of = type(build_defense("oracle-finetune"))._coverage_notes
     kinds = ["victim", "victim-neutralised", "anchor", "anchor"]
-    assert notes_of(_data(kinds, ["flower"])) == [
-        "1 victims with their trigger box neutralised (and as found) for flower"
-    ]
+    assert notes_of(_data(kinds, ["flower"])) == ["1 victim with the trigger box neutralised (and as found) for flower"]
     # boxed victims, an inverted trigger beside them, and box-less victims (3 copies): each said once, counted right
     kinds = ["victim-neutralised", "victim"] * 2 + ["inverted-source", "inverted-trigger", "inverted-trigger"]
     notes = notes_of(_data(kinds + ["victim"] * 3 + ["anchor"], ["flower"]), invariance=True)
