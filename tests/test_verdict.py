@@ -229,7 +229,7 @@ def test_boxless_victims_join_the_repair_set_with_their_probe_label():
 def test_a_model_that_sends_every_image_to_one_label_is_inverted_for_the_others_only():
     """A random or broken model can predict one label for every probe image (a random RN50 did, on a GPU run of
     bench/gpu.py): that label has no images of other classes to invert on, so it is set aside with a note, the
-    other labels are inverted as usual, and nothing is flagged from it."""
+    other labels are inverted as usual, nothing is flagged from it, and the verdict is inconclusive."""
     from forensics.core.models import load_model
     from forensics.core.zeroshot import class_text_embeddings
     from forensics.detect.trigger_inversion import TriggerInversion, TriggerInversionSettings
@@ -247,6 +247,8 @@ def test_a_model_that_sends_every_image_to_one_label_is_inverted_for_the_others_
     assert "tree" in findings.metrics["not_inverted"] and "36 of 36" in findings.metrics["not_inverted"]["tree"]
     assert "tree" not in findings.metrics["labels_inverted"] and len(findings.metrics["labels_inverted"]) == 9
     assert findings.flagged_labels == []
+    verdict = merge({"trigger-inversion": findings}, probe)  # an untestable label is no clean bill of health
+    assert verdict.verdict == "inconclusive" and "'tree' could not be tested" in verdict.reasons[0]
 
 
 def test_an_inverted_trigger_joins_boxed_victims_in_the_repair_set():

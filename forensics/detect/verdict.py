@@ -103,6 +103,8 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
             f"general weakness of the model or a backdoor with several targets"
             for r in shared[:1]
         ]
+    if inversion and inversion.metrics.get("not_inverted"):  # a label that takes (nearly) every probe image
+        weak += [f"'{label}' could not be tested: {why}" for label, why in inversion.metrics["not_inverted"].items()]
     if oracle:
         weak += [
             f"unverified oracle flag on '{f.label}'" for f in oracle.flagged_labels if f.label not in oracle_verified
