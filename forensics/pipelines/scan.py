@@ -114,10 +114,12 @@ def inverted_trigger_rows(
 
     Used whenever the inversion named the verdict's target: with no victim to neutralise (a clean-only probe, a
     whole-image trigger) it is all there is to unlearn from; beside boxed victims it unlearns the trigger on
-    images of every class, not only on the few victims the probe held (optimized patch, triggered probe: 26
-    boxed victims alone left ASR 0.493; measured with the inverted rows in bench/results/detect.md). The shifted
-    copies and the few anchors are our choice (EftCLIP repairs from victims): an inverted trigger is a scattered
-    part of the real one, and unlearning it at one place beside many anchors left most of the backdoor. Demo,
+    images of every class, not only on the few victims the probe held (triggered probes, bench/detect.py: an
+    older optimized-patch model repaired from its 26 boxed victims alone kept ASR 0.493; with the inverted rows
+    beside the boxed victims the demo went 0.973 -> 0.000, CA 0.482 -> 0.471, against 0.022 / 0.463 without).
+    The shifted copies and the few anchors are our choice (EftCLIP repairs from victims): an inverted trigger is
+    a scattered part of the real one, and unlearning it at one place beside many anchors left most of the backdoor.
+    Demo,
     clean-only probe, oracle-finetune, CA 0.483 / ASR 0.944 before: 64 images at the inverted place + 128 anchors
     -> 0.490 / 0.426; 64 x 2 places + 64 anchors -> 0.487 / 0.437 and 0.483 / 0.374 (two seeds of the choice);
     64 x 2 + 32 anchors -> 0.487 / 0.241; 96 x 3 + 48 anchors -> 0.483 / 0.185 (a one-off script over one scan);
