@@ -119,9 +119,8 @@ def inverted_trigger_rows(
     beside the boxed victims the demo went 0.973 -> 0.000, CA 0.482 -> 0.471, against 0.022 / 0.463 without).
     The shifted copies and the few anchors are our choice (EftCLIP repairs from victims): an inverted trigger is
     a scattered part of the real one, and unlearning it at one place beside many anchors left most of the backdoor.
-    Demo,
-    clean-only probe, oracle-finetune, CA 0.483 / ASR 0.944 before: 64 images at the inverted place + 128 anchors
-    -> 0.490 / 0.426; 64 x 2 places + 64 anchors -> 0.487 / 0.437 and 0.483 / 0.374 (two seeds of the choice);
+    Demo, clean-only probe, oracle-finetune, CA 0.483 / ASR 0.944 before: 64 images at the inverted place + 128
+    anchors -> 0.490 / 0.426; 64 x 2 places + 64 anchors -> 0.487 / 0.437 and 0.483 / 0.374 (two seeds of the choice);
     64 x 2 + 32 anchors -> 0.487 / 0.241; 96 x 3 + 48 anchors -> 0.483 / 0.185 (a one-off script over one scan);
     the default in bench/detect.py: demo 0.503 / 0.319, SIG 0.443 / 0.196 (from 0.393 / 0.978). With the clean
     sources and oracle-finetune's invariance term (its docstring): demo 0.483 / 0.026, SIG 0.420 / 0.033."""
