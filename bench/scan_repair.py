@@ -8,6 +8,7 @@ samples used, and CA/ASR before/after. Models: the demo pair, and a random-weigh
 
     python bench/scan_repair.py --out bench/results          # about 8 minutes on 2 CPU cores
     python bench/scan_repair.py --cascade                    # only: full scan vs cascade on the demo, side by side
+    python bench/scan_repair.py --cascade --model random:ViT-B-32 --max-images 24   # the same on ViT-B-32, 224 px
 
 ``--cascade`` prints (and writes nothing) the oracle-guided scan of the demo probe in full and as a cascade, then
 the cascade again on the same probe (oracle regions from the cache): images/s, fwd+bwd images/s, their ratio,
@@ -73,10 +74,12 @@ def oracle_seconds(probe, size: int, n: int = 30) -> dict:
 
 
 def cascade_comparison(spec: str = "demo", max_images: int | None = None) -> list[dict]:
-    """The demo's oracle-guided scan in full and as a cascade (cold, then with the region cache warm)."""
+    """``spec``'s oracle-guided scan of the demo probe in full and as a cascade (cold, then with the region cache
+    warm)."""
     model = load_model(spec)
     probe = load_probe_set("demo").subset(max_images, 0)
-    fwd_bwd = forward_backward_rate(load_model(spec))  # a copy: train mode moves the BatchNorm statistics
+    batch = 32 if model.image_size <= 128 else 8
+    fwd_bwd = forward_backward_rate(load_model(spec), batch=batch)  # a copy: train mode moves BatchNorm statistics
     runs = {}
     for name, cascade in (("full", False), ("cascade (cold cache)", True), ("cascade (warm cache)", True)):
         scan = OracleGuidedScan(build_oracle("fallback"), ScanSettings(cascade=cascade))
@@ -130,10 +133,11 @@ def main() -> None:
     parser.add_argument("--vit-images", type=int, default=8, help="probe images for the ViT-B-32 speed run")
     parser.add_argument("--cascade", action="store_true", help="only compare the full scan and the cascade (demo)")
     parser.add_argument("--max-images", type=int, help="with --cascade: a seeded subset of the demo probe")
+    parser.add_argument("--model", default="demo", help="with --cascade: the model (e.g. random:ViT-B-32)")
     args = parser.parse_args()
     if args.cascade:
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        print(f"Machine: {machine}\n\n{markdown(cascade_comparison(max_images=args.max_images))}")
+        print(f"Machine: {machine}\n\n{markdown(cascade_comparison(args.model, max_images=args.max_images))}")
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
