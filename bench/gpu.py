@@ -89,9 +89,8 @@ def arch_row(arch: str, device: str, images: int, budget: int, methods: str, wor
     )
     row["scan img/s (oracle)"] = rate(n, oracle_s)
     cascade = ScanSettings(cascade=True)
+    REGION_CACHE.clear()  # process-wide: an earlier row's images at this size would warm the cold run
     for cache in ("cold", "warm"):  # the second cascade finds every examined image's regions in the cache
-        if cache == "cold":  # the cache is process-wide: an earlier row's images at this size would warm it
-            REGION_CACHE.clear()
         row[f"scan img/s (oracle, cascade {cache})"] = rate(
             n,
             timed(

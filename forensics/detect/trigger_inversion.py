@@ -320,17 +320,16 @@ class TriggerInversion(Detector):
                 ranked = self.rank_labels(model, images, class_emb, gen)[: s.top_k]
             per_family: dict[str, list[LabelTrigger]] = {}
             patterns: dict[tuple[str, str], InvertedPattern] = {}
-            jobs = [(f, t) for f in s.families for t in ranked]
-            not_inverted: dict[str, str] = {}  # a label that takes (nearly) every image: nothing to send to it
+            not_inverted = {  # a label that takes (nearly) every image: nothing to send to it
+                names[t]: f"the model already predicts {int((predicted == t).sum())} of {len(predicted)} probe "
+                f"images as '{names[t]}': too few images of other classes to fit and choose a trigger"
+                for t in ranked
+                if not self.invertible(predicted, t)
+            }
+            jobs = [(f, t) for f in s.families for t in ranked if names[t] not in not_inverted]
             for n, (family, t) in enumerate(jobs):
                 if progress:
                     progress(n / len(jobs), f"inverting a {family} trigger for '{names[t]}' ({n + 1}/{len(jobs)})")
-                if not self.invertible(predicted, t):
-                    not_inverted[names[t]] = (
-                        f"the model already predicts {int((predicted == t).sum())} of {len(predicted)} probe images "
-                        f"as '{names[t]}': too few images of other classes to fit and choose a trigger"
-                    )
-                    continue
                 own = own_images(probe, predicted, t)
                 result, trigger = self.invert_label(model, images, predicted, class_emb, t, family, own, embeddings)
                 result.label = names[t]
