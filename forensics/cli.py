@@ -307,6 +307,18 @@ def cmd_scan_many(args: argparse.Namespace) -> dict:
     return audit.summary()
 
 
+def _add_precision_arg(p: argparse.ArgumentParser) -> None:
+    from forensics.core.precision import PRECISIONS
+
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="training passes in fp32, in bf16 autocast (about 1.6x faster where the CPU or GPU has native bf16), "
+        "or auto (bf16 where native); CA/ASR are always measured in fp32",
+    )
+
+
 def cmd_repair(args: argparse.Namespace) -> dict:
     from forensics.core.progress import tqdm_progress
     from forensics.pipelines.repair import run_repair
@@ -324,6 +336,7 @@ def cmd_repair(args: argparse.Namespace) -> dict:
             seed=args.seed,
             progress=progress,
             force=args.force,
+            precision=args.precision,
         )
 
 
@@ -355,6 +368,7 @@ def cmd_compare(args: argparse.Namespace) -> dict:
             target=args.target,
             settings=settings,
             progress=progress,
+            precision=args.precision,
         )
     return {k: v for k, v in result.items() if k != "budget_indices"}
 
@@ -565,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="clean repair images for methods that need no scan (default 120); CA/ASR are measured on the rest",
     )
     p.add_argument("--seed", type=_seed, default=0, help="seed of the budget split and of the method")
+    _add_precision_arg(p)
     p.add_argument("--out", required=True, help="folder for model.safetensors, metrics.json, report.html")
     p.set_defaults(func=cmd_repair)
 
@@ -582,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--settings", help='per-method settings as JSON or a JSON file, e.g. \'{"cleanclip": {"epochs": 2}}\''
     )
     p.add_argument("--seed", type=_seed, default=0)
+    _add_precision_arg(p)
     p.add_argument("--out", required=True, help="folder for compare.md, compare.json, report.html")
     p.set_defaults(func=cmd_compare)
 

@@ -17,7 +17,10 @@ as the text views, so the model learns that the patch does not change what an im
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,12 +71,14 @@ def find_universal_patch(
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
     stats: dict | None = None,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> torch.Tensor:
     """Optimise a universal patch (3 x k x k in [0, 1], returned on the CPU) on clean images so patched images all
     embed alike.
 
     A ``stats`` dict, when given, is filled with the search's statistics: side, first and last loss,
-    the mean cosine among patched embeddings and between patched and clean ones, before and after.
+    the mean cosine among patched embeddings and between patched and clean ones, before and after. ``autocast``
+    gives the context of each search step's forward pass (a repair's ``RepairJob.autocast``).
     The model is left untouched (gradients go to the patch only, the tower stays in eval mode).
     """
     if images.ndim != 4 or images.shape[1] != 3 or len(images) < 2:
@@ -108,7 +113,8 @@ def find_universal_patch(
             Defense.check_cancel(should_stop)
             idx = torch.from_numpy(rng.choice(len(images), size=min(batch_size, len(images)), replace=False))
             batch = images[idx].to(device)
-            patched = model.encode_image(paste_patch(batch, patch, generator))
+            with autocast():
+                patched = model.encode_image(paste_patch(batch, patch, generator))
             loss = patch_infonce(patched, clean_all[idx.to(device)], temperature)
             clamped_step(optimizer, loss, patch)
             losses.append(float(loss.detach()))
@@ -180,6 +186,7 @@ class ABD(Defense):
             part(0.0, share),
             should_stop,
             stats,
+            job.autocast,
         )
 
         patch = broadcast(patch)  # searched alike on every rank (not shared out); rank 0's, to be sure they agree
@@ -197,6 +204,7 @@ class ABD(Defense):
             progress=part(share, 1.0),
             should_stop=should_stop,
             label="ABD",
+            autocast=job.autocast,
         )
         self.last_patch = patch
         notes = [

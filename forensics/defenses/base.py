@@ -7,6 +7,7 @@ what every defense shares (validate, seed, make the Accelerator, copy the model,
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ import torch
 from forensics.core.distributed import gather, sync_buffers, synced_batchnorm, weights_digest, world_size
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
+from forensics.core.precision import resolve_precision, training_autocast
 from forensics.core.progress import check_stop
 from forensics.core.registry import Registry
 from forensics.core.templates import fill
@@ -100,6 +102,11 @@ class RepairJob:
     accelerator: Any
     progress: Progress | None = None
     should_stop: ShouldStop | None = None
+    precision: str = "fp32"  # resolved: fp32, or bf16 (autocast the training forward passes)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context for a training forward pass: bf16 autocast when the repair runs in bf16 (losses stay fp32)."""
+        return training_autocast(self.precision, self.accelerator.device)
 
     def parts(self) -> tuple[SuspectModel, SuspectModel, RepairData, Any, Progress | None, ShouldStop | None]:
         """The six fields in order, for ``model, repaired, data, accelerator, progress, should_stop = job.parts()``."""
@@ -161,8 +168,10 @@ class Defense(ABC):
         data: RepairData,
         progress: Progress | None = None,
         should_stop: ShouldStop | None = None,
+        precision: str = "fp32",
     ) -> RepairResult:
-        """Return a repaired copy; the input model is left untouched."""
+        """Return a repaired copy; the input model is left untouched. ``precision``: fp32, bf16 or auto (bf16 where
+        the device runs it natively) for the training passes (forensics.core.precision)."""
         from accelerate import Accelerator
 
         self.check_processes()
@@ -170,12 +179,15 @@ class Defense(ABC):
         start = time.time()
         torch.manual_seed(self.settings.seed)  # the same seed on every rank: each draws the same global batches
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        chosen = resolve_precision(precision, accelerator.device)
         repaired = model.clone()
         with synced_batchnorm(repaired.clip):  # several processes: BatchNorm statistics over the whole batch
-            fitted = self.fit(RepairJob(model, repaired, data, accelerator, progress, should_stop))
+            fitted = self.fit(RepairJob(model, repaired, data, accelerator, progress, should_stop, chosen))
         out = fitted.model if fitted.model is not None else repaired
         out.__dict__.pop("text_cache", None)  # class embeddings cached during the repair belong to the old towers
         notes, processes = list(fitted.notes), None
+        if chosen == "bf16":
+            notes.append("training passes in bf16 autocast (weights, optimiser and losses in fp32)")
         if world_size() > 1:
             sync_buffers(out.clip)  # the last step's batch statistics differ by rank; DDP would send rank 0's next
             digests = gather(weights_digest(out.clip))
@@ -188,7 +200,7 @@ class Defense(ABC):
             samples_used=int(fitted.samples_used),
             history=fitted.history,
             seconds=round(time.time() - start, 2),
-            settings={**asdict(self.settings), **fitted.details},
+            settings={**asdict(self.settings), **fitted.details, "precision": chosen},
             notes=notes,
             processes=processes,
         )

@@ -203,7 +203,9 @@ class CBPT(Defense):
         with frozen(repaired):
             for step in range(s.prompt_steps):
                 self.check_cancel(should_stop)
-                class_emb = F.normalize(encode_text_with_context(repaired.clip, tokens, context).float(), dim=-1)
+                with job.autocast():
+                    text = encode_text_with_context(repaired.clip, tokens, context)
+                class_emb = F.normalize(text.float(), dim=-1)
                 clean_loss = F.cross_entropy(100.0 * clean_feats @ class_emb.t(), y)
                 trig_loss = F.cross_entropy(100.0 * trig_feats @ class_emb.t(), y)
                 anchor = (1 - (class_emb * plain).sum(-1)).mean()

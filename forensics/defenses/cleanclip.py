@@ -9,7 +9,9 @@ its own weakens the spurious trigger-to-caption shortcut a backdoor plants. ABD 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -110,11 +112,13 @@ def cleanclip_train(
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
     label: str = "CleanCLIP",
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> list[dict]:
     """Fine-tune ``repaired`` in place (all parameters) with the CleanCLIP loss; returns the per-epoch history.
 
     ``accelerator`` is an ``accelerate.Accelerator``; torch is expected seeded from ``settings.seed``. ``image_views``
-    makes Ĩ from a batch of [0, 1] images (default: AutoAugment); ABD passes patched images.
+    makes Ĩ from a batch of [0, 1] images (default: AutoAugment); ABD passes patched images. ``autocast`` gives the
+    context of each training forward pass (a repair's ``RepairJob.autocast``: bf16 autocast or nothing).
     """
     s = settings
     rng = np.random.default_rng(s.seed)
@@ -157,7 +161,9 @@ def cleanclip_train(
                 originals, views, texts, text_views = originals[lo:hi], views[lo:hi], texts[lo:hi], text_views[lo:hi]
             pixels = repaired.normalize(torch.cat([originals, views]).to(device))
             tokens = repaired.tokenizer(texts + text_views).to(device)
-            image_emb, text_emb, logit_scale = clip(image=pixels, text=tokens)[:3]  # normalised, through DDP if any
+            with autocast():
+                image_emb, text_emb, logit_scale = clip(image=pixels, text=tokens)[:3]  # normalised, through DDP if any
+            image_emb, text_emb, logit_scale = image_emb.float(), text_emb.float(), logit_scale.float()
             n = len(originals)
             embs = [image_emb[:n], text_emb[:n], image_emb[n:], text_emb[n:]]
             if world > 1:  # the whole batch's embeddings on every rank: the loss has all the negatives
@@ -207,6 +213,7 @@ class CleanCLIP(Defense):
             self.settings,
             progress=progress,
             should_stop=should_stop,
+            autocast=job.autocast,
         )
         source = "given captions" if data.captions is not None else "class prompts ('a photo of a {class}.')"
         return Fitted(

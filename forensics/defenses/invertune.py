@@ -221,10 +221,14 @@ class InverTune(Defense):
             for it in range(s.iterations):
                 self.check_cancel(should_stop)
                 idx = torch.randperm(len(images), generator=gen)[: s.batch_size].to(device)
-                feats = F.normalize(student(repaired.normalize(images[idx])), dim=-1)
+                with job.autocast():
+                    feats = F.normalize(student(repaired.normalize(images[idx])).float(), dim=-1)
                 keep = (feats - ref_emb_t[idx]).norm(dim=-1).mean()
-                student(repaired.normalize(stamped[idx]))
-                gap = sum((srec.outputs[n][:, crit[n]] - ref_act_t[n][idx]).pow(2).mean() / energy[n] for n in chosen)
+                with job.autocast():
+                    student(repaired.normalize(stamped[idx]))
+                gap = sum(
+                    (srec.outputs[n][:, crit[n]].float() - ref_act_t[n][idx]).pow(2).mean() / energy[n] for n in chosen
+                )
                 loss = s.gap_weight * gap + s.keep_weight * keep
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)

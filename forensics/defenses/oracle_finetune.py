@@ -134,7 +134,9 @@ class OracleGuidedFinetune(Defense):
                     lo, hi = shard_range(n, rank_, world)
                     idx = idx[lo:hi]  # may be empty: its forward then adds zero gradients, as DDP needs
                 x = repaired.normalize(xs[idx].to(device))
-                emb = student(image=x)[0]  # normalised image features, through DDP under several processes
+                with job.autocast():
+                    emb = student(image=x)[0]  # normalised image features, through DDP under several processes
+                emb = emb.float()
                 keep = clean[idx].to(device)
                 per_sample = F.cross_entropy(100.0 * emb @ class_emb.t(), ys[idx].to(device), reduction="none")
                 # means over the global batch (one process: plain means), so DDP's gradient average is the global one

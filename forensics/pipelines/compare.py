@@ -30,6 +30,7 @@ from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.errors import ForensicsError
 from forensics.core.files import check_output_folder, model_files, refuse_overwriting_inputs, staged_output
 from forensics.core.models import ModelRef, SuspectModel, as_ref, check_finite_outputs, save_model
+from forensics.core.precision import resolve_precision
 from forensics.core.progress import Progress, ShouldStop, sub_progress
 from forensics.core.zeroshot import ASR_NOTE
 from forensics.defenses import DEFENSES, RepairData
@@ -225,14 +226,17 @@ def run_compare(
     target: str | None = None,
     save_models: bool = False,
     should_stop: ShouldStop | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Run each method on the same clean budget and held-out images; write compare.md, compare.json and report.html.
 
     ``settings`` maps a method name to its settings (e.g. ``{"cleanclip": {"epochs": 2}}``); ``attacks``
     are extra triggers (names, JSON attack files, dicts or Attack objects) measured with the model's
-    target (or ``target``). Returns the compare.json content.
+    target (or ``target``); ``precision`` is every repair's (fp32, bf16 or auto: forensics.core.precision). Returns the
+    compare.json content.
     """
     start = time.time()
+    resolve_precision(precision, "cpu")  # refuse an unknown precision before any work
     names = resolve_methods(methods)
     settings = dict(settings or {})
     stray = [k for k in settings if k not in names]
@@ -306,7 +310,7 @@ def run_compare(
                         inner = sub_progress(sub, 0.4, 0.9)
                     else:
                         method_data, inner = data, sub_progress(sub, 0.0, 0.9)
-                    result = defense.repair(loaded, method_data, inner, should_stop)
+                    result = defense.repair(loaded, method_data, inner, should_stop, precision)
                 row["seconds"] = round(time.time() - t0, 2)
                 row["peak_mib"] = round(memory.peak_mib, 1)
                 if sub:
@@ -345,6 +349,7 @@ def run_compare(
             "budget": len(budget_idx),
             "held_out": len(eval_idx),
             "seed": seed,
+            "precision": precision,
             "budget_indices": budget_idx,
             "findings": None if findings is None else str(findings),
             "attacks": [

@@ -31,6 +31,7 @@ from forensics.core.files import (
 )
 from forensics.core.images import load_image, load_pattern
 from forensics.core.models import ModelRef, SuspectModel, as_ref, check_finite_outputs, save_model
+from forensics.core.precision import resolve_precision
 from forensics.core.progress import Progress, ShouldStop, sub_progress
 from forensics.core.zeroshot import ASR_NOTE
 from forensics.defenses import DEFENSES, Defense, RepairData, stamped_sources
@@ -259,14 +260,17 @@ def run_repair(
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
     force: bool = False,
+    precision: str = "fp32",
 ) -> dict:
     """Repair ``model`` with ``method``; writes model.safetensors, metrics.json and report.html under ``out``.
 
     Methods with ``needs_findings`` use the scan's ``findings``; the others use a seeded clean budget
     of ``budget`` probe images (default 120) and are measured on the held-out clean images. Findings from
-    another model file (other SHA-256) are refused unless ``force``.
+    another model file (other SHA-256) are refused unless ``force``. ``precision``: the training passes' (fp32, bf16
+    or auto: forensics.core.precision); CA/ASR are measured in fp32 either way.
     """
     start = time.time()
+    resolve_precision(precision, "cpu")  # refuse an unknown precision before any work
     if out is None:
         raise ForensicsError("an output folder is required (--out)")
     cls = DEFENSES.get(method)
@@ -331,7 +335,7 @@ def run_repair(
         progress(0.02, "measuring CA/ASR before repair")
     before = flat_scores(measure(loaded, eval_images, eval_labels, probe_set.class_names, triggers, distributed=True))
     defense = make_defense(method, settings, seed)
-    result = defense.repair(loaded, data, sub_progress(progress, 0.1, 0.9), should_stop)
+    result = defense.repair(loaded, data, sub_progress(progress, 0.1, 0.9), should_stop, precision)
     if progress:
         progress(0.92, "measuring CA/ASR after repair")
     after = flat_scores(
