@@ -167,12 +167,14 @@ def test_bad_probe_uploads_and_images_give_clear_messages(workbench, tmp_path):
 def test_repair_without_a_scan_and_compare_view(workbench):
     """A clean-budget method repairs from the Repair tab without a scan; the Compare view tabulates the same run."""
     client = Client(workbench, verbose=False)
-    chart, rows, files, summary = client.predict("cleanclip", 5, 0, 80, "", api_name="/repair")
+    refused = _error(lambda: client.predict("cleanclip", 5, 0, 80, "", "fp16", api_name="/repair"))
+    assert "fp16" in refused and "\n" not in refused.strip()
+    chart, rows, files, summary = client.predict("cleanclip", 5, 0, 80, "", "fp32", api_name="/repair")
     table = {r[0]: (r[1], r[2]) for r in rows["data"]}
     assert table["asr"][0] >= 0.9 and table["asr"][1] < 0.5 and table["ca"][1] >= table["ca"][0] - 0.1
     assert any(str(f).endswith(".safetensors") for f in files)
     assert summary.startswith("### cleanclip: CA")
-    table, chart, files = client.predict(["cleanclip"], 80, api_name="/compare")
+    table, chart, files = client.predict(["cleanclip"], 80, "fp32", api_name="/compare")
     headers, data = table["headers"], table["data"]
     row = dict(zip(headers, data[0]))
     assert row["method"] == "cleanclip" and row["status"] == "ok"

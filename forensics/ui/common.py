@@ -346,3 +346,16 @@ def need_scan(state: dict) -> dict:
     if not state or not state.get("report"):
         raise gr.Error("run a scan first (Investigate tab)", print_exception=False)
     return state["report"]
+
+
+def precision_choice() -> gr.Dropdown:
+    """The repairs' precision: fp32, bf16 autocast, or auto (bf16 where this machine computes it natively)."""
+    from forensics.core.precision import PRECISIONS, native_bf16
+
+    here = "this CPU has native bf16" if native_bf16("cpu") else "this CPU has no native bf16"
+    return gr.Dropdown(
+        list(PRECISIONS),
+        value="fp32",
+        label="Precision",
+        info=f"bf16: training passes about 1.6-2x faster where native ({here}); CA/ASR always measured in fp32",
+    )

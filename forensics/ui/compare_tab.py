@@ -7,7 +7,7 @@ import gradio as gr
 from forensics.defenses import DEFENSES
 from forensics.pipelines.compare import run_compare
 from forensics.pipelines.report import comparison_chart, table_rows
-from forensics.ui.common import cancel_flag, gr_progress, guarded, model_ref, new_job_dir
+from forensics.ui.common import cancel_flag, gr_progress, guarded, model_ref, new_job_dir, precision_choice
 
 EXPLAIN = """**Compare** runs each chosen repair method on the same suspect model with the same clean budget (a seeded
 share of the probe set's clean images) and measures all of them on the same held-out images: CA and ASR before and
@@ -17,7 +17,12 @@ scans the budget images first. On 2 CPU cores all methods on the demo take sever
 
 @guarded
 def compare(
-    state: dict, methods: list[str], budget: float, request: gr.Request = None, progress=gr.Progress()
+    state: dict,
+    methods: list[str],
+    budget: float,
+    precision: str = "fp32",
+    request: gr.Request = None,
+    progress=gr.Progress(),
 ) -> tuple:
     """Run the comparison for this session's model; the table, the chart and the files."""
     if not methods:
@@ -34,6 +39,7 @@ def compare(
         findings=state.get("scan_dir"),
         progress=gr_progress(progress),
         should_stop=stop.is_set,
+        precision=precision,
     )
     import pandas as pd
 
@@ -54,13 +60,14 @@ def build_compare_tab(state: gr.State) -> dict:
             list(DEFENSES), value=[n for n in DEFENSES if n != "oracle-finetune"], label="Methods"
         )
         budget = gr.Slider(20, 250, value=120, step=10, label="Clean budget (images)")
+        precision = precision_choice()
     run = gr.Button("Compare", variant="primary", elem_id="compare-button")
     table = gr.Dataframe(label="Comparison", interactive=False, elem_id="compare-table")
     chart = gr.Plot(label="After repair (bars) vs before (dashed)")
     files = gr.File(label="compare.md, compare.json, report.html", file_count="multiple", interactive=False)
     run.click(
         compare,
-        [state, methods, budget],
+        [state, methods, budget, precision],
         [table, chart, files],
         api_name="compare",
         concurrency_limit=1,

@@ -10,7 +10,7 @@ from forensics.defenses import DEFENSES
 from forensics.pipelines.evaluate import defense_defaults
 from forensics.pipelines.repair import run_repair
 from forensics.pipelines.report import before_after_chart
-from forensics.ui.common import cancel_flag, gr_progress, guarded, model_ref, new_job_dir
+from forensics.ui.common import cancel_flag, gr_progress, guarded, model_ref, new_job_dir, precision_choice
 
 EXPLAIN = """**Repair** fine-tunes a copy of the model (your file is never overwritten) so the trigger stops deciding
 the label. *oracle-finetune* (EftCLIP) uses the scan's compact set: the victims with the trigger inpainted away,
@@ -52,6 +52,7 @@ def repair(
     lr: float,
     budget: float,
     extra: str,
+    precision: str = "fp32",
     request: gr.Request = None,
     progress=gr.Progress(),
 ) -> tuple:
@@ -71,6 +72,7 @@ def repair(
         settings=_settings(method, epochs, lr, extra),
         progress=gr_progress(progress),
         should_stop=stop.is_set,
+        precision=precision,
     )
     if needs_findings:
         result = run_repair(model_ref(state), state["scan_dir"], out, **kwargs)
@@ -106,7 +108,9 @@ def build_repair_tab(state: gr.State) -> dict:
         epochs = gr.Number(value=0, label="Epochs (0 = the method's default)", precision=0, minimum=0)
         lr = gr.Number(value=0, label="Learning rate (0 = default)", minimum=0)
         budget = gr.Slider(20, 250, value=120, step=10, label="Clean budget (methods without a scan)")
-    extra = gr.Textbox(label="Other settings (JSON)", placeholder='{"batch_size": 16}')
+    with gr.Row():
+        extra = gr.Textbox(label="Other settings (JSON)", placeholder='{"batch_size": 16}', scale=3)
+        precision = precision_choice()
     about = gr.Markdown(show_defaults("oracle-finetune"))
     with gr.Row():
         run = gr.Button("Repair", variant="primary", elem_id="repair-button")
@@ -121,7 +125,7 @@ def build_repair_tab(state: gr.State) -> dict:
     method.change(show_defaults, method, about, api_name=False)
     event = run.click(
         repair,
-        [state, method, epochs, lr, budget, extra],
+        [state, method, epochs, lr, budget, extra, precision],
         [chart, table, files, summary],
         api_name="repair",
         concurrency_limit=1,
