@@ -80,3 +80,12 @@ def workbench(tmp_path_factory):
     """``python app.py`` running on a free local port (as a user starts it); yields its URL, stops it after."""
     with running_app(tmp_path_factory.mktemp("workbench")) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (the machine is small and shared), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
