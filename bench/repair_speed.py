@@ -1,8 +1,8 @@
 """Benchmark (not a test): what makes the repairs fast, side by side in one run (ratios, not absolute times).
 
-1. The image tower's forward+backward images/s fed contiguous (NCHW) fp32, channels-last fp32 (what
-   ``SuspectModel.normalize`` hands every tower: scan, inversion and repairs) and channels-last in bf16 autocast
-   (``--precision bf16``), interleaved, with the largest embedding difference from the contiguous fp32 pass: the
+1. The image tower's forward+backward images/s fed contiguous (NCHW) fp32 (fp32 repairs), channels-last fp32
+   (``SuspectModel.encode_image``: the scan, the inversion) and channels-last in bf16 autocast (``--precision bf16``
+   repairs), interleaved, with the largest embedding difference from the contiguous fp32 pass: the
    demo's tiny-rn at 128 px, random RN50 and ViT-B-32 at 224 px (smaller batches).
 2. ``python -m forensics compare demo --methods all --budget 120`` as a user runs it (wall clock of the whole
    command), with ``--precision fp32`` and ``--precision bf16``, with each method's seconds and CA/ASR after.
@@ -30,34 +30,27 @@ sys.path.insert(0, str(ROOT))
 from forensics.core.models import SuspectModel, atomic_write_text, load_model  # noqa: E402
 from forensics.core.precision import native_bf16  # noqa: E402
 
-CHANNELS_LAST = SuspectModel.normalize
-
-
-def contiguous_normalize(self: SuspectModel, images: torch.Tensor) -> torch.Tensor:
-    """The layout before: pixel normalisation that keeps the input's (contiguous) layout."""
-    return CHANNELS_LAST(self, images).contiguous()
-
-
-# name -> (normalisation, autocast dtype or None)
+# name -> (memory layout of the tower's input, autocast dtype or None)
 ARMS = {
-    "contiguous fp32": (contiguous_normalize, None),
-    "channels-last fp32": (CHANNELS_LAST, None),
-    "channels-last bf16": (CHANNELS_LAST, torch.bfloat16),
+    "contiguous fp32": (torch.contiguous_format, None),
+    "channels-last fp32": (torch.channels_last, None),
+    "channels-last bf16": (torch.channels_last, torch.bfloat16),
 }
 
 
-def tower_pass(model: SuspectModel, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def tower_pass(model: SuspectModel, x: torch.Tensor, layout: torch.memory_format, dtype: torch.dtype | None):
+    pixels = model.normalize(x).contiguous(memory_format=layout)
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        return model.clip.visual(model.normalize(x)).float()
+        return model.clip.visual(pixels).float()
 
 
-def rate(model: SuspectModel, x: torch.Tensor, dtype: torch.dtype | None, seconds: float) -> float:
+def rate(model: SuspectModel, x: torch.Tensor, arm: tuple, seconds: float) -> float:
     """Forward+backward images/s of the image tower for ``seconds`` (after one warm-up pass)."""
     model.clip.visual.train()
-    tower_pass(model, x, dtype).sum().backward()
+    tower_pass(model, x, *arm).sum().backward()
     done, start = 0, time.time()
     while time.time() - start < seconds:
-        tower_pass(model, x, dtype).sum().backward()
+        tower_pass(model, x, *arm).sum().backward()
         done += len(x)
     model.clip.visual.eval()
     model.clip.zero_grad(set_to_none=True)
@@ -69,19 +62,15 @@ def tower_row(spec: str, batch: int, repeats: int, seconds: float) -> dict:
     x = torch.rand(batch, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
     rates: dict[str, list[float]] = {name: [] for name in ARMS}
     for _ in range(repeats):  # interleaved, so drifts in machine load hit every arm alike
-        for name, (normalize, dtype) in ARMS.items():
-            SuspectModel.normalize = normalize
-            rates[name].append(rate(model, x, dtype, seconds))
+        for name, arm in ARMS.items():
+            rates[name].append(rate(model, x, arm, seconds))
     differences = {}
     with torch.no_grad():
         model.clip.visual.eval()
-        SuspectModel.normalize = contiguous_normalize
-        reference = torch.nn.functional.normalize(tower_pass(model, x[:4], None), dim=-1)
-        for name, (normalize, dtype) in ARMS.items():
-            SuspectModel.normalize = normalize
-            embedding = torch.nn.functional.normalize(tower_pass(model, x[:4], dtype), dim=-1)
+        reference = torch.nn.functional.normalize(tower_pass(model, x[:4], torch.contiguous_format, None), dim=-1)
+        for name, arm in ARMS.items():
+            embedding = torch.nn.functional.normalize(tower_pass(model, x[:4], *arm), dim=-1)
             differences[name] = float(f"{float((embedding - reference).abs().max()):.2e}")
-    SuspectModel.normalize = CHANNELS_LAST
     best = {name: max(values) for name, values in rates.items()}
     base = best["contiguous fp32"]
     return {

@@ -204,7 +204,7 @@ class ABD(Defense):
             progress=part(share, 1.0),
             should_stop=should_stop,
             label="ABD",
-            autocast=job.autocast,
+            precision=job.precision,
         )
         self.last_patch = patch
         notes = [

@@ -18,7 +18,7 @@ import torch
 from forensics.core.distributed import gather, sync_buffers, synced_batchnorm, weights_digest, world_size
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
-from forensics.core.precision import resolve_precision, training_autocast
+from forensics.core.precision import resolve_precision, training_autocast, training_layout
 from forensics.core.progress import check_stop
 from forensics.core.registry import Registry
 from forensics.core.templates import fill
@@ -107,6 +107,10 @@ class RepairJob:
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context for a training forward pass: bf16 autocast when the repair runs in bf16 (losses stay fp32)."""
         return training_autocast(self.precision, self.accelerator.device)
+
+    def layout(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A normalised training batch in the memory layout for this repair's precision (training_layout)."""
+        return training_layout(pixels, self.precision)
 
     def parts(self) -> tuple[SuspectModel, SuspectModel, RepairData, Any, Progress | None, ShouldStop | None]:
         """The six fields in order, for ``model, repaired, data, accelerator, progress, should_stop = job.parts()``."""

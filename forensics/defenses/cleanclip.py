@@ -9,9 +9,7 @@ its own weakens the spurious trigger-to-caption shortcut a backdoor plants. ABD 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from forensics.core.distributed import gather_rows, shard_range, shard_sizes, world_size
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
+from forensics.core.precision import training_autocast, training_layout
 from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, RepairJob, ShouldStop
 from forensics.training.augment import autoaugment_views, eda_views, tokenizer_vocabulary
 from forensics.training.clip import clip_loss, clip_step, decay_groups, warmup_cosine
@@ -112,13 +111,13 @@ def cleanclip_train(
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
     label: str = "CleanCLIP",
-    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    precision: str = "fp32",
 ) -> list[dict]:
     """Fine-tune ``repaired`` in place (all parameters) with the CleanCLIP loss; returns the per-epoch history.
 
     ``accelerator`` is an ``accelerate.Accelerator``; torch is expected seeded from ``settings.seed``. ``image_views``
-    makes Ĩ from a batch of [0, 1] images (default: AutoAugment); ABD passes patched images. ``autocast`` gives the
-    context of each training forward pass (a repair's ``RepairJob.autocast``: bf16 autocast or nothing).
+    makes Ĩ from a batch of [0, 1] images (default: AutoAugment); ABD passes patched images. ``precision`` (resolved:
+    fp32 or bf16) sets each training pass's autocast and memory layout (forensics.core.precision).
     """
     s = settings
     rng = np.random.default_rng(s.seed)
@@ -159,9 +158,9 @@ def cleanclip_train(
             if world > 1:  # this rank's block of the batch (views made for all of it, so every rank's RNG agrees)
                 lo, hi = shard_range(len(batch))
                 originals, views, texts, text_views = originals[lo:hi], views[lo:hi], texts[lo:hi], text_views[lo:hi]
-            pixels = repaired.normalize(torch.cat([originals, views]).to(device))
+            pixels = training_layout(repaired.normalize(torch.cat([originals, views]).to(device)), precision)
             tokens = repaired.tokenizer(texts + text_views).to(device)
-            with autocast():
+            with training_autocast(precision, device):
                 image_emb, text_emb, logit_scale = clip(image=pixels, text=tokens)[:3]  # normalised, through DDP if any
             image_emb, text_emb, logit_scale = image_emb.float(), text_emb.float(), logit_scale.float()
             n = len(originals)
@@ -213,7 +212,7 @@ class CleanCLIP(Defense):
             self.settings,
             progress=progress,
             should_stop=should_stop,
-            autocast=job.autocast,
+            precision=job.precision,
         )
         source = "given captions" if data.captions is not None else "class prompts ('a photo of a {class}.')"
         return Fitted(

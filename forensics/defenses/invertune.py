@@ -222,10 +222,10 @@ class InverTune(Defense):
                 self.check_cancel(should_stop)
                 idx = torch.randperm(len(images), generator=gen)[: s.batch_size].to(device)
                 with job.autocast():
-                    feats = F.normalize(student(repaired.normalize(images[idx])).float(), dim=-1)
+                    feats = F.normalize(student(job.layout(repaired.normalize(images[idx]))).float(), dim=-1)
                 keep = (feats - ref_emb_t[idx]).norm(dim=-1).mean()
                 with job.autocast():
-                    student(repaired.normalize(stamped[idx]))
+                    student(job.layout(repaired.normalize(stamped[idx])))
                 gap = sum(
                     (srec.outputs[n][:, crit[n]].float() - ref_act_t[n][idx]).pow(2).mean() / energy[n] for n in chosen
                 )

@@ -133,7 +133,7 @@ class OracleGuidedFinetune(Defense):
                 if world > 1:  # this rank's block of the global batch (every rank draws the same batches)
                     lo, hi = shard_range(n, rank_, world)
                     idx = idx[lo:hi]  # may be empty: its forward then adds zero gradients, as DDP needs
-                x = repaired.normalize(xs[idx].to(device))
+                x = job.layout(repaired.normalize(xs[idx].to(device)))
                 with job.autocast():
                     emb = student(image=x)[0]  # normalised image features, through DDP under several processes
                 emb = emb.float()
