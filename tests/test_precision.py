@@ -104,8 +104,7 @@ def test_every_method_trains_in_bf16_when_asked_and_only_then(demo, method):
     assert bf16.settings["precision"] == "bf16" and fp32.settings["precision"] == "fp32"
     assert any("bf16 autocast" in n for n in bf16.notes) and not any("bf16" in n for n in fp32.notes)
     assert torch.bfloat16 not in fp32.dtypes
-    if method != "cbpt":  # CBPT trains text prompts only; its image passes are measurements (fp32)
-        assert torch.bfloat16 in bf16.dtypes
+    assert torch.bfloat16 in bf16.dtypes
     for v in state(bf16.model).values():
         assert v.dtype != torch.bfloat16 and (not v.is_floating_point() or bool(torch.isfinite(v).all()))
     again = build_defense(method, **QUICK[method]).repair(model, data, precision="bf16")

@@ -170,15 +170,16 @@ class CBPT(Defense):
         repaired.class_prompts = None  # learn from the plain CLIP, not from earlier prompts
         repaired.to(device)
         images = data.images.to(device)
-        mask, pattern, inv_stats = contrastive_inversion(
-            repaired,
-            images,
-            names,
-            s,
-            (lambda f, m: progress(0.6 * f, m)) if progress else None,
-            should_stop,
-            CANCELLED,
-        )
+        with job.autocast():  # the dummy trigger's search is a training pass too
+            mask, pattern, inv_stats = contrastive_inversion(
+                repaired,
+                images,
+                names,
+                s,
+                (lambda f, m: progress(0.6 * f, m)) if progress else None,
+                should_stop,
+                CANCELLED,
+            )
         self.trigger = (mask, pattern)
         rate, n_flip = flip_rate(
             repaired, images, labels.tolist(), names, inv_stats["target"], mask, pattern, s.templates

@@ -169,17 +169,18 @@ class InverTune(Defense):
 
         detect_settings = copy.deepcopy(s.detect)
         detect_settings.seed = s.seed
-        detection = run_invertune_detection(
-            repaired,
-            data.images,
-            data.labels,
-            data.class_names,
-            detect_settings,
-            target=data.flagged[0] if data.flagged else None,
-            progress=part(0.0, 0.5),
-            should_stop=should_stop,
-            stop_message=CANCELLED,
-        )
+        with job.autocast():  # the patch and trigger searches are training passes too
+            detection = run_invertune_detection(
+                repaired,
+                data.images,
+                data.labels,
+                data.class_names,
+                detect_settings,
+                target=data.flagged[0] if data.flagged else None,
+                progress=part(0.0, 0.5),
+                should_stop=should_stop,
+                stop_message=CANCELLED,
+            )
         self.detection = detection
         images = data.images.to(device)
         stamped = blend(images, detection.mask, detection.pattern)
