@@ -92,7 +92,7 @@ def test_repair_changes_a_copy_and_fills_the_result(registry, tiny):
     assert any(not torch.equal(v, before[k]) for k, v in after.items())
     assert result.samples_used == 2 and result.history == [{"step": 1}, {"step": 2}, {"step": 3}]
     assert result.notes == ["nudged"]
-    assert result.settings == {**asdict(defense.settings), "found": "x"}
+    assert result.settings == {**asdict(defense.settings), "found": "x", "precision": "fp32"}
     assert isinstance(result.seconds, float) and result.seconds >= 0
     torch.manual_seed(7)
     assert torch.equal(defense.drawn, torch.rand(3))
