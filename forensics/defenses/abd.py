@@ -17,10 +17,7 @@ as the text views, so the model learns that the patch does not change what an im
 
 from __future__ import annotations
 
-import contextlib
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,6 +28,7 @@ from forensics.core.errors import ForensicsError
 from forensics.core.images import paste, random_boxes
 from forensics.core.models import SuspectModel, frozen
 from forensics.core.optim import clamped_step
+from forensics.core.precision import training_autocast
 from forensics.defenses.base import DEFENSES, Defense, Fitted, Progress, RepairData, RepairJob, ShouldStop
 from forensics.defenses.cleanclip import CleanCLIPSettings, check_cleanclip, cleanclip_train
 
@@ -71,14 +69,14 @@ def find_universal_patch(
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
     stats: dict | None = None,
-    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Optimise a universal patch (3 x k x k in [0, 1], returned on the CPU) on clean images so patched images all
     embed alike.
 
     A ``stats`` dict, when given, is filled with the search's statistics: side, first and last loss,
-    the mean cosine among patched embeddings and between patched and clean ones, before and after. ``autocast``
-    gives the context of each search step's forward pass (a repair's ``RepairJob.autocast``).
+    the mean cosine among patched embeddings and between patched and clean ones, before and after. ``precision``
+    (resolved: fp32 or bf16) sets each search step's autocast, as cleanclip_train's (forensics.core.precision).
     The model is left untouched (gradients go to the patch only, the tower stays in eval mode).
     """
     if images.ndim != 4 or images.shape[1] != 3 or len(images) < 2:
@@ -113,7 +111,7 @@ def find_universal_patch(
             Defense.check_cancel(should_stop)
             idx = torch.from_numpy(rng.choice(len(images), size=min(batch_size, len(images)), replace=False))
             batch = images[idx].to(device)
-            with autocast():
+            with training_autocast(precision, device):
                 patched = model.encode_image(paste_patch(batch, patch, generator))
             loss = patch_infonce(patched, clean_all[idx.to(device)], temperature)
             clamped_step(optimizer, loss, patch)
@@ -186,7 +184,7 @@ class ABD(Defense):
             part(0.0, share),
             should_stop,
             stats,
-            job.autocast,
+            job.precision,
         )
 
         patch = broadcast(patch)  # searched alike on every rank (not shared out); rank 0's, to be sure they agree
