@@ -84,10 +84,18 @@ def test_merge_rule():
     )
     assert merge({"trigger-inversion": _inversion("b"), "oracle-guided": oracle}, probe).target == "b"
     assert merge({"oracle-guided": oracle}, probe).target == "c"
-    unverified = Findings(
-        [FlaggedLabel("c", 5.0, 4, 6, "captured")], [TriggerCandidate("c", "t.png", 0.1, 4, 0.3, 10)], [], []
-    )
-    assert merge({"oracle-guided": unverified}, probe).verdict == "inconclusive"
+
+    def oracle_flag(*verified_rates: float) -> dict[str, Findings]:
+        triggers = [TriggerCandidate("c", "t.png", 0.1, 4, rate, 10) for rate in verified_rates]
+        return {"oracle-guided": Findings([FlaggedLabel("c", 5.0, 4, 6, "captured")], triggers, [], [])}
+
+    # a flag whose trigger flips half the held-out images or more, or that has no trigger, is weak evidence
+    assert merge(oracle_flag(0.6), probe).verdict == "inconclusive"
+    assert merge(oracle_flag(), probe).verdict == "inconclusive"
+    # one whose best trigger flips fewer is refuted: shown in the reasons, not counted (a clean model's flag: 0.078)
+    refuted = merge(oracle_flag(0.3, 0.078), probe)
+    assert refuted.verdict == "clean" and "'c' is refuted" in refuted.reasons[1] and "30%" in refuted.reasons[1]
+    assert merge(oracle_flag(0.078, 0.5), probe).verdict == "inconclusive"
     # a detector that could not run is reported, not counted
     v = merge({"trigger-inversion": skipped("too few images", {})}, probe)
     assert v.verdict == "clean" and v.evidence["trigger-inversion"]["skipped"] == "too few images"

@@ -1,15 +1,16 @@
 """One verdict from every detector's evidence: backdoored, clean or inconclusive; target, family, trigger, victims.
 
-Strong evidence names a target: a trigger-inversion candidate (an anomalously small trigger that lands away
-from the label's own images, and the one such in its family) or an oracle-scan flag whose reconstructed
-trigger is verified on clean images. Where both name labels, a label both name wins; else the inversion's (a
-model-level test needs no suspicious inputs). Weak evidence alone (a borderline inversion, tiny triggers
-shared by several labels, an unverified oracle flag) makes the verdict inconclusive. The density detector's
-label flags decide nothing (clean probes hold natural near-duplicates as dense as triggered inputs); its
-densities pick victims. Victims of the target: the oracle scan's (with their trigger boxes) and the embedding-
-density ones: images predicted as the target that are nearer the centroid of the target's densest inputs than
-the centroid of the label's own images (Huang et al. 2025's density, seeded; our choice).
-Thresholds come from the detectors' clean calibration (calibration.json), which the verdict reports.
+Strong evidence names a target: a trigger-inversion candidate (an anomalously small trigger that lands away from
+the label's own images, and the one such in its family) or an oracle-scan flag whose reconstructed trigger is
+verified on clean images. Where both name labels, a label both name wins; else the inversion's (a model-level
+test needs no suspicious inputs). Weak evidence alone (a borderline inversion, tiny triggers shared by several
+labels, an oracle flag whose reconstructed trigger flips half to 0.8 of clean images, or that has none) makes the
+verdict inconclusive; a flag whose trigger flips less is refuted, reported and not counted. The density
+detector's label flags decide nothing (clean probes hold natural near-duplicates as dense as triggered inputs);
+its densities pick victims. Victims of the target: the oracle scan's (with their trigger boxes) and the
+embedding-density ones: images predicted as the target that are nearer the centroid of the target's densest
+inputs than the centroid of the label's own images (Huang et al. 2025's density, seeded; our choice). Thresholds
+come from the detectors' clean calibration (calibration.json), which the verdict reports.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from forensics.detect.calibration import calibration
 from forensics.detect.findings import Findings, Record
 
 VERIFIED_FLIP = 0.8  # a reconstructed trigger counts as verified at this flip rate on clean images of other classes
+# ... and refutes its oracle flag below this one (the flag's captured predictions do not follow a shared trigger),
+# so the flag is shown but is not even weak evidence. Our choice, on clean models: bench/detect.py's clean-s4
+# (a clean tiny CLIP, clean probe) had an oracle flag on 'tree' from 6 captured images whose reconstructed trigger
+# flipped 5 of 64 held-out images (0.078) and made the verdict inconclusive; between the two rates it still does.
+REFUTED_FLIP = 0.5
 MIN_DENSE_SEEDS = 3
 
 
@@ -85,12 +91,14 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
     ran = {k: f for k, f in results.items() if "skipped" not in f.metrics}
     inversion, oracle, density = (ran.get(k) for k in ("trigger-inversion", "oracle-guided", "embedding-density"))
     inverted_targets = [f.label for f in inversion.flagged_labels] if inversion else []
-    oracle_verified = []
+    oracle_verified, oracle_refuted = [], {}
     if oracle:
         for f in oracle.flagged_labels:
             rates = [t.verified_asr for t in oracle.triggers if t.label == f.label]
             if rates and max(rates) >= VERIFIED_FLIP:
                 oracle_verified.append(f.label)
+            elif rates and max(rates) < REFUTED_FLIP:
+                oracle_refuted[f.label] = max(rates)
     both = [label for label in inverted_targets if label in oracle_verified]
     target = (both or inverted_targets or oracle_verified or [None])[0]
     weak = []
@@ -107,15 +115,22 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
         weak += [f"'{label}' could not be tested: {why}" for label, why in inversion.metrics["not_inverted"].items()]
     if oracle:
         weak += [
-            f"unverified oracle flag on '{f.label}'" for f in oracle.flagged_labels if f.label not in oracle_verified
+            f"unverified oracle flag on '{f.label}'"
+            for f in oracle.flagged_labels
+            if f.label not in oracle_verified and f.label not in oracle_refuted
         ]
+    refuted = [
+        f"the oracle flag on '{label}' is refuted: its reconstructed trigger flips {rate:.0%} of held-out clean images "
+        f"of other classes (< {REFUTED_FLIP:.0%})"
+        for label, rate in oracle_refuted.items()
+    ]
     # the density detector's label flags are shown as its evidence but decide nothing: clean probes hold natural
     # near-duplicates (the demo's 'heart' and 'clock' images) that are as dense as triggered inputs
     if target is None:
         verdict = "inconclusive" if weak else "clean"
         reasons += (
             [f"weak evidence only: {'; '.join(weak)}"] if weak else ["no detector crossed its calibrated threshold"]
-        )
+        ) + refuted
     else:
         verdict = "backdoored"
         if target in inverted_targets:
