@@ -214,18 +214,21 @@ def test_verdict_on_models_with_and_without_a_backdoor(model, probe, detectors, 
 
 def test_boxless_victims_join_the_repair_set_with_their_probe_label():
     """Victims found by their embeddings (no box to cut out) go to the repair as they are, three copies each,
-    labelled with the class their probe row names; a victim with no probe label is left out."""
+    labelled with the class their probe row names, whichever detector named the target; a victim with no probe
+    label, and a boxed one (neutralised by the oracle's rows), are left out."""
     from types import SimpleNamespace
 
     from forensics.pipelines.scan import BOXLESS_VICTIM_COPIES, boxless_victim_rows
 
-    images = torch.rand(3, 3, 8, 8)
-    items = [SimpleNamespace(label=0), SimpleNamespace(label=None), SimpleNamespace(label=2)]
+    images = torch.rand(4, 3, 8, 8)
+    items = [SimpleNamespace(label=0), SimpleNamespace(label=None), SimpleNamespace(label=2), SimpleNamespace(label=1)]
+    victims = [{"index": 2, "box": None}, {"index": 1, "box": None}, {"index": 0}, {"index": 3, "box": [0, 0, 2, 2]}]
     outcome = SimpleNamespace(
+        verdict=SimpleNamespace(target="book", victims=victims),
         probe=SimpleNamespace(class_names=["apple", "book", "clock"], items=items),
-        results={"trigger-inversion": SimpleNamespace(artefacts={"images": images})},
+        results={"trigger-inversion": SimpleNamespace(artefacts={"images": images, "predicted": torch.ones(4)})},
     )
-    rows = boxless_victim_rows(outcome, [2, 1, 0], [0, 1, 2])
+    rows = boxless_victim_rows(outcome)
     assert BOXLESS_VICTIM_COPIES == 3
     assert [r["source_index"] for r in rows] == [2, 2, 2, 0, 0, 0]
     assert [r["label"] for r in rows] == ["clock"] * 3 + ["apple"] * 3
@@ -303,6 +306,50 @@ def test_an_inverted_trigger_joins_boxed_victims_in_the_repair_set():
     assert sources == {0, 1, 3, 4, 6, 7, 9, 10}  # every image not of the target and not a victim
     assert len(stamped) == len(sources) * (1 + INVERTED_TRIGGER_SHIFTS)
     assert all(r["label"] != "clock" and bool((r["tensor"][:, :2, :2] == 1).all()) for r in stamped[::3])
-    assert [r["source_index"] for r in rows if r["kind"] == "victim"] == [5, 5, 5]  # box-less only
+    assert not [r for r in rows if r["kind"] == "victim"]  # box-less victims join by boxless_victim_rows
     inverted.label = "book"  # the inversion named another label: no evidence of this backdoor's trigger
     assert inverted_trigger_rows(outcome) == []
+
+
+def test_a_dense_cluster_fed_by_many_other_classes_is_a_hijacked_label():
+    """Triggered inputs of every class collapse onto one spot away from the target's own images; natural look-alikes
+    come from the label's own class (or one or two others). Only the first names a target; without probe labels
+    nothing tells them apart, so nothing is named."""
+    from forensics.detect.embedding_density import EmbeddingDensitySettings, hijacked_clusters
+
+    gen = torch.Generator().manual_seed(0)
+    names = ["a", "b", "c", "d", "e"]
+    spot, own_spot, look_alike = (torch.nn.functional.normalize(torch.randn(16, generator=gen), dim=0) for _ in "123")
+    rows, labels, predicted = [], [], []
+
+    def add(centre, n, label, pred, spread):
+        for _ in range(n):
+            rows.append(torch.nn.functional.normalize(centre + spread * torch.randn(16, generator=gen), dim=0))
+            labels.append(label)
+            predicted.append(pred)
+
+    add(own_spot, 12, 0, 0, 0.5)  # label a's own images, spread out
+    for source in (1, 2, 3, 4):  # triggered images of four other classes, all predicted 'a', one tight spot
+        add(spot, 4, source, 0, 0.02)
+    add(look_alike, 8, 1, 1, 0.02)  # label b's near-duplicates: dense, but its own class
+    emb, dense = torch.stack(rows), np.array([i >= 12 for i in range(len(rows))])
+    probe = ProbeSet("p", [ProbeItem(image=f"{i}.png", label=y) for i, y in enumerate(labels)], names)
+    cut = EmbeddingDensitySettings(cluster_alignment=0.46)
+    found = {c["label"]: c for c in hijacked_clusters(emb, torch.tensor(predicted), dense, probe, cut, {})}
+    assert found["a"]["hijacked"] and found["a"]["source_classes"] == 4 and found["a"]["largest_source_share"] == 0.25
+    assert not found["b"]["hijacked"] and found["b"]["from_other_classes"] == 0
+    one_source = [ProbeItem(image=f"{i}.png", label=(1 if 12 <= i < 28 else y)) for i, y in enumerate(labels)]
+    clusters = hijacked_clusters(emb, torch.tensor(predicted), dense, ProbeSet("p", one_source, names), cut, {})
+    assert not next(c for c in clusters if c["label"] == "a")["hijacked"]  # one other class: a look-alike
+    unlabelled = ProbeSet("p", [ProbeItem(image=f"{i}.png") for i in range(len(rows))], names)
+    assert hijacked_clusters(emb, torch.tensor(predicted), dense, unlabelled, cut, {}) == []
+    # in the verdict it names the target when nothing else does, and two detectors' label beats one's
+    density = Findings([], [], [], [], metrics={"hijacked": [found["a"]]})
+    v = merge({"embedding-density": density}, _probe())
+    assert (v.verdict, v.target) == ("backdoored", "a") and "4 other classes" in v.reasons[0]
+    assert merge({"trigger-inversion": _inversion("b"), "embedding-density": density}, _probe()).target == "b"
+    oracle = Findings(
+        [FlaggedLabel("a", 5.0, 4, 6, "captured")], [TriggerCandidate("a", "t.png", 0.1, 4, 0.9, 8)], [], []
+    )
+    both = {"trigger-inversion": _inversion("b"), "embedding-density": density, "oracle-guided": oracle}
+    assert merge(both, _probe()).target == "a"

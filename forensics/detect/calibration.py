@@ -20,7 +20,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # local 'house', 0.55, is natural too). The cut sits between, with thin margins (borderline: up to 0.49,
     # inconclusive); bench/detect.py --calibrate replaces it from more clean models.
     "trigger-inversion": {"anomaly_threshold": 2.0, "alignment_threshold": 0.46, "borderline": 0.03},
-    "embedding-density": {"label_threshold": 3.0, "victim_z": 2.0},
+    # cluster_alignment: a hijacked cluster's centroid against the label's own images; measured in bench/detect.py's
+    # zoo (11 models x 2 probe modes): triggered clusters 0.02-0.34, natural ones fed by other classes 0.60-0.94
+    "embedding-density": {"label_threshold": 3.0, "victim_z": 2.0, "cluster_alignment": 0.46},
 }
 
 

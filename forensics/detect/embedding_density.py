@@ -7,6 +7,14 @@ distance to its k-th nearest neighbour (scikit-learn), as a robust z-score again
 (positive = denser than usual). Per predicted label: how many of its images are that dense, as Neural
 Cleanse's anomaly index across labels: a label that a cluster of look-alike inputs piles onto stands out.
 Nothing here knows a trigger; a probe without suspicious inputs gives no flag, whatever the model.
+
+Those label flags alone decide nothing (clean probes hold natural near-duplicates as dense). A **hijacked**
+label does: when the probe names each image's class, its dense images come from several *other* classes (none
+more than half of them) and sit away from the label's own images: inputs of every kind collapsed onto one
+spot, which is what a backdoor does and a natural cluster does not (our rule after Huang et al.; measured in
+bench/detect.py's zoo, both probe modes: the triggered clusters came from 8-9 other classes, at most 27 % from
+one, alignment 0.02-0.34; every natural cluster from at most 2 other classes, alignment 0.60-0.94, or from the
+label's own images only, the demo's second kind of clock at 0.17).
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from sklearn.neighbors import NearestNeighbors
 
 from forensics.core.data import ProbeSet
@@ -35,6 +45,10 @@ class EmbeddingDensitySettings:
     batch_size: int = 64
     victim_z: float | None = None  # an image this many MADs denser than the probe's median is suspicious
     label_threshold: float | None = None  # anomaly index of a label's count of dense images
+    # a hijacked label: its dense images come from at least this many other probe classes ...
+    min_sources: int = 3
+    max_source_share: float = 0.5  # ... none of them more than this share ...
+    cluster_alignment: float | None = None  # ... and their centroid at most this cosine from the label's own images
     templates: str = "short"
 
     def to_dict(self) -> dict:
@@ -103,6 +117,8 @@ class EmbeddingDensity(Detector):
             for c in np.argsort(anomalies)[::-1]
             if anomalies[c] >= label_cut and counts[c] > 0
         ]
+        clusters = hijacked_clusters(emb, predicted, dense, probe, s, calibrated)
+        hijacked = [c for c in clusters if c["hijacked"]]
         evidence = {
             "labels": [
                 {
@@ -114,6 +130,7 @@ class EmbeddingDensity(Detector):
                 for c in range(len(names))
             ],
             "images": [{"index": i, "density_z": round(float(v), 4)} for i, v in enumerate(z)],
+            "clusters": clusters,
         }
         return Findings(
             flagged_labels=flagged,
@@ -124,10 +141,69 @@ class EmbeddingDensity(Detector):
                 "seconds": round(time.time() - start, 2),
                 "n_images": len(probe),
                 "n_dense": int(dense.sum()),
-                "thresholds": {"victim_z": victim_z, "label": label_cut},
+                "hijacked": hijacked,
+                "thresholds": {
+                    "victim_z": victim_z,
+                    "label": label_cut,
+                    "min_sources": s.min_sources,
+                    "max_source_share": s.max_source_share,
+                    "cluster_alignment": cluster_cut(s, calibrated),
+                },
                 "calibrated_on": calibrated.get("calibrated_on"),
             },
             settings=s.to_dict(),
             label_evidence=evidence,
             artefacts={"embeddings": emb, "predicted": predicted, "density_z": z, "images": images},
         )
+
+
+MIN_CLUSTER = 3  # dense images a label needs before its cluster is judged
+
+
+def cluster_cut(settings: EmbeddingDensitySettings, calibrated: dict) -> float:
+    return settings.cluster_alignment if settings.cluster_alignment is not None else calibrated["cluster_alignment"]
+
+
+def hijacked_clusters(
+    emb: torch.Tensor, predicted: torch.Tensor, dense: np.ndarray, probe: ProbeSet, settings, calibrated: dict
+) -> list[dict]:
+    """Per label with at least ``MIN_CLUSTER`` dense images: where they come from (by the probe's labels) and how
+    far their centroid sits from the label's other own images; ``hijacked`` when many other classes feed it and it
+    sits away. Empty when the probe does not name every image's class (nothing then tells a look-alike from a
+    victim)."""
+    labels = probe.labels
+    if not labels or any(v is None for v in labels):
+        return []
+    labels, pred, names = np.asarray(labels), predicted.numpy(), list(probe.class_names)
+    cut = cluster_cut(settings, calibrated)
+    out = []
+    for c, name in enumerate(names):
+        seeds = (pred == c) & dense
+        own = (labels == c) & ~seeds
+        if seeds.sum() < MIN_CLUSTER:
+            continue
+        sources = labels[seeds][labels[seeds] != c]
+        counts = np.bincount(sources, minlength=len(names)) if len(sources) else np.zeros(len(names), dtype=int)
+        alignment = None
+        if own.any():
+            centre = F.normalize(emb[torch.from_numpy(seeds)].mean(0), dim=0)
+            alignment = round(float(centre @ F.normalize(emb[torch.from_numpy(own)].mean(0), dim=0)), 4)
+        largest = float(counts.max() / len(sources)) if len(sources) else 0.0  # of the other classes' images
+        hijacked = bool(
+            int((counts > 0).sum()) >= settings.min_sources
+            and largest <= settings.max_source_share
+            and alignment is not None
+            and alignment <= cut
+        )
+        out.append(
+            {
+                "label": name,
+                "dense": int(seeds.sum()),
+                "from_other_classes": int(len(sources)),
+                "source_classes": int((counts > 0).sum()),
+                "largest_source_share": round(largest, 4),
+                "alignment": alignment,
+                "hijacked": hijacked,
+            }
+        )
+    return out

@@ -56,11 +56,14 @@ def _evidence(findings: Findings) -> dict[str, Any]:
         "thresholds": findings.metrics.get("thresholds"),
         "seconds": findings.metrics.get("seconds"),
         **({"skipped": findings.metrics["skipped"]} if "skipped" in findings.metrics else {}),
+        **({"hijacked": findings.metrics["hijacked"]} if findings.metrics.get("hijacked") else {}),
     }
 
 
 def density_victims(density: Findings, probe: ProbeSet, target: str) -> list[int]:
     """Images predicted ``target`` nearer the centroid of its dense inputs than of the label's own images."""
+    if "embeddings" not in density.artefacts:  # findings without the per-image embeddings (read back, say)
+        return []
     names = list(probe.class_names)
     t = names.index(target)
     emb, pred, z = (
@@ -99,8 +102,8 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
                 oracle_verified.append(f.label)
             elif rates and max(rates) < REFUTED_FLIP:
                 oracle_refuted[f.label] = max(rates)
-    both = [label for label in inverted_targets if label in oracle_verified]
-    target = (both or inverted_targets or oracle_verified or [None])[0]
+    hijacked = [c["label"] for c in density.metrics.get("hijacked", [])] if density else []
+    target = choose_target([inverted_targets, oracle_verified, hijacked])
     weak = []
     if inversion and inversion.metrics.get("borderline"):
         weak += [f"a borderline {r['family']} trigger for '{r['label']}'" for r in inversion.metrics["borderline"]]
@@ -137,6 +140,13 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
             reasons.append(next(f.explanation for f in inversion.flagged_labels if f.label == target))
         if target in oracle_verified:
             reasons.append(next(f.explanation for f in oracle.flagged_labels if f.label == target))
+        if target in hijacked:
+            c = next(c for c in density.metrics["hijacked"] if c["label"] == target)
+            reasons.append(
+                f"{c['dense']} probe images predicted '{target}' sit in one dense spot of the embedding space, "
+                f"{c['from_other_classes']} of them images of {c['source_classes']} other classes (at most "
+                f"{c['largest_source_share']:.0%} from one), away from its own images (alignment {c['alignment']:.2f})"
+            )
     family, trigger = None, None
     if target is not None:
         options = []
@@ -151,6 +161,12 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
                 {"detector": "oracle-guided", "method": "oracle-guided/local", **t.to_dict()}
                 for t in oracle.triggers
                 if t.label == target
+            ]
+        if not options and inversion:  # named by other evidence: the inversion's own trigger for it, if verified
+            options += [
+                {"detector": "trigger-inversion", **t.to_dict()}
+                for t in inversion.inverted
+                if t.label == target and t.verified_asr >= VERIFIED_FLIP
             ]
         if options:
             trigger = max(options, key=lambda o: o["verified_asr"])
@@ -177,6 +193,18 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
         evidence={name: _evidence(f) for name, f in results.items()},
         victim_metrics=victim_scores(probe, target, [v["index"] for v in victim_list]),
     )
+
+
+def choose_target(named: list[list[str]]) -> str | None:
+    """The label the most detectors name (each list: one detector's strong evidence, in order of trust: the
+    inversion's model-level test, the oracle scan's verified trigger, the density's hijacked cluster); ties go to
+    the more trusted detector's first label."""
+    votes: dict[str, int] = {}
+    for labels in named:
+        for label in dict.fromkeys(labels):
+            votes[label] = votes.get(label, 0) + 1
+    order = [label for labels in named for label in labels]
+    return max(order, key=lambda label: (votes[label], -order.index(label))) if order else None
 
 
 def victim_scores(probe: ProbeSet, target: str | None, found: list[int]) -> dict[str, Any]:

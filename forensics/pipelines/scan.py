@@ -136,7 +136,7 @@ def inverted_trigger_rows(
     target = names.index(verdict.target)
     predicted = inversion.artefacts["predicted"].tolist()
     suspicious = {v["index"] for v in verdict.victims}
-    labels = [it.label if it.label is not None else predicted[i] for i, it in enumerate(outcome.probe.items)]
+    labels = probe_labels(outcome)
     pool = [i for i, y in enumerate(labels) if y != target and i not in suspicious and predicted[i] == y]
     pool = pool or [i for i, y in enumerate(labels) if y != target and i not in suspicious]
     rng = np.random.default_rng(outcome.report["seed"])
@@ -151,19 +151,29 @@ def inverted_trigger_rows(
         for k, stamp in enumerate([pattern, *moved]):
             name = f"inverted-trigger_{i:05d}" + (f"_shifted{k}" if k else "")
             rows.append(compact_row(name, label, "inverted-trigger", i, stamp.apply(images[i : i + 1])[0].cpu()))
-    boxless = [v["index"] for v in verdict.victims if not v.get("box")]  # boxed ones are neutralised already
-    return rows + boxless_victim_rows(outcome, boxless, labels)
+    return rows
 
 
-def boxless_victim_rows(outcome: ScanOutcome, victims: list[int], labels: list[int]) -> list[dict[str, Any]]:
+def probe_labels(outcome: ScanOutcome) -> list[int]:
+    """Each probe image's class: the probe's label, else the model's prediction."""
+    predicted = outcome.results["trigger-inversion"].artefacts["predicted"].tolist()
+    return [it.label if it.label is not None else predicted[i] for i, it in enumerate(outcome.probe.items)]
+
+
+def boxless_victim_rows(outcome: ScanOutcome) -> list[dict[str, Any]]:
     """The verdict's victims that carry no box (found by their embeddings: a whole-image trigger cannot be cut
     out) but whose probe row names their true class: each as it is, ``BOXLESS_VICTIM_COPIES`` times, labelled
     with that class, so the repair also unlearns the real trigger beside the inverted one. Victims without a
     probe label are left out (only the probe knows what they really show). Our choice (EftCLIP neutralises boxed
     victims): SIG, triggered probe, one scan, CA / ASR after 0.392 / 0.316 without them, 0.404 / 0.076 with
     47 victims three times each (a one-off script)."""
+    verdict, results = outcome.verdict, outcome.results or {}
+    if verdict is None or verdict.target is None or "trigger-inversion" not in results:
+        return []
+    victims = [v["index"] for v in verdict.victims if not v.get("box")]  # boxed ones are neutralised already
+    labels = probe_labels(outcome)
     names, items = outcome.probe.class_names, outcome.probe.items
-    images = outcome.results["trigger-inversion"].artefacts["images"]
+    images = results["trigger-inversion"].artefacts["images"]
     rows = []
     for i in victims:
         if items[i].label is None:
@@ -188,7 +198,7 @@ def all_compact_rows(outcome: ScanOutcome) -> list[dict[str, Any]]:
         rng = np.random.default_rng(outcome.report["seed"])
         keep = {id(anchors[k]) for k in rng.choice(len(anchors), size=most, replace=False).tolist()}
         rows = [r for r in rows if r["kind"] != "anchor" or id(r) in keep]
-    return rows + stamped
+    return rows + stamped + boxless_victim_rows(outcome)
 
 
 def compact_repair_data(outcome: ScanOutcome) -> RepairData:
