@@ -353,3 +353,12 @@ def test_a_dense_cluster_fed_by_many_other_classes_is_a_hijacked_label():
     )
     both = {"trigger-inversion": _inversion("b"), "embedding-density": density, "oracle-guided": oracle}
     assert merge(both, _probe()).target == "a"
+
+
+def test_each_detectors_evidence_names_its_flags_and_hijacked_labels():
+    from forensics.pipelines.report import flagged_words
+
+    both = {"flagged": [{"label": "heart", "score": 4.8}], "hijacked": [{"label": "house"}]}
+    assert flagged_words(both) == "heart (4.8); hijacked: house"
+    assert flagged_words({"hijacked": [{"label": "house"}]}) == "hijacked: house"
+    assert flagged_words({"skipped": "needs 12 images"}) == "needs 12 images" and flagged_words({}) == "none"

@@ -261,6 +261,14 @@ def scan_sections(
     return summary, sections
 
 
+def flagged_words(evidence: dict) -> str:
+    """One detector's flagged labels with their scores (its hijacked labels too), or why it did not run."""
+    words = ", ".join(f"{f['label']} ({f['score']})" for f in evidence.get("flagged", []))
+    hijacked = ", ".join(c["label"] for c in evidence.get("hijacked", []))
+    words += (f"; hijacked: {hijacked}" if words else f"hijacked: {hijacked}") if hijacked else ""
+    return words or evidence.get("skipped", "none")
+
+
 def verdict_section(out: Path, report: dict) -> tuple[str, str]:
     """The verdict on top: the answer, why, the best trigger, and each detector's evidence side by side."""
     verdict = report["verdict"]
@@ -280,11 +288,10 @@ def verdict_section(out: Path, report: dict) -> tuple[str, str]:
         )
     rows = []
     for name, evidence in verdict.get("evidence", {}).items():
-        flagged = ", ".join(f"{f['label']} ({f['score']})" for f in evidence.get("flagged", [])) or "none"
         rows.append(
             {
                 "detector": name,
-                "flagged (score)": flagged,
+                "flagged (score)": flagged_words(evidence),
                 "thresholds": evidence.get("thresholds"),
                 "seconds": evidence.get("seconds"),
             }

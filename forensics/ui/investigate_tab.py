@@ -9,7 +9,7 @@ import gradio as gr
 from forensics.core.data import extract_probe_archive, load_probe_set
 from forensics.pipelines.evaluate import get_model
 from forensics.pipelines.explain import explain_image
-from forensics.pipelines.report import flagged_chart
+from forensics.pipelines.report import flagged_chart, flagged_words
 from forensics.pipelines.scan import pick_oracle, write_scan
 from forensics.pipelines.scan import scan as run_scan_outcome
 from forensics.ui.common import (
@@ -126,7 +126,7 @@ def verdict_views(report: dict, out: Path) -> tuple[str, list[list], list[tuple[
     rows = [
         [
             name,
-            ", ".join(f"{f['label']} ({f['score']})" for f in e.get("flagged", [])) or e.get("skipped", "none"),
+            flagged_words(e),
             str(e.get("thresholds") or ""),
             e.get("seconds"),
         ]
