@@ -362,3 +362,25 @@ def test_each_detectors_evidence_names_its_flags_and_hijacked_labels():
     assert flagged_words(both) == "heart (4.8); hijacked: house"
     assert flagged_words({"hijacked": [{"label": "house"}]}) == "hijacked: house"
     assert flagged_words({"skipped": "needs 12 images"}) == "needs 12 images" and flagged_words({}) == "none"
+
+
+def test_a_whole_image_trigger_in_the_probe_makes_its_target_a_hijacked_label(tmp_path):
+    """The shipped SIG model with 15 % of the non-target probe images carrying its trigger: those images, of every
+    other class, collapse onto one spot predicted 'book' (measured: 9 classes, alignment 0.02), and 'book' is the
+    one hijacked label; on the clean probe no label is (its dense look-alikes come from at most two classes)."""
+    import importlib.util
+
+    from forensics.core.models import load_model
+    from forensics.detect.embedding_density import EmbeddingDensity
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "compare_attacks.py"
+    spec = importlib.util.spec_from_file_location("compare_attacks_for_density", bench)
+    compare_attacks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_attacks)
+    sig = {"attack": "sig", "seed": 0, "delta": 0.2, "frequency": 4.0}  # the zoo's SIG, as trained
+    triggered = load_probe_set(str(compare_attacks.triggered_probe(sig, "book", tmp_path)))
+    model = load_model(str(SIG_MODEL))
+    findings = EmbeddingDensity().run(model, triggered)
+    (cluster,) = findings.metrics["hijacked"]
+    assert cluster["label"] == "book" and cluster["source_classes"] >= 6 and cluster["alignment"] < 0.3
+    assert EmbeddingDensity().run(model, load_probe_set("demo-clean")).metrics["hijacked"] == []
