@@ -13,6 +13,7 @@ ones; the compact set's anchors come from the same probe, so CA after is optimis
 
     python bench/detect.py --zoo /tmp/forensics_zoo                  # table in bench/results/detect.md
     python bench/detect.py --zoo /tmp/forensics_zoo --calibrate      # thresholds from the clean models
+    python bench/detect.py --zoo /tmp/forensics_zoo --density        # the density clusters alone, every row
 """
 
 from __future__ import annotations
@@ -241,6 +242,45 @@ def rescore(results: dict) -> list[str]:
     return lines
 
 
+def density_table(zoo: dict, zoo_dir: Path, names: list[str], modes: list[str], out: Path) -> None:
+    """The embedding-density detector alone on every model x probe mode: each label's dense cluster, where its
+    images come from and whether it is hijacked (bench/results/density_clusters.md); seconds, not minutes."""
+    from forensics.core.models import frozen
+    from forensics.detect.embedding_density import EmbeddingDensity
+
+    lines = [
+        "# Embedding density: each label's dense cluster, every zoo model and probe mode",
+        "",
+        "`python bench/detect.py --zoo Z --density`. Per label with 3+ dense images: how many, from how many "
+        "other classes (by the probe's labels), the largest share one other class gives, the centroid's "
+        "alignment with the label's own images; **hijacked** = 3+ other classes, none over half, alignment <= "
+        "the cut.",
+        "",
+        "| model | truth | mode | hijacked | clusters (label: dense / other classes / largest share / alignment) |",
+        "|---|---|---|---|---|",
+    ]
+    rows = []
+    for name in names:
+        entry = zoo[name]
+        model, _ = resolve_model(entry["model"])
+        for mode in modes:
+            probe = probe_for(entry, mode, zoo_dir, name)
+            with frozen(model):
+                findings = EmbeddingDensity().run(model, probe)
+            clusters = findings.label_evidence["clusters"]
+            rows.append({"model": name, "truth": entry.get("target"), "mode": mode, "clusters": clusters})
+            hijacked = ", ".join(c["label"] for c in clusters if c["hijacked"]) or "-"
+            words = "; ".join(
+                f"{c['label']}: {c['dense']} / {c['source_classes']} / {c['largest_source_share']:.2f} / "
+                f"{c['alignment']}"
+                for c in clusters
+            )
+            lines.append(f"| {name} | {entry.get('target') or 'clean'} | {mode} | {hijacked} | {words or '-'} |")
+            print(lines[-1], file=sys.stderr)
+    atomic_write_text(out / "density_clusters.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "density_clusters.json", json.dumps(rows, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", default="/tmp/forensics_zoo", help="bench/detect_zoo.py's --work folder")
@@ -251,10 +291,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--merge", nargs="*", default=[], help="detect.json files of other runs whose rows to keep")
     parser.add_argument("--rescore", action="store_true", help="today's candidate rule on every row's stored evidence")
+    parser.add_argument("--density", action="store_true", help="only the embedding-density clusters, every row")
     args = parser.parse_args()
     zoo_dir, out = Path(args.zoo), Path(args.out)
     zoo = json.loads((zoo_dir / "zoo.json").read_text())
     names = [n.strip() for n in args.models.split(",")] if args.models else list(zoo)
+    if args.density:
+        density_table(zoo, zoo_dir, names, args.modes.split(","), out)
+        return
     path = out / "detect.json"
     results = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
     results["machine"] = {
