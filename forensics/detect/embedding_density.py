@@ -165,7 +165,12 @@ def cluster_cut(settings: EmbeddingDensitySettings, calibrated: dict) -> float:
 
 
 def hijacked_clusters(
-    emb: torch.Tensor, predicted: torch.Tensor, dense: np.ndarray, probe: ProbeSet, settings, calibrated: dict
+    emb: torch.Tensor,
+    predicted: torch.Tensor,
+    dense: np.ndarray,
+    probe: ProbeSet,
+    settings: EmbeddingDensitySettings,
+    calibrated: dict,
 ) -> list[dict]:
     """Per label with at least ``MIN_CLUSTER`` dense images: where they come from (by the probe's labels) and how
     far their centroid sits from the label's other own images; ``hijacked`` when many other classes feed it and it

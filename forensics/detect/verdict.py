@@ -1,12 +1,13 @@
 """One verdict from every detector's evidence: backdoored, clean or inconclusive; target, family, trigger, victims.
 
 Strong evidence names a target: a trigger-inversion candidate (an anomalously small trigger that lands away from
-the label's own images, and the one such in its family) or an oracle-scan flag whose reconstructed trigger is
-verified on clean images. Where both name labels, a label both name wins; else the inversion's (a model-level
-test needs no suspicious inputs). Weak evidence alone (a borderline inversion, tiny triggers shared by several
+the label's own images, and the one such in its family), an oracle-scan flag whose reconstructed trigger is
+verified on clean images, or the density detector's hijacked label (dense probe images of several other classes
+collapsed away from the label's own). The label the most detectors name wins; ties go to the inversion (a
+model-level test needs no suspicious inputs), then the oracle scan. Weak evidence alone (a borderline inversion, tiny triggers shared by several
 labels, an oracle flag whose reconstructed trigger flips half to 0.8 of clean images, or that has none) makes the
 verdict inconclusive; a flag whose trigger flips less is refuted, reported and not counted. The density
-detector's label flags decide nothing (clean probes hold natural near-duplicates as dense as triggered inputs);
+detector's plain label flags decide nothing (clean probes hold natural near-duplicates as dense as triggered inputs);
 its densities pick victims. Victims of the target: the oracle scan's (with their trigger boxes) and the
 embedding-density ones: images predicted as the target that are nearer the centroid of the target's densest
 inputs than the centroid of the label's own images (Huang et al. 2025's density, seeded; our choice). Thresholds
