@@ -4,14 +4,15 @@ Strong evidence names a target: a trigger-inversion candidate (an anomalously sm
 the label's own images, and the one such in its family), an oracle-scan flag whose reconstructed trigger is
 verified on clean images, or the density detector's hijacked label (dense probe images of several other classes
 collapsed away from the label's own). The label the most detectors name wins; ties go to the inversion (a
-model-level test needs no suspicious inputs), then the oracle scan. Weak evidence alone (a borderline inversion, tiny triggers shared by several
-labels, an oracle flag whose reconstructed trigger flips half to 0.8 of clean images, or that has none) makes the
-verdict inconclusive; a flag whose trigger flips less is refuted, reported and not counted. The density
-detector's plain label flags decide nothing (clean probes hold natural near-duplicates as dense as triggered inputs);
-its densities pick victims. Victims of the target: the oracle scan's (with their trigger boxes) and the
-embedding-density ones: images predicted as the target that are nearer the centroid of the target's densest
-inputs than the centroid of the label's own images (Huang et al. 2025's density, seeded; our choice). Thresholds
-come from the detectors' clean calibration (calibration.json), which the verdict reports.
+model-level test needs no suspicious inputs), then the oracle scan. Weak evidence alone (a borderline inversion,
+tiny triggers shared by several labels, an oracle flag whose reconstructed trigger flips half to 0.8 of clean
+images, or that has none) makes the verdict inconclusive; a flag whose trigger flips less is refuted, reported
+and not counted. The density detector's plain label flags decide nothing (clean probes hold natural
+near-duplicates as dense as triggered inputs); its densities pick victims. Victims of the target: the oracle
+scan's (with their trigger boxes) and the embedding-density ones: images predicted as the target that are nearer
+the centroid of the target's densest inputs than the centroid of the label's own images (Huang et al. 2025's
+density, seeded; our choice). Thresholds come from the detectors' clean calibration (calibration.json), which the
+verdict reports.
 """
 
 from __future__ import annotations
