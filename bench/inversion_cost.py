@@ -52,8 +52,8 @@ def label_costs(arch: str, images_wanted: int) -> dict:
         per_family = {}
         for family in FAMILIES:
             start = time.perf_counter()
-            own = (predicted == label).nonzero().flatten()  # the subset's own images, by prediction
-            detector.invert_label(model, images, predicted, class_emb, label, family, own, embeddings)
+            # own images default to those predicted as the label: the subset carries no probe labels here
+            detector.invert_label(model, images, predicted, class_emb, label, family, embeddings=embeddings)
             per_family[family] = round(time.perf_counter() - start, 2)
     s = detector.settings
     per_label = round(sum(per_family.values()), 2)

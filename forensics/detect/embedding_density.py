@@ -188,14 +188,15 @@ def hijacked_clusters(
         if seeds.sum() < MIN_CLUSTER:
             continue
         sources = labels[seeds][labels[seeds] != c]
-        counts = np.bincount(sources, minlength=len(names)) if len(sources) else np.zeros(len(names), dtype=int)
+        counts = np.bincount(sources, minlength=len(names))
+        fed_by = int((counts > 0).sum())
         alignment = None
         if own.any():
             centre = F.normalize(emb[torch.from_numpy(seeds)].mean(0), dim=0)
             alignment = round(float(centre @ F.normalize(emb[torch.from_numpy(own)].mean(0), dim=0)), 4)
         largest = float(counts.max() / len(sources)) if len(sources) else 0.0  # of the other classes' images
         hijacked = bool(
-            int((counts > 0).sum()) >= settings.min_sources
+            fed_by >= settings.min_sources
             and largest <= settings.max_source_share
             and alignment is not None
             and alignment <= cut
@@ -205,7 +206,7 @@ def hijacked_clusters(
                 "label": name,
                 "dense": int(seeds.sum()),
                 "from_other_classes": int(len(sources)),
-                "source_classes": int((counts > 0).sum()),
+                "source_classes": fed_by,
                 "largest_source_share": round(largest, 4),
                 "alignment": alignment,
                 "hijacked": hijacked,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from forensics.core.data import ProbeSet
 from forensics.detect.calibration import calibration
+from forensics.detect.embedding_density import MIN_CLUSTER
 from forensics.detect.findings import Findings, Record
 
 VERIFIED_FLIP = 0.8  # a reconstructed trigger counts as verified at this flip rate on clean images of other classes
@@ -34,7 +35,6 @@ VERIFIED_FLIP = 0.8  # a reconstructed trigger counts as verified at this flip r
 # (a clean tiny CLIP, clean probe) had an oracle flag on 'tree' from 6 captured images whose reconstructed trigger
 # flipped 5 of 64 held-out images (0.078) and made the verdict inconclusive; between the two rates it still does.
 REFUTED_FLIP = 0.5
-MIN_DENSE_SEEDS = 3
 
 
 @dataclass
@@ -75,7 +75,7 @@ def density_victims(density: Findings, probe: ProbeSet, target: str) -> list[int
     )
     cut = density.metrics["thresholds"]["victim_z"]
     seeds = (pred == t) & (z >= cut)
-    if seeds.sum() < MIN_DENSE_SEEDS:
+    if seeds.sum() < MIN_CLUSTER:
         return []
     labels = probe.labels
     if labels and all(v is not None for v in labels):

@@ -263,10 +263,10 @@ def scan_sections(
 
 def flagged_words(evidence: dict) -> str:
     """One detector's flagged labels with their scores (its hijacked labels too), or why it did not run."""
-    words = ", ".join(f"{f['label']} ({f['score']})" for f in evidence.get("flagged", []))
+    flagged = ", ".join(f"{f['label']} ({f['score']})" for f in evidence.get("flagged", []))
     hijacked = ", ".join(c["label"] for c in evidence.get("hijacked", []))
-    words += (f"; hijacked: {hijacked}" if words else f"hijacked: {hijacked}") if hijacked else ""
-    return words or evidence.get("skipped", "none")
+    parts = [flagged, f"hijacked: {hijacked}" if hijacked else ""]
+    return "; ".join(p for p in parts if p) or evidence.get("skipped", "none")
 
 
 def verdict_section(out: Path, report: dict) -> tuple[str, str]:

@@ -136,7 +136,7 @@ def inverted_trigger_rows(
     target = names.index(verdict.target)
     predicted = inversion.artefacts["predicted"].tolist()
     suspicious = {v["index"] for v in verdict.victims}
-    labels = probe_labels(outcome)
+    labels = [it.label if it.label is not None else predicted[i] for i, it in enumerate(outcome.probe.items)]
     pool = [i for i, y in enumerate(labels) if y != target and i not in suspicious and predicted[i] == y]
     pool = pool or [i for i, y in enumerate(labels) if y != target and i not in suspicious]
     rng = np.random.default_rng(outcome.report["seed"])
@@ -154,12 +154,6 @@ def inverted_trigger_rows(
     return rows
 
 
-def probe_labels(outcome: ScanOutcome) -> list[int]:
-    """Each probe image's class: the probe's label, else the model's prediction."""
-    predicted = outcome.results["trigger-inversion"].artefacts["predicted"].tolist()
-    return [it.label if it.label is not None else predicted[i] for i, it in enumerate(outcome.probe.items)]
-
-
 def boxless_victim_rows(outcome: ScanOutcome) -> list[dict[str, Any]]:
     """The verdict's victims that carry no box (found by their embeddings: a whole-image trigger cannot be cut
     out) but whose probe row names their true class: each as it is, ``BOXLESS_VICTIM_COPIES`` times, labelled
@@ -171,15 +165,15 @@ def boxless_victim_rows(outcome: ScanOutcome) -> list[dict[str, Any]]:
     if verdict is None or verdict.target is None or "trigger-inversion" not in results:
         return []
     victims = [v["index"] for v in verdict.victims if not v.get("box")]  # boxed ones are neutralised already
-    labels = probe_labels(outcome)
     names, items = outcome.probe.class_names, outcome.probe.items
     images = results["trigger-inversion"].artefacts["images"]
     rows = []
     for i in victims:
-        if items[i].label is None:
+        label = items[i].label
+        if label is None:
             continue
         rows += [
-            compact_row(f"victim_{i:05d}" + (f"_copy{k}" if k else ""), names[labels[i]], "victim", i, images[i].cpu())
+            compact_row(f"victim_{i:05d}" + (f"_copy{k}" if k else ""), names[label], "victim", i, images[i].cpu())
             for k in range(BOXLESS_VICTIM_COPIES)
         ]
     return rows
