@@ -26,9 +26,12 @@ from forensics.core.images import inpaint_box, to_pil
 from forensics.core.models import ModelRef, SuspectModel, check_finite_outputs, resolve_model
 from forensics.core.progress import Progress, sub_progress
 from forensics.core.templates import fill
+from forensics.core.zeroshot import class_text_embeddings, predict_labels
 from forensics.defenses import RepairData, stamped_sources
 from forensics.detect import DETECTORS, Findings, ScanSettings
+from forensics.detect.trigger_inversion import InvertedPattern
 from forensics.detect.verdict import Verdict, merge
+from forensics.detect.victim_trigger import VictimTrigger, adopt, for_verdict
 from forensics.oracles import Oracle, build_oracle, default_oracle
 from forensics.pipelines.report import write_json, write_scan_html
 
@@ -45,6 +48,7 @@ class ScanOutcome:
     report: dict[str, Any]
     results: dict[str, Findings] | None = None  # every detector's findings, by name
     verdict: Verdict | None = None
+    victim_trigger: VictimTrigger | None = None  # the trigger the box-less victims share, when verified
 
     @property
     def patterns(self) -> list[torch.Tensor]:
@@ -100,19 +104,25 @@ def compact_rows(
 INVERTED_TRIGGER_IMAGES = 96  # clean images stamped with an inverted trigger, each in 1 + SHIFTS places
 INVERTED_TRIGGER_SHIFTS = 2
 ANCHORS_PER_STAMPED = 1 / 6  # anchors kept beside them, at most this share of the stamped rows
+STAMPED_TRIGGERS = 1  # of stamped_triggers(), the first this many
 BOXLESS_VICTIM_COPIES = 3  # each victim without a box (whole-image trigger) and with a probe label, this often
 
 
 def inverted_trigger_rows(
     outcome: ScanOutcome, limit: int = INVERTED_TRIGGER_IMAGES, shifts: int = INVERTED_TRIGGER_SHIFTS
 ) -> list[dict[str, Any]]:
-    """When the verdict's trigger was inverted (not reconstructed from victims): up to ``limit`` clean probe
-    images, each carrying the trigger where it was inverted and moved by ``shifts`` seeded random shifts (wrapping
-    round), labelled with their own class (the probe's label, else the model's prediction), to unlearn it from;
-    and each such image as it is (kind ``inverted-source``), the clean embedding oracle-finetune pulls its stamped
-    copies to.
+    """When there is a trigger to stamp (:func:`stamped_triggers`: the one the box-less victims share, else the
+    inversion's candidate for the verdict's target): up to ``limit`` clean probe images, each carrying it where it
+    was found and moved by ``shifts`` seeded random shifts (wrapping round), labelled with their own class (the
+    probe's label, else the model's prediction), to unlearn it from; and each such image as it is (kind
+    ``inverted-source``), the clean embedding oracle-finetune pulls its stamped copies to.
 
-    Used whenever the inversion named the verdict's target: with no victim to neutralise (a clean-only probe, a
+    The victims' trigger: the top-left BadNet of bench/detect.py (triggered probe, 45 box-less victims, no inverted
+    trigger for its target), one scan, ASR 1.000 -> 0.191 (CA 0.455) from the victims and 128 anchors, 0.000 (CA
+    0.475) with the victims' trigger stamped and 48 anchors; the SIG model 0.067 with it against 0.071 with the
+    inversion's (a one-off script over one scan each).
+
+    The inverted trigger: with no victim to neutralise (a clean-only probe, a
     whole-image trigger) it is all there is to unlearn from; beside boxed victims it unlearns the trigger on
     images of every class, not only on the few victims the probe held (triggered probes, bench/detect.py: an
     older optimized-patch model repaired from its 26 boxed victims alone kept ASR 0.493; with the inverted rows
@@ -124,34 +134,62 @@ def inverted_trigger_rows(
     64 x 2 + 32 anchors -> 0.487 / 0.241; 96 x 3 + 48 anchors -> 0.483 / 0.185 (a one-off script over one scan);
     the default in bench/detect.py: demo 0.503 / 0.319, SIG 0.443 / 0.196 (from 0.393 / 0.978). With the clean
     sources and oracle-finetune's invariance term (its docstring): demo 0.483 / 0.026, SIG 0.420 / 0.033."""
-    verdict, results = outcome.verdict, outcome.results or {}
-    inversion = results.get("trigger-inversion")
-    if verdict is None or verdict.target is None or inversion is None or "inverted_patterns" not in inversion.artefacts:
+    verdict = outcome.verdict
+    stamps = stamped_triggers(outcome)[:STAMPED_TRIGGERS]
+    if verdict is None or not stamps:
         return []
-    named = [t for t in inversion.inverted if t.label == verdict.target and t.stats.get("candidate")]
-    if not named:  # the inversion did not name the verdict's target: its triggers are no evidence of this backdoor
-        return []
-    pattern = inversion.artefacts["inverted_patterns"][max(named, key=lambda t: t.verified_asr).stats["key"]]
+    inversion = (outcome.results or {}).get("trigger-inversion")
     names = outcome.probe.class_names
     target = names.index(verdict.target)
-    predicted = inversion.artefacts["predicted"].tolist()
+    images = probe_images(outcome)
+    if inversion is not None:
+        predicted = inversion.artefacts["predicted"].tolist()
+    else:
+        with torch.no_grad():
+            emb = class_text_embeddings(outcome.model, names, "short")
+            predicted = predict_labels(outcome.model, images, emb).tolist()
     suspicious = {v["index"] for v in verdict.victims}
     labels = [it.label if it.label is not None else predicted[i] for i, it in enumerate(outcome.probe.items)]
     pool = [i for i, y in enumerate(labels) if y != target and i not in suspicious and predicted[i] == y]
     pool = pool or [i for i, y in enumerate(labels) if y != target and i not in suspicious]
     rng = np.random.default_rng(outcome.report["seed"])
     chosen = sorted(rng.choice(pool, size=min(limit, len(pool)), replace=False).tolist()) if pool else []
-    images = inversion.artefacts["images"]
     size = images.shape[-1]
     rows = []
     for i in chosen:
         label = names[labels[i]]
         rows.append(compact_row(f"inverted-source_{i:05d}", label, "inverted-source", i, images[i].cpu()))
-        moved = [pattern.shifted(*(int(v) for v in rng.integers(0, size, size=2))) for _ in range(shifts)]
-        for k, stamp in enumerate([pattern, *moved]):
-            name = f"inverted-trigger_{i:05d}" + (f"_shifted{k}" if k else "")
-            rows.append(compact_row(name, label, "inverted-trigger", i, stamp.apply(images[i : i + 1])[0].cpu()))
+        for j, pattern in enumerate(stamps):
+            moved = [pattern.shifted(*(int(v) for v in rng.integers(0, size, size=2))) for _ in range(shifts)]
+            for k, stamp in enumerate([pattern, *moved]):
+                name = f"inverted-trigger_{i:05d}" + (f"_{j}" if j else "") + (f"_shifted{k}" if k else "")
+                rows.append(compact_row(name, label, "inverted-trigger", i, stamp.apply(images[i : i + 1])[0].cpu()))
     return rows
+
+
+def probe_images(outcome: ScanOutcome) -> torch.Tensor:
+    """The probe's images at the model's size: the ones the trigger inversion held, else decoded again."""
+    inversion = (outcome.results or {}).get("trigger-inversion")
+    if inversion is not None and inversion.artefacts.get("images") is not None:
+        return inversion.artefacts["images"]
+    return outcome.probe.load_images(outcome.model.image_size)
+
+
+def stamped_triggers(outcome: ScanOutcome) -> list[InvertedPattern]:
+    """The triggers the compact set may stamp on clean images, best first: the one the verdict's victims share
+    (read off real triggered inputs, verified), then the inversion's candidate for the verdict's target (not any
+    other of its triggers: those are no evidence of this backdoor)."""
+    verdict, out = outcome.verdict, []
+    if verdict is None or verdict.target is None:
+        return out
+    if outcome.victim_trigger is not None:
+        out.append(outcome.victim_trigger.pattern)
+    inversion = (outcome.results or {}).get("trigger-inversion")
+    if inversion is not None and "inverted_patterns" in inversion.artefacts:
+        named = [t for t in inversion.inverted if t.label == verdict.target and t.stats.get("candidate")]
+        if named:
+            out.append(inversion.artefacts["inverted_patterns"][max(named, key=lambda t: t.verified_asr).stats["key"]])
+    return out
 
 
 def boxless_victim_rows(outcome: ScanOutcome) -> list[dict[str, Any]]:
@@ -161,12 +199,14 @@ def boxless_victim_rows(outcome: ScanOutcome) -> list[dict[str, Any]]:
     probe label are left out (only the probe knows what they really show). Our choice (EftCLIP neutralises boxed
     victims): SIG, triggered probe, one scan, CA / ASR after 0.392 / 0.316 without them, 0.404 / 0.076 with
     47 victims three times each (a one-off script)."""
-    verdict, results = outcome.verdict, outcome.results or {}
-    if verdict is None or verdict.target is None or "trigger-inversion" not in results:
+    verdict = outcome.verdict
+    if verdict is None or verdict.target is None:
         return []
     victims = [v["index"] for v in verdict.victims if not v.get("box")]  # boxed ones are neutralised already
+    if not victims:
+        return []
     names, items = outcome.probe.class_names, outcome.probe.items
-    images = results["trigger-inversion"].artefacts["images"]
+    images = probe_images(outcome)
     rows = []
     for i in victims:
         label = items[i].label
@@ -299,6 +339,13 @@ def scan(
     results = {name: results[name] for name in names if name in results}  # in the order asked for
     findings = results.get("oracle-guided") or Findings([], [], [], [], artefacts={"images": None, "patterns": {}})
     verdict = merge(results, probe_set)
+    victim_trigger = None
+    if is_main():
+        if progress and verdict.victims:
+            progress(0.9, "reconstructing the trigger the victims share")
+        victim_trigger = for_verdict(loaded, shared, verdict, settings.seed)
+        if victim_trigger:
+            adopt(verdict, victim_trigger)
     report = {
         "tool": "clip-backdoor-forensics",
         "detector": "oracle-guided" if "oracle-guided" in results else names[0],
@@ -336,6 +383,7 @@ def scan(
         report=report,
         results=results,
         verdict=verdict,
+        victim_trigger=victim_trigger,
     )
 
 
@@ -395,12 +443,16 @@ def write_scan(outcome: ScanOutcome, out: str | Path, progress: Progress | None 
 
 
 def inverted_pictures(outcome: ScanOutcome) -> dict[str, torch.Tensor]:
-    """File name -> picture of each inverted trigger the findings name (written beside report.json)."""
+    """File name -> picture of each inverted trigger the findings name and of the victims' shared trigger
+    (written beside report.json)."""
     inversion = (outcome.results or {}).get("trigger-inversion")
-    if inversion is None:
-        return {}
-    patterns = inversion.artefacts["inverted_patterns"]
-    return {t.pattern: patterns[t.stats["key"]].picture().cpu() for t in inversion.inverted if t.pattern}
+    pictures = {}
+    if inversion is not None:
+        patterns = inversion.artefacts["inverted_patterns"]
+        pictures = {t.pattern: patterns[t.stats["key"]].picture().cpu() for t in inversion.inverted if t.pattern}
+    if outcome.victim_trigger is not None:
+        pictures[outcome.victim_trigger.trigger.pattern] = outcome.victim_trigger.pattern.picture().cpu()
+    return pictures
 
 
 def run_scan(

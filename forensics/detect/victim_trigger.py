@@ -1,0 +1,169 @@
+"""A trigger reconstructed from the verdict's box-less victims: what they share that clean images do not.
+
+Victims found by their embeddings alone (the density's hijacked cluster: a whole-image trigger, or a patch the
+oracle scan did not box) carry the real trigger, but nothing says where it is. Two estimates, one per family,
+each checked on clean images it was not made from:
+
+* **local**: pixels where the victims agree with each other far more than clean images do (per-pixel standard
+  deviation across victims over that across clean images, lowest first) keep the victims' mean colour; the mask
+  is the smallest share of such pixels (0.25 down by sqrt(2) steps, as the trigger inversion's grid) that sends
+  the flip goal of held-out clean images of other classes to the target. A patch stamped at one place is
+  identical in every victim; a whole-image trigger is not.
+* **global**: the victims' mean image minus the clean images' mean, added at the smallest of a few strengths
+  (2x down to 1/4, sqrt(2) steps) that reaches the goal. A blend or a signal added to every victim survives the
+  mean; the images' own content averages out on both sides.
+
+Clean images (the model predicts another class, not a victim) are split three ways, seeded: one gives the clean
+statistics, one chooses the size, one verifies the flip rate at it. The estimate counts only when verified at
+the goal; victims that are no more than natural images of the target give nothing. Our addition (EftCLIP cuts
+the trigger out of boxed victims): on the top-left BadNet of bench/detect.py (45 box-less victims) the local
+estimate is the planted square itself (rows and columns 6-25, 2.4 % of the image), flipping every held-out
+image; on the SIG model's 47 victims the global one flips 0.92 at strength 1 and no local mask reaches 0.5.
+Nothing here knows a trigger, target, colour or position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from forensics.core.data import ProbeSet
+from forensics.core.models import frozen
+from forensics.core.zeroshot import class_text_embeddings, predict_labels
+from forensics.detect.findings import InvertedTrigger
+from forensics.detect.trigger_inversion import InvertedPattern, family_words, safe_label
+from forensics.detect.verdict import Verdict
+
+MIN_VICTIMS = 5  # fewer say too little about what victims share
+FLIP_GOAL = 0.8  # as the trigger inversion's goal and the verdict's verified flip rate
+LOCAL_SHARES = tuple(0.25 * 2 ** (-k / 2) for k in range(11))  # largest first
+GLOBAL_SCALES = tuple(2 * 2 ** (-k / 2) for k in range(7))  # 2x down to 1/4 of the mean difference
+
+
+@dataclass
+class VictimTrigger:
+    """The reconstructed trigger: its report entry and the tensors that stamp it."""
+
+    trigger: InvertedTrigger
+    pattern: InvertedPattern
+
+
+def clean_splits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded three-way split of ``n`` clean images: statistics, size choice, verification."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    third = max(1, n // 3)
+    return perm[: n - 2 * third], perm[n - 2 * third : n - third], perm[n - third :]
+
+
+def local_candidates(victims: torch.Tensor, clean: torch.Tensor) -> list[tuple[float, InvertedPattern]]:
+    """(share, trigger) per grid share, largest first: the pixels where victims agree most, relative to clean
+    images, keeping the victims' mean colour. The share is the mask's own: pixels tied at the cut (a patch
+    identical in every victim has no spread at all) stay together."""
+    ratio = victims.std(0).mean(0) / (clean.std(0).mean(0) + 1e-3)  # S x S
+    flat, pattern = ratio.flatten(), victims.mean(0)
+    out = []
+    for share in LOCAL_SHARES:
+        keep = max(1, int(round(share * flat.numel())))
+        mask = (ratio <= flat.kthvalue(keep).values).float()[None]  # ties kept: a patch is kept whole
+        out.append((float(mask.mean()), InvertedPattern("local", mask=mask, pattern=pattern)))
+    return out
+
+
+def global_candidates(victims: torch.Tensor, clean: torch.Tensor) -> list[tuple[float, InvertedPattern]]:
+    """(L-infinity strength, trigger) per scale of the victims' mean difference from clean images, largest first."""
+    delta = victims.mean(0) - clean.mean(0)
+    return [(float((s * delta).abs().max()), InvertedPattern("global", delta=s * delta)) for s in GLOBAL_SCALES]
+
+
+def reconstruct_from_victims(
+    model,
+    images: torch.Tensor,
+    victims: list[int],
+    target: int,
+    class_emb: torch.Tensor,
+    label: str,
+    seed: int = 0,
+) -> VictimTrigger | None:
+    """The best verified trigger (local or global) that ``victims`` (indices into ``images``, [0, 1], N x 3 x S x S)
+    share, sending clean images the model predicts as other classes to ``target``; None when fewer than
+    ``MIN_VICTIMS`` victims or clean images, or when neither family reaches ``FLIP_GOAL`` on held-out images."""
+    chosen = sorted(set(int(i) for i in victims))
+    if len(chosen) < MIN_VICTIMS:
+        return None
+    with torch.no_grad():
+        predicted = predict_labels(model, images, class_emb)
+    taken = set(chosen)
+    others = torch.tensor([i for i in range(len(images)) if i not in taken and int(predicted[i]) != target])
+    if len(others) < 3 * MIN_VICTIMS:
+        return None
+    stats_idx, choose_idx, verify_idx = (others[s] for s in clean_splits(len(others), seed))
+    pool, stats = images[chosen].cpu(), images[stats_idx].cpu()
+    choose, verify = images[choose_idx], images[verify_idx]
+
+    def rate(batch: torch.Tensor, trigger: InvertedPattern) -> float:
+        with torch.no_grad():
+            return float((predict_labels(model, trigger.apply(batch), class_emb) == target).float().mean())
+
+    found = []
+    for family, candidates in (("local", local_candidates(pool, stats)), ("global", global_candidates(pool, stats))):
+        best = None
+        for size, trigger in candidates:  # largest first: the last that reaches the goal is the smallest
+            if rate(choose, trigger) >= FLIP_GOAL:
+                best = (size, trigger)
+        if best is None:
+            continue
+        verified = rate(verify, best[1])
+        if verified >= FLIP_GOAL:
+            found.append((verified, family == "local", family, best[0], best[1]))
+    if not found:
+        return None
+    verified, _, family, size, pattern = max(found, key=lambda f: (f[0], f[1]))  # ties: the local one
+    trigger = InvertedTrigger(
+        label=label,
+        method=f"victims/{family}",
+        mask_area=round(size, 6) if family == "local" else 1.0,
+        verified_asr=round(verified, 4),
+        n_verified=len(verify_idx),
+        verified_on="held-out probe images the model predicts as other classes (not used to make it)",
+        pattern=f"inverted/victims_{family}_{safe_label(label)}.png",
+        stats={"family": family, "size": round(size, 6), "victims": len(chosen), "key": f"victims/{family}"},
+    )
+    return VictimTrigger(trigger=trigger, pattern=pattern)
+
+
+def for_verdict(model, probe: ProbeSet, verdict: Verdict, seed: int = 0) -> VictimTrigger | None:
+    """The trigger the verdict's box-less victims share (boxed ones have their trigger cut out already), when
+    there is a target and enough of them; None otherwise."""
+    if verdict.target is None:
+        return None
+    victims = [v["index"] for v in verdict.victims if not v.get("box")]
+    if len(victims) < MIN_VICTIMS:
+        return None
+    names = list(probe.class_names)
+    class_emb = class_text_embeddings(model, names, "short").detach().to(model.device)
+    images = probe.load_images(model.image_size).to(model.device)
+    with frozen(model):
+        return reconstruct_from_victims(
+            model, images, victims, names.index(verdict.target), class_emb, verdict.target, seed
+        )
+
+
+def adopt(verdict: Verdict, found: VictimTrigger) -> None:
+    """Make ``found`` the verdict's trigger when it flips more held-out images than the trigger there (or there is
+    none), and say what it is in the reasons either way."""
+    t = found.trigger
+    size = (
+        f"{t.mask_area:.1%} of the image"
+        if t.stats["family"] == "local"
+        else f"strength {t.stats['size'] * 255:.0f}/255"
+    )
+    verdict.reasons.append(
+        f"the {t.stats['victims']} victims found by their embeddings share a {family_words(t.stats['family'])} "
+        f"trigger of {size} that sends {t.verified_asr:.0%} of held-out clean images of other classes to "
+        f"'{t.label}'"
+    )
+    current = verdict.trigger
+    if current is None or t.verified_asr > current.get("verified_asr", 0.0):
+        verdict.trigger = {"detector": "victims", **t.to_dict()}
+        verdict.family = t.stats["family"]
