@@ -58,7 +58,9 @@ def build_findings_tab(state: gr.State) -> dict:
             interactive=False,
             elem_id="evidence-table",
         )
-        inverted = gr.Gallery(label="Inverted triggers (trigger inversion)", columns=4, height=200, allow_preview=False)
+        inverted = gr.Gallery(
+            label="Triggers: inverted, or shared by the victims", columns=4, height=200, allow_preview=False
+        )
     with gr.Row():
         flagged = gr.Dataframe(
             headers=["label", "score", "captured", "predicted", "explanation"],

@@ -109,7 +109,8 @@ def scan_outputs(report: dict, out: Path) -> tuple:
 
 
 def verdict_views(report: dict, out: Path) -> tuple[str, list[list], list[tuple[str, str]]]:
-    """The Findings tab's top: the verdict in words, each detector's evidence as rows, the inverted triggers."""
+    """The Findings tab's top: the verdict in words, each detector's evidence as rows, the inverted triggers (and
+    the one the victims share, first, when the verdict's trigger is that)."""
     verdict = report.get("verdict") or {}
     if not verdict:
         return "", [], []
@@ -141,6 +142,9 @@ def verdict_views(report: dict, out: Path) -> tuple[str, list[list], list[tuple[
         for t in report.get("detectors", {}).get("trigger-inversion", {}).get("inverted_triggers", [])
         if t.get("pattern") and (out / t["pattern"]).is_file()
     ]
+    if trigger and trigger.get("detector") == "victims" and (out / str(trigger.get("pattern"))).is_file():
+        caption = f"{trigger['label']} ({trigger['stats'].get('family')}, shared by {trigger['stats'].get('victims')}"
+        inverted.insert(0, (str(out / trigger["pattern"]), f"{caption} victims): flip {trigger['verified_asr']:.0%}"))
     return text, rows, inverted
 
 
