@@ -265,7 +265,8 @@ def test_a_model_that_sends_every_image_to_one_label_is_inverted_for_the_others_
 def test_an_inverted_trigger_joins_boxed_victims_in_the_repair_set():
     """When the inversion named the verdict's target, clean images of other classes carrying its trigger go to
     the repair even when the probe held boxed victims (they are neutralised by the oracle's rows; only box-less
-    victims are copied here); an inversion that named another label adds nothing."""
+    victims are copied here); an inversion that named another label adds nothing. The trigger the victims share
+    comes first, and then each image carries both."""
     from types import SimpleNamespace
 
     from forensics.pipelines.scan import INVERTED_TRIGGER_SHIFTS, inverted_trigger_rows
@@ -299,6 +300,7 @@ def test_an_inverted_trigger_joins_boxed_victims_in_the_repair_set():
         results={"trigger-inversion": inversion},
         probe=SimpleNamespace(class_names=names, items=[SimpleNamespace(label=i % 3) for i in range(12)]),
         report={"seed": 0},
+        victim_trigger=None,
     )
     rows = inverted_trigger_rows(outcome)
     stamped = [r for r in rows if r["kind"] == "inverted-trigger"]
@@ -307,8 +309,25 @@ def test_an_inverted_trigger_joins_boxed_victims_in_the_repair_set():
     assert len(stamped) == len(sources) * (1 + INVERTED_TRIGGER_SHIFTS)
     assert all(r["label"] != "clock" and bool((r["tensor"][:, :2, :2] == 1).all()) for r in stamped[::3])
     assert not [r for r in rows if r["kind"] == "victim"]  # box-less victims join by boxless_victim_rows
+    # the trigger the victims share comes first, and each image carries both
+    shared = InvertedPattern("global", delta=torch.full((3, 8, 8), 0.25))
+    outcome.victim_trigger = SimpleNamespace(pattern=shared)
+    rows = inverted_trigger_rows(outcome)
+    stamped = [r for r in rows if r["kind"] == "inverted-trigger"]
+    assert len(stamped) == 2 * len(sources) * (1 + INVERTED_TRIGGER_SHIFTS)
+    first = stamped[0]["tensor"]
+    assert torch.allclose(first, (images[first_source(rows)] + 0.25).clamp(0, 1))
     inverted.label = "book"  # the inversion named another label: no evidence of this backdoor's trigger
+    rows = inverted_trigger_rows(outcome)  # the victims' trigger alone
+    stamped = [r for r in rows if r["kind"] == "inverted-trigger"]
+    assert len(stamped) == len(sources) * (1 + INVERTED_TRIGGER_SHIFTS)
+    assert all(torch.allclose(r["tensor"], (images[r["source_index"]] + 0.25).clamp(0, 1)) for r in stamped)
+    outcome.victim_trigger = None
     assert inverted_trigger_rows(outcome) == []
+
+
+def first_source(rows: list[dict]) -> int:
+    return next(r["source_index"] for r in rows if r["kind"] == "inverted-source")
 
 
 def test_a_dense_cluster_fed_by_many_other_classes_is_a_hijacked_label():
