@@ -13,6 +13,7 @@ from forensics.core.models import frozen, load_model
 from forensics.core.zeroshot import class_text_embeddings, predict_labels
 from forensics.detect.victim_trigger import (
     MIN_VICTIMS,
+    exemplar,
     global_candidates,
     local_candidates,
     reconstruct_from_victims,
@@ -24,8 +25,8 @@ SIG = {"attack": "sig", "seed": 0, "delta": 0.2, "frequency": 4.0}  # as the shi
 
 
 def test_the_local_estimate_keeps_the_pixels_every_victim_shares():
-    """A 6 x 6 patch identical in 20 victims and nowhere else: every mask from its size down is the patch, whole
-    (its pixels tie at no spread), with the patch's colour; the share reported is the mask's own."""
+    """A 6 x 6 patch identical in 20 victims and nowhere else: every mask up to its size lies on it, with the
+    patch's colour; the share reported is the mask's own."""
     gen = torch.Generator().manual_seed(0)
     clean = torch.rand(60, 3, 32, 32, generator=gen)
     victims = torch.rand(20, 3, 32, 32, generator=gen)
@@ -33,10 +34,29 @@ def test_the_local_estimate_keeps_the_pixels_every_victim_shares():
     victims[:, :, 20:26, 3:9] = patch
     for share, trigger in local_candidates(victims, clean):
         on = trigger.mask[0].nonzero()
-        if share <= 36 / 1024:
+        assert share == pytest.approx(len(on) / 1024)
+        if len(on) <= 36:
             assert on[:, 0].min() >= 20 and on[:, 0].max() < 26 and on[:, 1].min() >= 3 and on[:, 1].max() < 9
             assert torch.allclose(trigger.pattern[:, 20:26, 3:9], patch)
-        assert share == pytest.approx(len(on) / 1024) and len(on) >= 36  # the patch whole, even below its size
+        else:
+            assert bool(trigger.mask[0, 20:26, 3:9].all())  # larger masks keep the whole patch
+
+
+def test_the_local_estimate_finds_a_patch_of_fresh_noise_and_one_victim_carries_it():
+    """CleanCLIP's BadNet: each victim gets its own noise in a 5 x 5 corner where clean images are plain; the
+    masks up to its size lie there, and the exemplar victim carries real noise where the mean is near grey."""
+    gen = torch.Generator().manual_seed(2)
+    clean = torch.rand(60, 3, 32, 32, generator=gen)
+    clean[:, :, 25:30, 25:30] = 1.0  # a white corner in every clean image
+    victims = torch.rand(20, 3, 32, 32, generator=gen)
+    victims[:, :, 25:30, 25:30] = torch.rand(20, 3, 5, 5, generator=gen)
+    one = exemplar(victims)
+    assert any(torch.equal(one, v) for v in victims)
+    for _, trigger in local_candidates(victims, clean, one):
+        on = trigger.mask[0].nonzero()
+        if len(on) <= 25:
+            assert on.min() >= 25 and on.max() < 30
+    assert float(victims[:, :, 25:30, 25:30].mean(0).std()) < float(one[:, 25:30, 25:30].std())
 
 
 def test_the_global_estimate_is_the_victims_mean_shift():

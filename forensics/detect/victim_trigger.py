@@ -4,11 +4,12 @@ Victims found by their embeddings alone (the density's hijacked cluster: a whole
 oracle scan did not box) carry the real trigger, but nothing says where it is. Two estimates, one per family,
 each checked on clean images it was not made from:
 
-* **local**: pixels where the victims agree with each other far more than clean images do (per-pixel standard
-  deviation across victims over that across clean images, lowest first) keep the victims' mean colour; the mask
-  is the smallest share of such pixels (0.25 down by sqrt(2) steps, as the trigger inversion's grid) that sends
-  the flip goal of held-out clean images of other classes to the target. A patch stamped at one place is
-  identical in every victim; a whole-image trigger is not.
+* **local**: the pixels where the victims' spread differs most from the clean images' (a patch stamped at one
+  place is identical in every victim, no spread at all; a patch of fresh noise per image, CleanCLIP's BadNet,
+  spreads far more than the clean images there; a whole-image trigger changes the spread everywhere alike),
+  carrying the victims' mean image, or one victim (the one nearest that mean: a mean blurs a noise patch away);
+  the mask is the smallest share of such pixels (0.25 down by sqrt(2) steps, as the trigger inversion's grid)
+  that sends the flip goal of held-out clean images of other classes to the target.
 * **global**: the victims' mean image minus the clean images' mean, added at the smallest of a few strengths
   (2x down to 1/4, sqrt(2) steps) that reaches the goal. A blend or a signal added to every victim survives the
   mean; the images' own content averages out on both sides.
@@ -16,9 +17,11 @@ each checked on clean images it was not made from:
 Clean images (the model predicts another class, not a victim) are split three ways, seeded: one gives the clean
 statistics, one chooses the size, one verifies the flip rate at it. The estimate counts only when verified at
 the goal; victims that are no more than natural images of the target give nothing. Our addition (EftCLIP cuts
-the trigger out of boxed victims): on the top-left BadNet of bench/detect.py (45 box-less victims) the local
-estimate is the planted square itself (rows and columns 6-25, 2.4 % of the image), flipping every held-out
-image; on the SIG model's 47 victims the global one flips 0.92 at strength 1 and no local mask reaches 0.5.
+the trigger out of boxed victims). On bench/detect.py's triggered probes (victims = the triggered images each
+model captures; a one-off script): the top-left BadNet's local mask at 2.2 % is the planted square itself (rows
+and columns 6-25), flipping every held-out image; the noise BadNet's at 1.1 % is its bottom-right patch (rows
+and columns 109-123), flipping all of them with one victim's pixels and 0.6 % with the mean's; on SIG and
+Blended no local mask reaches 0.5 and SIG's global estimate flips 0.92 at strength 1.
 Nothing here knows a trigger, target, colour or position.
 """
 
@@ -39,6 +42,7 @@ MIN_VICTIMS = 5  # fewer say too little about what victims share
 FLIP_GOAL = 0.8  # as the trigger inversion's goal and the verdict's verified flip rate
 LOCAL_SHARES = tuple(0.25 * 2 ** (-k / 2) for k in range(11))  # largest first
 GLOBAL_SCALES = tuple(2 * 2 ** (-k / 2) for k in range(7))  # 2x down to 1/4 of the mean difference
+SPREAD_FLOOR = 0.02  # on the per-pixel standard deviations (5/255): flat clean backgrounds do not divide by ~0
 
 
 @dataclass
@@ -56,16 +60,32 @@ def clean_splits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return perm[: n - 2 * third], perm[n - 2 * third : n - third], perm[n - third :]
 
 
-def local_candidates(victims: torch.Tensor, clean: torch.Tensor) -> list[tuple[float, InvertedPattern]]:
-    """(share, trigger) per grid share, largest first: the pixels where victims agree most, relative to clean
-    images, keeping the victims' mean colour. The share is the mask's own: pixels tied at the cut (a patch
-    identical in every victim has no spread at all) stay together."""
-    ratio = victims.std(0).mean(0) / (clean.std(0).mean(0) + 1e-3)  # S x S
-    flat, pattern = ratio.flatten(), victims.mean(0)
+def distinct_pixels(victims: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """S x S: how far the victims' spread at each pixel lies from the clean images' (|log| of the ratio of their
+    standard deviations, floored at ``SPREAD_FLOOR``). A patch identical in every victim has no spread at all; a
+    patch of fresh noise per image (CleanCLIP's BadNet) has far more than the clean images there."""
+    floor = SPREAD_FLOOR
+    return ((victims.std(0).mean(0) + floor) / (clean.std(0).mean(0) + floor)).log().abs()
+
+
+def exemplar(victims: torch.Tensor) -> torch.Tensor:
+    """The victim nearest the victims' mean image: one real trigger, where a mean would blur a noise patch."""
+    mean = victims.mean(0)
+    return victims[int(((victims - mean) ** 2).flatten(1).sum(1).argmin())]
+
+
+def local_candidates(
+    victims: torch.Tensor, clean: torch.Tensor, pattern: torch.Tensor | None = None
+) -> list[tuple[float, InvertedPattern]]:
+    """(share, trigger) per grid share, largest first: the pixels most distinct between victims and clean images
+    (:func:`distinct_pixels`), carrying ``pattern`` (by default the victims' mean image)."""
+    score = distinct_pixels(victims, clean)
+    flat = score.flatten()
+    pattern = victims.mean(0) if pattern is None else pattern
     out = []
     for share in LOCAL_SHARES:
         keep = max(1, int(round(share * flat.numel())))
-        mask = (ratio <= flat.kthvalue(keep).values).float()[None]  # ties kept: a patch is kept whole
+        mask = (score >= flat.topk(keep).values[-1]).float()[None]
         out.append((float(mask.mean()), InvertedPattern("local", mask=mask, pattern=pattern)))
     return out
 
@@ -106,7 +126,12 @@ def reconstruct_from_victims(
             return float((predict_labels(model, trigger.apply(batch), class_emb) == target).float().mean())
 
     found = []
-    for family, candidates in (("local", local_candidates(pool, stats)), ("global", global_candidates(pool, stats))):
+    families = (
+        ("local", "the victims' mean", local_candidates(pool, stats)),
+        ("local", "one victim", local_candidates(pool, stats, exemplar(pool))),
+        ("global", "the victims' mean shift", global_candidates(pool, stats)),
+    )
+    for family, source, candidates in families:
         best = None
         for size, trigger in candidates:  # largest first: the last that reaches the goal is the smallest
             if rate(choose, trigger) >= FLIP_GOAL:
@@ -115,10 +140,11 @@ def reconstruct_from_victims(
             continue
         verified = rate(verify, best[1])
         if verified >= FLIP_GOAL:
-            found.append((verified, family == "local", family, best[0], best[1]))
+            found.append((verified, family == "local", -best[0], family, source, best[1]))
     if not found:
         return None
-    verified, _, family, size, pattern = max(found, key=lambda f: (f[0], f[1]))  # ties: the local one
+    verified, _, size, family, source, pattern = max(found)  # ties: the local one, then the smaller
+    size = -size
     trigger = InvertedTrigger(
         label=label,
         method=f"victims/{family}",
@@ -127,7 +153,13 @@ def reconstruct_from_victims(
         n_verified=len(verify_idx),
         verified_on="held-out probe images the model predicts as other classes (not used to make it)",
         pattern=f"inverted/victims_{family}_{safe_label(label)}.png",
-        stats={"family": family, "size": round(size, 6), "victims": len(chosen), "key": f"victims/{family}"},
+        stats={
+            "family": family,
+            "size": round(size, 6),
+            "victims": len(chosen),
+            "pattern": source,
+            "key": f"victims/{family}",
+        },
     )
     return VictimTrigger(trigger=trigger, pattern=pattern)
 
