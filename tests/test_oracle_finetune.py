@@ -45,12 +45,14 @@ def test_victims_are_counted_with_their_flagged_label():
     kinds = ["victim-neutralised", "victim"] * 2 + ["inverted-source", "inverted-trigger", "inverted-trigger"]
     notes = notes_of(_data(kinds + ["victim"] * 3 + ["anchor"], ["flower"]), invariance=True)
     assert len(notes) == 3 and notes[0].startswith("2 victims with the trigger box neutralised")
-    assert notes[1].startswith("beside them, the compact set carries the inverted trigger: 2 stamped clean images")
+    assert notes[1].startswith("beside them, the compact set carries the found trigger (inverted from clean images")
+    assert "victims): 2 stamped clean images" in notes[1]
     assert "pulled to the original's embedding" in notes[1] and notes[2].startswith(
         "3 victim samples without a trigger box"
     )
     only_stamped = notes_of(_data(["inverted-source", "inverted-trigger", "anchor"], ["book"]))
-    assert only_stamped[0].startswith("no victim to neutralise, so the compact set carries the inverted trigger: 1")
+    assert only_stamped[0].startswith("no victim to neutralise, so the compact set carries the found trigger")
+    assert "victims): 1 stamped clean image" in only_stamped[0]
 
 
 def test_stamped_rows_are_pulled_to_the_originals_embedding_of_their_clean_source():

@@ -184,8 +184,9 @@ class OracleGuidedFinetune(Defense):
 
     @staticmethod
     def _coverage_notes(data: RepairData, invariance: bool = False) -> list[str]:
-        """What the compact set gave this repair to unlearn from: boxed victims (neutralised and as found), an
-        inverted trigger stamped on clean images, box-less victims; and say plainly when it gave nothing."""
+        """What the compact set gave this repair to unlearn from: boxed victims (neutralised and as found), a found
+        trigger (inverted, or the victims') stamped on clean images, box-less victims; and say plainly when it gave
+        nothing."""
         stamped = sum(k == "inverted-trigger" for k in data.kinds)
         boxed = sum(k == "victim-neutralised" for k in data.kinds)  # each boxed victim: neutralised + as found
         boxless = sum(k == "victim" for k in data.kinds) - boxed
@@ -198,8 +199,9 @@ class OracleGuidedFinetune(Defense):
         if stamped:
             notes.append(
                 ("beside them, " if boxed else "no victim to neutralise, so ")
-                + f"the compact set carries the inverted trigger: {stamped} stamped clean images (each image with "
-                f"the trigger where it was inverted and moved elsewhere), labelled with their own class"
+                + f"the compact set carries the found trigger (inverted from clean images, or read off the "
+                f"box-less victims): {stamped} stamped clean images (each image with the trigger where it was found "
+                f"and moved elsewhere), labelled with their own class"
                 + (", each pulled to the original's embedding of its clean source" if invariance else "")
                 + f", to unlearn it for {flagged}"
             )
