@@ -99,6 +99,21 @@ def test_a_failed_repair_writes_no_model_and_no_metrics(older_scan, tmp_path, mo
     assert not out.exists() and _no_partials(tmp_path)
 
 
+def _wait_for_cpu_seconds(proc: subprocess.Popen, seconds: float, wall_limit: float = 180.0) -> None:
+    """Wait until ``proc`` has used ``seconds`` of CPU (or ended): a fixed sleep on a loaded machine can land the
+    signal in the interpreter's imports, before the command handles Ctrl-C at all."""
+    stat = Path(f"/proc/{proc.pid}/stat")
+    if not stat.exists():  # not Linux: a sleep as long as the fixed one was
+        time.sleep(12)
+        return
+    tick, start = os.sysconf("SC_CLK_TCK"), time.time()
+    while proc.poll() is None and time.time() - start < wall_limit:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        if (int(fields[11]) + int(fields[12])) / tick >= seconds:  # utime + stime
+            return
+        time.sleep(0.2)
+
+
 def test_ctrl_c_during_a_real_scan_leaves_nothing(tmp_path):
     out = tmp_path / "scan"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -121,7 +136,7 @@ def test_ctrl_c_during_a_real_scan_leaves_nothing(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(12)  # well into the 300-image scan (about 30 s here)
+    _wait_for_cpu_seconds(proc, 10.0)  # well into the 300-image scan (imports take about 4 CPU s, the scan 30)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:  # finished before the signal: then the result must be whole
