@@ -148,7 +148,7 @@ def reconstruct_from_victims(
             found.append((verified, family == "local", -best[0], family, source, best[1]))
     if not found:
         return None
-    verified, _, size, family, source, pattern = max(found)  # ties: the local one, then the smaller
+    verified, _, size, family, source, pattern = max(found, key=lambda f: f[:3])  # ties: local, smaller, first
     size = -size
     trigger = InvertedTrigger(
         label=label,
