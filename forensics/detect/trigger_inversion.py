@@ -140,13 +140,11 @@ def anomaly_index(sizes: list[float], floor: float) -> list[float]:
     return [round(float(v), 4) for v in (median - logs) / max(mad, floor)]
 
 
-class _Splits:
-    """Seeded three-way split of the probe images: fit, choose the size, verify."""
-
-    def __init__(self, n: int, seed: int):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-        third = max(1, n // 3)
-        self.fit, self.choose, self.verify = perm[: n - 2 * third], perm[n - 2 * third : n - third], perm[n - third :]
+def three_way_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded three-way split of ``n`` images (indices): fit, choose the size, verify (the last two a third each)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    third = max(1, n // 3)
+    return perm[: n - 2 * third], perm[n - 2 * third : n - third], perm[n - third :]
 
 
 @DETECTORS.register
@@ -242,8 +240,8 @@ class TriggerInversion(Detector):
     def invertible(self, predicted: torch.Tensor, target: int) -> bool:
         """Whether the fit and choose splits each hold an image predicted as another class than ``target`` (a
         model that sends every image to one label, a random one say, leaves nothing to invert for that label)."""
-        splits = _Splits(len(predicted), self.settings.seed)
-        return all(bool((predicted[idx] != target).any()) for idx in (splits.fit, splits.choose))
+        fit, choose, _ = three_way_split(len(predicted), self.settings.seed)
+        return all(bool((predicted[idx] != target).any()) for idx in (fit, choose))
 
     def invert_label(
         self,
@@ -260,8 +258,7 @@ class TriggerInversion(Detector):
         the label's own images (for the alignment), by default those predicted as it; ``embeddings``, the images'
         clean embeddings when the caller has them (else the own images are embedded here)."""
         s = self.settings
-        splits = _Splits(len(images), s.seed)
-        others = [idx[predicted[idx] != target] for idx in (splits.fit, splits.choose, splits.verify)]
+        others = [idx[predicted[idx] != target] for idx in three_way_split(len(images), s.seed)]
         fit, choose, verify = (images[o[: (None if j == 0 else s.held_out_images)]] for j, o in enumerate(others))
         if len(fit) == 0 or len(choose) == 0:
             raise ForensicsError("trigger inversion needs images the model predicts as other classes")
@@ -384,7 +381,7 @@ class TriggerInversion(Detector):
                     captured=0,
                     predicted=int((predicted.cpu() == names.index(r.label)).sum()),
                     explanation=(
-                        f"a {family_words(r.family)} trigger of {_size_words(r.family, r.size)} sends "
+                        f"a {family_words(r.family)} trigger of {size_words(r.family, r.size)} sends "
                         f"{r.flip_rate:.0%} of held-out images of other classes to '{r.label}' (anomaly index "
                         f"{r.anomaly:.2f} >= {anomaly_cut:g}), lands away from its own images "
                         f"(alignment {r.alignment:.2f} <= {alignment_cut:g}), and every other label needs "
@@ -494,7 +491,8 @@ def safe_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", label)[:40] or "label"
 
 
-def _size_words(family: str, size: float) -> str:
+def size_words(family: str, size: float) -> str:
+    """A trigger's size in words: its share of the image (local) or its strength in 8-bit steps (global)."""
     return f"{size:.1%} of the image" if family == "local" else f"strength {size * 255:.1f}/255"
 
 

@@ -37,7 +37,7 @@ from forensics.core.data import ProbeSet
 from forensics.core.models import frozen
 from forensics.core.zeroshot import class_text_embeddings, predict_labels
 from forensics.detect.findings import InvertedTrigger
-from forensics.detect.trigger_inversion import InvertedPattern, family_words, safe_label
+from forensics.detect.trigger_inversion import InvertedPattern, family_words, safe_label, size_words, three_way_split
 from forensics.detect.verdict import Verdict
 
 MIN_VICTIMS = 5  # fewer say too little about what victims share
@@ -55,19 +55,11 @@ class VictimTrigger:
     pattern: InvertedPattern
 
 
-def clean_splits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded three-way split of ``n`` clean images: statistics, size choice, verification."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    third = max(1, n // 3)
-    return perm[: n - 2 * third], perm[n - 2 * third : n - third], perm[n - third :]
-
-
 def distinct_pixels(victims: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     """S x S: how far the victims' spread at each pixel lies from the clean images' (|log| of the ratio of their
     standard deviations, floored at ``SPREAD_FLOOR``). A patch identical in every victim has no spread at all; a
     patch of fresh noise per image (CleanCLIP's BadNet) has far more than the clean images there."""
-    floor = SPREAD_FLOOR
-    return ((victims.std(0).mean(0) + floor) / (clean.std(0).mean(0) + floor)).log().abs()
+    return ((victims.std(0).mean(0) + SPREAD_FLOOR) / (clean.std(0).mean(0) + SPREAD_FLOOR)).log().abs()
 
 
 def exemplar(victims: torch.Tensor) -> torch.Tensor:
@@ -119,7 +111,7 @@ def reconstruct_from_victims(
     others = torch.tensor([i for i in range(len(images)) if i not in taken and int(predicted[i]) != target])
     if len(others) < 3 * MIN_VICTIMS:
         return None
-    stats_idx, choose_idx, verify_idx = (others[s] for s in clean_splits(len(others), seed))
+    stats_idx, choose_idx, verify_idx = (others[s] for s in three_way_split(len(others), seed))
     pool, stats = images[chosen].cpu(), images[stats_idx].cpu()
     choose, verify = images[choose_idx], images[verify_idx]
 
@@ -190,17 +182,13 @@ def adopt(verdict: Verdict, found: VictimTrigger) -> None:
     """Make ``found`` the verdict's trigger when it flips more held-out images than the trigger there (or there is
     none), and say what it is in the reasons either way."""
     t = found.trigger
-    size = (
-        f"{t.mask_area:.1%} of the image"
-        if t.stats["family"] == "local"
-        else f"strength {t.stats['size'] * 255:.0f}/255"
-    )
+    family = t.stats["family"]
     verdict.reasons.append(
-        f"the {t.stats['victims']} victims found by their embeddings share a {family_words(t.stats['family'])} "
-        f"trigger of {size} that sends {t.verified_asr:.0%} of held-out clean images of other classes to "
-        f"'{t.label}'"
+        f"the {t.stats['victims']} victims found by their embeddings share a {family_words(family)} "
+        f"trigger of {size_words(family, t.stats['size'])} that sends {t.verified_asr:.0%} of held-out clean "
+        f"images of other classes to '{t.label}'"
     )
     current = verdict.trigger
     if current is None or t.verified_asr > current.get("verified_asr", 0.0):
         verdict.trigger = {"detector": "victims", **t.to_dict()}
-        verdict.family = t.stats["family"]
+        verdict.family = family

@@ -104,7 +104,6 @@ def compact_rows(
 INVERTED_TRIGGER_IMAGES = 96  # clean images stamped with an inverted trigger, each in 1 + SHIFTS places
 INVERTED_TRIGGER_SHIFTS = 2
 ANCHORS_PER_STAMPED = 1 / 6  # anchors kept beside them, at most this share of the stamped rows
-STAMPED_TRIGGERS = 2  # of stamped_triggers(), the first this many (inverted_trigger_rows says why)
 BOXLESS_VICTIM_COPIES = 3  # each victim without a box (whole-image trigger) and with a probe label, this often
 
 
@@ -117,8 +116,8 @@ def inverted_trigger_rows(
     probe's label, else the model's prediction), to unlearn it from; and each such image as it is (kind
     ``inverted-source``), the clean embedding oracle-finetune pulls its stamped copies to.
 
-    With ``STAMPED_TRIGGERS`` triggers, the ``limit`` images are shared out among them and each image carries
-    every one. The victims' trigger: the top-left BadNet of bench/detect.py (triggered probe, 45 box-less victims,
+    With both triggers, the ``limit`` images are shared out between them and each image carries
+    both. The victims' trigger: the top-left BadNet of bench/detect.py (triggered probe, 45 box-less victims,
     no inverted trigger for its target), one scan, ASR 1.000 -> 0.191 (CA 0.455) from the victims and 128
     anchors, 0.000 (CA 0.475) with the victims' trigger stamped and 48 anchors. The SIG model (triggered, one
     scan, ASR 0.973 before): the inversion's trigger alone 0.071, the victims' alone 0.067, both on 48 images
@@ -137,20 +136,17 @@ def inverted_trigger_rows(
     64 x 2 + 32 anchors -> 0.487 / 0.241; 96 x 3 + 48 anchors -> 0.483 / 0.185 (a one-off script over one scan);
     the default in bench/detect.py: demo 0.503 / 0.319, SIG 0.443 / 0.196 (from 0.393 / 0.978). With the clean
     sources and oracle-finetune's invariance term (its docstring): demo 0.483 / 0.026, SIG 0.420 / 0.033."""
-    verdict = outcome.verdict
-    stamps = stamped_triggers(outcome)[:STAMPED_TRIGGERS]
-    if verdict is None or not stamps:
+    verdict, stamps = outcome.verdict, stamped_triggers(outcome)
+    if not stamps:
         return []
-    inversion = (outcome.results or {}).get("trigger-inversion")
     names = outcome.probe.class_names
     target = names.index(verdict.target)
     images = probe_images(outcome)
-    if inversion is not None:
-        predicted = inversion.artefacts["predicted"].tolist()
-    else:
+    predicted = probe_artefact(outcome, "predicted")
+    if predicted is None:
         with torch.no_grad():
-            emb = class_text_embeddings(outcome.model, names, "short")
-            predicted = predict_labels(outcome.model, images, emb).tolist()
+            predicted = predict_labels(outcome.model, images, class_text_embeddings(outcome.model, names, "short"))
+    predicted = predicted.tolist()
     suspicious = {v["index"] for v in verdict.victims}
     labels = [it.label if it.label is not None else predicted[i] for i, it in enumerate(outcome.probe.items)]
     pool = [i for i, y in enumerate(labels) if y != target and i not in suspicious and predicted[i] == y]
@@ -171,12 +167,20 @@ def inverted_trigger_rows(
     return rows
 
 
+def probe_artefact(outcome: ScanOutcome, key: str) -> torch.Tensor | None:
+    """The probe's ``images`` (at the model's size) or ``predicted`` labels as a detector kept them (the trigger
+    inversion's, else the embedding density's); None when neither ran."""
+    for name in ("trigger-inversion", "embedding-density"):
+        found = (outcome.results or {}).get(name)
+        if found is not None and found.artefacts.get(key) is not None:
+            return found.artefacts[key]
+    return None
+
+
 def probe_images(outcome: ScanOutcome) -> torch.Tensor:
-    """The probe's images at the model's size: the ones the trigger inversion held, else decoded again."""
-    inversion = (outcome.results or {}).get("trigger-inversion")
-    if inversion is not None and inversion.artefacts.get("images") is not None:
-        return inversion.artefacts["images"]
-    return outcome.probe.load_images(outcome.model.image_size)
+    """The probe's images at the model's size: those a detector kept, else decoded again."""
+    kept = probe_artefact(outcome, "images")
+    return kept if kept is not None else outcome.probe.load_images(outcome.model.image_size)
 
 
 def stamped_triggers(outcome: ScanOutcome) -> list[InvertedPattern]:
