@@ -2,7 +2,8 @@
 
 Each job runs the real CLI as tests/test_distributed.py does: one process with 1 thread, one process with 2 threads,
 and ``torchrun --nproc_per_node 2`` with 1 thread a process (gloo on a CPU). Jobs: evaluate the demo on its clean
-probe, the oracle-guided scan of the demo (``--max-images``), and an oracle-finetune repair from that scan. Wall
+probe, the oracle-guided scan of the demo (``--max-images``), the trigger inversion of the demo on clean images
+(``--inversion-images``; its (label, family) jobs shared out), and an oracle-finetune repair from that scan. Wall
 seconds include each process's start (imports, model load), so small jobs favour one process.
 
     python bench/processes.py --out bench/results      # bench/results/processes.{md,json}
@@ -53,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--max-images", type=int, default=120, help="probe images the scan examines")
+    parser.add_argument("--inversion-images", type=int, default=120, help="clean probe images the inversion uses")
     parser.add_argument("--epochs", type=int, default=5, help="oracle-finetune epochs")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_processes_"))
@@ -66,6 +68,16 @@ def main() -> None:
             "oracle-guided",
             "--max-images",
             str(args.max_images),
+        ],
+        f"scan demo --probe demo-clean (trigger-inversion, {args.inversion_images} images)": [
+            "scan",
+            "demo",
+            "--probe",
+            "demo-clean",
+            "--detectors",
+            "trigger-inversion",
+            "--max-images",
+            str(args.inversion_images),
         ],
         f"repair demo oracle-finetune ({args.epochs} epochs)": [
             "repair",

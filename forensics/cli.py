@@ -623,18 +623,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.func(args)
         if main_process:
             _emit(result)
+        distributed.shutdown(wait=True)  # every rank done: leave the group together
         return 0
     except ForensicsError as exc:
         _error_line(str(exc))
+        _leave_group()
         return 2
     except KeyboardInterrupt:
         _error_line("interrupted")
+        _leave_group()
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if os.environ.get("FORENSICS_DEBUG"):
             raise
         _error_line(f"unexpected {type(exc).__name__}: {exc} (set FORENSICS_DEBUG=1 for details)")
+        _leave_group()
         return 1
+
+
+def _leave_group() -> None:
+    """On an error path, leave the process group without waiting for the others (they may never arrive)."""
+    from forensics.core import distributed
+
+    try:
+        distributed.shutdown(wait=False)
+    except Exception:  # noqa: BLE001 - already reporting an error; leaving the group is best effort
+        pass
 
 
 def _error_line(text: str) -> None:

@@ -134,6 +134,31 @@ def test_scan_with_two_processes_finds_what_one_process_finds(scans):
     _no_partials(scans[1])
 
 
+@pytest.mark.slow
+def test_trigger_inversion_shares_its_labels_out_and_finds_what_one_process_finds(tmp_path):
+    """Each process inverts its block of the (label, family) jobs; gathered, the evidence is the one-process one."""
+    args = ("scan", "demo", "--probe", "demo-clean", "--detectors", "trigger-inversion", "--max-images", "24")
+    for launcher in ("one", "torchrun"):
+        _launch(launcher, *args, "--out", str(tmp_path / launcher))
+    one, two = (json.loads((tmp_path / launcher / "report.json").read_text()) for launcher in ("one", "torchrun"))
+    one_ti, two_ti = one["detectors"]["trigger-inversion"], two["detectors"]["trigger-inversion"]
+    assert len(one_ti["metrics"]["labels_inverted"]) >= 5  # enough jobs that each process has several
+    assert sum(len(rows) for rows in one_ti["label_evidence"].values()) >= 10
+    for key in ("label_evidence", "flagged_labels", "inverted_triggers"):
+        assert two_ti[key] == one_ti[key], key
+    assert two_ti["metrics"]["labels_inverted"] == one_ti["metrics"]["labels_inverted"]
+    assert two_ti["metrics"]["processes"] == 2 and "processes" not in one_ti["metrics"]  # shared out, then gathered
+    untimed = lambda verdict: {  # noqa: E731 - the verdict with each detector's seconds left out
+        **verdict,
+        "evidence": {name: {k: v for k, v in e.items() if k != "seconds"} for name, e in verdict["evidence"].items()},
+    }
+    assert untimed(two["verdict"]) == untimed(one["verdict"])
+    assert _outputs(tmp_path / "torchrun") == _outputs(tmp_path / "one")
+    for picture in (tmp_path / "one").glob("inverted/*.png"):
+        assert (tmp_path / "torchrun" / picture.relative_to(tmp_path / "one")).read_bytes() == picture.read_bytes()
+    _no_partials(tmp_path / "torchrun")
+
+
 def _check_repair(one: dict, two: dict, folder: Path, reference: Path) -> dict:
     """The two-process repair's CA/ASR within the tolerance of one process's, its DDP proof, and one set of files."""
     assert two["before"] == one["before"]  # the suspect is scored alike (sharded + gathered)

@@ -44,6 +44,18 @@ def init() -> None:
         PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=3))
 
 
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group before the interpreter exits (nothing in one process): a gloo group left to the exit's
+    destructors can abort a rank ("terminate called without an active exception") once the other has gone. With
+    ``wait``, a barrier first, so no rank tears down while another still talks to it; without (an error path), none,
+    as the others may never get there."""
+    if not _initialized():
+        return
+    if wait:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def world_size() -> int:
     """How many processes run this command (1 without a launcher)."""
     init()

@@ -25,6 +25,9 @@ class Detector(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    # whether it takes ``shard=True`` and then, run by every process of a launcher, does its share of the work and
+    # gathers the rest (the one-process findings on every rank); the others run on rank 0 alone
+    shardable: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:

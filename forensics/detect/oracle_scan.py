@@ -225,6 +225,7 @@ class OracleGuidedScan(Detector):
 
     name = "oracle-guided"
     summary = "EftCLIP: labels whose predictions a small non-object window decides, their victims and trigger"
+    shardable = True
 
     def __init__(
         self,

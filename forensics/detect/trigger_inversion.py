@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from forensics.core.data import ProbeSet
+from forensics.core.distributed import gather, shard_range, world_size
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel, frozen
 from forensics.core.progress import Progress
@@ -123,6 +124,14 @@ class InvertedPattern:
         roll = lambda t: None if t is None else torch.roll(t, shifts=(dy, dx), dims=(-2, -1))  # noqa: E731
         return InvertedPattern(self.family, roll(self.mask), roll(self.pattern), roll(self.delta))
 
+    def to(self, device: torch.device | str) -> InvertedPattern:
+        """The same trigger with its tensors on ``device`` (to send it to another process, or back)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return InvertedPattern(self.family, mask=move(self.mask), pattern=move(self.pattern), delta=move(self.delta))
+
     def picture(self) -> torch.Tensor:
         """3 x S x S image of the trigger: the pattern where the mask keeps it (grey elsewhere), or the
         perturbation stretched around grey."""
@@ -153,10 +162,14 @@ class TriggerInversion(Detector):
 
     name = "trigger-inversion"
     summary = "per-label trigger inversion (local mask and global perturbation) with a Neural Cleanse anomaly index"
+    shardable = True
 
-    def __init__(self, oracle: Any = None, settings: TriggerInversionSettings | None = None):
+    def __init__(self, oracle: Any = None, settings: TriggerInversionSettings | None = None, shard: bool = False):
         # ``oracle`` is accepted (and unused) so every detector builds from the same keywords
         self.settings = settings if isinstance(settings, TriggerInversionSettings) else TriggerInversionSettings()
+        # several processes: each inverts its block of the (label, family) jobs, all get every result; a job's
+        # generator is seeded by its label and family alone, so the results are the one-process ones
+        self.shard = shard
         unknown = set(self.settings.families) - set(FAMILIES)
         if unknown or not self.settings.families:
             raise ForensicsError(f"trigger families must be among {', '.join(FAMILIES)}, got {sorted(unknown)}")
@@ -344,14 +357,20 @@ class TriggerInversion(Detector):
                 if not self.invertible(predicted, t)
             }
             jobs = [(f, t) for f in s.families for t in ranked if names[t] not in not_inverted]
-            for n, (family, t) in enumerate(jobs):
+            sharded = self.shard and world_size() > 1
+            lo, hi = shard_range(len(jobs)) if sharded else (0, len(jobs))
+            mine = []
+            for n, (family, t) in enumerate(jobs[lo:hi]):
                 if progress:
-                    progress(n / len(jobs), f"inverting a {family} trigger for '{names[t]}' ({n + 1}/{len(jobs)})")
+                    progress(n / (hi - lo), f"inverting a {family} trigger for '{names[t]}' ({n + 1}/{hi - lo})")
                 own = own_images(probe, predicted, t)
                 result, trigger = self.invert_label(model, images, predicted, class_emb, t, family, own, embeddings)
                 result.label = names[t]
+                mine.append((result, trigger.to("cpu") if sharded else trigger))
+            done = [job for share in gather(mine) for job in share] if sharded else mine  # in job order
+            for (family, t), (result, trigger) in zip(jobs, done):
                 per_family.setdefault(family, []).append(result)
-                patterns[(family, names[t])] = trigger
+                patterns[(family, names[t])] = trigger.to(model.device) if sharded else trigger
         per_label_seconds = (time.time() - start) / max(1, len(jobs))
         calibrated = calibration(self.name)
         anomaly_cut = s.anomaly_threshold if s.anomaly_threshold is not None else calibrated["anomaly_threshold"]
@@ -425,6 +444,8 @@ class TriggerInversion(Detector):
             "shared": [r.to_dict() for r in shared],
             "n_images": len(probe),
         }
+        if sharded:
+            metrics["processes"] = world_size()  # the labels were shared out over this many
         evidence = {family: [r.to_dict() for r in results] for family, results in per_family.items()}
         findings = Findings(
             flagged_labels=flagged,

@@ -313,8 +313,9 @@ def scan(
     """Scan ``model`` on ``probe`` in memory (no file is written) with ``detectors`` (all by default) and merge
     their evidence into one verdict; ``max_images`` scans a seeded random subset.
 
-    ``distributed`` (every process of a launcher calls this): the oracle-guided scan's per-image pass is shared
-    out and gathered, first; the other detectors run on rank 0 alone, whose outcome is the whole one."""
+    ``distributed`` (every process of a launcher calls this): the shardable detectors (the oracle-guided scan's
+    per-image pass, the trigger inversion's labels) are shared out and gathered, first; the others run on rank 0
+    alone, whose outcome is the whole one."""
     start = time.time()
     settings = settings or ScanSettings()
     ref = None if isinstance(model, SuspectModel) else (model if isinstance(model, ModelRef) else ModelRef(str(model)))
@@ -333,12 +334,13 @@ def scan(
     results: dict[str, Findings] = {}
     shared = probe_set.sharing_loaded_images()  # the detectors decode the probe images once, not each
     sharded = distributed and world_size() > 1
-    order = sorted(range(len(names)), key=lambda n: names[n] != "oracle-guided") if sharded else range(len(names))
-    for n in order:  # several processes: the shared-out detector first, then rank 0 alone runs the others
+    shares = {name: sharded and DETECTORS.get(name).shardable for name in names}
+    order = sorted(range(len(names)), key=lambda n: not shares[names[n]]) if sharded else range(len(names))
+    for n in order:  # several processes: the shared-out detectors first, then rank 0 alone runs the others
         name = names[n]
-        if sharded and name != "oracle-guided" and not is_main():
+        if sharded and not shares[name] and not is_main():
             continue
-        extra = {"shard": True} if sharded and name == "oracle-guided" else {}
+        extra = {"shard": True} if shares[name] else {}
         detector = DETECTORS.build(
             name, oracle=oracle_obj, settings=settings if name == "oracle-guided" else None, **extra
         )
