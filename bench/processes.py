@@ -59,9 +59,10 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_processes_"))
     findings = work / "scan"
+    oracle_job = f"scan demo (oracle-guided, {args.max_images} images)"
     jobs = {
         "evaluate demo --probe demo-clean": ["evaluate", "demo", "--probe", "demo-clean"],
-        f"scan demo (oracle-guided, {args.max_images} images)": [
+        oracle_job: [
             "scan",
             "demo",
             "--detectors",
@@ -94,7 +95,7 @@ def main() -> None:
         seconds = {}
         for layout in layouts:
             out = work / f"{layout}_{len(rows)}"
-            if cli[0] == "scan" and layout == "1x2":
+            if name == oracle_job and layout == "1x2":
                 out = findings  # the repair reads this scan's findings (equal in every layout: the tests say so)
             seconds[layout] = run(layout, [*cli, "--out", str(out)] if cli[0] != "evaluate" else cli)
             print(f"{name} [{layout}]: {seconds[layout]:.1f} s", file=sys.stderr)
