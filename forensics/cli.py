@@ -611,6 +611,7 @@ _MULTI_PROCESS = {"info", "list", "evaluate", "scan", "scan-many", "repair"}  # 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    finished = False
     try:
         args = build_parser().parse_args(argv)
         from forensics.core import distributed
@@ -624,27 +625,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if main_process:
             _emit(result)
         distributed.shutdown(wait=True)  # every rank done: leave the group together
+        finished = True
         return 0
     except ForensicsError as exc:
         _error_line(str(exc))
-        _leave_group()
         return 2
     except KeyboardInterrupt:
         _error_line("interrupted")
-        _leave_group()
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if os.environ.get("FORENSICS_DEBUG"):
             raise
         _error_line(f"unexpected {type(exc).__name__}: {exc} (set FORENSICS_DEBUG=1 for details)")
-        _leave_group()
         return 1
+    finally:
+        if not finished:
+            _leave_group()
 
 
 def _leave_group() -> None:
-    """On an error path, leave the process group without waiting for the others (they may never arrive)."""
-    from forensics.core import distributed
-
+    """On an error path, leave the process group without waiting for the others (they may never arrive); nothing
+    when the command stopped before joining one (e.g. a usage error: no torch import just for this)."""
+    distributed = sys.modules.get("forensics.core.distributed")
+    if distributed is None:
+        return
     try:
         distributed.shutdown(wait=False)
     except Exception:  # noqa: BLE001 - already reporting an error; leaving the group is best effort

@@ -370,7 +370,7 @@ class TriggerInversion(Detector):
             done = [job for share in gather(mine) for job in share] if sharded else mine  # in job order
             for (family, t), (result, trigger) in zip(jobs, done):
                 per_family.setdefault(family, []).append(result)
-                patterns[(family, names[t])] = trigger.to(model.device) if sharded else trigger
+                patterns[(family, names[t])] = trigger.to(model.device)  # (back from the CPU when gathered)
         per_label_seconds = (time.time() - start) / max(1, len(jobs))
         calibrated = calibration(self.name)
         anomaly_cut = s.anomaly_threshold if s.anomaly_threshold is not None else calibrated["anomaly_threshold"]

@@ -335,7 +335,7 @@ def scan(
     shared = probe_set.sharing_loaded_images()  # the detectors decode the probe images once, not each
     sharded = distributed and world_size() > 1
     shares = {name: sharded and DETECTORS.get(name).shardable for name in names}
-    order = sorted(range(len(names)), key=lambda n: not shares[names[n]]) if sharded else range(len(names))
+    order = sorted(range(len(names)), key=lambda n: not shares[names[n]])  # (one process: as asked)
     for n in order:  # several processes: the shared-out detectors first, then rank 0 alone runs the others
         name = names[n]
         if sharded and not shares[name] and not is_main():
