@@ -163,10 +163,12 @@ def write_table(results: dict, out: Path) -> None:
     def f(v, digits=3):
         return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
+    held_out = {name for name, entry in results["zoo"].items() if entry.get("held_out")}
     for key, r in results["rows"].items():
         rep = r.get("repair") or {}
+        model = f"{r['model']} (held out)" if r["model"] in held_out else r["model"]
         lines.append(
-            f"| {r['model']} | {r['truth']} | {r['mode']} | {r['verdict']} | {f(r['target'])} | {f(r['rank'])} | "
+            f"| {model} | {r['truth']} | {r['mode']} | {r['verdict']} | {f(r['target'])} | {f(r['rank'])} | "
             f"{f(r['family'])} | {f(r['flip'])} | {f(r.get('victim_precision'))} / {f(r.get('victim_recall'))} | "
             f"{r['seconds']} | {f(rep.get('ca_before'))} → {f(rep.get('ca_after'))} | "
             f"{f(rep.get('asr_before'))} → {f(rep.get('asr_after'))} |"
@@ -179,7 +181,8 @@ def write_table(results: dict, out: Path) -> None:
             where = f"; its trigger sends {planted['asr']:.0%} of other classes' images to '{planted['measured']}'"
             if planted["measured"] != planted["intended"]:
                 where += f" (intended '{planted['intended']}'; the truth above is the measured one)"
-        lines.append(f"- {name}: {entry.get('made')}; attack {json.dumps(entry.get('attack'))}{where}")
+        held = "; held out (built after the calibration, no threshold set on it)" if entry.get("held_out") else ""
+        lines.append(f"- {name}: {entry.get('made')}; attack {json.dumps(entry.get('attack'))}{where}{held}")
     atomic_write_text(out / "detect.md", "\n".join(lines) + "\n")
 
 
@@ -190,7 +193,9 @@ CLEAN_MARGIN = 0.04  # the lowest clean alignment stays this far above the borde
 def calibrate(results: dict) -> dict:
     """The alignment cut from the clean models: below every small-trigger label they have (natural attractors),
     by the borderline band and a margin; the backdoors' true targets are reported for the other side's margin."""
-    clean_rows = [r for r in results["rows"].values() if r["truth"] == "clean"]
+    held_out = {name for name, entry in results.get("zoo", {}).items() if entry.get("held_out")}
+    rows = {k: r for k, r in results["rows"].items() if r["model"] not in held_out}  # checks, never thresholds
+    clean_rows = [r for r in rows.values() if r["truth"] == "clean"]
     by_model: dict[str, float] = {}
     for r in clean_rows:
         for labels in r["inversion"].values():
@@ -200,7 +205,7 @@ def calibrate(results: dict) -> dict:
     lowest = min(by_model.values()) if by_model else 1.0
     targets = [
         label["alignment"]
-        for r in results["rows"].values()
+        for r in rows.values()
         if r["truth"] != "clean"
         for labels in r["inversion"].values()
         for label in labels

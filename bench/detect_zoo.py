@@ -52,7 +52,17 @@ ZOO: dict[str, tuple[dict | None, str | None, int]] = {
     ),
     "clean-s3": (None, None, 3),
     "clean-s4": (None, None, 4),
+    # held out: built after the thresholds were set (forensics/detect/calibration.json), never used to set one; they
+    # check the verdict on a clean model and a backdoor (new place, size and target) nothing was tuned on
+    "clean-s10": (None, None, 10),
+    "clean-s11": (None, None, 11),
+    "badnet-noise-tr": (
+        {"attack": "badnet", "pattern": "noise", "size": 0.08, "position": "top-right", "margin": 2},
+        "arrow",
+        12,
+    ),
 }
+HELD_OUT = {"clean-s10", "clean-s11", "badnet-noise-tr"}
 BUNDLED = {
     "demo-clean": {"kind": "clean", "made": "bundled clean twin (500 images per class, 14 epochs)"},
     "demo": {
@@ -111,6 +121,7 @@ def build(
             "made": f"tiny-rn from scratch, {epochs} epochs, {train_per_class} images per class, seed {seed}"
             + ("" if attack is None else ", poison rate 0.1"),
             "seconds": round(time.time() - start, 1),
+            **({"held_out": True} if name in HELD_OUT else {}),
         }
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
         print(f"{name}: {manifest[name]['seconds']} s", file=sys.stderr)
