@@ -317,6 +317,20 @@ def test_occlusion_estimate_matches_hand_computed(tiny_models, images):
         assert real == pytest.approx(0.1 * float(est[0, 40:48, 40:48].sum()), rel=0.1, abs=1e-3)
 
 
+def test_predict_and_estimate_is_the_prediction_and_its_estimate_in_one_pass(tiny_models, images):
+    for arch in ("tiny-rn", "tiny-vit"):
+        model, emb = tiny_models[arch]
+        probs, est = A.predict_and_estimate(model, images, emb, batch_size=2)  # several batches
+        with torch.no_grad():
+            ref_probs = (100 * model.encode_image(images) @ emb.t()).softmax(-1)
+        assert probs.shape == ref_probs.shape and torch.allclose(probs, ref_probs, atol=1e-4)
+        pred = probs.argmax(-1)
+        assert torch.equal(pred, ref_probs.argmax(-1))
+        ref_est = A.occlusion_estimate_signed(model, images, emb, pred, batch_size=2)
+        assert torch.allclose(est, ref_est, atol=1e-5 * float(ref_est.abs().max())), arch
+        assert est.abs().sum() > 0
+
+
 def test_occlusion_estimate_finds_planted_cue_and_survives_no_gradient(planted):
     model, x, emb, box = planted
     maps = A.occlusion_estimate(model, x, emb, [0, 0])
@@ -328,6 +342,8 @@ def test_occlusion_estimate_finds_planted_cue_and_survives_no_gradient(planted):
             return F.normalize(torch.ones(len(x), 4), dim=-1)
 
     assert (A.occlusion_estimate_signed(Constant(), x, emb, [0, 0]) == 0).all()  # no gradient: zero, no error
+    probs, est = A.predict_and_estimate(Constant(), x, emb)
+    assert (est == 0).all() and probs.shape == (2, len(emb)) and torch.allclose(probs.sum(-1), torch.ones(2))
 
 
 def test_region_ablation_finds_planted_cue(planted):

@@ -73,6 +73,7 @@ def test_cascade_examines_fewer_images(full_scan, cascade_scans):
     assert 0 < m["examined"] < N_IMAGES, m
     assert m["examined"] + m["cascade"]["skipped"] == N_IMAGES
     assert m["cascade"]["sampled"] >= 1  # the random sample that calibrates the across-set counts
+    assert m["cascade"]["proposals"] == ScanSettings().cascade_proposals < ScanSettings().proposals
     records = cascade.artefacts["records"]
     assert sum(r["examined"] for r in records) == m["examined"]
     assert not any(r["captured"] for r in records if not r["examined"])  # only examined images can be victims

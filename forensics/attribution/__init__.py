@@ -14,7 +14,12 @@ import torch
 
 from forensics.attribution.base import ATTRIBUTIONS, Targets, ZeroShotHead
 from forensics.attribution.gradcam import gradcam
-from forensics.attribution.occlusion import occlusion, occlusion_estimate, occlusion_estimate_signed
+from forensics.attribution.occlusion import (
+    occlusion,
+    occlusion_estimate,
+    occlusion_estimate_signed,
+    predict_and_estimate,
+)
 from forensics.attribution.region_ablation import region_ablation, region_ablation_map
 from forensics.attribution.render import heatmap_to_image, mass_inside, overlay
 
@@ -28,6 +33,7 @@ __all__ = [
     "occlusion",
     "occlusion_estimate",
     "occlusion_estimate_signed",
+    "predict_and_estimate",
     "overlay",
     "region_ablation",
     "region_ablation_map",

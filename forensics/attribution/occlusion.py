@@ -132,6 +132,48 @@ def occlusion_estimate_signed(
     return torch.cat(maps)
 
 
+def predict_and_estimate(
+    model: Any,
+    images: torch.Tensor,
+    class_emb: torch.Tensor,
+    baseline: Baseline = "mean",
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities (N x C) and, for each image's own prediction, the estimate of
+    :func:`occlusion_estimate_signed` (``steps=1``), from one forward+backward per batch.
+
+    The scan's first pass needs both; predicting first (to know the targets) costs a forward of every image
+    more. The forward captum differentiates keeps its logits and returns the log-odds of their argmax (a
+    piecewise-constant choice, so the gradient is the predicted class's, as with ``targets=`` the prediction).
+    """
+    images = check_images(model, images)
+    head = ZeroShotHead(model, class_emb)
+    probs, maps = [], []
+    with attribution_mode(model):
+        for part in chunks(len(images), batch_size):
+            x = images[part].to(model.device)
+            base = baseline_images(x, baseline)
+            seen: list[torch.Tensor] = []
+
+            def predicted_log_odds(shifted: torch.Tensor, base: torch.Tensor = base, seen: list = seen) -> torch.Tensor:
+                logits = head(shifted + base)
+                seen.append(logits.detach())
+                return _log_odds(logits).gather(1, logits.argmax(-1, keepdim=True))
+
+            try:
+                attr = InputXGradient(predicted_log_odds).attribute((x - base).requires_grad_(True), target=0)
+            except RuntimeError as err:  # a model whose output does not depend differentiably on the pixels
+                if "does not require grad" not in str(err):
+                    raise
+                attr = torch.zeros_like(x)
+            if not seen:
+                with torch.no_grad():
+                    seen.append(head(x))
+            probs.append(seen[-1].softmax(-1).cpu())
+            maps.append(attr.detach().sum(dim=1).cpu())
+    return torch.cat(probs), torch.cat(maps)
+
+
 @ATTRIBUTIONS.register(name="occlusion-estimate")
 def occlusion_estimate(
     model: Any,

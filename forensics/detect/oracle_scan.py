@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from forensics.attribution import occlusion_estimate_signed
+from forensics.attribution import occlusion_estimate_signed, predict_and_estimate
 from forensics.core.cache import ContentCache, cache_key, content_hash
 from forensics.core.data import ProbeSet
 from forensics.core.distributed import gather, shard_range, world_size
@@ -68,6 +68,9 @@ class ScanSettings:
     cascade_sample: float = 0.1  # share of the unsuspicious images examined anyway (calibrates the across-set counts)
     cascade_focus_z: float = 1.5  # robust z (over the probe) of the attribution share in the top window
     cascade_label_z: float = 2.5  # a label's predicted count above the median label's, in Poisson standard deviations
+    # windows really occluded per examined image in the cascade (``proposals`` in the full scan): 6 found the very
+    # victims 12 find on the demo (bench/scan_repair.py --cascade: none differs from the full scan)
+    cascade_proposals: int = 6
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -330,10 +333,10 @@ class OracleGuidedScan(Detector):
         report = progress or (lambda f, m: None)
         if self.settings.cascade:
             return self._examine_cascade(model, images, class_emb, class_names, report)
-        full = predict(model, images, class_emb, self.settings.batch_size)
+        full, estimate = self._first_pass(model, images, class_emb)
         pred = full.argmax(-1)
         grounding = self._ground(model, images, class_emb, class_names, full, pred, report, regions)
-        sweep = self._sweep(model, images, class_emb, full, pred, report)
+        sweep = self._sweep(model, images, class_emb, full, pred, report, estimate=estimate)
         hijack_boxes, decisive = self._localize(model, images, class_emb, full, pred, sweep)
         report(0.95, f"localized {len(hijack_boxes)} candidate hijacks")
         records = [
@@ -343,6 +346,16 @@ class OracleGuidedScan(Detector):
         report(1.0, f"examined {len(images)} images")
         mx = sweep.maps.flatten(1).max(-1).values.clamp(min=1e-12)
         return records, sweep.maps / mx[:, None, None]
+
+    def _first_pass(
+        self, model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every image's probabilities and (one path point, the default) its estimated-drop map, from one
+        forward+backward per batch; with more path points the estimate is left to the sweep (``None``)."""
+        s = self.settings
+        if s.estimate_steps == 1:
+            return predict_and_estimate(model, images, class_emb, batch_size=s.batch_size)
+        return predict(model, images, class_emb, s.batch_size), None
 
     def triage(
         self, images: torch.Tensor, full: torch.Tensor, estimate: torch.Tensor
@@ -397,11 +410,12 @@ class OracleGuidedScan(Detector):
         (dropping such images would make the label medians too low; counting them as uncaptured, too)."""
         s = self.settings
         n, size = len(images), images.shape[-1]
-        full = predict(model, images, class_emb, s.batch_size)
+        full, estimate = self._first_pass(model, images, class_emb)
         pred = full.argmax(-1)
-        estimate = occlusion_estimate_signed(
-            model, images, class_emb, pred, steps=s.estimate_steps, batch_size=s.batch_size
-        )
+        if estimate is None:
+            estimate = occlusion_estimate_signed(
+                model, images, class_emb, pred, steps=s.estimate_steps, batch_size=s.batch_size
+            )
         suspicious, sampled, info = self.triage(images, full, estimate)
         chosen = np.flatnonzero(suspicious | sampled)
         report(0.1, f"cascade: {int(suspicious.sum())} suspicious + {int(sampled.sum())} sampled of {n} images")
@@ -409,7 +423,9 @@ class OracleGuidedScan(Detector):
         sub = (lambda lo, hi: lambda f, m: report(lo + (hi - lo) * f, m))(0.1, 0.9)
         sub_images, sub_full, sub_pred = images[idx], full[idx], pred[idx]
         grounding = self._ground(model, sub_images, class_emb, class_names, sub_full, sub_pred, sub)
-        sweep = self._sweep(model, sub_images, class_emb, sub_full, sub_pred, sub, estimate=estimate[idx])
+        sweep = self._sweep(
+            model, sub_images, class_emb, sub_full, sub_pred, sub, estimate=estimate[idx], proposals=s.cascade_proposals
+        )
         hijack_boxes, decisive = self._localize(model, sub_images, class_emb, sub_full, sub_pred, sweep)
         heat = _smoothed_heat(estimate, s)
         maps = heat.clone()
@@ -516,14 +532,17 @@ class OracleGuidedScan(Detector):
         pred: torch.Tensor,
         report: Progress,
         estimate: torch.Tensor | None = None,
+        proposals: int | None = None,
     ) -> Sweep:
         """Pass 2, the small-window hijack test: where would covering a window take the prediction away?
 
         A first-order estimate for every pixel (one backward pass) ranks the windows of a grid and the top few are
         really occluded. Where the estimate carries no signal (a saturated model has no gradient), every window is.
-        ``estimate``: that estimate when already computed (the cascade's cheap pass).
+        ``estimate``: that estimate when already computed (the first pass); ``proposals``: windows occluded per
+        image (default ``settings.proposals``).
         """
         s = self.settings
+        proposals = s.proposals if proposals is None else proposals
         n, size = len(images), images.shape[-1]
         if estimate is None:
             estimate = occlusion_estimate_signed(
@@ -534,7 +553,7 @@ class OracleGuidedScan(Detector):
         window, boxes = _window_grid(size, s)
         per_window = _window_sums(estimate, boxes)
         tried = [
-            per_window[i].topk(min(s.proposals, len(boxes))).indices.tolist() if signal[i] else list(range(len(boxes)))
+            per_window[i].topk(min(proposals, len(boxes))).indices.tolist() if signal[i] else list(range(len(boxes)))
             for i in range(n)
         ]
         jobs = [(i, boxes[b]) for i in range(n) for b in tried[i]]
@@ -858,6 +877,7 @@ class OracleGuidedScan(Detector):
                 "suspicious": sum(1 for r in records if r["examined"] and not r["sampled"]),
                 "sampled": sum(1 for r in records if r["sampled"]),
                 "skipped": sum(1 for r in records if not r["examined"]),
+                "proposals": s.cascade_proposals,  # windows occluded per examined image (full scan: proposals)
                 "region_cache": {
                     "hits": self.region_cache.hits - cache_before[0],
                     "misses": self.region_cache.misses - cache_before[1],
