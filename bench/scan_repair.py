@@ -100,6 +100,7 @@ def cascade_comparison(spec: str = "demo", max_images: int | None = None) -> lis
                 "scan": name,
                 "images": len(probe),
                 "examined": m["examined"],
+                "windows / image": m.get("cascade", {}).get("proposals", f.settings["proposals"]),
                 "img/s": rate,
                 "fwd+bwd img/s": fwd_bwd,
                 "cost / fwd+bwd": fwd_bwd / rate,
