@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,38 @@ def test_what_is_not_made_for_several_processes_is_refused_in_one_line(args, mes
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 2 and all(message in line for line in lines), proc.stderr[-2000:]  # one line a process
     assert not (tmp_path / "out").exists()
+
+
+FAILING_RANK = """
+import os, sys
+from forensics import cli
+from forensics.detect import trigger_inversion
+
+if os.environ["RANK"] == "1":  # this process alone fails inside its share of the inversion
+    def fail(*args, **kwargs):
+        raise RuntimeError("this process alone fails")
+
+    trigger_inversion.TriggerInversion.invert_label = fail
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_process_failing_alone_stops_the_run_at_once_and_writes_nothing(tmp_path):
+    """One rank fails inside a shared-out detector while the other still fits: its one-line error, then the launcher
+    stops the other (no wait at the gather for the process group's timeout), and no output folder appears."""
+    driver = tmp_path / "failing_rank.py"
+    driver.write_text(FAILING_RANK)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd += [str(driver), "--quiet", "scan", "demo", "--probe", "demo-clean", "--detectors", "trigger-inversion"]
+    cmd += ["--max-images", "12", "--out", str(out)]
+    started = time.time()
+    env = {**ENV, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert time.time() - started < 150  # far from the 3-hour timeout the other would wait for at its gather
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines and "this process alone fails" in lines[0], proc.stderr[-2000:]
+    assert not out.exists()
+    _no_partials(out)
