@@ -68,9 +68,10 @@ class ScanSettings:
     cascade_sample: float = 0.1  # share of the unsuspicious images examined anyway (calibrates the across-set counts)
     cascade_focus_z: float = 1.5  # robust z (over the probe) of the attribution share in the top window
     cascade_label_z: float = 2.5  # a label's predicted count above the median label's, in Poisson standard deviations
-    # windows really occluded per examined image in the cascade (``proposals`` in the full scan): 6 found the very
-    # victims 12 find on the demo (bench/scan_repair.py --cascade: none differs from the full scan)
-    cascade_proposals: int = 6
+    # windows really occluded per examined image in the cascade (``proposals`` in the full scan): 9 found the very
+    # victims 12 find on the demo and on the zoo's triggered probes; 8 lost one of the bottom-right noise patch's 21,
+    # 6 lost two (bench/detect_zoo.py's models; bench/scan_repair.py --cascade compares the demo's)
+    cascade_proposals: int = 9
 
     def to_dict(self) -> dict:
         return asdict(self)
