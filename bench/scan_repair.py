@@ -9,6 +9,7 @@ samples used, and CA/ASR before/after. Models: the demo pair, and a random-weigh
     python bench/scan_repair.py --out bench/results          # about 8 minutes on 2 CPU cores
     python bench/scan_repair.py --cascade                    # only: full scan vs cascade on the demo, side by side
     python bench/scan_repair.py --cascade --model random:ViT-B-32 --max-images 24   # the same on ViT-B-32, 224 px
+    python bench/scan_repair.py --proposals-check ZOO   # the cascade's victims at 12, 9, 8, 6 windows, zoo probes
 
 ``--cascade`` prints (and writes nothing) the oracle-guided scan of the demo probe in full and as a cascade, then
 the cascade again on the same probe (oracle regions from the cache): images/s, fwd+bwd images/s, their ratio,
@@ -28,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from forensics.core.data import load_probe_set  # noqa: E402
 from forensics.core.models import load_model  # noqa: E402
@@ -117,6 +119,32 @@ def cascade_comparison(spec: str = "demo", max_images: int | None = None) -> lis
     return rows
 
 
+def proposals_check(zoo_dir: Path, names: list[str], proposals: list[int]) -> list[dict]:
+    """Victims of the full scan against the cascade's at each number of windows occluded per examined image, on the
+    bench/detect_zoo.py models' triggered probes (bench/detect.py makes them): where does the cascade start to lose
+    a victim?"""
+    from detect import probe_for  # bench/detect.py: the zoo's probes, made once under the zoo folder
+
+    manifest = json.loads((zoo_dir / "zoo.json").read_text())
+    rows = []
+    for name in names:
+        entry = manifest[name]
+        probe = probe_for(entry, "triggered", zoo_dir, name)
+        model = load_model(entry["model"])
+        full = OracleGuidedScan(build_oracle("fallback"), ScanSettings()).run(model, probe)
+        full_victims = {v.index for v in full.victims}
+        row = {"model": name, "full scan victims": len(full_victims)}
+        for k in proposals:
+            f = OracleGuidedScan(build_oracle("fallback"), ScanSettings(cascade=True, cascade_proposals=k)).run(
+                model, probe
+            )
+            victims = {v.index for v in f.victims}
+            row[f"{k} windows: victims (differ)"] = f"{len(victims)} ({len(victims ^ full_victims)})"
+        rows.append(row)
+        print(markdown([row]).splitlines()[-1], file=sys.stderr)
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -136,7 +164,15 @@ def main() -> None:
     parser.add_argument("--cascade", action="store_true", help="only compare the full scan and the cascade (demo)")
     parser.add_argument("--max-images", type=int, help="with --cascade: a seeded subset of the demo probe")
     parser.add_argument("--model", default="demo", help="with --cascade: the model (e.g. random:ViT-B-32)")
+    parser.add_argument("--proposals-check", metavar="ZOO", help="only: the cascade's victims at several window counts")
+    parser.add_argument("--zoo-models", default="demo,badnet-noise-br,optimized-patch,badnet-board-tl,sig,blended")
+    parser.add_argument("--proposals", default="12,9,8,6", help="with --proposals-check: window counts to try")
     args = parser.parse_args()
+    if args.proposals_check:
+        names = [n.strip() for n in args.zoo_models.split(",")]
+        counts = [int(k) for k in args.proposals.split(",")]
+        print(markdown(proposals_check(Path(args.proposals_check), names, counts)))
+        return
     if args.cascade:
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         print(f"Machine: {machine}\n\n{markdown(cascade_comparison(args.model, max_images=args.max_images))}")

@@ -70,7 +70,7 @@ class ScanSettings:
     cascade_label_z: float = 2.5  # a label's predicted count above the median label's, in Poisson standard deviations
     # windows really occluded per examined image in the cascade (``proposals`` in the full scan): 9 found the very
     # victims 12 find on the demo and on the zoo's triggered probes; 8 lost one of the bottom-right noise patch's 21,
-    # 6 lost two (bench/detect_zoo.py's models; bench/scan_repair.py --cascade compares the demo's)
+    # 6 lost two (python bench/scan_repair.py --proposals-check ZOO, ZOO made by bench/detect_zoo.py)
     cascade_proposals: int = 9
 
     def to_dict(self) -> dict:
