@@ -6,7 +6,7 @@ oracle, forward+backward images/s of the bare image tower (the physical limit), 
 samples used, and CA/ASR before/after. Models: the demo pair, and a random-weight ViT-B-32 at 224 px
 (scan speed only: a random model has no backdoor to repair).
 
-    python bench/scan_repair.py --out bench/results          # about 8 minutes on 2 CPU cores
+    python bench/scan_repair.py --out bench/results          # about 3 minutes on 2 CPU cores
     python bench/scan_repair.py --cascade                    # only: full scan vs cascade on the demo, side by side
     python bench/scan_repair.py --cascade --model random:ViT-B-32 --max-images 24   # the same on ViT-B-32, 224 px
     python bench/scan_repair.py --proposals-check ZOO   # the cascade's victims at 12, 9, 8, 6 windows, zoo probes
