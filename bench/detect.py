@@ -147,6 +147,11 @@ def repair_row(outcome, entry: dict, work: Path) -> dict:
     }
 
 
+def held_out_models(results: dict) -> set[str]:
+    """The zoo models built after the calibration (bench/detect_zoo.py's HELD_OUT): checked, never calibrated on."""
+    return {name for name, entry in results.get("zoo", {}).items() if entry.get("held_out")}
+
+
 def write_table(results: dict, out: Path) -> None:
     lines = [
         "# One verdict: clean and backdoored tiny CLIPs, clean-only and triggered probes",
@@ -163,7 +168,7 @@ def write_table(results: dict, out: Path) -> None:
     def f(v, digits=3):
         return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
-    held_out = {name for name, entry in results["zoo"].items() if entry.get("held_out")}
+    held_out = held_out_models(results)
     for key, r in results["rows"].items():
         rep = r.get("repair") or {}
         model = f"{r['model']} (held out)" if r["model"] in held_out else r["model"]
@@ -193,7 +198,7 @@ CLEAN_MARGIN = 0.04  # the lowest clean alignment stays this far above the borde
 def calibrate(results: dict) -> dict:
     """The alignment cut from the clean models: below every small-trigger label they have (natural attractors),
     by the borderline band and a margin; the backdoors' true targets are reported for the other side's margin."""
-    held_out = {name for name, entry in results.get("zoo", {}).items() if entry.get("held_out")}
+    held_out = held_out_models(results)
     rows = {k: r for k, r in results["rows"].items() if r["model"] not in held_out}  # checks, never thresholds
     clean_rows = [r for r in rows.values() if r["truth"] == "clean"]
     by_model: dict[str, float] = {}

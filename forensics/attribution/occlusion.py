@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, Occlusion
@@ -82,6 +82,17 @@ def _log_odds(logits: torch.Tensor) -> torch.Tensor:
     return logits - others.logsumexp(-1)
 
 
+def _or_zero(attribute: Callable[[], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """``attribute()``, or zeros shaped like ``like`` for a model whose output does not depend differentiably on the
+    pixels (autograd's "does not require grad"; the forward has run by then)."""
+    try:
+        return attribute()
+    except RuntimeError as err:
+        if "does not require grad" not in str(err):
+            raise
+        return torch.zeros_like(like)
+
+
 def occlusion_estimate_signed(
     model: Any,
     images: torch.Tensor,
@@ -111,23 +122,21 @@ def occlusion_estimate_signed(
         for part in chunks(len(images), max(1, batch_size // steps)):
             x = images[part].to(model.device)
             base = baseline_images(x, baseline)
-            try:
-                if steps == 1:
-                    method = InputXGradient(lambda shifted, base=base: log_odds(shifted + base))
-                    attr = method.attribute((x - base).requires_grad_(True), target=targets[part])
-                else:
-                    attr = IntegratedGradients(log_odds).attribute(
+            if steps == 1:
+                method = InputXGradient(lambda shifted, base=base: log_odds(shifted + base))
+                attr = _or_zero(lambda: method.attribute((x - base).requires_grad_(True), target=targets[part]), x)
+            else:
+                attr = _or_zero(
+                    lambda: IntegratedGradients(log_odds).attribute(
                         x,
                         baselines=base,
                         target=targets[part],
                         n_steps=steps,
                         method="riemann_trapezoid",
                         internal_batch_size=len(x) * steps,
-                    )
-            except RuntimeError as err:  # a model whose output does not depend differentiably on the pixels
-                if "does not require grad" not in str(err):
-                    raise
-                attr = torch.zeros_like(x)
+                    ),
+                    x,
+                )
             maps.append(attr.detach().sum(dim=1).cpu())
     return torch.cat(maps)
 
@@ -160,15 +169,8 @@ def predict_and_estimate(
                 seen.append(logits.detach())
                 return _log_odds(logits).gather(1, logits.argmax(-1, keepdim=True))
 
-            try:
-                attr = InputXGradient(predicted_log_odds).attribute((x - base).requires_grad_(True), target=0)
-            except RuntimeError as err:  # a model whose output does not depend differentiably on the pixels
-                if "does not require grad" not in str(err):
-                    raise
-                attr = torch.zeros_like(x)
-            if not seen:
-                with torch.no_grad():
-                    seen.append(head(x))
+            method = InputXGradient(predicted_log_odds)
+            attr = _or_zero(lambda: method.attribute((x - base).requires_grad_(True), target=0), x)
             probs.append(seen[-1].softmax(-1).cpu())
             maps.append(attr.detach().sum(dim=1).cpu())
     return torch.cat(probs), torch.cat(maps)

@@ -337,7 +337,7 @@ class OracleGuidedScan(Detector):
         full, estimate = self._first_pass(model, images, class_emb)
         pred = full.argmax(-1)
         grounding = self._ground(model, images, class_emb, class_names, full, pred, report, regions)
-        sweep = self._sweep(model, images, class_emb, full, pred, report, estimate=estimate)
+        sweep = self._sweep(model, images, class_emb, full, pred, report, estimate)
         hijack_boxes, decisive = self._localize(model, images, class_emb, full, pred, sweep)
         report(0.95, f"localized {len(hijack_boxes)} candidate hijacks")
         records = [
@@ -350,13 +350,17 @@ class OracleGuidedScan(Detector):
 
     def _first_pass(
         self, model: SuspectModel, images: torch.Tensor, class_emb: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Every image's probabilities and (one path point, the default) its estimated-drop map, from one
-        forward+backward per batch; with more path points the estimate is left to the sweep (``None``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image's probabilities and the estimated-drop map of its prediction: one forward+backward per batch
+        gives both at one path point (the default); with more, the prediction comes first."""
         s = self.settings
         if s.estimate_steps == 1:
             return predict_and_estimate(model, images, class_emb, batch_size=s.batch_size)
-        return predict(model, images, class_emb, s.batch_size), None
+        full = predict(model, images, class_emb, s.batch_size)
+        estimate = occlusion_estimate_signed(
+            model, images, class_emb, full.argmax(-1), steps=s.estimate_steps, batch_size=s.batch_size
+        )
+        return full, estimate
 
     def triage(
         self, images: torch.Tensor, full: torch.Tensor, estimate: torch.Tensor
@@ -413,10 +417,6 @@ class OracleGuidedScan(Detector):
         n, size = len(images), images.shape[-1]
         full, estimate = self._first_pass(model, images, class_emb)
         pred = full.argmax(-1)
-        if estimate is None:
-            estimate = occlusion_estimate_signed(
-                model, images, class_emb, pred, steps=s.estimate_steps, batch_size=s.batch_size
-            )
         suspicious, sampled, info = self.triage(images, full, estimate)
         chosen = np.flatnonzero(suspicious | sampled)
         report(0.1, f"cascade: {int(suspicious.sum())} suspicious + {int(sampled.sum())} sampled of {n} images")
@@ -424,9 +424,7 @@ class OracleGuidedScan(Detector):
         sub = (lambda lo, hi: lambda f, m: report(lo + (hi - lo) * f, m))(0.1, 0.9)
         sub_images, sub_full, sub_pred = images[idx], full[idx], pred[idx]
         grounding = self._ground(model, sub_images, class_emb, class_names, sub_full, sub_pred, sub)
-        sweep = self._sweep(
-            model, sub_images, class_emb, sub_full, sub_pred, sub, estimate=estimate[idx], proposals=s.cascade_proposals
-        )
+        sweep = self._sweep(model, sub_images, class_emb, sub_full, sub_pred, sub, estimate[idx], s.cascade_proposals)
         hijack_boxes, decisive = self._localize(model, sub_images, class_emb, sub_full, sub_pred, sweep)
         heat = _smoothed_heat(estimate, s)
         maps = heat.clone()
@@ -532,23 +530,18 @@ class OracleGuidedScan(Detector):
         full: torch.Tensor,
         pred: torch.Tensor,
         report: Progress,
-        estimate: torch.Tensor | None = None,
+        estimate: torch.Tensor,
         proposals: int | None = None,
     ) -> Sweep:
         """Pass 2, the small-window hijack test: where would covering a window take the prediction away?
 
-        A first-order estimate for every pixel (one backward pass) ranks the windows of a grid and the top few are
-        really occluded. Where the estimate carries no signal (a saturated model has no gradient), every window is.
-        ``estimate``: that estimate when already computed (the first pass); ``proposals``: windows occluded per
-        image (default ``settings.proposals``).
+        ``estimate``, the first pass's first-order estimate for every pixel, ranks the windows of a grid and the top
+        ``proposals`` (default ``settings.proposals``) are really occluded. Where the estimate carries no signal (a
+        saturated model has no gradient), every window is.
         """
         s = self.settings
         proposals = s.proposals if proposals is None else proposals
         n, size = len(images), images.shape[-1]
-        if estimate is None:
-            estimate = occlusion_estimate_signed(
-                model, images, class_emb, pred, steps=s.estimate_steps, batch_size=s.batch_size
-            )
         signal = estimate.abs().flatten(1).sum(1) > 1e-6
         report(0.35, "estimated occlusion drops")
         window, boxes = _window_grid(size, s)
