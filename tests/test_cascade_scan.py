@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from forensics.core.cache import ContentCache
 from forensics.core.data import load_probe_set
 from forensics.core.models import load_model
+from forensics.core.zeroshot import class_text_embeddings, predict
 from forensics.detect import OracleGuidedScan, ScanSettings
 from forensics.oracles import Oracle, build_oracle
 from tests.test_cli import run_cli
@@ -129,3 +131,28 @@ def test_cli_cascade_writes_the_setting(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["settings"]["cascade"] is True
     assert report["metrics"]["examined"] < 40 and "cascade" in report["metrics"]
+
+
+def test_grounding_views_batched_across_images_equal_one_image_at_a_time(demo):
+    """The views (objects alone, region crops) of many images share CLIP batches: per image, the same views with
+    the same labels and probabilities as when every view goes through CLIP alone (batch size 1)."""
+    model, probe = demo
+    images = probe.load_images(model.image_size, list(range(10)))
+    class_emb = class_text_embeddings(model, list(probe.class_names), "short")
+    full = predict(model, images, class_emb)
+    pred = full.argmax(-1)
+    regions = [build_oracle("fallback").segment(im) for im in images]
+    batched = OracleGuidedScan(build_oracle("fallback"), ScanSettings(batch_size=32))
+    single = OracleGuidedScan(build_oracle("fallback"), ScanSettings(batch_size=1))
+    names = list(probe.class_names)
+    a = batched._ground(model, images, class_emb, names, full, pred, lambda f, m: None, regions)
+    b = single._ground(model, images, class_emb, names, full, pred, lambda f, m: None, regions)
+    assert len(a) == len(b) == 10 and sum(len(g.regions) for g in a) > 10  # several views per image
+    for x, y in zip(a, b):
+        assert x.grounded == y.grounded and x.has_objects == y.has_objects
+        assert [r["label"] for r in x.region_labels] == [r["label"] for r in y.region_labels]
+        assert [r["probability"] for r in x.region_labels] == pytest.approx(
+            [r["probability"] for r in y.region_labels], abs=1e-4
+        )
+        assert torch.allclose(x.object_view, y.object_view, atol=1e-4)
+        assert torch.equal(x.object_mask, y.object_mask)
