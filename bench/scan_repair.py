@@ -13,7 +13,8 @@ samples used, and CA/ASR before/after. Models: the demo pair, and a random-weigh
 
 ``--cascade`` prints (and writes nothing) the oracle-guided scan of the demo probe in full and as a cascade, then
 the cascade again on the same probe (oracle regions from the cache): images/s, fwd+bwd images/s, their ratio,
-images examined, and the findings compared (flagged labels, victims P/R, images whose captured flag differs).
+images examined, and the findings compared (flagged labels, victims P/R, images whose captured flag differs);
+then each scan's steps (the scan's ``stage_seconds``) in forward+backward passes of the probe.
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def oracle_seconds(probe, size: int, n: int = 30) -> dict:
     return out
 
 
-def cascade_comparison(spec: str = "demo", max_images: int | None = None) -> list[dict]:
+def cascade_comparison(spec: str = "demo", max_images: int | None = None) -> tuple[list[dict], list[dict]]:
     """``spec``'s oracle-guided scan of the demo probe in full and as a cascade (cold, then with the region cache
-    warm)."""
+    warm): one row per scan, and each scan's steps in forward+backward units (:func:`stage_costs`)."""
     model = load_model(spec)
     probe = load_probe_set("demo").subset(max_images, 0)
     batch = 32 if model.image_size <= 128 else 8
@@ -116,7 +117,18 @@ def cascade_comparison(spec: str = "demo", max_images: int | None = None) -> lis
                 "oracle calls": m.get("cascade", {}).get("region_cache", {}).get("misses", m["examined"]),
             }
         )
-    return rows
+    return rows, stage_costs(rows, runs)
+
+
+def stage_costs(rows: list[dict], runs: dict) -> list[dict]:
+    """Each scan's steps (``metrics["stage_seconds"]``) in units of one forward+backward of every probe image."""
+    out = []
+    for row in rows:
+        unit = row["images"] / row["fwd+bwd img/s"]  # seconds of one forward+backward of the whole probe
+        stages = runs[row["scan"]].metrics["stage_seconds"]
+        steps = {k: round(v / unit, 2) for k, v in stages.items()}
+        out.append({"scan": row["scan"], **steps, "total (wall clock)": round(row["cost / fwd+bwd"], 2)})
+    return out
 
 
 def proposals_check(zoo_dir: Path, names: list[str], proposals: list[int]) -> list[dict]:
@@ -175,7 +187,9 @@ def main() -> None:
         return
     if args.cascade:
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        print(f"Machine: {machine}\n\n{markdown(cascade_comparison(args.model, max_images=args.max_images))}")
+        rows, stages = cascade_comparison(args.model, max_images=args.max_images)
+        print(f"Machine: {machine}\n\n{markdown(rows)}\n\nEach step in forward+backward passes of the probe:\n")
+        print(markdown(stages))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

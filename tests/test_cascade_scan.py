@@ -156,3 +156,12 @@ def test_grounding_views_batched_across_images_equal_one_image_at_a_time(demo):
         )
         assert torch.allclose(x.object_view, y.object_view, atol=1e-4)
         assert torch.equal(x.object_mask, y.object_mask)
+
+
+def test_the_scan_says_where_its_time_went(full_scan, cascade_scans):
+    for findings in (full_scan, cascade_scans[0]):
+        stages = findings.metrics["stage_seconds"]
+        steps = {"prediction and estimate", "grounding", "occluded windows", "localization", "trigger reconstruction"}
+        assert set(stages) == steps | {"rest"}, stages  # the demo flags a label: a trigger was reconstructed
+        assert all(v >= 0 for v in stages.values()) and stages["occluded windows"] > 0
+        assert sum(stages.values()) == pytest.approx(findings.metrics["seconds"], abs=0.06)

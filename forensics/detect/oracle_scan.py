@@ -16,8 +16,10 @@ and estimated-drop map) looks suspicious, plus a seeded random sample, and cache
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -241,7 +243,17 @@ class OracleGuidedScan(Detector):
         self.oracle = oracle
         self.settings = settings or ScanSettings()
         self.shard = shard  # several processes: each examines its block of the images, all get every record
+        self.stage_seconds: dict[str, float] = {}  # the last run's seconds per step (see :meth:`_stage`)
         self.region_cache = REGION_CACHE if region_cache is None else region_cache  # used in cascade mode
+
+    @contextlib.contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        """Add the seconds spent inside to ``stage_seconds[name]`` (reported as the metrics' ``stage_seconds``)."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - start
 
     # ---- per image
     def region_key(self, image: torch.Tensor) -> str:
@@ -334,11 +346,15 @@ class OracleGuidedScan(Detector):
         report = progress or (lambda f, m: None)
         if self.settings.cascade:
             return self._examine_cascade(model, images, class_emb, class_names, report)
-        full, estimate = self._first_pass(model, images, class_emb)
+        with self._stage("prediction and estimate"):
+            full, estimate = self._first_pass(model, images, class_emb)
         pred = full.argmax(-1)
-        grounding = self._ground(model, images, class_emb, class_names, full, pred, report, regions)
-        sweep = self._sweep(model, images, class_emb, full, pred, report, estimate)
-        hijack_boxes, decisive = self._localize(model, images, class_emb, full, pred, sweep)
+        with self._stage("grounding"):
+            grounding = self._ground(model, images, class_emb, class_names, full, pred, report, regions)
+        with self._stage("occluded windows"):
+            sweep = self._sweep(model, images, class_emb, full, pred, report, estimate)
+        with self._stage("localization"):
+            hijack_boxes, decisive = self._localize(model, images, class_emb, full, pred, sweep)
         report(0.95, f"localized {len(hijack_boxes)} candidate hijacks")
         records = [
             self._record(class_names, full, int(pred[i]), grounding[i], sweep, i, hijack_boxes, decisive)
@@ -415,7 +431,8 @@ class OracleGuidedScan(Detector):
         (dropping such images would make the label medians too low; counting them as uncaptured, too)."""
         s = self.settings
         n, size = len(images), images.shape[-1]
-        full, estimate = self._first_pass(model, images, class_emb)
+        with self._stage("prediction and estimate"):
+            full, estimate = self._first_pass(model, images, class_emb)
         pred = full.argmax(-1)
         suspicious, sampled, info = self.triage(images, full, estimate)
         chosen = np.flatnonzero(suspicious | sampled)
@@ -423,9 +440,14 @@ class OracleGuidedScan(Detector):
         idx = torch.as_tensor(chosen, dtype=torch.long)
         sub = (lambda lo, hi: lambda f, m: report(lo + (hi - lo) * f, m))(0.1, 0.9)
         sub_images, sub_full, sub_pred = images[idx], full[idx], pred[idx]
-        grounding = self._ground(model, sub_images, class_emb, class_names, sub_full, sub_pred, sub)
-        sweep = self._sweep(model, sub_images, class_emb, sub_full, sub_pred, sub, estimate[idx], s.cascade_proposals)
-        hijack_boxes, decisive = self._localize(model, sub_images, class_emb, sub_full, sub_pred, sweep)
+        with self._stage("grounding"):
+            grounding = self._ground(model, sub_images, class_emb, class_names, sub_full, sub_pred, sub)
+        with self._stage("occluded windows"):
+            sweep = self._sweep(
+                model, sub_images, class_emb, sub_full, sub_pred, sub, estimate[idx], s.cascade_proposals
+            )
+        with self._stage("localization"):
+            hijack_boxes, decisive = self._localize(model, sub_images, class_emb, sub_full, sub_pred, sweep)
         heat = _smoothed_heat(estimate, s)
         maps = heat.clone()
         maps[idx] = sweep.maps
@@ -780,6 +802,7 @@ class OracleGuidedScan(Detector):
         s = self.settings
         start = time.time()
         cache_before = (self.region_cache.hits, self.region_cache.misses)
+        self.stage_seconds = {}
         if len(probe) == 0:
             raise ForensicsError("the probe set is empty")
         class_names = list(probe.class_names)
@@ -854,7 +877,10 @@ class OracleGuidedScan(Detector):
                 for i, r in enumerate(records)
                 if not r["captured"] and r["predicted"] != f.label and r["predicted"] not in flagged_names
             ]
-            pattern, info = self.reconstruct(model, images, class_emb, class_names, f.label, members, boxes, clean_pool)
+            with self._stage("trigger reconstruction"):
+                pattern, info = self.reconstruct(
+                    model, images, class_emb, class_names, f.label, members, boxes, clean_pool
+                )
             name = trigger_file_name(len(triggers), f.label)
             artefacts["patterns"][name] = {"pattern": pattern, **info}
             triggers.append(
@@ -889,6 +915,12 @@ class OracleGuidedScan(Detector):
                 },
             }
         findings.metrics["seconds"] = round(time.time() - start, 2)
+        # where the time went (this process's share under a launcher); the rest: loading, text, flagging, records
+        stages = {name: round(v, 2) for name, v in self.stage_seconds.items()}
+        findings.metrics["stage_seconds"] = {
+            **stages,
+            "rest": round(findings.metrics["seconds"] - sum(stages.values()), 2),
+        }
         findings.metrics["images_per_second"] = round(len(probe) / max(1e-9, time.time() - start), 3)
         return findings
 
