@@ -504,9 +504,9 @@ class OracleGuidedScan(Detector):
     ) -> list[Grounding]:
         """Pass 1, grounding: the oracle's regions, CLIP on each region crop and on the objects alone.
 
-        The views (objects alone, region crops) of ``batch_size`` images at a time go through CLIP together: one
-        image's handful of views made a batch of its own, which ran 2-3x slower per view on 2 CPU cores, and on a
-        GPU a launch per image is what bounds the scan (bench/results/gpu)."""
+        The views (objects alone, region crops) of ``batch_size`` images at a time go through CLIP together, not
+        each image's handful of views as a batch of its own (the demo's warm cascade, 127 images under a profiler
+        on 2 CPU cores: 1.22 s of grounding before, 0.77 s after; the same labels and probabilities)."""
         s = self.settings
         n, size = len(images), images.shape[-1]
         grounding: list[Grounding] = []
