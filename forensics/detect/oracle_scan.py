@@ -509,50 +509,52 @@ class OracleGuidedScan(Detector):
         on 2 CPU cores: 1.22 s of grounding before, 0.77 s after; the same labels and probabilities)."""
         s = self.settings
         n, size = len(images), images.shape[-1]
+        min_area = s.min_object_area * size * size
         grounding: list[Grounding] = []
         for lo in range(0, n, s.batch_size):
             chunk = range(lo, min(n, lo + s.batch_size))
             pending, views = [], []
             for i in chunk:
                 regions = given[i] if given is not None else self._regions(images[i])
-                big = [r for r in regions if r.area >= s.min_object_area * size * size]
+                big = [r for r in regions if r.area >= min_area]
                 object_mask = torch.zeros(size, size, dtype=torch.bool)
                 for r in big:
                     object_mask |= torch.from_numpy(r.mask)
-                first = len(views)
+                object_at = len(views) if big else None  # its objects-alone view in the chunk's batch (none: no object)
                 if big:
                     views.append(_blank(images[i][None], object_mask[None])[0])
+                crops_at = len(views)
                 views += [crop_resize(images[i], r.box, size) for r in regions]
-                pending.append((i, regions, big, object_mask, first))
+                pending.append((i, regions, object_mask, object_at, crops_at))
                 report(0.25 * (i + 1) / n, f"oracle regions {i + 1}/{n}")
             view_probs = (
                 predict(model, torch.stack(views), class_emb, s.batch_size)
                 if views
                 else torch.empty(0, len(class_names))
             )
-            for i, regions, big, object_mask, first in pending:
-                label = int(pred[i])
-                object_view = view_probs[first] if big else full[i]
-                crop_probs = view_probs[first + bool(big) : first + bool(big) + len(regions)]
+            for i, regions, object_mask, object_at, crops_at in pending:
+                label, has_objects = int(pred[i]), object_at is not None
+                object_view = view_probs[object_at] if has_objects else full[i]
+                crop_probs = view_probs[crops_at : crops_at + len(regions)]
                 region_labels = [
                     {
                         "box": list(r.box),
                         "score": float(r.score),
                         "area": r.area,
-                        "object": r.area >= s.min_object_area * size * size,
+                        "object": r.area >= min_area,
                         "label": class_names[int(p.argmax())],
                         "probability": float(p.max()),
                     }
                     for r, p in zip(regions, crop_probs)
                 ]
-                grounded = bool(big) and (
+                grounded = has_objects and (
                     int(object_view.argmax()) == label
                     or any(
                         rl["object"] and rl["label"] == class_names[label] and rl["probability"] >= 0.5
                         for rl in region_labels
                     )
                 )
-                grounding.append(Grounding(regions, bool(big), object_mask, object_view, region_labels, grounded))
+                grounding.append(Grounding(regions, has_objects, object_mask, object_view, region_labels, grounded))
         return grounding
 
     def _sweep(
