@@ -11,9 +11,14 @@ seconds. For backdoored models the findings then drive ``oracle-finetune`` on th
 the planted trigger's ASR are measured on the probe's clean images before and after (ASR on the non-target
 ones; the compact set's anchors come from the same probe, so CA after is optimistic by that overlap).
 
-    python bench/detect.py --zoo /tmp/forensics_zoo                  # table in bench/results/detect.md
-    python bench/detect.py --zoo /tmp/forensics_zoo --calibrate      # thresholds from the clean models
-    python bench/detect.py --zoo /tmp/forensics_zoo --density        # the density clusters alone, every row
+Every scanned row also leaves its detectors' evidence (per-label sizes, alignments, anomaly indices, flip rates,
+oracle counts, density clusters; no images) in ``bench/results/evidence/<model>__<mode>.json``, so the decision
+rule is re-fit and validated leaving each model out in seconds, with no zoo (``--refit``).
+
+    python bench/detect.py                           # scan the zoo (bench/detect_zoo.py's cache): detect.md, evidence
+    python bench/detect.py --refit                   # fit the cuts on the stored evidence; leave-one-model-out table
+    python bench/detect.py --calibrate               # the same fit, written to forensics/detect/calibration.json
+    python bench/detect.py --density                 # the density clusters alone, every row
 """
 
 from __future__ import annotations
@@ -32,17 +37,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from compare_attacks import triggered_probe  # noqa: E402
+from detect_zoo import DEFAULT_ZOO  # noqa: E402
 
 from forensics.attacks import attack_from_dict  # noqa: E402
 from forensics.core.data import load_probe_set  # noqa: E402
+from forensics.core.errors import ForensicsError  # noqa: E402
 from forensics.core.models import atomic_write_text, resolve_model  # noqa: E402
-from forensics.detect.calibration import calibration  # noqa: E402
-from forensics.detect.trigger_inversion import (  # noqa: E402
-    LabelTrigger,
-    TriggerInversionSettings,
-    family_uniqueness,
-    select_candidates,
-)
+from forensics.detect.evidence import ScanEvidence, evidence_of, read_evidence, write_evidence  # noqa: E402
+from forensics.detect.refit import fit, leave_one_model_out, summary  # noqa: E402
 from forensics.pipelines.evaluate import measure  # noqa: E402
 from forensics.pipelines.repair import make_defense  # noqa: E402
 from forensics.pipelines.scan import compact_repair_data, scan  # noqa: E402
@@ -191,65 +193,110 @@ def write_table(results: dict, out: Path) -> None:
     atomic_write_text(out / "detect.md", "\n".join(lines) + "\n")
 
 
-BORDERLINE = 0.03  # above the cut, this much more alignment makes a verdict inconclusive
-CLEAN_MARGIN = 0.04  # the lowest clean alignment stays this far above the borderline band
-
-
-def calibrate(results: dict) -> dict:
-    """The alignment cut from the clean models: below every small-trigger label they have (natural attractors),
-    by the borderline band and a margin; the backdoors' true targets are reported for the other side's margin."""
-    held_out = held_out_models(results)
-    rows = {k: r for k, r in results["rows"].items() if r["model"] not in held_out}  # checks, never thresholds
-    clean_rows = [r for r in rows.values() if r["truth"] == "clean"]
-    by_model: dict[str, float] = {}
-    for r in clean_rows:
-        for labels in r["inversion"].values():
-            for label in labels:
-                if label["reached"] and label["anomaly"] >= 2.0 and label["alignment"] is not None:
-                    by_model[r["model"]] = min(by_model.get(r["model"], 1.0), label["alignment"])
-    lowest = min(by_model.values()) if by_model else 1.0
-    targets = [
-        label["alignment"]
-        for r in rows.values()
-        if r["truth"] != "clean"
-        for labels in r["inversion"].values()
-        for label in labels
-        if label["label"] == r["truth"] and label["reached"] and label["alignment"] is not None
+def refit_report(evidence: Path, out: Path | None) -> dict:
+    """The cuts fit on every stored row but the held-out ones, each row judged leaving its model out, the rates
+    and every cut's margins; printed, and written to ``out/refit.{md,json}`` when ``out`` is given."""
+    start = time.time()
+    rows = read_evidence(evidence)
+    shown = evidence.resolve().relative_to(ROOT) if evidence.resolve().is_relative_to(ROOT) else evidence
+    full = fit(rows)
+    judged = leave_one_model_out(rows)
+    rates = summary(judged)
+    lines = [
+        "# The verdict's cuts re-fit on stored evidence, validated leaving each model out",
+        "",
+        f"`python bench/detect.py --refit --evidence {shown}`"
+        f": {len(rows)} rows ({len({r.model for r in rows})} models, {sum(r.held_out for r in rows)} rows held out "
+        "of every fit). Each row's verdict comes from cuts fit without its model's rows.",
+        "",
+        "| model | mode | truth | detectors stored | recorded | left out: verdict | target | right | alignment cut | "
+        "cluster cut |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    for j in judged:
+        model = f"{j.model} (held out)" if j.held_out else j.model
+        lines.append(
+            f"| {model} | {j.mode} | {j.truth} | {', '.join(j.detectors)} | {j.recorded or '-'} | {j.verdict} | "
+            f"{j.target or '-'} | {'yes' if j.correct else '**no**'} | {j.cuts.alignment:.4f} | "
+            f"{j.cuts.cluster_alignment:.4f} |"
+        )
+    a, h = rates["all"], rates["held_out"]
+    lines += [
+        "",
+        f"Clean rows: {a['false_positives']} of {a['clean_rows']} called backdoored (false-positive rate "
+        f"{a['false_positive_rate']}), {a['inconclusive_clean']} inconclusive; backdoored rows: {a['detected']} of "
+        f"{a['backdoored_rows']} found with the right target (detection rate {a['detection_rate']}). Held-out rows "
+        f"alone: {h['false_positives']} of {h['clean_rows']} clean rows called backdoored, {h['detected']} of "
+        f"{h['backdoored_rows']} backdoored rows found.",
+        "",
+        "Cuts fit on every model but the held-out ones, and their margins (to the closest clean value above the cut, "
+        "to the closest backdoored value at or under it; backdoored values above the cut are missed by that feature "
+        "alone):",
+        "",
+        "| cut | value | to closest clean | to closest backdoored | backdoored above |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in full.margins().items():
+        lines.append(
+            f"| {name} | {m['cut']} | {m['to_closest_clean']} | {m['to_closest_backdoored']} | "
+            f"{m['backdoored_above']} of {m['backdoored']} |"
+        )
+    seconds = round(time.time() - start, 2)
+    lines += ["", f"Fit and validation: {seconds} s."]
+    text = "\n".join(lines) + "\n"
+    result = {
+        "cuts": full.cuts.to_dict(),
+        "fit_on": full.models,
+        "margins": full.margins(),
+        "features": full.features,
+        "rows": [{**j.__dict__, "cuts": j.cuts.to_dict(), "correct": j.correct} for j in judged],
+        "summary": rates,
+        "seconds": seconds,
+    }
+    print(text)
+    if out is not None:
+        atomic_write_text(out / "refit.md", text)
+        atomic_write_text(out / "refit.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def calibration_file(result: dict) -> dict:
+    """calibration.json's content from a refit: each detector's cuts with what they were fit on and the margins."""
+    cuts, features = result["cuts"], result["features"]
+    inversion, density = features["trigger-inversion.alignment"], features["embedding-density.cluster_alignment"]
     return {
         "trigger-inversion": {
-            "anomaly_threshold": 2.0,
-            "alignment_threshold": round(lowest - BORDERLINE - CLEAN_MARGIN, 3),
-            "borderline": BORDERLINE,
-            "calibrated_on": sorted({r["model"] for r in clean_rows}),
-            "clean_lowest_alignment_by_model": {k: round(v, 4) for k, v in sorted(by_model.items())},
-            "backdoor_target_alignments": sorted(round(v, 4) for v in targets),
-        }
+            "anomaly_threshold": cuts["anomaly"],
+            "alignment_threshold": cuts["alignment"],
+            "borderline": cuts["borderline"],
+            "calibrated_on": result["fit_on"],
+            "clean_lowest_alignment_by_model": dict(sorted(inversion["clean"].items())),
+            "backdoor_target_alignments": inversion["backdoored"],
+        },
+        "embedding-density": {
+            "label_threshold": 3.0,
+            "victim_z": 2.0,
+            "cluster_alignment": cuts["cluster_alignment"],
+            "calibrated_on": result["fit_on"],
+            "clean_lowest_alignment_by_model": dict(sorted(density["clean"].items())),
+            "backdoor_target_alignments": density["backdoored"],
+        },
     }
 
 
-def rescore(results: dict) -> list[str]:
-    """Today's candidate rule (forensics/detect/trigger_inversion.py) applied again to every row's stored per-label
-    evidence: which labels it would make candidates, beside the target the row recorded (rows scanned before a
-    rule change are checked this way without a re-scan)."""
-    settings = TriggerInversionSettings()
-    cut = calibration("trigger-inversion")
-    lines = []
-    for key, r in results["rows"].items():
-        found = []
-        for family, labels in r["inversion"].items():
-            triggers = [LabelTrigger(**label) for label in labels]
-            largest = settings.local_largest if family == "local" else settings.epsilon
-            censored = [2 * largest] * (r.get("n_classes", 10) - len(triggers))
-            for t in triggers:
-                t.uniqueness = family_uniqueness(t, triggers, censored, cut["alignment_threshold"])
-            found += triggers
-        candidates, _, _ = select_candidates(
-            found, cut["anomaly_threshold"], cut["alignment_threshold"], cut["borderline"], settings.uniqueness
-        )
-        labels = list(dict.fromkeys(t.label for t in candidates))
-        lines.append(f"{key}: recorded {r['verdict']} {r['target']}; candidates now {labels or 'none'}")
-    return lines
+def row_evidence(name: str, mode: str, truth: str | None, held_out: bool, outcome) -> ScanEvidence:
+    """A scanned row's evidence, as the store keeps it."""
+    verdict = outcome.report["verdict"]
+    return ScanEvidence(
+        model=name,
+        mode=mode,
+        truth=truth or "clean",
+        classes=list(outcome.probe.class_names),
+        detectors=evidence_of(outcome.results, list(outcome.probe.class_names)),
+        held_out=held_out,
+        recorded={"verdict": verdict["verdict"], "target": verdict["target"], "family": verdict["family"]},
+        source=f"python bench/detect.py (torch {torch.__version__}, {torch.get_num_threads()} threads)",
+    )
 
 
 def density_table(zoo: dict, zoo_dir: Path, names: list[str], modes: list[str], out: Path) -> None:
@@ -293,18 +340,32 @@ def density_table(zoo: dict, zoo_dir: Path, names: list[str], modes: list[str], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--zoo", default="/tmp/forensics_zoo", help="bench/detect_zoo.py's --work folder")
+    parser.add_argument("--zoo", default=str(DEFAULT_ZOO), help="bench/detect_zoo.py's --work folder")
     parser.add_argument("--models", help="comma-separated zoo names (default: every model built)")
     parser.add_argument("--modes", default="clean,triggered")
     parser.add_argument("--no-repair", action="store_true")
-    parser.add_argument("--calibrate", action="store_true", help="write forensics/detect/calibration.json")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--evidence", default=str(ROOT / "bench" / "results" / "evidence"), help="evidence folder")
     parser.add_argument("--merge", nargs="*", default=[], help="detect.json files of other runs whose rows to keep")
-    parser.add_argument("--rescore", action="store_true", help="today's candidate rule on every row's stored evidence")
+    parser.add_argument("--refit", action="store_true", help="fit the cuts on the stored evidence (no zoo needed)")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="--refit, written to forensics/detect/calibration.json"
+    )
     parser.add_argument("--density", action="store_true", help="only the embedding-density clusters, every row")
     args = parser.parse_args()
     zoo_dir, out = Path(args.zoo), Path(args.out)
-    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    evidence = Path(args.evidence)
+    if args.refit or args.calibrate:
+        result = refit_report(evidence, out)
+        if args.calibrate:
+            text = json.dumps(calibration_file(result), indent=2) + "\n"
+            atomic_write_text(ROOT / "forensics" / "detect" / "calibration.json", text)
+            print(text)
+        return
+    zoo_file = zoo_dir / "zoo.json"
+    if not zoo_file.is_file():
+        sys.exit(f"no zoo at {zoo_dir}: build it with python bench/detect_zoo.py --work {zoo_dir}")
+    zoo = json.loads(zoo_file.read_text())
     names = [n.strip() for n in args.models.split(",")] if args.models else list(zoo)
     if args.density:
         density_table(zoo, zoo_dir, names, args.modes.split(","), out)
@@ -339,6 +400,7 @@ def main() -> None:
             outcome = scan(entry["model"], probe, progress=None)
             seconds = round(time.time() - start, 1)
             verdict = outcome.report["verdict"]
+            write_evidence(row_evidence(name, mode, truth, bool(entry.get("held_out")), outcome), evidence)
             row = {
                 "model": name,
                 "truth": truth or "clean",
@@ -350,7 +412,6 @@ def main() -> None:
                 "flip": (verdict["trigger"] or {}).get("verified_asr"),
                 "seconds": seconds,
                 "detector_seconds": {k: v.metrics.get("seconds") for k, v in outcome.results.items()},
-                "inversion": outcome.results["trigger-inversion"].label_evidence,
                 "reasons": verdict["reasons"],
                 **victim_scores(outcome, truth),
             }
@@ -362,13 +423,10 @@ def main() -> None:
             write_table(results, out)
     write_table(results, out)
     atomic_write_text(path, json.dumps(results, indent=2, default=str))
-    if args.rescore:
-        print("\n".join(rescore(results)))
-    if args.calibrate:
-        calibration = calibrate(results)
-        atomic_write_text(ROOT / "forensics" / "detect" / "calibration.json", json.dumps(calibration, indent=2) + "\n")
-        print(json.dumps(calibration, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ForensicsError as exc:
+        sys.exit(f"error: {exc}")

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -255,15 +256,20 @@ def cmd_make_demo(args: argparse.Namespace) -> dict:
 
 
 def _scan_settings(args: argparse.Namespace):
-    """The scan settings from --seed, --templates, --batch-size and --cascade (shared by scan and scan-many)."""
-    from forensics.detect import ScanSettings
+    """The oracle scan's settings from --detector-profile, --seed, --templates, --batch-size and --cascade (shared
+    by scan and scan-many); --detector-setting oracle-guided.KEY=VALUE applies on top, in the pipeline."""
+    from forensics.detect import detector_settings
 
-    return ScanSettings(
-        seed=args.seed,
-        templates=args.templates,
-        cascade=args.cascade,
-        **({} if args.batch_size is None else {"batch_size": args.batch_size}),
-    )
+    flags = {"seed": args.seed, "templates": args.templates, "cascade": args.cascade}
+    flags.update({} if args.batch_size is None else {"batch_size": args.batch_size})
+    return detector_settings(["oracle-guided"], {"oracle-guided": flags}, args.detector_profile)["oracle-guided"]
+
+
+def _detector_options(args: argparse.Namespace) -> dict:
+    """--detector-setting NAME.KEY=VALUE pairs by detector (checked by name and type in the pipeline)."""
+    from forensics.core.settings import parse_assignments
+
+    return parse_assignments(args.detector_setting or [], "--detector-setting")
 
 
 def cmd_scan(args: argparse.Namespace) -> dict:
@@ -281,6 +287,8 @@ def cmd_scan(args: argparse.Namespace) -> dict:
             max_images=args.max_images,
             progress=progress,
             detectors=args.detectors,
+            detector_options=_detector_options(args),
+            profile=args.detector_profile,
         )
 
 
@@ -303,6 +311,8 @@ def cmd_scan_many(args: argparse.Namespace) -> dict:
             models_dir=args.models_dir,
             model_options={"arch": args.arch, "quick_gelu": args.quick_gelu, "device": args.device},
             progress=progress,
+            detector_options=_detector_options(args),
+            profile=args.detector_profile,
         )
     return audit.summary()
 
@@ -377,14 +387,16 @@ def cmd_list(args: argparse.Namespace) -> dict:
     from forensics.attacks import list_attacks
     from forensics.core.models import list_architectures, project_configs
     from forensics.defenses import DEFENSES
-    from forensics.detect import DETECTORS
+    from forensics.detect import DETECTORS, PROFILES, all_detectors
     from forensics.oracles import list_oracles
 
     return {
         "attacks": list_attacks(),
         "oracles": list_oracles(),
         "defenses": list(DEFENSES),
-        "detectors": DETECTORS.names(),
+        "detectors": all_detectors(),
+        "detector_settings": {n: asdict(DETECTORS.get(n).settings_cls()) for n in all_detectors()},
+        "detector_profiles": list(PROFILES),
         "project_configs": list(project_configs()),
         "architectures": list_architectures(),
     }
@@ -415,8 +427,20 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--detectors",
         default="all",
-        help="comma-separated detectors to run and merge into the verdict (default all: oracle-guided, "
-        "trigger-inversion, embedding-density)",
+        help="comma-separated detectors to run and merge into the verdict (default all: every registered one, "
+        "see `list`)",
+    )
+    p.add_argument(
+        "--detector-setting",
+        action="append",
+        metavar="NAME.KEY=VALUE",
+        help="a detector's setting (repeatable), e.g. trigger-inversion.steps=20; unknown names or types are errors",
+    )
+    p.add_argument(
+        "--detector-profile",
+        default="default",
+        help="detector settings profile: default, or quick (fewer steps and images: for checking plumbing, not "
+        "for a verdict to rely on)",
     )
     p.add_argument("--templates", default="short")
     p.add_argument(

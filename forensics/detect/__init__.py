@@ -1,23 +1,16 @@
-"""Detectors by name: each turns a suspect model and a probe set into typed findings (``DETECTORS.build``)."""
+"""Detectors by name: each turns a suspect model and a probe set into typed findings (:func:`build_detector`)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from forensics.detect.base import DETECTORS, Detector
+from forensics.detect.base import DETECTORS, PROFILES, Detector, all_detectors, build_detector, detector_settings
 from forensics.detect.embedding_density import EmbeddingDensity, EmbeddingDensitySettings
 from forensics.detect.findings import Findings, FlaggedLabel, ImageEvidence, InvertedTrigger, TriggerCandidate, Victim
 from forensics.detect.oracle_scan import OracleGuidedScan, ScanSettings
 from forensics.detect.trigger_inversion import TriggerInversion, TriggerInversionSettings
 
-
-def build_detector(name: str, oracle: Any, settings: ScanSettings | None = None) -> Detector:
-    """A registered detector from its name (unknown names give the valid ones)."""
-    return DETECTORS.build(name, oracle=oracle, settings=settings)
-
-
 __all__ = [
     "DETECTORS",
+    "PROFILES",
     "Detector",
     "EmbeddingDensity",
     "EmbeddingDensitySettings",
@@ -31,5 +24,7 @@ __all__ = [
     "TriggerInversion",
     "TriggerInversionSettings",
     "Victim",
+    "all_detectors",
     "build_detector",
+    "detector_settings",
 ]

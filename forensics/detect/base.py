@@ -3,21 +3,33 @@
 ``run(model, probe, progress) -> Findings``. What a pipeline needs beyond the JSON-able findings
 (the loaded images, attribution maps, reconstructed trigger tensors) rides along in ``Findings.artefacts``,
 so reports and the compact set are drawn from memory, never re-read from disk.
+
+Each detector declares the dataclass of its knobs (``settings_cls``) and named profiles of them (``profiles``:
+``quick`` is a cheap run for checking plumbing, never for judging detection); :func:`detector_settings` turns what a
+front end passes (a mapping per detector name, a profile, the scan's seed and templates) into one settings object
+per detector, refusing unknown names and wrong types in one line.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
+from typing import Any, ClassVar
 
 from forensics.core.data import ProbeSet
+from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
 from forensics.core.progress import Progress
 from forensics.core.registry import Registry
+from forensics.core.settings import build_settings
 from forensics.detect.findings import Findings
 
 DETECTORS: Registry = Registry("detector")
 """Registered detector classes by name (``@DETECTORS.register``)."""
+
+PROFILES = ("default", "quick")
+"""Settings profiles every detector knows: its defaults, and a cheap run for plumbing (fewer steps and images)."""
 
 
 class Detector(ABC):
@@ -25,6 +37,9 @@ class Detector(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    settings_cls: ClassVar[type]  # the dataclass of its settings (built by :func:`detector_settings`)
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {}  # profile name -> settings it changes (see PROFILES)
+    run_order: ClassVar[int] = 100  # where ``all`` runs it (the cheap per-image evidence first, by convention)
     # whether it takes ``shard=True`` and then, run by every process of a launcher, does its share of the work and
     # gathers the rest (the one-process findings on every rank); the others run on rank 0 alone
     shardable: ClassVar[bool] = False
@@ -32,3 +47,61 @@ class Detector(ABC):
     @abstractmethod
     def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:
         """Examine ``model`` on ``probe``: per-label evidence, trigger candidates, victims and metrics."""
+
+
+def all_detectors() -> list[str]:
+    """Every registered detector, in run order."""
+    return sorted(DETECTORS.names(), key=lambda n: (DETECTORS.get(n).run_order, n))
+
+
+def detector_settings(
+    names: list[str],
+    settings: Mapping[str, Any] | None = None,
+    profile: str | None = None,
+    common: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One settings object per detector in ``names``: its defaults, then ``profile``'s changes, then ``common``
+    (e.g. the scan's seed and templates, for every detector that has such a field), then ``settings[name]``
+    (a settings object, which replaces all of that, or a mapping of ``setting -> value``, strings parsed by type).
+
+    ``settings`` may name only detectors among ``names`` (a setting for one that does not run is a mistake);
+    names are matched as the registry matches them (case, ``_`` for ``-``, aliases)."""
+    profile = (profile or "default").strip().lower()
+    if profile not in PROFILES:
+        raise ForensicsError(f"unknown detector profile {profile!r}; valid: {', '.join(PROFILES)}")
+    given: dict[str, Any] = {}
+    for raw, value in (settings or {}).items():
+        name = DETECTORS.resolve(raw)
+        if name not in names:
+            raise ForensicsError(
+                f"detector settings for {name!r}, which this scan does not run (detectors: {', '.join(names)})"
+            )
+        if not (isinstance(value, Mapping) or is_dataclass(value)):
+            raise ForensicsError(f"detector settings for {name!r} must be a mapping of setting -> value")
+        given[name] = value
+    out = {}
+    for name in names:
+        cls = DETECTORS.get(name).settings_cls
+        value = given.get(name)
+        if is_dataclass(value) and not isinstance(value, type):
+            if not isinstance(value, cls):
+                raise ForensicsError(f"detector settings for {name!r} must be a {cls.__name__}")
+            out[name] = value
+            continue
+        own = {f.name for f in fields(cls)}
+        shared = {k: v for k, v in (common or {}).items() if k in own}
+        where = f"detector setting {name}"
+        resolved = build_settings(cls, DETECTORS.get(name).profiles.get(profile, {}), where)
+        resolved = build_settings(cls, shared, where, base=resolved)
+        out[name] = build_settings(cls, value or {}, where, base=resolved)
+    return out
+
+
+def build_detector(name: str, oracle: Any = None, settings: Any = None, shard: bool = False) -> Detector:
+    """A registered detector from its name (unknown names give the valid ones) with its settings object (or a
+    mapping of overrides) and, for a shardable one, ``shard``."""
+    name = DETECTORS.resolve(name)
+    cls = DETECTORS.get(name)
+    if not isinstance(settings, cls.settings_cls):
+        settings = detector_settings([name], {name: settings} if settings else None)[name]
+    return cls(oracle=oracle, settings=settings, **({"shard": True} if shard and cls.shardable else {}))

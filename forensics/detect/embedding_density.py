@@ -31,6 +31,7 @@ from sklearn.neighbors import NearestNeighbors
 from forensics.core.data import ProbeSet
 from forensics.core.models import SuspectModel
 from forensics.core.progress import Progress
+from forensics.core.settings import at_least
 from forensics.core.zeroshot import class_text_embeddings, image_embeddings
 from forensics.detect.base import DETECTORS, Detector
 from forensics.detect.calibration import calibration
@@ -41,12 +42,12 @@ from forensics.detect.findings import Findings, FlaggedLabel, skipped
 class EmbeddingDensitySettings:
     """k of the k-distance and the cuts; ``None`` cuts come from the clean calibration (calibration.json)."""
 
-    k: int = 10
-    batch_size: int = 64
+    k: int = at_least(1, 10)
+    batch_size: int = at_least(1, 64)
     victim_z: float | None = None  # an image this many MADs denser than the probe's median is suspicious
     label_threshold: float | None = None  # anomaly index of a label's count of dense images
     # a hijacked label: its dense images come from at least this many other probe classes ...
-    min_sources: int = 3
+    min_sources: int = at_least(1, 3)
     max_source_share: float = 0.5  # ... none of them more than this share ...
     cluster_alignment: float | None = None  # ... and their centroid at most this cosine from the label's own images
     templates: str = "short"
@@ -79,6 +80,9 @@ class EmbeddingDensity(Detector):
 
     name = "embedding-density"
     summary = "k-distance density of each probe image in the suspect's embedding space (Huang et al. 2025)"
+    settings_cls = EmbeddingDensitySettings
+    run_order = 30
+    profiles: dict = {}  # one embedding pass: nothing to make cheaper
 
     def __init__(self, oracle: object = None, settings: EmbeddingDensitySettings | None = None):
         # ``oracle`` is accepted (and unused) so every detector builds from the same keywords
@@ -195,21 +199,25 @@ def hijacked_clusters(
             centre = F.normalize(emb[torch.from_numpy(seeds)].mean(0), dim=0)
             alignment = round(float(centre @ F.normalize(emb[torch.from_numpy(own)].mean(0), dim=0)), 4)
         largest = float(counts.max() / len(sources)) if len(sources) else 0.0  # of the other classes' images
-        hijacked = bool(
-            fed_by >= settings.min_sources
-            and largest <= settings.max_source_share
-            and alignment is not None
-            and alignment <= cut
-        )
-        out.append(
-            {
-                "label": name,
-                "dense": int(seeds.sum()),
-                "from_other_classes": int(len(sources)),
-                "source_classes": fed_by,
-                "largest_source_share": round(largest, 4),
-                "alignment": alignment,
-                "hijacked": hijacked,
-            }
-        )
+        cluster = {
+            "label": name,
+            "dense": int(seeds.sum()),
+            "from_other_classes": int(len(sources)),
+            "source_classes": fed_by,
+            "largest_source_share": round(largest, 4),
+            "alignment": alignment,
+        }
+        out.append({**cluster, "hijacked": is_hijacked(cluster, settings, cut)})
     return out
+
+
+def is_hijacked(cluster: dict, settings: EmbeddingDensitySettings, cut: float) -> bool:
+    """A label's dense cluster is hijacked when at least ``min_sources`` other classes feed it, none more than
+    ``max_source_share`` of it, and its centroid sits at most ``cut`` (cosine) from the label's own images
+    (a scan's cluster, or its stored evidence replayed)."""
+    return bool(
+        cluster["source_classes"] >= settings.min_sources
+        and cluster["largest_source_share"] <= settings.max_source_share
+        and cluster["alignment"] is not None
+        and cluster["alignment"] <= cut
+    )

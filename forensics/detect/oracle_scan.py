@@ -36,6 +36,7 @@ from forensics.core.errors import ForensicsError
 from forensics.core.images import Box, box_iou, crop_resize, paste
 from forensics.core.models import SuspectModel
 from forensics.core.progress import Progress
+from forensics.core.settings import at_least
 from forensics.core.zeroshot import class_text_embeddings, predict, zero_shot_logits
 from forensics.detect.base import DETECTORS, Detector
 from forensics.detect.findings import Findings, FlaggedLabel, ImageEvidence, TriggerCandidate, Victim
@@ -48,21 +49,23 @@ class ScanSettings:
 
     window: float = 0.1875  # occluding window side, as a fraction of the image side
     coarse_stride: float = 0.5  # stride of the grid of candidate windows, as a fraction of the window
-    proposals: int = 12  # windows per image really occluded: those whose estimated drop is largest
-    estimate_steps: int = 1  # points on the path from the mean colour to the image where gradients are taken
+    proposals: int = at_least(1, 12)  # windows per image really occluded: those whose estimated drop is largest
+    # points on the path from the mean colour to the image where gradients are taken
+    estimate_steps: int = at_least(1, 1)
     smooth: float = 1 / 32  # side of the box filter on the estimated-drop map, as a fraction of the image side
     box_threshold: float = 0.3  # share of the map's peak that still counts as trigger
     min_object_area: float = 0.02  # regions smaller than this share of the image cannot ground a label
-    max_regions: int = 6
+    max_regions: int = at_least(1, 6)
     hijack_share: float = 0.5  # the window must remove at least this share of the prediction's probability
     new_confidence: float = 0.4  # ...and the prediction without it must be confident
     compact_share: float = 0.75  # ...and the localized box must be compact: at most this share of the window's area
     # (a trigger up to ~85 % of the window side), and covering the box alone must take the prediction away
-    min_flag_count: int = 3
+    min_flag_count: int = at_least(1, 3)
     min_flag_share: float = 0.02  # of the probe set
     flag_ratio: float = 3.0  # captured count vs (median over labels + 1)
-    verify_images: int = 64
-    batch_size: int = 32  # measured on 2 CPU cores (demo RN, 128 px): 32 gives ~570 img/s, 64 only ~250 (cache)
+    verify_images: int = at_least(1, 64)
+    # measured on 2 CPU cores (demo RN, 128 px): 32 gives ~570 img/s, 64 only ~250 (cache)
+    batch_size: int = at_least(1, 32)
     seed: int = 0
     templates: str = "short"
     # cascade: the costly per-image steps only on images the cheap pass finds suspicious, plus a seeded random sample
@@ -73,7 +76,7 @@ class ScanSettings:
     # windows really occluded per examined image in the cascade (``proposals`` in the full scan): 9 found the very
     # victims 12 find on the demo and on the zoo's triggered probes; 8 lost one of the bottom-right noise patch's 21,
     # 6 lost two (python bench/scan_repair.py --proposals-check ZOO, ZOO made by bench/detect_zoo.py)
-    cascade_proposals: int = 9
+    cascade_proposals: int = at_least(1, 9)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,6 +235,9 @@ class OracleGuidedScan(Detector):
     name = "oracle-guided"
     summary = "EftCLIP: labels whose predictions a small non-object window decides, their victims and trigger"
     shardable = True
+    settings_cls = ScanSettings
+    run_order = 10
+    profiles = {"quick": {"proposals": 6, "cascade_proposals": 4, "verify_images": 16}}
 
     def __init__(
         self,

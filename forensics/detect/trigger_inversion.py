@@ -40,6 +40,7 @@ from forensics.core.distributed import gather, shard_range, world_size
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel, frozen
 from forensics.core.progress import Progress
+from forensics.core.settings import at_least
 from forensics.core.zeroshot import class_text_embeddings, image_embeddings, predict_labels
 from forensics.detect.base import DETECTORS, Detector
 from forensics.detect.calibration import calibration
@@ -54,19 +55,20 @@ class TriggerInversionSettings:
     """Knobs of the inversion; defaults measured on the demo-scale CLIPs (bench/detect.py), never on a trigger."""
 
     families: tuple[str, ...] = FAMILIES
-    steps: int = 40  # Adam steps per label and family (30 steps x 24 images missed the demo's backdoor)
-    batch_size: int = 32  # never more than the images there are to fit on
+    steps: int = at_least(1, 40)  # Adam steps per label and family (30 steps x 24 images missed the demo's backdoor)
+    batch_size: int = at_least(1, 32)  # never more than the images there are to fit on
     local_lr: float = 0.2  # on the mask and pattern logits
     global_lr: float = 0.05  # on the perturbation's tanh parameter
     global_refine_steps: int = 15  # of ``steps``, spent at and below the best strength found by the others
     l1_weight: float = 2.0  # on the mean mask value (Neural Cleanse's cost)
     epsilon: float = 64 / 255  # the global perturbation's largest L-infinity strength
     flip_goal: float = 0.8  # the flip rate a trigger must reach for its size to count
-    grid_points: int = 11  # sizes tried, each a factor sqrt(2) below the last
+    grid_points: int = at_least(1, 11)  # sizes tried, each a factor sqrt(2) below the last
     local_largest: float = 0.25  # the largest mask share tried
-    held_out_images: int = 64  # per label, for choosing the size and again for verifying it
-    top_k: int = 10  # labels inverted (all when there are no more classes than this)
-    rank_steps: int = 20  # steps of the untargeted universal perturbation that ranks labels when there are more
+    held_out_images: int = at_least(1, 64)  # per label, for choosing the size and again for verifying it
+    top_k: int = at_least(1, 10)  # labels inverted (all when there are no more classes than this)
+    # steps of the untargeted universal perturbation that ranks labels when there are more
+    rank_steps: int = at_least(1, 20)
     mad_floor: float = math.log(2) / 2  # the anomaly's scale never falls below one grid step (log sqrt 2)
     # a label is a backdoor candidate when its trigger is anomalously small AND lands away from the label's own
     # images (a natural attractor such as an easy class reaches the label *through* images that look like it);
@@ -163,6 +165,10 @@ class TriggerInversion(Detector):
     name = "trigger-inversion"
     summary = "per-label trigger inversion (local mask and global perturbation) with a Neural Cleanse anomaly index"
     shardable = True
+    settings_cls = TriggerInversionSettings
+    run_order = 20
+    # plumbing only: its sizes are not the calibrated ones (fewer steps fit smaller, weaker triggers)
+    profiles = {"quick": {"steps": 8, "global_refine_steps": 3, "grid_points": 7, "held_out_images": 16}}
 
     def __init__(self, oracle: Any = None, settings: TriggerInversionSettings | None = None, shard: bool = False):
         # ``oracle`` is accepted (and unused) so every detector builds from the same keywords
@@ -372,100 +378,127 @@ class TriggerInversion(Detector):
                 per_family.setdefault(family, []).append(result)
                 patterns[(family, names[t])] = trigger.to(model.device)  # (back from the CPU when gathered)
         per_label_seconds = (time.time() - start) / max(1, len(jobs))
-        calibrated = calibration(self.name)
-        anomaly_cut = s.anomaly_threshold if s.anomaly_threshold is not None else calibrated["anomaly_threshold"]
-        alignment_cut = (
-            s.alignment_threshold if s.alignment_threshold is not None else calibrated["alignment_threshold"]
-        )
-        for family, results in per_family.items():
-            tried = {r.label for r in results}
-            censored = [2 * self._candidates_largest(family)] * sum(1 for c in names if c not in tried)
-            for r, a in zip(results, anomaly_index([r.size for r in results] + censored, s.mad_floor)):
-                r.anomaly = a
-            for r in results:
-                r.uniqueness = family_uniqueness(r, results, censored, alignment_cut)
-        results = [r for rs in per_family.values() for r in rs]
-        candidates, borderline, shared = select_candidates(
-            results, anomaly_cut, alignment_cut, calibrated["borderline"], s.uniqueness
-        )
-        flagged, inverted, seen = [], [], set()
-        for r in candidates:
-            if r.label in seen:
-                continue
-            seen.add(r.label)
-            flagged.append(
-                FlaggedLabel(
-                    label=r.label,
-                    score=r.anomaly,
-                    captured=0,
-                    predicted=int((predicted.cpu() == names.index(r.label)).sum()),
-                    explanation=(
-                        f"a {family_words(r.family)} trigger of {size_words(r.family, r.size)} sends "
-                        f"{r.flip_rate:.0%} of held-out images of other classes to '{r.label}' (anomaly index "
-                        f"{r.anomaly:.2f} >= {anomaly_cut:g}), lands away from its own images "
-                        f"(alignment {r.alignment:.2f} <= {alignment_cut:g}), and every other label needs "
-                        f"{r.uniqueness:.1f}x more (>= {s.uniqueness:g}x; larger natural attractors aside)"
-                    ),
-                )
-            )
-        ranked_triggers = candidates + sorted(
-            (r for r in results if r not in candidates),
-            key=lambda r: (not r.reached, -r.anomaly),
-        )
-        for r in ranked_triggers[: max(1, len(candidates))]:
-            inverted.append(
-                InvertedTrigger(
-                    label=r.label,
-                    method=f"{self.name}/{r.family}",
-                    mask_area=r.size if r.family == "local" else 1.0,
-                    verified_asr=r.flip_rate,
-                    n_verified=r.n_verified,
-                    verified_on="held-out probe images the model predicts as other classes (not used to fit)",
-                    pattern=f"inverted/{r.family}_{safe_label(r.label)}.png",
-                    stats={
-                        "family": r.family,
-                        "size": r.size,
-                        "reached": r.reached,
-                        "anomaly": r.anomaly,
-                        "alignment": r.alignment,
-                        "candidate": r in candidates,
-                        "key": f"{r.family}/{r.label}",
-                    },
-                )
-            )
-        metrics = {
+        counts = [int((predicted == c).sum()) for c in range(len(names))]
+        findings = conclude(per_family, names, counts, s, not_inverted)
+        findings.metrics = {
             "seconds": round(time.time() - start, 2),
             "seconds_per_label": round(per_label_seconds, 3),
             "labels_inverted": [names[t] for t in ranked if names[t] not in not_inverted],
-            "not_inverted": not_inverted,
-            "thresholds": {"anomaly": anomaly_cut, "alignment": alignment_cut, "uniqueness": s.uniqueness},
-            "calibrated_on": calibrated.get("calibrated_on"),
-            "borderline": [r.to_dict() for r in borderline],
-            "shared": [r.to_dict() for r in shared],
+            **findings.metrics,
             "n_images": len(probe),
+            **({"processes": world_size()} if sharded else {}),  # the labels were shared out over this many
         }
-        if sharded:
-            metrics["processes"] = world_size()  # the labels were shared out over this many
-        evidence = {family: [r.to_dict() for r in results] for family, results in per_family.items()}
-        findings = Findings(
-            flagged_labels=flagged,
-            triggers=[],
-            victims=[],
-            images=[],
-            metrics=metrics,
-            settings=s.to_dict(),
-            inverted=inverted,
-            label_evidence=evidence,
-            artefacts={
-                "images": images.cpu(),
-                "predicted": predicted.cpu(),
-                "inverted_patterns": {f"{f}/{label}": t for (f, label), t in patterns.items()},
-            },
-        )
+        findings.artefacts = {
+            "images": images.cpu(),
+            "predicted": predicted.cpu(),
+            "inverted_patterns": {f"{f}/{label}": t for (f, label), t in patterns.items()},
+        }
         return findings
 
-    def _candidates_largest(self, family: str) -> float:
-        return self.settings.local_largest if family == "local" else self.settings.epsilon
+
+def conclude(
+    per_family: dict[str, list[LabelTrigger]],
+    names: list[str],
+    predicted_counts: list[int],
+    settings: TriggerInversionSettings,
+    not_inverted: dict[str, str] | None = None,
+    borderline_band: float | None = None,
+) -> Findings:
+    """The detector's findings from every label's inverted trigger (a scan's, or its stored evidence replayed):
+    the calibrated cuts (settings' and ``borderline_band``'s values win), :func:`assess_labels`, the flagged labels
+    with their reasons and the triggers to show. ``predicted_counts``: probe images predicted as each label."""
+    s = settings
+    calibrated = calibration(TriggerInversion.name)
+    anomaly_cut = s.anomaly_threshold if s.anomaly_threshold is not None else calibrated["anomaly_threshold"]
+    alignment_cut = s.alignment_threshold if s.alignment_threshold is not None else calibrated["alignment_threshold"]
+    band = borderline_band if borderline_band is not None else calibrated["borderline"]
+    candidates, borderline, shared = assess_labels(per_family, len(names), s, anomaly_cut, alignment_cut, band)
+    results = [r for rs in per_family.values() for r in rs]
+    flagged, inverted, seen = [], [], set()
+    for r in candidates:
+        if r.label in seen:
+            continue
+        seen.add(r.label)
+        flagged.append(
+            FlaggedLabel(
+                label=r.label,
+                score=r.anomaly,
+                captured=0,
+                predicted=predicted_counts[names.index(r.label)],
+                explanation=(
+                    f"a {family_words(r.family)} trigger of {size_words(r.family, r.size)} sends "
+                    f"{r.flip_rate:.0%} of held-out images of other classes to '{r.label}' (anomaly index "
+                    f"{r.anomaly:.2f} >= {anomaly_cut:g}), lands away from its own images "
+                    f"(alignment {r.alignment:.2f} <= {alignment_cut:g}), and every other label needs "
+                    f"{r.uniqueness:.1f}x more (>= {s.uniqueness:g}x; larger natural attractors aside)"
+                ),
+            )
+        )
+    ranked_triggers = candidates + sorted(
+        (r for r in results if r not in candidates),
+        key=lambda r: (not r.reached, -r.anomaly),
+    )
+    for r in ranked_triggers[: max(1, len(candidates))]:
+        inverted.append(
+            InvertedTrigger(
+                label=r.label,
+                method=f"{TriggerInversion.name}/{r.family}",
+                mask_area=r.size if r.family == "local" else 1.0,
+                verified_asr=r.flip_rate,
+                n_verified=r.n_verified,
+                verified_on="held-out probe images the model predicts as other classes (not used to fit)",
+                pattern=f"inverted/{r.family}_{safe_label(r.label)}.png",
+                stats={
+                    "family": r.family,
+                    "size": r.size,
+                    "reached": r.reached,
+                    "anomaly": r.anomaly,
+                    "alignment": r.alignment,
+                    "candidate": r in candidates,
+                    "key": f"{r.family}/{r.label}",
+                },
+            )
+        )
+    metrics = {
+        "not_inverted": dict(not_inverted or {}),
+        "thresholds": {"anomaly": anomaly_cut, "alignment": alignment_cut, "uniqueness": s.uniqueness},
+        "calibrated_on": calibrated.get("calibrated_on"),
+        "borderline": [r.to_dict() for r in borderline],
+        "shared": [r.to_dict() for r in shared],
+    }
+    evidence = {family: [r.to_dict() for r in results] for family, results in per_family.items()}
+    return Findings(
+        flagged_labels=flagged,
+        triggers=[],
+        victims=[],
+        images=[],
+        metrics=metrics,
+        settings=s.to_dict(),
+        inverted=inverted,
+        label_evidence=evidence,
+    )
+
+
+def assess_labels(
+    per_family: dict[str, list[LabelTrigger]],
+    n_classes: int,
+    settings: TriggerInversionSettings,
+    anomaly_cut: float,
+    alignment_cut: float,
+    borderline: float,
+) -> tuple[list[LabelTrigger], list[LabelTrigger], list[LabelTrigger]]:
+    """The decision on every label's inverted trigger, from the triggers alone (what a scan measured, or its
+    stored evidence): each one's anomaly index in its family (labels not inverted stand in at twice the largest
+    size tried), its uniqueness, then :func:`select_candidates`. Sets ``anomaly`` and ``uniqueness`` in place."""
+    for family, results in per_family.items():
+        largest = settings.local_largest if family == "local" else settings.epsilon
+        censored = [2 * largest] * (n_classes - len({r.label for r in results}))
+        for r, a in zip(results, anomaly_index([r.size for r in results] + censored, settings.mad_floor)):
+            r.anomaly = a
+        for r in results:
+            r.uniqueness = family_uniqueness(r, results, censored, alignment_cut)
+    results = [r for rs in per_family.values() for r in rs]
+    return select_candidates(results, anomaly_cut, alignment_cut, borderline, settings.uniqueness)
 
 
 def select_candidates(

@@ -11,7 +11,8 @@ import csv
 import json
 import platform
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,11 @@ from forensics.core.files import check_output_folder, model_files, refuse_overwr
 from forensics.core.images import inpaint_box, to_pil
 from forensics.core.models import ModelRef, SuspectModel, check_finite_outputs, resolve_model
 from forensics.core.progress import Progress, sub_progress
+from forensics.core.settings import build_settings
 from forensics.core.templates import fill
 from forensics.core.zeroshot import class_text_embeddings, predict_labels
 from forensics.defenses import RepairData, stamped_sources
-from forensics.detect import DETECTORS, Findings, ScanSettings
+from forensics.detect import DETECTORS, Findings, ScanSettings, all_detectors, build_detector, detector_settings
 from forensics.detect.trigger_inversion import InvertedPattern
 from forensics.detect.verdict import Verdict, merge
 from forensics.detect.victim_trigger import VictimTrigger, adopt, for_verdict
@@ -309,15 +311,23 @@ def scan(
     progress: Progress | None = None,
     detectors: str | list[str] | None = None,
     distributed: bool = False,
+    detector_options: Mapping[str, Any] | None = None,
+    profile: str | None = None,
 ) -> ScanOutcome:
     """Scan ``model`` on ``probe`` in memory (no file is written) with ``detectors`` (all by default) and merge
     their evidence into one verdict; ``max_images`` scans a seeded random subset.
+
+    Settings: ``settings`` (the oracle-guided scan's, taken as given) gives the seed and templates every detector
+    uses; ``profile`` (``default`` or ``quick``, see :data:`forensics.detect.PROFILES`) sets the others' (and the
+    oracle-guided scan's when ``settings`` is not given); ``detector_options`` maps a detector's name to its
+    settings (an object, or ``setting -> value`` applied on top), e.g. ``{"trigger-inversion": {"steps": 20}}``.
 
     ``distributed`` (every process of a launcher calls this): the shardable detectors (the oracle-guided scan's
     per-image pass, the trigger inversion's labels) are shared out and gathered, first; the others run on rank 0
     alone, whose outcome is the whole one."""
     start = time.time()
-    settings = settings or ScanSettings()
+    names = detector_names(detectors)
+    chosen, settings = scan_settings(names, settings, detector_options, profile)
     ref = None if isinstance(model, SuspectModel) else (model if isinstance(model, ModelRef) else ModelRef(str(model)))
     if isinstance(probe, ProbeSet):
         probe_set, probe_source = probe, probe.meta.get("source", probe.name)
@@ -328,24 +338,21 @@ def scan(
         probe_set, probe_source = load_probe_set(probe), str(probe)
     probe_set = probe_set.subset(max_images, settings.seed)
     oracle_obj = pick_oracle(oracle, sam_checkpoint)
-    loaded, _ = resolve_model(ref or model)
-    check_finite_outputs(loaded)  # a NaN model would scan as 'nothing flagged'
-    names = detector_names(detectors)
-    results: dict[str, Findings] = {}
-    shared = probe_set.sharing_loaded_images()  # the detectors decode the probe images once, not each
     sharded = distributed and world_size() > 1
     shares = {name: sharded and DETECTORS.get(name).shardable for name in names}
+    # every detector built (its settings checked) before any work
+    built = {name: build_detector(name, oracle_obj, chosen[name], shard=shares[name]) for name in names}
+    loaded, _ = resolve_model(ref or model)
+    check_finite_outputs(loaded)  # a NaN model would scan as 'nothing flagged'
+    results: dict[str, Findings] = {}
+    shared = probe_set.sharing_loaded_images()  # the detectors decode the probe images once, not each
     order = sorted(range(len(names)), key=lambda n: not shares[names[n]])  # (one process: as asked)
     for n in order:  # several processes: the shared-out detectors first, then rank 0 alone runs the others
         name = names[n]
         if sharded and not shares[name] and not is_main():
             continue
-        extra = {"shard": True} if shares[name] else {}
-        detector = DETECTORS.build(
-            name, oracle=oracle_obj, settings=settings if name == "oracle-guided" else None, **extra
-        )
         lo, hi = 0.9 * n / len(names), 0.9 * (n + 1) / len(names)
-        results[name] = detector.run(loaded, shared, sub_progress(progress, lo, hi, f"{name}: "))
+        results[name] = built[name].run(loaded, shared, sub_progress(progress, lo, hi, f"{name}: "))
     results = {name: results[name] for name in names if name in results}  # in the order asked for
     findings = results.get("oracle-guided") or Findings([], [], [], [], artefacts={"images": None, "patterns": {}})
     verdict = merge(results, probe_set)
@@ -373,6 +380,7 @@ def scan(
             "subset_of": probe_set.meta.get("subset_of"),
         },
         "oracle": {"name": oracle_obj.name, **oracle_obj.settings()},
+        "detector_settings": {name: asdict(chosen[name]) for name in names},
         **findings.to_dict(),
         "verdict": verdict.to_dict(),
         "seed": settings.seed,
@@ -397,13 +405,33 @@ def scan(
     )
 
 
-DEFAULT_DETECTORS = ("oracle-guided", "trigger-inversion", "embedding-density")
+def scan_settings(
+    names: list[str],
+    settings: ScanSettings | None = None,
+    detector_options: Mapping[str, Any] | None = None,
+    profile: str | None = None,
+) -> tuple[dict[str, Any], ScanSettings]:
+    """Each of ``names``' settings object for a scan (as :func:`scan` describes), and the oracle scan's settings
+    (whose seed and templates every detector shares), whether or not it runs."""
+    base = settings or detector_settings(["oracle-guided"], profile=profile)["oracle-guided"]
+    options = {DETECTORS.resolve(k): v for k, v in (detector_options or {}).items()}
+    if "oracle-guided" in names:  # the oracle scan's base, with its own options on top
+        own = options.get("oracle-guided") or {}
+        if isinstance(own, ScanSettings):
+            base = own
+        elif isinstance(own, Mapping):
+            base = build_settings(ScanSettings, own, "detector setting oracle-guided", base=base)
+        else:
+            raise ForensicsError("detector settings for 'oracle-guided' must be a mapping of setting -> value")
+        options["oracle-guided"] = base
+    return detector_settings(names, options, profile, {"seed": base.seed, "templates": base.templates}), base
 
 
 def detector_names(detectors: str | list[str] | None) -> list[str]:
-    """Detector names from ``"all"``/``None``, a comma-separated string or a list (each checked, in run order)."""
-    if detectors is None or detectors == "all":
-        return list(DEFAULT_DETECTORS)
+    """Detector names from ``"all"``/``None`` (every registered one), a comma-separated string or a list (each
+    checked, in the order given)."""
+    if detectors is None or (isinstance(detectors, str) and detectors.strip().lower() == "all"):
+        return all_detectors()
     wanted = [d.strip() for d in detectors.split(",")] if isinstance(detectors, str) else list(detectors)
     wanted = [DETECTORS.resolve(d) for d in wanted if d]
     if not wanted:
@@ -475,13 +503,17 @@ def run_scan(
     max_images: int | None = None,
     progress: Progress | None = None,
     detectors: str | list[str] | None = None,
+    detector_options: Mapping[str, Any] | None = None,
+    profile: str | None = None,
 ) -> dict:
     """Scan ``model`` on ``probe`` and write ``out/report.json``, ``out/report.html``, trigger patterns and the
     compact set; returns the summary (paths, flagged labels, triggers, victim count, metrics).
 
     Under a launcher every process calls this: the scan is shared out as :func:`scan` says and rank 0 writes."""
     check_output_folder(out)  # before the scan, not after it
-    outcome = scan(model, probe, oracle, sam_checkpoint, settings, max_images, progress, detectors, distributed=True)
+    outcome = scan(
+        model, probe, oracle, sam_checkpoint, settings, max_images, progress, detectors, True, detector_options, profile
+    )
     if not is_main():
         barrier()  # rank 0 writes; this process waits until it has
         return {"rank": rank(), "written_by": 0}

@@ -26,10 +26,10 @@ import io
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from forensics.core.data import ProbeSet, load_probe_set
 from forensics.core.distributed import barrier, rank_and_world
@@ -45,7 +45,7 @@ from forensics.core.models import DEMO_MODELS, ModelRef, atomic_write_text, sha2
 from forensics.core.progress import Progress, ShouldStop, sub_progress
 from forensics.detect import ScanSettings
 from forensics.oracles import Oracle
-from forensics.pipelines.scan import detector_names, pick_oracle, scan, write_scan
+from forensics.pipelines.scan import detector_names, pick_oracle, scan, scan_settings, write_scan
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 ZOO_FORMAT = 1  # bump when a row's meaning changes: older rows then no longer match and are scanned again
@@ -365,6 +365,8 @@ def scan_many(
     cancel: ShouldStop | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    detector_options: Mapping[str, Any] | None = None,
+    profile: str | None = None,
 ) -> ZooAudit:
     """Scan every model (``models``, then each checkpoint in ``models_dir``) on ``probe`` with the same detectors
     and settings; write each model's report and one table under ``out``, skipping models already done there.
@@ -384,8 +386,8 @@ def scan_many(
     if not refs:
         raise ForensicsError("no models to audit: name models or give a folder of checkpoints")
     out = check_output_folder(out)
-    settings = settings or ScanSettings()
     names = detector_names(detectors)
+    chosen, settings = scan_settings(names, settings, detector_options, profile)  # refused here, before any model
     oracle_obj = pick_oracle(oracle, sam_checkpoint)  # built once (SAM loads its weights once for the whole zoo)
 
     probes: dict[str, tuple[ProbeSet, str]] = {}
@@ -412,6 +414,7 @@ def scan_many(
         "detectors": names,
         "oracle": {"name": oracle_obj.name, **oracle_obj.settings()},
         "scan": settings.to_dict(),
+        "detector_settings": {name: asdict(chosen[name]) for name in names},
         "max_images": max_images,
     }
     entries: list[_Entry] = []
@@ -467,7 +470,17 @@ def scan_many(
         else:
             began = time.time()
             try:
-                outcome = scan(entry.ref, entry.probe, oracle_obj, None, settings, max_images, watched(part), names)
+                outcome = scan(
+                    entry.ref,
+                    entry.probe,
+                    oracle_obj,
+                    None,
+                    settings,
+                    max_images,
+                    watched(part),
+                    names,
+                    detector_options={k: v for k, v in chosen.items() if k != "oracle-guided"},
+                )
                 folder = out / "models" / entry.folder
                 write_scan(outcome, folder, watched(part))
                 row = _done_row(entry, outcome.report, names, time.time() - began)
