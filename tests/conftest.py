@@ -17,6 +17,38 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running, still run in CI")
 
 
+# Fixtures that start the app, drive a browser, run a full scan or repair, or launch processes: a test using one
+# is slow, whatever its own marks say, so nothing expensive slips into the fast tier by accident.
+SLOW_FIXTURES = {"workbench", "open_workbench", "page", "session_a", "scans", "poisoned_scan", "quick_demo_scan"}
+# tests measured over the fast tier's budget (a run of ``-m "not slow"`` with FORENSICS_FAST_TEST_SECONDS=12:
+# each of these set up a scan or a repair of its own, or started processes); a module name marks all its tests
+SLOW_TESTS = {
+    "tests/test_cascade_scan.py",
+    "tests/test_findings_validation.py",
+    "tests/test_scan_many.py",
+    "tests/test_victim_trigger.py",
+    "tests/test_compare.py::test_repair_without_findings_uses_the_budget_and_held_out_images",
+    "tests/test_cli.py::test_the_cli_as_a_process_prints_json_and_exits_2_on_one_line_errors",
+    "tests/test_findings_identity.py::test_same_model_findings_are_accepted_without_a_note",
+    "tests/test_interrupted_outputs.py::test_an_interrupted_rescan_keeps_the_previous_result",
+    "tests/test_model_reference.py::test_quick_gelu_from_the_cli_reaches_the_loaded_model",
+    "tests/test_oracle_finetune.py::test_stamped_rows_are_pulled_to_the_originals_embedding_of_their_clean_source",
+    "tests/test_oracles.py::test_sam_automatic_and_prompted_code_paths",
+    "tests/test_outputs_never_replace_inputs.py::test_repair_into_the_scan_folder_would_replace_the_findings",
+}
+# a fast-tier test (its fixtures' set-up included) that runs longer fails loudly
+FAST_TEST_SECONDS = float(os.environ.get("FORENSICS_FAST_TEST_SECONDS", "120"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        node = item.nodeid.split("[")[0]
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or {node, node.split("::")[0]} & SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow") is None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(FAST_TEST_SECONDS))
+
+
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -80,6 +112,15 @@ def workbench(tmp_path_factory):
     """``python app.py`` running on a free local port (as a user starts it); yields its URL, stops it after."""
     with running_app(tmp_path_factory.mktemp("workbench")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def quick_demo_scan():
+    """One scan of 60 demo images (some carry the planted trigger) by every detector in the quick profile, shared
+    by the tests of plumbing (reports, evidence, settings); never changed by them (copy what you modify)."""
+    from forensics.pipelines.scan import scan
+
+    return scan("demo", "demo", max_images=60, profile="quick")
 
 
 @pytest.fixture(scope="module")

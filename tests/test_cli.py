@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
@@ -15,16 +17,34 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-m", "forensics", "--quiet", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=1500,
-    )  # a full demo scan: ~6 min alone on 2 cores, more when busy
+def run_cli(*args: str, check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
+    """``python -m forensics --quiet ARGS`` from the repository root: in this process (``main([...])`` with stdout
+    and stderr captured, its return value as the exit code), or with ``process`` as a real child process (for
+    what only a process shows: its exit status after a signal, several processes, a fresh interpreter)."""
+    if process:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+        proc = subprocess.run(
+            [sys.executable, "-m", "forensics", "--quiet", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=1500,
+        )
+    else:
+        from forensics.cli import main
+
+        out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+        os.chdir(ROOT)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(["--quiet", *args])
+                except SystemExit as exc:  # --help and friends
+                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            os.chdir(here)
+        proc = subprocess.CompletedProcess(["forensics", *args], code, out.getvalue(), err.getvalue())
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -180,3 +200,11 @@ def test_bad_numbers_are_one_line_and_write_nothing(args, message, tmp_path):
     proc = run_cli(*[str(tmp_path / "out") if a == "OUT" else a for a in args], check=False)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_as_a_process_prints_json_and_exits_2_on_one_line_errors():
+    """The other CLI tests call main() in this process; this one is the real command, as a user runs it."""
+    listed = run_cli("list", process=True)
+    assert "detectors" in json.loads(listed.stdout)
+    assert_one_line_error(run_cli("nosuchcommand", check=False, process=True), "invalid choice")
+    assert run_cli("evaluate", "demo", "--batch-size", "many", check=False, process=True).returncode == 2

@@ -19,6 +19,7 @@ from typing import Any
 
 from forensics.core.data import ProbeSet
 from forensics.core.errors import ForensicsError
+from forensics.detect.calibration import calibration
 from forensics.detect.embedding_density import EmbeddingDensitySettings, is_hijacked
 from forensics.detect.findings import Findings, FlaggedLabel, Record, TriggerCandidate
 from forensics.detect.trigger_inversion import LabelTrigger, TriggerInversionSettings, conclude
@@ -37,6 +38,17 @@ class Cuts(Record):
     cluster_alignment: float
     anomaly: float = 2.0  # Neural Cleanse's anomaly index, fixed by the paper, not fitted
     borderline: float = 0.03
+
+    @classmethod
+    def calibrated(cls) -> "Cuts":
+        """The cuts a scan uses now (calibration.json, else the built-in defaults)."""
+        inversion, density = calibration("trigger-inversion"), calibration("embedding-density")
+        return cls(
+            alignment=inversion["alignment_threshold"],
+            cluster_alignment=density["cluster_alignment"],
+            anomaly=inversion["anomaly_threshold"],
+            borderline=inversion["borderline"],
+        )
 
 
 @dataclass

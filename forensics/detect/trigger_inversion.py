@@ -168,7 +168,9 @@ class TriggerInversion(Detector):
     settings_cls = TriggerInversionSettings
     run_order = 20
     # plumbing only: its sizes are not the calibrated ones (fewer steps fit smaller, weaker triggers)
-    profiles = {"quick": {"steps": 8, "global_refine_steps": 3, "grid_points": 7, "held_out_images": 16}}
+    profiles = {
+        "quick": {"steps": 4, "batch_size": 8, "global_refine_steps": 1, "grid_points": 4, "held_out_images": 8}
+    }
 
     def __init__(self, oracle: Any = None, settings: TriggerInversionSettings | None = None, shard: bool = False):
         # ``oracle`` is accepted (and unused) so every detector builds from the same keywords

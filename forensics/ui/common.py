@@ -40,8 +40,6 @@ import gradio as gr
 from forensics.core.errors import ForensicsError
 from forensics.core.files import resolves_inside
 from forensics.core.models import ModelRef
-from forensics.core.settings import parse_assignments
-from forensics.detect import PROFILES
 
 log = logging.getLogger("forensics.ui")
 WORK_ROOT = Path(tempfile.gettempdir()) / "clip-forensics-workbench"
@@ -361,28 +359,3 @@ def precision_choice() -> gr.Dropdown:
         label="Precision",
         info=f"bf16: training passes about 1.6-2x faster where native ({here}); CA/ASR always measured in fp32",
     )
-
-
-def detector_options(text: str | None) -> dict[str, dict[str, str]]:
-    """Detector settings typed one ``NAME.KEY=VALUE`` per line (or separated by ``;``); names and types are
-    checked by the scan, before any work."""
-    pairs = [p.strip() for line in (text or "").splitlines() for p in line.split(";") if p.strip()]
-    return parse_assignments(pairs, "detector setting")
-
-
-def detector_setting_inputs() -> tuple[gr.Dropdown, gr.Textbox]:
-    """The detector profile and per-detector settings inputs (Investigate and Zoo audit share them)."""
-    with gr.Accordion("Detector settings", open=False):
-        profile = gr.Dropdown(
-            list(PROFILES),
-            value="default",
-            label="Profile",
-            info="quick: fewer steps and images, for trying the tool; its verdict is not calibrated",
-        )
-        settings = gr.Textbox(
-            label="Settings, one NAME.KEY=VALUE per line",
-            placeholder="trigger-inversion.steps=20",
-            lines=2,
-            info="e.g. trigger-inversion.steps=20 or oracle-guided.verify_images=32; the CLI's `list` names them all",
-        )
-    return profile, settings

@@ -13,8 +13,6 @@ from forensics.pipelines.report import flagged_chart, flagged_words
 from forensics.pipelines.scan import pick_oracle, write_scan
 from forensics.pipelines.scan import scan as run_scan_outcome
 from forensics.ui.common import (
-    detector_options,
-    detector_setting_inputs,
     gr_progress,
     guarded,
     model_ref,
@@ -156,14 +154,11 @@ def scan(
     probe_choice: str,
     upload: str | None,
     max_images: float,
-    profile: str = "default",
-    detector_text: str = "",
     request: gr.Request = None,
     progress=gr.Progress(),
 ) -> tuple:
     """Run the scan for this session's model on the chosen probe set; fill the Investigate and Findings views."""
     probe = _probe_spec(probe_choice, upload, request)
-    options = detector_options(detector_text)  # a bad line is refused before any work
     out = new_job_dir("scan", request)
     outcome = run_scan_outcome(
         model_ref(state),
@@ -172,8 +167,6 @@ def scan(
         sam_checkpoint=state["sam_checkpoint"],
         max_images=int(max_images) if max_images else None,
         progress=gr_progress(progress),
-        detector_options=options,
-        profile=profile,
     )
     write_scan(outcome, out)
     report = outcome.report  # what the call returned, not a re-read of report.json
@@ -233,7 +226,6 @@ def build_investigate_tab(state: gr.State) -> dict:
             info="the demo's 300 images take about half a minute on 2 CPU cores",
             elem_id="scan-images",
         )
-    profile, settings = detector_setting_inputs()
     run = gr.Button("Scan for backdoors", variant="primary", elem_id="scan-button")
     summary = gr.Markdown(elem_id="scan-summary")
     gallery = gr.Gallery(label="Images ranked by discrepancy (click one)", columns=8, height=320, allow_preview=False)
@@ -252,8 +244,6 @@ def build_investigate_tab(state: gr.State) -> dict:
         "probe": probe,
         "upload": upload,
         "max_images": max_images,
-        "profile": profile,
-        "settings": settings,
         "run": run,
         "summary": summary,
         "gallery": gallery,

@@ -45,7 +45,7 @@ def build_app() -> gr.Blocks:
         model["status"].change(lambda s: s, model["status"], status, api_name=False)
         inv["run"].click(
             scan,
-            [state, inv["probe"], inv["upload"], inv["max_images"], inv["profile"], inv["settings"]],
+            [state, inv["probe"], inv["upload"], inv["max_images"]],
             [
                 inv["summary"],
                 inv["gallery"],

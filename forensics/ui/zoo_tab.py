@@ -12,8 +12,6 @@ from forensics.pipelines.scan_many import CHECKPOINT_SUFFIXES, scan_many
 from forensics.ui.common import (
     DEMO_NAMES,
     cancel_flag,
-    detector_options,
-    detector_setting_inputs,
     gr_progress,
     guarded,
     new_job_dir,
@@ -84,8 +82,6 @@ def audit_zoo(
     probe: str,
     detectors: list[str],
     max_images: float,
-    profile: str = "default",
-    detector_text: str = "",
     request: gr.Request = None,
     progress=gr.Progress(),
 ) -> tuple:
@@ -95,7 +91,6 @@ def audit_zoo(
         raise gr.Error("choose at least one detector", print_exception=False)
     if not probe:
         raise gr.Error("choose a probe set", print_exception=False)
-    options = detector_options(detector_text)  # a bad line is refused before any work
     probe_spec = probe_choice(probe)  # demo, demo-clean, or (where allowed) a server path inside an allowed folder
     folder = _uploaded_models(uploads, request)
     if folder is None and not chosen:
@@ -114,8 +109,6 @@ def audit_zoo(
         models_dir=folder,
         progress=gr_progress(progress),
         cancel=stop.is_set,
-        detector_options=options,
-        profile=profile,
     )
     verdicts = [r["verdict"] for r in audit.rows if r["status"] == "done"]
     counts = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) or "none scanned"
@@ -153,7 +146,6 @@ def build_zoo_tab(state: gr.State) -> dict:
     with gr.Row():
         detectors = gr.CheckboxGroup(all_detectors(), value=all_detectors(), label="Detectors")
         max_images = gr.Slider(10, 300, value=100, step=10, label="Images per model (a seeded random subset)")
-    profile, settings = detector_setting_inputs()
     with gr.Row():
         run = gr.Button("Audit the models", variant="primary", elem_id="zoo-button")
         stop = gr.Button("Cancel", variant="stop")
@@ -162,7 +154,7 @@ def build_zoo_tab(state: gr.State) -> dict:
     files = gr.File(label="audit.csv, audit.json", file_count="multiple", interactive=False)
     run.click(
         audit_zoo,
-        [state, uploads, bundled, probe, detectors, max_images, profile, settings],
+        [state, uploads, bundled, probe, detectors, max_images],
         [table, files, summary],
         api_name="scan_many",
         concurrency_limit=1,

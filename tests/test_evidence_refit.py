@@ -1,0 +1,106 @@
+"""The evidence store: stored detector evidence replays to the verdict the scan gave, and the cuts are re-fit on it
+and validated leaving each model out in seconds (bench/detect.py --refit), with no model and no rescan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forensics.core.errors import ForensicsError
+from forensics.detect.evidence import Cuts, ScanEvidence, evidence_of, read_evidence, replay, write_evidence
+from forensics.detect.refit import BORDERLINE, CLEAN_MARGIN, fit, leave_one_model_out, place_cut, summary
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE = ROOT / "bench" / "results" / "evidence"
+SUBSET = Path(__file__).parent / "assets" / "evidence"  # six rows of the store: demo, its twin, two clean, SIG
+
+
+def test_every_stored_row_replays_to_the_verdict_its_scan_gave():
+    rows = read_evidence(STORE)
+    assert len(rows) >= 28 and {r.mode for r in rows} == {"clean", "triggered"}
+    for row in rows:
+        v = replay(row, Cuts.calibrated())
+        assert (v.verdict, v.target, v.family) == (
+            row.recorded["verdict"],
+            row.recorded["target"],
+            row.recorded["family"],
+        ), row.key
+
+
+def test_a_scans_evidence_replays_to_its_verdict(quick_demo_scan, tmp_path):
+    outcome = quick_demo_scan
+    names = list(outcome.probe.class_names)
+    row = ScanEvidence("demo", "triggered", "flower", names, evidence_of(outcome.results, names))
+    back = read_evidence(write_evidence(row, tmp_path).parent)[0]
+    assert back.to_dict() == json.loads(json.dumps(row.to_dict()))  # as JSON keeps it (tuples become lists)
+    assert set(back.detectors) == {"oracle-guided", "trigger-inversion", "embedding-density"}
+    assert "images" not in json.dumps(back.detectors["trigger-inversion"])  # per-label numbers, no pixels
+    v = replay(back, Cuts.calibrated())
+    assert (v.verdict, v.target, v.family) == (outcome.verdict.verdict, outcome.verdict.target, outcome.verdict.family)
+    # a stricter alignment cut than any label's makes the inversion name nothing
+    strict = replay(back, Cuts(alignment=-1.0, cluster_alignment=-1.0))
+    assert strict.evidence["trigger-inversion"]["flagged"] == []
+
+
+def test_a_cut_sits_below_every_clean_value_and_at_most_midway_to_the_backdoors_under_it():
+    assert place_cut([0.6, 0.8], [0.2, 0.3, 0.7], 0.07, 0.46) == 0.45  # midway from 0.6 to 0.3, under the guard
+    assert place_cut([0.6], [0.58], 0.07, 0.46) == 0.53  # no backdoor under the guard: the guard decides
+    assert place_cut([], [0.2], 0.07, 0.46) == 0.46  # no clean value known: the default
+    rows = read_evidence(SUBSET)
+    full = fit(rows)
+    lowest = min(full.features["trigger-inversion.alignment"]["clean"].values())
+    backdoored = full.features["trigger-inversion.alignment"]["backdoored"]
+    guard = lowest - BORDERLINE - CLEAN_MARGIN
+    assert full.cuts.alignment == pytest.approx(min(guard, (lowest + max(v for v in backdoored if v <= guard)) / 2))
+    assert "badnet-noise-tr" not in full.models  # held out: never fitted on
+    margins = full.margins()["trigger-inversion.alignment"]
+    assert margins["to_closest_clean"] >= BORDERLINE + CLEAN_MARGIN - 1e-4
+
+
+def test_leave_one_model_out_judges_each_model_by_the_others():
+    rows = read_evidence(SUBSET)
+    judged = {j.key: j for j in leave_one_model_out(rows)}
+    # without demo-clean, the lowest clean alignment is another model's (0.64 and up): its own natural 'house'
+    # attractor (0.55) then lands under the cut, and the left-out twin is called backdoored
+    assert judged["demo-clean/clean"].cuts.alignment > 0.56
+    assert (judged["demo-clean/clean"].verdict, judged["demo-clean/clean"].target) == ("backdoored", "house")
+    assert judged["demo/clean"].correct and judged["sig/clean"].correct and judged["clean-s1/clean"].correct
+    assert judged["badnet-noise-tr/clean"].cuts == fit(rows).cuts  # held out: the fit on every other model
+    rates = summary(list(judged.values()))["all"]
+    assert (rates["clean_rows"], rates["false_positives"]) == (3, 1)
+    assert (rates["backdoored_rows"], rates["detected"]) == (3, 2)
+
+
+def test_refit_runs_from_the_stored_evidence_and_prints_the_table(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/detect.py", "--refit", "--evidence", str(SUBSET), "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| demo-clean | clean | clean |" in proc.stdout and "false-positive rate 0.3333" in proc.stdout
+    result = json.loads((tmp_path / "refit.json").read_text())
+    assert result["summary"]["all"]["detected"] == 2 and result["seconds"] < 10
+    assert set(result["margins"]) == {"trigger-inversion.alignment", "embedding-density.cluster_alignment"}
+    assert (tmp_path / "refit.md").read_text().startswith("# The verdict's cuts re-fit")
+
+
+def test_a_file_that_is_not_evidence_is_named(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(ForensicsError, match=r"x\.json: not detection evidence \(format 99"):
+        read_evidence(tmp_path)
+    with pytest.raises(ForensicsError, match="no evidence files"):
+        read_evidence(tmp_path / "nothing")
+
+
+def test_the_readme_detection_table_is_generated_from_the_evidence():
+    proc = subprocess.run(
+        [sys.executable, "bench/readme_tables.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
