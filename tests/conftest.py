@@ -7,6 +7,16 @@ import os
 # before anything imports huggingface_hub (open_clip does): its constants read the variable at import
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
@@ -49,16 +59,43 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(FAST_TEST_SECONDS))
 
 
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Iterator  # noqa: E402
+_MODULES_NOT_IMPORTED = pytest.StashKey[tuple]()
 
-import pytest  # noqa: E402
+
+def _library_modules() -> list[str]:
+    """Every module of the library, by its file (nothing imported to list them)."""
+    names = []
+    for path in sorted((REPO / "forensics").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The fast tier's module coverage: how many of the library's modules its tests imported, and which not.
+
+    Run over the whole tests folder with ``-m "not slow"``, a module no fast test imports fails the run, so every
+    module keeps a test in the development loop."""
+    config = session.config
+    whole_suite = not config.args or [Path(a).resolve() for a in config.args] == [Path(__file__).resolve().parent]
+    if config.option.markexpr != "not slow" or not whole_suite or config.option.keyword:
+        return
+    modules = _library_modules()
+    config.stash[_MODULES_NOT_IMPORTED] = (len(modules), [m for m in modules if m not in sys.modules])
+    if config.stash[_MODULES_NOT_IMPORTED][1] and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _MODULES_NOT_IMPORTED not in config.stash:
+        return
+    total, missing = config.stash[_MODULES_NOT_IMPORTED]
+    imported = total - len(missing)
+    terminalreporter.write_line(f"fast tier module coverage: {imported} of {total} forensics modules imported")
+    if missing:
+        terminalreporter.write_line("not imported by any fast test: " + ", ".join(missing), red=True)
+
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,6 +158,15 @@ def quick_demo_scan():
     from forensics.pipelines.scan import scan
 
     return scan("demo", "demo", max_images=60, profile="quick")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test leaves torch's thread count as it found it: a test that set one thread and returned slowed every
+    later test of the session (the verdict scans, the UI's in-process calls) to one thread."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -116,3 +116,64 @@ def test_a_detector_setting_changes_what_the_inversion_does(tmp_path):
         for s, r in reports.items()
     }
     assert curves["1"] != curves["5"]
+
+
+def test_the_workbench_passes_its_profile_and_settings_to_the_scan(monkeypatch):
+    """The Investigate tab's profile and settings box reach the scan as the API takes them; a wrong line is the
+    scan's one-line error in the page, before any work (the scan's own checks stand behind it)."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from forensics.core.settings import parse_assignment_text
+    from forensics.ui import investigate_tab
+    from forensics.ui.common import initial_state
+
+    seen = {}
+
+    class Stop(ForensicsError):
+        pass
+
+    def recording_scan(model, **kwargs):
+        seen.update(kwargs)
+        raise Stop("scan reached")
+
+    monkeypatch.setattr(investigate_tab, "run_scan_outcome", recording_scan)
+    text = "trigger-inversion.steps=5\n\noracle-guided.proposals=6; trigger-inversion.families=local,global"
+    with pytest.raises(gr.Error, match="scan reached"):
+        investigate_tab.scan(initial_state(), "demo", None, 20, "quick", text)
+    assert seen["profile"] == "quick" and seen["detector_options"] == {
+        "trigger-inversion": {"steps": "5", "families": "local,global"},
+        "oracle-guided": {"proposals": "6"},
+    }
+    seen.clear()
+    with pytest.raises(gr.Error) as raised:
+        investigate_tab.scan(initial_state(), "demo", None, 20, "default", "steps=5")
+    assert raised.value.message.startswith("detector settings 'steps=5' must look like NAME.KEY=VALUE")
+    assert "\n" not in raised.value.message and seen == {}
+    assert parse_assignment_text("", "x") == {} and parse_assignment_text(None, "x") == {}
+    # the scan's own check of names and types is what the page shows for a well-formed but wrong setting
+    monkeypatch.undo()
+    with pytest.raises(gr.Error, match="trigger-inversion: unknown setting 'stepz'"):
+        investigate_tab.scan(initial_state(), "demo", None, 20, "default", "trigger-inversion.stepz=5")
+    with pytest.raises(gr.Error, match="unknown detector profile 'fast'"):
+        investigate_tab.scan(initial_state(), "demo", None, 20, "fast", "")
+
+
+def test_a_scan_too_small_for_some_detectors_writes_its_report_saying_why(tmp_path):
+    """Ten images (the workbench's smallest scan): the inversion and the density detector cannot compare labels and
+    are reported as skipped; the oracle's findings and the report are written all the same."""
+    from forensics.pipelines.scan import write_scan
+
+    outcome = scan("demo", "demo", max_images=10, profile="quick")
+    write_scan(outcome, tmp_path / "scan")
+    report = json.loads((tmp_path / "scan" / "report.json").read_text())
+    evidence = report["verdict"]["evidence"]
+    assert "needs at least 12 probe images" in evidence["trigger-inversion"]["skipped"]
+    assert "needs at least 12 probe images" in evidence["embedding-density"]["skipped"]
+    assert len(report["images"]) == 10 and (tmp_path / "scan" / "report.html").is_file()
+    # a quick scan says so wherever its verdict is shown: the report, its reasons, the workbench's summary
+    assert report["detector_profile"] == "quick" and "quick detector profile ran" in report["verdict"]["reasons"][-1]
+    pytest.importorskip("gradio")
+    from forensics.ui.investigate_tab import scan_outputs
+
+    assert "quick profile: not calibrated" in scan_outputs(report, tmp_path / "scan")[0]

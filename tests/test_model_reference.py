@@ -37,6 +37,10 @@ def loads(monkeypatch):
         raise Loaded("model loaded")
 
     monkeypatch.setattr(models, "load_model", recording_load)
+    # the UI's model cache may hold a model an earlier test loaded: every command here must really load
+    from forensics.pipelines import evaluate
+
+    monkeypatch.setattr(evaluate, "_MODEL_CACHE", {})
     return seen
 
 

@@ -39,12 +39,15 @@ def _flagged(result: tuple) -> list[str]:
 
 @pytest.fixture(scope="module")
 def scans(workbench):
-    """Two clients scanning at once: one on the backdoored demo, one (after loading it) on the clean twin."""
+    """Two clients scanning at once, in the quick detector profile (this tests sessions and wiring; the verdict's
+    quality is tested on full scans): one on the backdoored demo, one (after loading it) on the clean twin."""
     poisoned, clean = Client(workbench, verbose=False), Client(workbench, verbose=False)
     facts = _load(clean, "demo-clean (its clean twin)")[0]
     assert facts["architecture"] == "tiny-rn" and facts["source"].endswith("demo_clean.safetensors")
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(c.predict, "demo", None, SCAN_IMAGES, api_name="/scan") for c in (poisoned, clean)]
+        jobs = [
+            pool.submit(c.predict, "demo", None, SCAN_IMAGES, "quick", "", api_name="/scan") for c in (poisoned, clean)
+        ]
         results = [j.result(timeout=1200) for j in jobs]
     return {"poisoned": (poisoned, results[0]), "clean": (clean, results[1])}
 

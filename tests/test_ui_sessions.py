@@ -51,7 +51,7 @@ def _get(url: str) -> tuple[int, bytes]:
 def session_a(workbench):
     """Session A scans the demo; its report as served to it, and the job folder the server wrote it in."""
     a = Client(workbench, verbose=False, download_files=False)
-    result = a.predict("demo", None, SCAN_IMAGES, api_name="/scan")
+    result = a.predict("demo", None, SCAN_IMAGES, "quick", "", api_name="/scan")  # folders, not detection: quick
     assert "Flagged labels" in result[0]
     files = {Path(f["path"]).name: f for f in result[6]}
     assert set(files) == {"report.html", "report.json"}
@@ -131,7 +131,7 @@ def test_another_session_cannot_open_a_files_by_server_path(session_a, workbench
     # upload a local file itself)
     local = tmp_path / "probe.zip"
     shutil.copy(DEMO_MODEL, local)
-    body = {"data": ["demo", {"path": str(local), "meta": {"_type": "gradio.FileData"}}, SCAN_IMAGES]}
+    body = {"data": ["demo", {"path": str(local), "meta": {"_type": "gradio.FileData"}}, SCAN_IMAGES, "quick", ""]}
     request = urllib.request.Request(
         f"{workbench}gradio_api/call/scan", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )

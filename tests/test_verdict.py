@@ -157,13 +157,17 @@ def test_detector_names():
 
 
 MODEL_LEVEL = "trigger-inversion,embedding-density"
+# the detectors that read triggered inputs in the probe; on a triggered probe they run alone in these rows (25 s a
+# scan, where the inversion adds 230 s), the inversion being judged on the clean-only rows and the verdict of all
+# three on the stored evidence of the same models' triggered scans (test_stored_triggered_rows_...)
+PER_IMAGE = "oracle-guided,embedding-density"
 SIG_MODEL = Path(__file__).parent / "assets" / "sig_book.safetensors"  # bench/detect_zoo.py's "sig", fp16
 
 
 def _victims_match(outcome, target: str) -> None:
     """Victims precision and recall >= 0.8 against the probe's triggered images the model really captures."""
     found = {x["index"] for x in outcome.verdict.victims}
-    predicted = outcome.results["trigger-inversion"].artefacts["predicted"].tolist()
+    predicted = outcome.results["embedding-density"].artefacts["predicted"].tolist()
     t = outcome.probe.class_names.index(target)
     captured = {i for i, it in enumerate(outcome.probe.items) if it.triggered and predicted[i] == t}
     assert captured and found, (len(captured), len(found))
@@ -177,8 +181,8 @@ def _victims_match(outcome, target: str) -> None:
     [
         ("demo", "demo-clean", MODEL_LEVEL, "backdoored", "flower"),  # clean images only: the usual audit
         ("demo-clean", "demo-clean", MODEL_LEVEL, "clean", None),
-        ("demo", "demo", None, "backdoored", "flower"),  # the probe holds triggered inputs: every detector
-        ("demo-clean", "demo", None, "clean", None),  # the same triggered inputs mean nothing to a clean model
+        ("demo", "demo", PER_IMAGE, "backdoored", "flower"),  # the probe holds triggered inputs
+        ("demo-clean", "demo", PER_IMAGE, "clean", None),  # the same triggered inputs mean nothing to a clean model
         (str(SIG_MODEL), "demo-clean", MODEL_LEVEL, "backdoored", "book"),  # a whole-image trigger (SIG)
     ],
     ids=["demo-clean-only", "twin-clean-only", "demo-triggered", "twin-triggered", "sig-clean-only"],
@@ -210,6 +214,22 @@ def test_verdict_on_models_with_and_without_a_backdoor(model, probe, detectors, 
         first, moved = stamped[0]["tensor"], stamped[1]["tensor"]  # one image: at the inverted place, and moved
         assert stamped[0]["source_index"] == stamped[1]["source_index"] and not torch.equal(first, moved)
     assert outcome.report["verdict"]["verdict"] == verdict
+
+
+def test_stored_triggered_rows_of_the_demo_and_its_twin_replay_to_their_verdicts_with_every_detector():
+    """The verdict of all three detectors on the triggered demo probe (bench/detect.py's scans of the demo and its
+    twin, stored as evidence): backdoored with the planted target and a local trigger, and clean."""
+    from forensics.detect.evidence import Cuts, read_evidence, replay
+
+    store = Path(__file__).resolve().parents[1] / "bench" / "results" / "evidence"
+    rows = {r.key: r for r in read_evidence(store)}
+    for key, expected in {
+        "demo/triggered": ("backdoored", "flower", "local"),
+        "demo-clean/triggered": ("clean", None, None),
+    }.items():
+        assert set(rows[key].detectors) == {"oracle-guided", "trigger-inversion", "embedding-density"}
+        v = replay(rows[key], Cuts.calibrated())
+        assert (v.verdict, v.target, v.family) == expected, key
 
 
 def test_boxless_victims_join_the_repair_set_with_their_probe_label():

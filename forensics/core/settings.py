@@ -132,6 +132,13 @@ def parse_assignments(pairs: Iterable[str], flag: str) -> dict[str, dict[str, st
     return out
 
 
+def parse_assignment_text(text: str | None, field: str) -> dict[str, dict[str, str]]:
+    """A text box of ``NAME.KEY=VALUE`` assignments, one per line or separated by ``;`` (a value may hold commas,
+    as a list of families does), as :func:`parse_assignments` reads them; blank lines are skipped."""
+    pieces = [p for line in str(text or "").splitlines() for p in line.split(";")]
+    return parse_assignments([p for p in pieces if p.strip()], field)
+
+
 def at_least(floor: float, default: Any) -> Any:
     """A settings field with ``default`` whose values below ``floor`` are refused (counts that must be >= 1)."""
     return dataclasses.field(default=default, metadata={"min": floor})

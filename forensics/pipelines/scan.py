@@ -301,6 +301,12 @@ def pick_oracle(oracle: str | Oracle | None = None, sam_checkpoint: str | None =
     return chosen
 
 
+UNCALIBRATED_PROFILE = (
+    "the {profile} detector profile ran (fewer steps and images than the calibrated defaults): this verdict checks "
+    "the workbench, it does not judge the model"
+)
+
+
 def scan(
     model: str | ModelRef | SuspectModel,
     probe: str | ProbeSet | None = None,
@@ -363,6 +369,9 @@ def scan(
         victim_trigger = for_verdict(loaded, shared, verdict, settings.seed)
         if victim_trigger:
             adopt(verdict, victim_trigger)
+    profile_name = (profile or "default").strip().lower()  # checked by scan_settings above
+    if profile_name != "default":
+        verdict.reasons.append(UNCALIBRATED_PROFILE.format(profile=profile_name))
     report = {
         "tool": "clip-backdoor-forensics",
         "detector": "oracle-guided" if "oracle-guided" in results else names[0],
@@ -380,6 +389,7 @@ def scan(
             "subset_of": probe_set.meta.get("subset_of"),
         },
         "oracle": {"name": oracle_obj.name, **oracle_obj.settings()},
+        "detector_profile": profile_name,
         "detector_settings": {name: asdict(chosen[name]) for name in names},
         **findings.to_dict(),
         "verdict": verdict.to_dict(),
@@ -485,7 +495,7 @@ def inverted_pictures(outcome: ScanOutcome) -> dict[str, torch.Tensor]:
     (written beside report.json)."""
     inversion = (outcome.results or {}).get("trigger-inversion")
     pictures = {}
-    if inversion is not None:
+    if inversion is not None and "inverted_patterns" in inversion.artefacts:  # none when it was skipped
         patterns = inversion.artefacts["inverted_patterns"]
         pictures = {t.pattern: patterns[t.stats["key"]].picture().cpu() for t in inversion.inverted if t.pattern}
     if outcome.victim_trigger is not None:

@@ -7,10 +7,12 @@ from pathlib import Path
 import gradio as gr
 
 from forensics.core.data import extract_probe_archive, load_probe_set
+from forensics.core.settings import parse_assignment_text
+from forensics.detect import PROFILES
 from forensics.pipelines.evaluate import get_model
 from forensics.pipelines.explain import explain_image
 from forensics.pipelines.report import flagged_chart, flagged_words
-from forensics.pipelines.scan import pick_oracle, write_scan
+from forensics.pipelines.scan import detector_names, pick_oracle, scan_settings, write_scan
 from forensics.pipelines.scan import scan as run_scan_outcome
 from forensics.ui.common import (
     gr_progress,
@@ -70,7 +72,9 @@ def scan_outputs(report: dict, out: Path) -> tuple:
     if verdict:
         target = f", target **{verdict['target']}**" if verdict.get("target") else ""
         family = f" ({verdict['family']} trigger)" if verdict.get("family") else ""
-        summary = f"## Verdict: **{verdict['verdict']}**{target}{family} (details in Findings)\n\n" + summary
+        profile = report.get("detector_profile", "default")
+        caveat = f" · *{profile} profile: not calibrated*" if profile != "default" else ""
+        summary = f"## Verdict: **{verdict['verdict']}**{target}{family} (details in Findings){caveat}\n\n" + summary
     if m.get("victim_precision") is not None:
         summary += (
             f" Against the probe set's known trigger flags: victim precision {m['victim_precision']:.2f}, "
@@ -154,10 +158,15 @@ def scan(
     probe_choice: str,
     upload: str | None,
     max_images: float,
+    profile: str = "default",
+    detector_settings: str | None = None,
     request: gr.Request = None,
     progress=gr.Progress(),
 ) -> tuple:
-    """Run the scan for this session's model on the chosen probe set; fill the Investigate and Findings views."""
+    """Run the scan for this session's model on the chosen probe set, with the chosen detector profile and
+    settings (checked by name and type before anything runs); fill the Investigate and Findings views."""
+    options = parse_assignment_text(detector_settings, "detector settings")
+    scan_settings(detector_names(None), None, options, profile)  # names and types checked before any work
     probe = _probe_spec(probe_choice, upload, request)
     out = new_job_dir("scan", request)
     outcome = run_scan_outcome(
@@ -167,6 +176,8 @@ def scan(
         sam_checkpoint=state["sam_checkpoint"],
         max_images=int(max_images) if max_images else None,
         progress=gr_progress(progress),
+        detector_options=options,
+        profile=profile or "default",
     )
     write_scan(outcome, out)
     report = outcome.report  # what the call returned, not a re-read of report.json
@@ -226,6 +237,22 @@ def build_investigate_tab(state: gr.State) -> dict:
             info="the demo's 300 images take about half a minute on 2 CPU cores",
             elem_id="scan-images",
         )
+    with gr.Accordion("Detector settings", open=False):
+        with gr.Row():
+            profile = gr.Radio(
+                list(PROFILES),
+                value="default",
+                label="Profile",
+                info="quick: fewer steps and images, for trying the workbench; its verdict is not to be relied on",
+                elem_id="detector-profile",
+            )
+            detector_settings = gr.Textbox(
+                value="",
+                label="Settings (NAME.KEY=VALUE, one per line)",
+                placeholder="trigger-inversion.steps=20\noracle-guided.proposals=9",
+                lines=2,
+                elem_id="detector-settings",
+            )
     run = gr.Button("Scan for backdoors", variant="primary", elem_id="scan-button")
     summary = gr.Markdown(elem_id="scan-summary")
     gallery = gr.Gallery(label="Images ranked by discrepancy (click one)", columns=8, height=320, allow_preview=False)
@@ -244,6 +271,8 @@ def build_investigate_tab(state: gr.State) -> dict:
         "probe": probe,
         "upload": upload,
         "max_images": max_images,
+        "profile": profile,
+        "detector_settings": detector_settings,
         "run": run,
         "summary": summary,
         "gallery": gallery,

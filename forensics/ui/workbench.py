@@ -45,7 +45,7 @@ def build_app() -> gr.Blocks:
         model["status"].change(lambda s: s, model["status"], status, api_name=False)
         inv["run"].click(
             scan,
-            [state, inv["probe"], inv["upload"], inv["max_images"]],
+            [state, inv["probe"], inv["upload"], inv["max_images"], inv["profile"], inv["detector_settings"]],
             [
                 inv["summary"],
                 inv["gallery"],
