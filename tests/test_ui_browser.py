@@ -58,6 +58,7 @@ def test_scan_flags_the_demo_target_then_repair_lowers_asr(page):
     expect(page.locator("#scan-summary")).to_contain_text("Flagged labels: flower", timeout=20 * MINUTE)
     shot(page, "2-scanned")
     page.get_by_role("tab", name="Findings").click()
+    expect(page.locator("#verdict")).to_contain_text("Verdict: backdoored", timeout=MINUTE)  # the box on top
     expect(page.locator("#flagged-table")).to_contain_text("flower", timeout=MINUTE)
     shot(page, "3-findings")
     page.get_by_role("tab", name="Repair").click()

@@ -81,8 +81,8 @@ def build_findings_tab(state: gr.State) -> dict:
     go = gr.Button("Paste and predict")
     with gr.Row():
         pasted = gr.Image(label="With the trigger", height=200)
-        verdict = gr.Markdown()
-    go.click(paste, [state, trigger, image, position], [pasted, verdict], api_name="paste_trigger")
+        paste_result = gr.Markdown(elem_id="paste-result")
+    go.click(paste, [state, trigger, image, position], [pasted, paste_result], api_name="paste_trigger")
     return {
         "flagged": flagged,
         "chart": chart,
