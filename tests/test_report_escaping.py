@@ -256,3 +256,26 @@ def test_write_compare_outputs_escapes(tmp_path: Path) -> None:
     expected += [f"{LABEL}: note {FILE}", f"{BREAKOUT}: note {FILE}", f"memory {CAPTION}"]
     assert_inert(page, expected)
     assert (tmp_path / "compare.md").exists() and (tmp_path / "compare.json").exists()
+
+
+@pytest.mark.parametrize(
+    "names", [["$\\frac{$", "apple"], ["a$x^2$b", "$", "under_score"], ["\\$\\mathrm{", "$$", "}{"]], ids=str
+)
+def test_class_names_are_drawn_as_plain_text_in_every_chart(names):
+    """matplotlib parses `$...$` as TeX by default: a class named `$\\frac{` crashed drawing after a whole scan. Names
+    are drawn as they are, whether the report saves the figure or Gradio does (its own savefig, outside ours)."""
+    import io
+
+    from forensics.pipelines.report import _png_b64, comparison_chart, flagged_chart
+
+    records = [{"predicted": n, "captured": k == 0} for k, n in enumerate(names)]
+    fig = flagged_chart(records, names, [names[0]])
+    fig.savefig(io.BytesIO(), format="png")  # as gr.Plot saves it
+    ticks = fig.axes[0].get_xticklabels()
+    assert [t.get_text() for t in ticks] == names and not any(t.get_parse_math() for t in ticks)
+    assert _png_b64(fig)
+    key = names[-1]  # an attack's key from the user's attack file
+    rows = [{"method": n, "status": "ok", "ca_after": 0.5, "asr_after": {key: 0.1}} for n in names]
+    report = {"rows": rows, "attacks": [{"key": key}], "before": {"ca": 0.6, "asr": {key: 0.9}}}
+    chart = comparison_chart(report)
+    assert [t.get_text() for t in chart.axes[0].get_xticklabels()] == names and _png_b64(chart)

@@ -16,6 +16,9 @@ from typing import Any, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+# Class names, titles and method names come from users and models: drawn as plain text, never parsed as TeX (a class
+# named `$\frac{` crashed the report after a whole scan). Process-wide, since charts are also saved by Gradio.
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
