@@ -177,3 +177,19 @@ def test_a_scan_too_small_for_some_detectors_writes_its_report_saying_why(tmp_pa
     from forensics.ui.investigate_tab import scan_outputs
 
     assert "quick profile: not calibrated" in scan_outputs(report, tmp_path / "scan")[0]
+
+
+def test_a_probe_of_two_classes_skips_the_label_comparing_detectors_and_reports_why(tmp_path):
+    """The same class of probe, too few classes rather than images: the inversion needs three labels to compare, the
+    report says so and the verdict stands on the detectors that ran."""
+    from forensics.core.data import ProbeSet, load_probe_set
+    from forensics.pipelines.scan import write_scan
+
+    demo = load_probe_set("demo")
+    two = [it for it in demo.items if it.label in (0, 1)][:24]
+    probe = ProbeSet("two-classes", two, list(demo.class_names[:2]))
+    outcome = scan("demo", probe, detectors="oracle-guided,trigger-inversion", profile="quick")
+    write_scan(outcome, tmp_path / "scan")
+    report = json.loads((tmp_path / "scan" / "report.json").read_text())
+    assert "3 classes" in report["verdict"]["evidence"]["trigger-inversion"]["skipped"]
+    assert "skipped" not in report["verdict"]["evidence"]["oracle-guided"] and len(report["images"]) == 24
