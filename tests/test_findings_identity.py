@@ -52,3 +52,38 @@ def test_compare_with_findings_of_another_model_makes_that_row_an_error(demo_sca
     )
     (row,) = report["rows"]
     assert row["status"] == "error" and "another model file" in row["error"]
+
+
+@pytest.mark.parametrize("identity", ["missing", "", None], ids=["no-key", "empty", "null"])
+def test_findings_without_their_models_sha256_are_refused_unless_forced(demo_scan, tmp_path, capsys, identity):
+    """Findings that do not say which model file they were made on cannot be shown to be this model's: refused in
+    one line like a wrong identity, nothing written; --force uses them with a note (once: the same path each time)."""
+    import shutil
+
+    findings = tmp_path / "findings"
+    shutil.copytree(demo_scan, findings)
+    report = json.loads((findings / "report.json").read_text())
+    if identity == "missing":
+        del report["model"]["sha256"]
+    else:
+        report["model"]["sha256"] = identity
+    (findings / "report.json").write_text(json.dumps(report))
+    capsys.readouterr()
+    args = ["--quiet", "repair", "demo", "--findings", str(findings), "--param", "epochs=1"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the findings do not name the model file they were made on") and "--force" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "refused").exists()
+    if identity == "missing":
+        assert main([*args, "--out", str(tmp_path / "forced"), "--force"]) == 0
+        notes = json.loads((tmp_path / "forced" / "metrics.json").read_text())["notes"]
+        assert any("do not name the model file" in n and "--force" in n for n in notes)
+
+
+def test_a_model_without_a_file_identity_does_not_take_another_models_findings(demo_scan, tmp_path, capsys):
+    """Random weights have no SHA-256: the demo's findings are refused for them, as for any other model."""
+    capsys.readouterr()
+    args = ["--quiet", "repair", "random:tiny-rn", "--findings", str(demo_scan), "--param", "epochs=1"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no SHA-256 to match" in err and len(err.splitlines()) == 1 and not (tmp_path / "refused").exists()

@@ -179,6 +179,36 @@ def _root(root: str | Path | None) -> Path | None:
     return resolved
 
 
+def _read_json_object(path: Path, shape: str = "a JSON object") -> dict:
+    """A JSON file holding an object; anything else is one line naming the file and the ``shape`` expected."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ForensicsError(f"{path.name} is not UTF-8 text (byte {exc.start} cannot be read)") from None
+    except json.JSONDecodeError as exc:
+        raise ForensicsError(f"{path.name} is not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ForensicsError(f"{path.name} must hold {shape}, got a JSON {type(value).__name__}")
+    return value
+
+
+def read_class_names(path: Path) -> list[str]:
+    """``classes.json``: ``{"classes": [names]}``, each a distinct non-empty text; a bare list, a single name or a
+    repeated name is one line naming the file and the field (a string would otherwise be read letter by letter)."""
+    names = _read_json_object(path, 'an object {"classes": [class names]}').get("classes")
+    if not isinstance(names, list):
+        got = "nothing" if names is None else f"a {type(names).__name__}"
+        raise ForensicsError(f"{path.name}: 'classes' must be a list of class names, got {got}")
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ForensicsError(f"{path.name}: 'classes' must be a non-empty list of non-empty class names")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ForensicsError(f"{path.name}: 'classes' names {name!r} twice; class names must be distinct")
+        seen.add(name)
+    return list(names)
+
+
 def load_csv_probe(path: Path, class_names: Sequence[str] | None = None, root: str | Path | None = None) -> ProbeSet:
     """A CSV of image paths (relative to the CSV) with caption and optional label/mask/trigger columns.
 
@@ -190,21 +220,28 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None, root: s
     base = _root(root)
     if base is not None and not resolves_inside(path, base):
         raise ForensicsError(f"{path.name} lies outside the probe folder")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        if "image" not in fields:
-            raise ForensicsError(
-                f"{path.name} needs a header with an 'image' column (found: {', '.join(fields) or 'none'})"
-            )
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = reader.fieldnames or []
+            if "image" not in fields:
+                raise ForensicsError(
+                    f"{path.name} needs a header with an 'image' column (found: {', '.join(fields) or 'none'})"
+                )
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise ForensicsError(
+            f"{path.name} is not UTF-8 text (byte {exc.start} cannot be read); save the CSV as UTF-8"
+        ) from None
+    except csv.Error as exc:
+        raise ForensicsError(f"{path.name} is not a readable CSV: {exc}") from None
     if not rows:
         raise ForensicsError(f"probe set {path.name} is empty")
     labels_text = [r.get("label", "") or "" for r in rows]
     classes_file = path.parent / "classes.json"
     if class_names is None:
         if classes_file.is_file() and (base is None or resolves_inside(classes_file, base)):
-            class_names = json.loads(classes_file.read_text())["classes"]
+            class_names = read_class_names(classes_file)
         else:
             class_names = sorted({t for t in labels_text if t})
     class_names = list(class_names)
@@ -242,7 +279,7 @@ def load_csv_probe(path: Path, class_names: Sequence[str] | None = None, root: s
     meta = {}
     manifest = path.parent.parent / "manifest.json"
     if manifest.is_file() and (base is None or resolves_inside(manifest, base)):
-        meta = json.loads(manifest.read_text())
+        meta = _read_json_object(manifest)
     meta["files"] = [str(path), str(classes_file)]  # inputs no output may replace
     return ProbeSet(name=path.stem, items=items, class_names=class_names, meta=meta)
 

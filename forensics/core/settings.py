@@ -57,6 +57,12 @@ def coerce(value: Any, hint: Any) -> Any:
             except ValueError:
                 continue
         raise ValueError
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):  # nested settings: an object, or a mapping of it
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, Mapping):
+            return build_settings(hint, value, hint.__name__)
+        raise ValueError
     origin = typing.get_origin(hint)
     if origin in (tuple, list):
         (item, *_rest) = typing.get_args(hint)

@@ -21,6 +21,7 @@ from forensics.core.models import SuspectModel
 from forensics.core.precision import resolve_precision, training_autocast, training_layout
 from forensics.core.progress import check_stop
 from forensics.core.registry import Registry
+from forensics.core.settings import build_settings
 from forensics.core.templates import fill
 
 Progress = Callable[[float, str], None]
@@ -133,7 +134,9 @@ class Defense(ABC):
     def __init__(self, settings: Any | None = None, **overrides: Any) -> None:
         if settings is not None and overrides:
             raise TypeError(f"{self.name}: give a settings object or keyword settings, not both")
-        self.settings = settings if settings is not None else self.settings_cls(**self.fold_settings(overrides))
+        if settings is None:  # keyword settings (strings from --param, values from the API) typed and checked
+            settings = build_settings(self.settings_cls, self.fold_settings(overrides), self.name)
+        self.settings = settings
 
     @classmethod
     def fold_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:

@@ -114,17 +114,27 @@ def inside_findings(report: dict, relative: str, what: str) -> Path:
 
 
 def check_findings_model(report: dict, model: SuspectModel, force: bool = False) -> list[str]:
-    """Refuse findings made on another model file (their SHA-256 differs from the loaded model's) unless ``force``:
-    their victims, triggers and compact set describe that other model. With ``force``, a note says so."""
+    """Refuse findings not shown to be of the loaded model unless ``force``: made on another model file (their SHA-256
+    differs from the loaded model's), or with no identity to compare (either SHA-256 missing), since their victims,
+    triggers and compact set may describe another model. Random weights have no file: their source (``random:ARCH``,
+    seeded) is their identity. With ``force``, a note says what was not verified."""
     made_on, here = report["model"].get("sha256"), model.facts.sha256
-    if not made_on or not here or made_on == here:
-        return []
+    if made_on and here:
+        if made_on == here:
+            return []
+        problem = f"the findings were made on another model file (SHA-256 {made_on[:12]}…, this one {here[:12]}…)"
+        note = "the findings were made on a different model file (SHA-256 differs)"
+    elif not made_on and not here and str(model.facts.source).startswith("random:"):
+        if report["model"].get("source") == model.facts.source:
+            return []
+        problem = note = f"the findings were not made on {model.facts.source}"
+    elif not made_on:
+        problem = note = "the findings do not name the model file they were made on (model.sha256 is missing)"
+    else:
+        problem = note = "the loaded model has no SHA-256 to match the findings' model file against"
     if not force:
-        raise ForensicsError(
-            f"the findings were made on another model file (SHA-256 {made_on[:12]}…, this one {here[:12]}…); "
-            "scan this model first, or pass --force to repair with them anyway"
-        )
-    return ["the findings were made on a different model file (SHA-256 differs); used because of --force"]
+        raise ForensicsError(f"{problem}; scan this model first, or pass --force to repair with them anyway")
+    return [f"{note}; used because of --force"]
 
 
 def findings_files(report: dict) -> list[Path]:
