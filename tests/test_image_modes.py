@@ -227,3 +227,41 @@ def test_load_image_keeps_its_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"not an image")
     with pytest.raises(ForensicsError, match="cannot read image bad.png"):
         load_image(bad, 4)
+
+
+@pytest.mark.parametrize(("orientation", "upright_size"), [(6, (20, 40)), (8, (20, 40)), (3, (40, 20))])
+def test_exif_orientation_is_applied_on_load(tmp_path, orientation, upright_size):
+    """A phone photo stores its pixels sideways with an EXIF orientation; it is scanned as the camera meant it."""
+    from forensics.core.images import read_pil
+
+    pixels = Image.new("RGB", (40, 20), (0, 0, 255))
+    pixels.paste((255, 0, 0), (0, 0, 10, 20))  # red on the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo{orientation}.jpg"
+    pixels.save(path, exif=exif, quality=95)
+    upright = read_pil(path)
+    assert upright.size == upright_size
+    red = {3: (39, 10), 6: (10, 0), 8: (10, 39)}[orientation]  # where the stored left edge ends up
+    assert upright.getpixel(red)[0] > 200 and upright.getpixel(red)[2] < 60
+
+
+@pytest.mark.parametrize("size", [(1, 60000), (60000, 1), (3, 40000)], ids=str)
+def test_a_long_thin_image_is_never_resized_to_millions_of_pixels(tmp_path, monkeypatch, size):
+    """Shorter side to the model's size first would make a 1 x 60000 image 128 x 7,680,000 (2.9 GB) only to crop it;
+    only the centred square is resized, and no resize asks for more than 16 model-sized squares."""
+    from forensics.core.images import MAX_RESIZED_AREA, load_image
+
+    path = tmp_path / "thin.png"
+    Image.new("RGB", size, (10, 200, 30)).save(path)
+    asked = []
+    real_resize = Image.Image.resize
+
+    def recording_resize(self, new_size, *args, **kwargs):
+        asked.append(new_size[0] * new_size[1])
+        return real_resize(self, new_size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    tensor = load_image(path, 128)
+    assert tensor.shape == (3, 128, 128) and asked and max(asked) <= MAX_RESIZED_AREA * 128 * 128
+    assert abs(float(tensor[1].mean()) - 200 / 255) < 0.02

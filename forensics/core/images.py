@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from forensics.core.errors import ForensicsError
 
@@ -92,6 +92,11 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     raise ForensicsError(f"to_pil: expected a 3xHxW or HxW tensor, got shape {tuple(tensor.shape)}")
 
 
+MAX_RESIZED_AREA = 16
+"""The resize before the centre crop makes at most this many model-sized squares (a 16:1 image); a longer one has
+only its centred square resized."""
+
+
 def pil_to_model_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """CLIP-style resize (shorter side to ``size``, bicubic) + centre crop of a PIL image (any mode, via ``to_rgb``)
     to a tensor in [0, 1]."""
@@ -99,10 +104,17 @@ def pil_to_model_tensor(image: Image.Image, size: int) -> torch.Tensor:
     w, h = image.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
+    if new_w * new_h > MAX_RESIZED_AREA * size * size:
+        # a long thin image (1 x 60000) would be resized to millions of pixels only to be cropped: resize just the
+        # centred square that the crop keeps
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    else:
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), Image.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
     return data.permute(2, 0, 1).float().div(255.0)
 
@@ -118,7 +130,7 @@ def read_pil(path: str | Path, what: str = "image") -> Image.Image:
                     f"{what} {path.name} is too large ({im.width}x{im.height} pixels; limit {MAX_IMAGE_PIXELS:,})"
                 )
             im.load()
-            return im.copy()  # decoded and detached from the file, which closes here
+            return ImageOps.exif_transpose(im)  # upright as a camera meant it; a copy, detached from the file
     except ForensicsError:
         raise
     except FileNotFoundError:
