@@ -159,7 +159,7 @@ def test_detector_names():
 MODEL_LEVEL = "trigger-inversion,embedding-density"
 # the detectors that read triggered inputs in the probe; on a triggered probe they run alone in these rows (25 s a
 # scan, where the inversion adds 230 s), the inversion being judged on the clean-only rows and the verdict of all
-# three on the stored evidence of the same models' triggered scans (test_stored_triggered_rows_...)
+# three on the stored evidence of the same models' triggered scans (test_stored_rows_of_the_acceptance_...)
 PER_IMAGE = "oracle-guided,embedding-density"
 SIG_MODEL = Path(__file__).parent / "assets" / "sig_book.safetensors"  # bench/detect_zoo.py's "sig", fp16
 
@@ -188,7 +188,10 @@ def _victims_match(outcome, target: str) -> None:
     ids=["demo-clean-only", "twin-clean-only", "demo-triggered", "twin-triggered", "sig-clean-only"],
 )
 def test_verdict_on_models_with_and_without_a_backdoor(model, probe, detectors, verdict, target):
-    outcome = scan(model, load_probe_set(probe), detectors=detectors)
+    # the SIG row inverts the whole-image family alone (half the scan); the same model's default scan, local family
+    # included, is replayed from the stored evidence (sig/clean in test_every_stored_row_replays_...)
+    options = {"trigger-inversion": {"families": "global"}} if target == "book" else None
+    outcome = scan(model, load_probe_set(probe), detectors=detectors, detector_options=options)
     v = outcome.verdict
     assert (v.verdict, v.target) == (verdict, target), v.reasons
     if target:
@@ -216,9 +219,10 @@ def test_verdict_on_models_with_and_without_a_backdoor(model, probe, detectors, 
     assert outcome.report["verdict"]["verdict"] == verdict
 
 
-def test_stored_triggered_rows_of_the_demo_and_its_twin_replay_to_their_verdicts_with_every_detector():
+def test_stored_rows_of_the_acceptance_models_replay_to_their_verdicts_with_every_detector():
     """The verdict of all three detectors on the triggered demo probe (bench/detect.py's scans of the demo and its
-    twin, stored as evidence): backdoored with the planted target and a local trigger, and clean."""
+    twin, stored as evidence): backdoored with the planted target and a local trigger, and clean; and the SIG model's
+    default clean-only scan (both trigger families): backdoored, 'book', a whole-image trigger."""
     from forensics.detect.evidence import Cuts, read_evidence, replay
 
     store = Path(__file__).resolve().parents[1] / "bench" / "results" / "evidence"
@@ -226,6 +230,7 @@ def test_stored_triggered_rows_of_the_demo_and_its_twin_replay_to_their_verdicts
     for key, expected in {
         "demo/triggered": ("backdoored", "flower", "local"),
         "demo-clean/triggered": ("clean", None, None),
+        "sig/clean": ("backdoored", "book", "global"),  # both families inverted, from clean images alone
     }.items():
         assert set(rows[key].detectors) == {"oracle-guided", "trigger-inversion", "embedding-density"}
         v = replay(rows[key], Cuts.calibrated())
