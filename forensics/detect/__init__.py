@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from forensics.detect.base import DETECTORS, PROFILES, Detector, all_detectors, build_detector, detector_settings
+from forensics.detect.base import (
+    DETECTORS,
+    PROFILES,
+    Detector,
+    all_detectors,
+    build_detector,
+    detector_settings,
+    profile_name,
+)
 from forensics.detect.embedding_density import EmbeddingDensity, EmbeddingDensitySettings
 from forensics.detect.findings import Findings, FlaggedLabel, ImageEvidence, InvertedTrigger, TriggerCandidate, Victim
 from forensics.detect.oracle_scan import OracleGuidedScan, ScanSettings
@@ -27,4 +35,5 @@ __all__ = [
     "all_detectors",
     "build_detector",
     "detector_settings",
+    "profile_name",
 ]

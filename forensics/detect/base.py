@@ -49,6 +49,14 @@ class Detector(ABC):
         """Examine ``model`` on ``probe``: per-label evidence, trigger candidates, victims and metrics."""
 
 
+def profile_name(profile: str | None) -> str:
+    """The profile as :data:`PROFILES` names it (``None`` is the default); an unknown one is a one-line error."""
+    name = (profile or "default").strip().lower()
+    if name not in PROFILES:
+        raise ForensicsError(f"unknown detector profile {name!r}; valid: {', '.join(PROFILES)}")
+    return name
+
+
 def all_detectors() -> list[str]:
     """Every registered detector, in run order."""
     return sorted(DETECTORS.names(), key=lambda n: (DETECTORS.get(n).run_order, n))
@@ -66,9 +74,7 @@ def detector_settings(
 
     ``settings`` may name only detectors among ``names`` (a setting for one that does not run is a mistake);
     names are matched as the registry matches them (case, ``_`` for ``-``, aliases)."""
-    profile = (profile or "default").strip().lower()
-    if profile not in PROFILES:
-        raise ForensicsError(f"unknown detector profile {profile!r}; valid: {', '.join(PROFILES)}")
+    profile = profile_name(profile)
     given: dict[str, Any] = {}
     for raw, value in (settings or {}).items():
         name = DETECTORS.resolve(raw)

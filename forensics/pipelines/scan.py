@@ -30,7 +30,15 @@ from forensics.core.settings import build_settings
 from forensics.core.templates import fill
 from forensics.core.zeroshot import class_text_embeddings, predict_labels
 from forensics.defenses import RepairData, stamped_sources
-from forensics.detect import DETECTORS, Findings, ScanSettings, all_detectors, build_detector, detector_settings
+from forensics.detect import (
+    DETECTORS,
+    Findings,
+    ScanSettings,
+    all_detectors,
+    build_detector,
+    detector_settings,
+    profile_name,
+)
 from forensics.detect.trigger_inversion import InvertedPattern
 from forensics.detect.verdict import Verdict, merge
 from forensics.detect.victim_trigger import VictimTrigger, adopt, for_verdict
@@ -369,9 +377,9 @@ def scan(
         victim_trigger = for_verdict(loaded, shared, verdict, settings.seed)
         if victim_trigger:
             adopt(verdict, victim_trigger)
-    profile_name = (profile or "default").strip().lower()  # checked by scan_settings above
-    if profile_name != "default":
-        verdict.reasons.append(UNCALIBRATED_PROFILE.format(profile=profile_name))
+    profile = profile_name(profile)
+    if profile != "default":
+        verdict.reasons.append(UNCALIBRATED_PROFILE.format(profile=profile))
     report = {
         "tool": "clip-backdoor-forensics",
         "detector": "oracle-guided" if "oracle-guided" in results else names[0],
@@ -389,7 +397,7 @@ def scan(
             "subset_of": probe_set.meta.get("subset_of"),
         },
         "oracle": {"name": oracle_obj.name, **oracle_obj.settings()},
-        "detector_profile": profile_name,
+        "detector_profile": profile,
         "detector_settings": {name: asdict(chosen[name]) for name in names},
         **findings.to_dict(),
         "verdict": verdict.to_dict(),

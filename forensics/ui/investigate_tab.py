@@ -177,7 +177,7 @@ def scan(
         max_images=int(max_images) if max_images else None,
         progress=gr_progress(progress),
         detector_options=options,
-        profile=profile or "default",
+        profile=profile,
     )
     write_scan(outcome, out)
     report = outcome.report  # what the call returned, not a re-read of report.json
