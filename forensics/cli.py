@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from forensics.core.errors import ForensicsError
+from forensics.core.files import Terminated, termination_as_interrupt
 
 
 class _Parser(argparse.ArgumentParser):
@@ -218,7 +219,7 @@ def cmd_train_patch(args: argparse.Namespace) -> dict:
         raise ForensicsError("--probe is required for models other than demo and demo-clean")
     probe = load_probe_set(probe_spec)
     model = ref.load()
-    refuse_overwriting_inputs([Path(args.out)], model_files(model.facts.source) + probe.files())
+    refuse_overwriting_inputs([Path(args.out)], model_files(model.facts.source) + probe.files(), whole_folders=False)
     indices = probe.clean_indices()
     with tqdm_progress("train-patch", not args.quiet) as progress:
         images = probe.load_images(model.image_size, indices)
@@ -645,7 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ForensicsError(f"{args.command} does not run on several processes yet; run it in one process")
         main_process = distributed.is_main()
         args.quiet = args.quiet or not main_process  # one progress bar and one result, from rank 0
-        result = args.func(args)
+        with termination_as_interrupt():  # SIGTERM cleans up like Ctrl-C: nothing half-written stays behind
+            result = args.func(args)
         if main_process:
             _emit(result)
         distributed.shutdown(wait=True)  # every rank done: leave the group together
@@ -654,6 +656,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ForensicsError as exc:
         _error_line(str(exc))
         return 2
+    except Terminated as exc:
+        _error_line(f"terminated ({exc})")
+        return 128 + exc.signum
     except KeyboardInterrupt:
         _error_line("interrupted")
         return 130
