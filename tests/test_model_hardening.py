@@ -91,7 +91,7 @@ def test_nan_in_image_tower_is_refused(arch, tiny_rn, tiny_vit):
     with pytest.raises(ForensicsError) as excinfo:
         check_finite_outputs(model)
     assert one_line(excinfo) == (
-        "the model's outputs are NaN or infinite (1 of its weights are non-finite); it cannot be scanned or repaired"
+        "the model's outputs are NaN or infinite (1 of its weights is non-finite); it cannot be scanned or repaired"
     )
 
 

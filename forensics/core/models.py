@@ -485,21 +485,36 @@ def _nonfinite_note(count: int) -> str:
     return f"{weights} NaN or infinite: this model's outputs cannot be trusted"
 
 
-def check_finite_outputs(model: SuspectModel) -> None:
-    """Refuse a model whose embeddings are NaN or infinite (one tiny forward of both towers): every score of such a
-    model is meaningless, so a scan would report nothing flagged and a repair would polish noise."""
-    size = model.image_size
-    with frozen(model), torch.no_grad():
-        images = torch.full((2, 3, size, size), 0.5)
-        finite = bool(torch.isfinite(model.encode_image(images)).all())
-        finite = bool(torch.isfinite(model.encode_text(["a photo"])).all()) and finite
-    if finite:
-        return
+def check_finite_outputs(
+    model: SuspectModel,
+    images: torch.Tensor | None = None,
+    what: str = "the model",
+    consequence: str = "it cannot be scanned or repaired",
+) -> None:
+    """Refuse a model with a NaN or infinite weight, or whose embeddings or own logits (its learnt temperature
+    ``exp(logit_scale)`` times the cosine) are NaN or infinite on ``images`` (a few real inputs; grey squares when
+    none are given): every score of such a model is meaningless, so a scan would report nothing flagged and a
+    repair would train on infinite losses and write NaN weights."""
     count = count_nonfinite(_model_tensors(model))
-    why = (
-        f"{count:,} of its weights are non-finite" if count else "all its weights are finite: its computation overflows"
-    )
-    raise ForensicsError(f"the model's outputs are NaN or infinite ({why}); it cannot be scanned or repaired")
+    why = f"{count:,} of its weights {'is' if count == 1 else 'are'} non-finite" if count else ""
+    if not why:
+        size = model.image_size
+        pixels = torch.full((2, 3, size, size), 0.5) if images is None or not len(images) else images[:8].float()
+        with frozen(model), torch.no_grad():
+            image_emb = model.encode_image(pixels.to(model.device)).float()
+            text_emb = model.encode_text(["a photo", "a drawing"]).float()
+            scale_param = getattr(model.clip, "logit_scale", None)
+            scale = scale_param.detach().float().exp() if isinstance(scale_param, torch.Tensor) else torch.tensor(1.0)
+            logits = scale * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).t()
+        if not (bool(torch.isfinite(image_emb).all()) and bool(torch.isfinite(text_emb).all())):
+            why = "all its weights are finite: its computation overflows"
+        elif not bool(torch.isfinite(scale).all()):
+            log_scale = float(scale_param.detach().float().reshape(-1)[0])
+            why = f"its logit scale exp({log_scale:.4g}) overflows"
+        elif not bool(torch.isfinite(logits).all()):
+            why = "its logits overflow"
+    if why:
+        raise ForensicsError(f"{what}'s outputs are NaN or infinite ({why}); {consequence}")
 
 
 def _assemble(

@@ -253,7 +253,7 @@ def run_compare(
     if progress:
         progress(0.0, "loading the model and images")
     loaded = ref.load() if ref else model
-    check_finite_outputs(loaded)
+    check_finite_outputs(loaded, probe_set.load_images(loaded.image_size, eval_idx[:8]))
     measured = resolve_attacks(loaded, ref, probe_set.class_names, attacks, target)
     triggers = [(a["key"], a["attack"], a["target"]) for a in measured]
     out = check_output_folder(out)

@@ -30,7 +30,15 @@ from forensics.core.files import (
     staged_output,
 )
 from forensics.core.images import load_image, load_pattern
-from forensics.core.models import ModelRef, SuspectModel, as_ref, check_finite_outputs, save_model
+from forensics.core.models import (
+    ModelRef,
+    SuspectModel,
+    as_ref,
+    check_finite_outputs,
+    frozen,
+    load_checkpoint,
+    save_model,
+)
 from forensics.core.precision import resolve_precision
 from forensics.core.progress import Progress, ShouldStop, sub_progress
 from forensics.core.zeroshot import ASR_NOTE
@@ -206,6 +214,29 @@ def reconstructed_triggers(patterns: list[torch.Tensor], triggers: list[dict]) -
     ]
 
 
+REFUSED_OUTPUT = "nothing was written (try fewer epochs or a smaller learning rate)"
+
+
+def check_written_model(model: SuspectModel, path: Path, images: torch.Tensor) -> dict:
+    """The repaired file as written must load, be finite and compute what the repaired model in memory computes
+    (image embeddings of up to 16 held-out images within 1e-2): a repair never hands over a file it did not check.
+    Returns the check's record for metrics.json."""
+    try:
+        reloaded = load_checkpoint(path)
+    except ForensicsError as exc:
+        raise ForensicsError(f"the repaired model does not load back ({exc}); {REFUSED_OUTPUT}") from None
+    sample = images[:16]
+    check_finite_outputs(reloaded, sample, "the repaired model as written", REFUSED_OUTPUT)
+    with frozen(model), frozen(reloaded), torch.no_grad():
+        difference = float((model.encode_image(sample).cpu() - reloaded.encode_image(sample).cpu()).abs().max())
+    if not difference <= 1e-2:
+        raise ForensicsError(
+            f"the repaired model as written computes other embeddings than the repaired model (max difference "
+            f"{difference:.3g}); {REFUSED_OUTPUT}"
+        )
+    return {"finite": True, "reloads": True, "images": len(sample), "max_embedding_difference": difference}
+
+
 def flat_scores(scores: dict) -> dict:
     """metrics.json's form of :func:`measure`'s result: ca, asr_reconstructed[_k], asr_true and asr (the true
     trigger's when known, else the first reconstructed one)."""
@@ -337,6 +368,7 @@ def run_repair(
             )
     eval_images = probe_set.load_images(loaded.image_size, eval_idx)
     eval_labels = [probe_set.items[i].label for i in eval_idx]
+    check_finite_outputs(loaded, eval_images)  # on real inputs too: an overflow may need real pixels
     triggers = reconstructed_triggers(patterns, report["triggers"]) if report else []
     true_trigger = known_trigger(loaded, ref, probe_set.class_names)
     if true_trigger:
@@ -346,6 +378,7 @@ def run_repair(
     before = flat_scores(measure(loaded, eval_images, eval_labels, probe_set.class_names, triggers, distributed=True))
     defense = make_defense(method, settings, seed)
     result = defense.repair(loaded, data, sub_progress(progress, 0.1, 0.9), should_stop, precision)
+    check_finite_outputs(result.model, eval_images, "the repaired model", REFUSED_OUTPUT)
     if progress:
         progress(0.92, "measuring CA/ASR after repair")
     after = flat_scores(
@@ -371,6 +404,7 @@ def run_repair(
                 }
             },
         )
+        output_check = check_written_model(result.model, stage / "model.safetensors", eval_images)
         where = (
             "the probe set's clean images"
             if needs
@@ -391,6 +425,7 @@ def run_repair(
             "original_sha256": loaded.facts.sha256,
             "eval_images": len(eval_idx),
             "clean_budget": split or None,
+            "output_check": output_check,
         }
         if result.processes:
             metrics["processes"] = result.processes

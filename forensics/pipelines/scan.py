@@ -357,7 +357,8 @@ def scan(
     # every detector built (its settings checked) before any work
     built = {name: build_detector(name, oracle_obj, chosen[name], shard=shares[name]) for name in names}
     loaded, _ = resolve_model(ref or model)
-    check_finite_outputs(loaded)  # a NaN model would scan as 'nothing flagged'
+    first = list(range(min(8, len(probe_set))))
+    check_finite_outputs(loaded, probe_set.load_images(loaded.image_size, first))  # else 'nothing flagged'
     results: dict[str, Findings] = {}
     shared = probe_set.sharing_loaded_images()  # the detectors decode the probe images once, not each
     order = sorted(range(len(names)), key=lambda n: not shares[names[n]])  # (one process: as asked)
