@@ -19,6 +19,7 @@ from forensics.core.errors import ForensicsError
 from forensics.core.models import (
     MAX_PARAMETERS_ENV,
     PROMPT_CONTEXT_KEY,
+    architecture_config,
     build_bounded,
     check_finite_outputs,
     count_nonfinite,
@@ -393,3 +394,68 @@ def test_learnt_prompts_must_fit_the_sidecar(tiny_vit, tmp_path):
     with pytest.raises(ForensicsError) as excinfo:
         load_model(str(path))
     assert "field 'class_prompts.key'" in one_line(excinfo)
+
+
+# --------------------------------------------------------------------------- 4. bounded compute per image
+def _vit_with_patch_one(saved_vit: Path, folder: Path) -> Path:
+    """A consistent tiny ViT with 1-pixel patches (16,384 tokens an image): weights and sidecar agree."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved_vit))
+    width = state["visual.conv1.weight"].shape[0]
+    state["visual.conv1.weight"] = torch.zeros(width, 3, 1, 1)
+    state["visual.positional_embedding"] = torch.zeros(128 * 128 + 1, width)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "m.safetensors"
+    save_file(state, str(path))
+    sidecar = json.loads(saved_vit.with_suffix(".json").read_text())
+    sidecar["model_cfg"]["vision_cfg"]["patch_size"] = 1
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    return path
+
+
+def _changed(saved: Path, folder: Path, tower_changes: dict) -> Path:
+    sidecar = json.loads(saved.with_suffix(".json").read_text())
+    sidecar["model_cfg"]["vision_cfg"].update(tower_changes)
+    return copy_with_sidecar(saved, folder, sidecar)
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("vit-patch-1", "cuts each image into 16,384 tokens (patch size 1 at 128 px); no CLIP this tool scans"),
+        ("vit-patch-2-at-512", "cuts each image into 65,536 tokens (patch size 2 at 512 px)"),
+        ("resnet-at-4096", "cuts each image into 16,384 tokens (4096 px)"),
+        ("vit-64-heads", "needs 1,074,266,176 values for one image's largest intermediate tensor"),
+    ],
+)
+def test_a_model_with_too_many_tokens_per_image_is_refused_before_allocation(saved, tiny_vit, tmp_path, case, expected):
+    if case == "vit-patch-1":
+        path = _vit_with_patch_one(save_model(tiny_vit, tmp_path / "vit.safetensors"), tmp_path / "x")
+    elif case == "resnet-at-4096":
+        path = _changed(saved, tmp_path, {"image_size": 4096})
+    else:
+        vit = save_model(tiny_vit, tmp_path / "vit.safetensors")
+        (tmp_path / "x").mkdir(exist_ok=True)
+        changes = (
+            {"patch_size": 2, "image_size": 512} if case == "vit-patch-2-at-512" else {"patch_size": 2, "width": 4096}
+        )
+        path = _changed(vit, tmp_path / "x", changes)
+    before, start = peak_rss_mb(), time.perf_counter()
+    with pytest.raises(ForensicsError) as excinfo:
+        load_model(str(path))
+    assert time.perf_counter() - start < 2.0
+    assert peak_rss_mb() - before < 200  # refused before the weights (or one image's activations) exist
+    text = one_line(excinfo)
+    assert expected in text, text
+
+
+def test_the_largest_open_clip_image_towers_stay_under_the_bounds():
+    from forensics.core.models import MAX_IMAGE_TOKENS, build_clip, image_tower_cost
+
+    for arch in ("ViT-H-14-378", "RN50x64", "ViT-B-32", "tiny-vit", "tiny-rn"):
+        cfg = architecture_config(arch)
+        with torch.device("meta"):
+            clip = build_clip(cfg.get("model_cfg", cfg))
+        cells, largest = image_tower_cost(clip.visual, arch)
+        assert 0 < cells <= MAX_IMAGE_TOKENS and largest > 0

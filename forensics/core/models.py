@@ -243,7 +243,7 @@ def architecture_config(arch: str) -> dict:
     if cfg is None:
         raise ForensicsError(
             f"unknown architecture {arch!r}; choose one of the project's ({', '.join(own)}) "
-            f"or open_clip's (e.g. ViT-B-32, RN50; `python -m forensics archs` lists all)"
+            f"or open_clip's (e.g. ViT-B-32, RN50; `python -m forensics list` lists all)"
         )
     return copy.deepcopy(cfg)
 
@@ -279,6 +279,47 @@ def max_parameters() -> int:
     return int(value)
 
 
+MAX_IMAGE_TOKENS = 4096  # grid cells per image: ViT-H-14 at 518 px has 1,369, RN50x64 at 448 px 196
+MAX_IMAGE_ACTIVATION = 1 << 28  # values of the largest intermediate tensor per image (1 GiB in fp32)
+
+
+def image_tower_cost(visual: torch.nn.Module, what: str) -> tuple[int, int]:
+    """(grid cells, values of the largest intermediate tensor) per image of an image tower, read off a skeleton
+    before any weight is allocated; refused in one line above :data:`MAX_IMAGE_TOKENS` or
+    :data:`MAX_IMAGE_ACTIVATION`, since a consistent config (a ViT with 1-pixel patches) can otherwise exhaust memory
+    on the first image. ViT: tokens x the MLP's width, or heads x tokens^2 (attention weights); ModifiedResNet:
+    the attention pool's tokens, and width x side^2 / 4 (the stem and first stage)."""
+    if isinstance(visual, open_clip.transformer.VisionTransformer):
+        grid = tuple(int(g) for g in visual.grid_size)
+        cells = grid[0] * grid[1]
+        tokens = cells + 1
+        blocks = visual.transformer.resblocks
+        hidden = max([int(visual.transformer.width)] + [int(b.mlp.c_fc.out_features) for b in blocks[:1]])
+        heads = max([1] + [int(b.attn.num_heads) for b in blocks[:1]])
+        largest = max(tokens * hidden, heads * tokens * tokens)
+        shape = f"patch size {visual.patch_size[0]} at {visual.image_size[0]} px"
+    elif isinstance(visual, open_clip.modified_resnet.ModifiedResNet):
+        side = int(visual.image_size)
+        cells = int(visual.attnpool.positional_embedding.shape[0]) - 1
+        width = int(visual.conv1.out_channels) * 2
+        heads = int(visual.attnpool.num_heads)
+        largest = max(width * side * side // 4, heads * (cells + 1) ** 2)
+        shape = f"{side} px"
+    else:
+        return 0, 0
+    if cells > MAX_IMAGE_TOKENS:
+        raise ForensicsError(
+            f"{what} cuts each image into {cells:,} tokens ({shape}); no CLIP this tool scans has more than "
+            f"{MAX_IMAGE_TOKENS:,} (a ViT-H-14 at 518 px has 1,369)"
+        )
+    if largest > MAX_IMAGE_ACTIVATION:
+        raise ForensicsError(
+            f"{what} needs {largest:,} values for one image's largest intermediate tensor ({shape}); refusing above "
+            f"{MAX_IMAGE_ACTIVATION:,} (1 GiB per image)"
+        )
+    return cells, largest
+
+
 def build_bounded(model_cfg: dict, quick_gelu: bool, what: str) -> CLIP:
     """:func:`build_clip`, but first on the meta device (no memory) to count the parameters the config implies;
     refused above :func:`max_parameters`. ``what`` names the config in the one-line errors ("architecture RN50")."""
@@ -293,12 +334,15 @@ def build_bounded(model_cfg: dict, quick_gelu: bool, what: str) -> CLIP:
             f"{what} does not describe a CLIP that open_clip can build ({exception_line(exc)})"
         ) from None
     count = sum(t.numel() for t in itertools.chain(skeleton.parameters(), skeleton.buffers()))
+    visual = skeleton.visual
     del skeleton
     if count > limit:
         raise ForensicsError(
             f"{what} implies {count:,} parameters, above the limit of {limit:,}; refusing to build it "
             f"(set {MAX_PARAMETERS_ENV} to raise the limit if this model is genuine)"
         )
+    image_tower_cost(visual, what)
+    del visual
     try:
         return build_clip(model_cfg, quick_gelu=quick_gelu)
     except ForensicsError:
