@@ -184,3 +184,28 @@ def test_repair_without_a_scan_and_compare_view(workbench):
     asr_before = [h for h in headers if h.startswith("ASR") and h.endswith("before")][0]
     assert float(row[asr_before]) >= 0.9 and float(row[asr_before.replace("before", "after")]) < 0.5
     assert {Path(f).name for f in files} == {"compare.md", "compare.json", "report.html"}
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_no_endpoint_hands_back_a_server_path(workbench, tmp_path):
+    """The facts and scores of an uploaded checkpoint (and of the bundled demo) name files, never where the server
+    keeps them: an upload's folder carries the caller's session key."""
+    client = Client(workbench, verbose=False)
+    from forensics.core.models import load_model, save_model
+
+    save_model(load_model("demo-clean"), tmp_path / "mine.safetensors")
+    mine = [handle_file(str(tmp_path / "mine.safetensors")), handle_file(str(tmp_path / "mine.json"))]
+    uploaded = _load(client, CHECKPOINT, mine)
+    scores = client.predict("demo-clean", api_name="/evaluate")
+    demo = _load(client, "demo (backdoored demo CLIP)")
+    assert uploaded[0]["source"] == "mine.safetensors" and demo[0]["source"] == "demo_poisoned.safetensors"
+    assert scores["model"] == "mine.safetensors" and scores["ca"] > 0.3
+    for text in _strings([uploaded[:2], demo[:2], scores]):
+        assert not text.startswith("/") and str(tmp_path) not in text and "upload-" not in text, text

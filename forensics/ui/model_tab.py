@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
@@ -22,6 +23,7 @@ from forensics.ui.common import (
     new_job_dir,
     probe_choice,
     sam_checkpoint_path,
+    scrub_paths,
     server_paths_enabled,
     typed_model_spec,
 )
@@ -71,6 +73,16 @@ def _spec(
     raise gr.Error(f"unknown model source {source!r}", print_exception=False)
 
 
+def public(record: Any) -> Any:
+    """``record`` as the page (and the API) may show it: every absolute server path in its strings cut to the file's
+    name, so neither where the server keeps files nor a session's upload folder reaches a caller."""
+    if isinstance(record, dict):
+        return {key: public(value) for key, value in record.items()}
+    if isinstance(record, (list, tuple)):
+        return [public(value) for value in record]
+    return scrub_paths(record) if isinstance(record, str) else record
+
+
 def _oracle_line(state: dict) -> str:
     import torch
 
@@ -118,7 +130,7 @@ def load_model_choice(
         "report": None,
         "order": [],
     }
-    return facts, _oracle_line(state), state
+    return public(facts), _oracle_line(state), state
 
 
 def build_model_tab(state: gr.State) -> dict:
@@ -190,10 +202,10 @@ def evaluate_loaded(state: dict, probe: str, progress=gr.Progress()) -> dict:
     """CA on the probe set's clean images and, on the demo models, ASR of the demo's planted trigger."""
     if not probe:
         raise gr.Error("choose a probe set", print_exception=False)
-    return evaluate_model(model_ref(state), probe_choice(probe), progress=gr_progress(progress))
+    return public(evaluate_model(model_ref(state), probe_choice(probe), progress=gr_progress(progress)))
 
 
 @guarded
 def startup(state: dict) -> tuple[dict, str]:
     """On page load: the demo model's facts and the active oracle/device line."""
-    return model_facts(model_ref(state)), _oracle_line(state)
+    return public(model_facts(model_ref(state))), _oracle_line(state)
