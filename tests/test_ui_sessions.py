@@ -213,3 +213,130 @@ def test_allowed_server_folder_opens_inside_and_refuses_outside(open_workbench, 
     # a CSV inside the allowed folder may still not name images outside it
     text = _error(lambda: client.predict(str(allowed / "probe.csv"), api_name="/evaluate"))
     assert "row 1 of probe.csv: image 'passwd' lies outside the probe folder" in text  # paths cut to names
+
+
+# ------------------------------------------------------------------ private folders, whatever the allowed folders are
+
+
+@pytest.fixture
+def private_setup(tmp_path, monkeypatch):
+    """An allowed folder that holds the workbench's job folders and Gradio's upload folder (the worst setting an
+    operator could choose), another session's upload and result in them, and a probe folder of one's own."""
+    from PIL import Image
+
+    from forensics.ui import common
+
+    monkeypatch.setattr(common, "WORK_ROOT", tmp_path / "work")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-up"))
+    monkeypatch.setenv(SERVER_PATHS_ENV, str(tmp_path))
+    upload = tmp_path / "gradio-up" / ("e" * 64) / "victim.png"
+    job = tmp_path / "work" / "SeCrEtToKeN" / "scan-abc" / "trigger_0.png"
+    probes = tmp_path / "probes"
+    for path in (upload, job, probes / "own.png"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), "white").save(path)
+    shutil.copy(DEMO_MODEL, job.parent / "model.safetensors")
+    return {"common": common, "upload": upload, "job": job, "probes": probes, "root": tmp_path}
+
+
+def _private_refusal(call, root: Path) -> str:
+    from forensics.core.errors import ForensicsError
+
+    with pytest.raises(ForensicsError) as info:
+        call()
+    text = str(info.value)
+    assert "job or upload folders, which cannot be opened by path" in text, text
+    assert "\n" not in text and str(root) not in text and "SeCrEtToKeN" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("column", ["image absolute", "image relative", "mask", "image via a symlink"])
+def test_a_csv_in_an_allowed_folder_cannot_name_a_private_file(private_setup, column):
+    s = private_setup
+    probes, common = s["probes"], s["common"]
+    named = {
+        "image absolute": str(s["upload"]),
+        "image relative": f"../gradio-up/{'e' * 64}/victim.png",
+        "mask": "own.png",
+        "image via a symlink": "link.png",
+    }[column]
+    (probes / "link.png").symlink_to(s["upload"])
+    mask = f",{s['job']}" if column == "mask" else ","
+    (probes / "probe.csv").write_text(f"image,caption,label,mask\nown.png,a cat,cat,\n{named},a dog,dog{mask}\n")
+    text = _private_refusal(lambda: common.probe_choice(str(probes / "probe.csv")), s["root"])
+    assert text.startswith(f"row 2 of probe.csv: {'mask' if column == 'mask' else 'image'} "), text
+    # the same folder without the private row is accepted
+    (probes / "probe.csv").write_text("image,caption,label\nown.png,a cat,cat\nown.png,a dog,dog\n")
+    assert common.probe_choice(str(probes / "probe.csv")) == str((probes / "probe.csv").resolve())
+
+
+@pytest.mark.parametrize("how", ["a linked image", "a linked class folder"])
+def test_a_class_folder_in_an_allowed_folder_cannot_reach_a_private_file(private_setup, how):
+    s = private_setup
+    folder = s["probes"] / "classes"
+    (folder / "cat").mkdir(parents=True)
+    shutil.copy(s["probes"] / "own.png", folder / "cat" / "own.png")
+    if how == "a linked image":
+        (folder / "dog").mkdir()
+        (folder / "dog" / "stolen.png").symlink_to(s["upload"])
+    else:
+        (folder / "dog").symlink_to(s["job"].parent)
+    text = _private_refusal(lambda: s["common"].probe_choice(str(folder)), s["root"])
+    assert text.startswith("classes: dog/"), text
+
+
+@pytest.mark.parametrize("how", ["model by a symlink", "model's sidecar by a symlink", "model by a path", "SAM"])
+def test_model_and_sam_paths_cannot_reach_a_private_file(private_setup, how):
+    s = private_setup
+    common, probes, job = s["common"], s["probes"], s["job"]
+    if how == "model by a symlink":
+        (probes / "suspect.safetensors").symlink_to(job.parent / "model.safetensors")
+        call = lambda: common.typed_model_spec(str(probes / "suspect.safetensors"))  # noqa: E731
+    elif how == "model's sidecar by a symlink":
+        shutil.copy(DEMO_MODEL, probes / "suspect.safetensors")
+        (job.parent / "model.json").write_text("{}")
+        (probes / "suspect.json").symlink_to(job.parent / "model.json")
+        call = lambda: common.typed_model_spec(str(probes / "suspect.safetensors"))  # noqa: E731
+    elif how == "model by a path":
+        call = lambda: common.typed_model_spec(f"{probes}/../work/SeCrEtToKeN/scan-abc/model.safetensors")  # noqa: E731
+    else:
+        call = lambda: common.sam_checkpoint_path(str(s["upload"]))  # noqa: E731
+    _private_refusal(call, s["root"])
+
+
+def test_a_served_workbench_keeps_uploads_private_and_limited(tmp_path):
+    """``python app.py`` with the temp folder (so its job and upload folders) inside the allowed folder: another
+    session's upload cannot be named by a CSV or a symlink; an oversize upload is refused; the page names the
+    limits. About 10 s, so in the fast tier."""
+    import httpx
+    from PIL import Image
+
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    env = {"TMPDIR": str(srv), SERVER_PATHS_ENV: str(srv), "FORENSICS_MAX_UPLOAD_MB": "3"}
+    with running_app(tmp_path, env) as url:
+        b = Client(url, verbose=False)
+        png = tmp_path / "victim.png"
+        Image.new("RGB", (32, 32), "red").save(png)
+        with open(png, "rb") as fh:  # session A's upload, as its browser sends it
+            stored = httpx.post(f"{url}gradio_api/upload", files={"files": fh}, timeout=60).json()
+        victim = Path(stored[0])
+        assert victim.is_file() and victim.is_relative_to(srv / "gradio")
+        probes = srv / "probes"
+        probes.mkdir()
+        Image.new("RGB", (32, 32), "white").save(probes / "own.png")
+        (probes / "link.png").symlink_to(victim)
+        for named in (str(victim), "link.png"):
+            (probes / "probe.csv").write_text(f"image,caption,label\nown.png,a cat,cat\n{named},a dog,dog\n")
+            text = _error(lambda: b.predict(str(probes / "probe.csv"), api_name="/evaluate"))
+            assert "row 2 of probe.csv: image" in text and "job or upload folders" in text, text
+            assert str(srv) not in text
+        # an oversize upload, refused while it streams
+        big = tmp_path / "big.pt"
+        big.write_bytes(b"\0" * (5 * 1024 * 1024))
+        with open(big, "rb") as fh:
+            answer = httpx.post(f"{url}gradio_api/upload", files={"files": fh}, timeout=60)
+        assert answer.status_code == 413 and "big.pt is larger than this server's limit of 3 MB" in answer.text
+        assert not list((srv / "gradio").glob("*/big.pt"))
+        status, page = _get(f"{url}config")
+        assert status == 200 and b"Uploads: at most 3 MB per file" in page

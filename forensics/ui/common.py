@@ -17,8 +17,16 @@ Isolation between browser sessions (a Space or a lab server runs one workbench f
   it, the Model tab's path box, custom probe paths and SAM paths answer "server paths are disabled on this server;
   upload the file instead". The bundled ``demo`` and ``demo-clean``, ``random:ARCH`` and hub ids stay allowed, and
   the workbench's own job and upload folders are never reachable by path, whatever the variable says.
+- Whatever that variable names, the private folders (the job folders under ``WORK_ROOT`` and Gradio's upload and
+  cache folder) are unreachable by path: a model path, its sidecar, a probe CSV or class folder, and every image,
+  mask and classes.json a probe set names are resolved (symlinks followed) and refused when they land inside one,
+  so neither a CSV nor a symbolic link in an allowed folder can name another session's upload or result.
 - Images and masks named by a CSV in an uploaded zip must lie inside the extracted folder; error messages name
   files, never absolute server paths or folder listings.
+- Disk: every upload is held to a per-file limit while it streams, and uploads and job folders to a per-session and
+  a server-wide budget (the idle longest go first); :mod:`forensics.ui.quota` states the rules, ``BUDGET`` keeps
+  them for this process (:func:`guarded` marks each call's session and files busy, :func:`new_job_dir` admits the
+  job).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import gradio as gr
 from forensics.core.errors import ForensicsError
 from forensics.core.files import resolves_inside
 from forensics.core.models import ModelRef
+from forensics.ui.quota import DiskBudget, upload_estimate
 
 log = logging.getLogger("forensics.ui")
 WORK_ROOT = Path(tempfile.gettempdir()) / "clip-forensics-workbench"
@@ -98,12 +107,17 @@ def guarded(fn: Callable) -> Callable:
     """Show library errors (and anything unexpected) as an error message in the page; the session carries on.
 
     Absolute server paths in a message are reduced to file names: a message names the file, not where it lies.
+    While it runs, the call's session is active and the uploads and job folders its arguments name (its state
+    included) are busy, so no disk clean-up removes them from under it (see :class:`~forensics.ui.quota.DiskBudget`).
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), kwargs.get("request"))
+            referenced, incoming = _call_files((args, kwargs))
+            with BUDGET.call(session_key(request), referenced, incoming):
+                return fn(*args, **kwargs)
         except gr.Error:
             raise
         except ForensicsError as exc:
@@ -126,6 +140,49 @@ LOCAL_SESSION = "local"  # calls without a Gradio request (the library, tests) s
 def session_key(request: gr.Request | None) -> str:
     """The key of one browser session (Gradio's session_hash)."""
     return getattr(request, "session_hash", None) or LOCAL_SESSION
+
+
+def upload_folder() -> Path:
+    """Gradio's upload and cache folder for this process (``GRADIO_TEMP_DIR`` or ``<tmp>/gradio``)."""
+    try:
+        from gradio.utils import get_upload_folder
+
+        return Path(get_upload_folder())
+    except Exception:  # noqa: BLE001 - an older or newer Gradio without the helper
+        return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+
+
+# the disk budgets of this process (limits read from the environment on each check; see forensics.ui.quota)
+BUDGET = DiskBudget(work_root=lambda: WORK_ROOT, upload_root=upload_folder, sessions=lambda: dict(_SESSIONS))
+
+
+def _call_files(values: object, depth: int = 0) -> tuple[list[Path], int]:
+    """The paths inside the private folders that a call's arguments name (uploads, job folders in its state), and
+    the disk its fresh uploads will take once a job holds them (zips at their unpacked size)."""
+    found: list[Path] = []
+    incoming = 0
+    if depth > 5:
+        return found, incoming
+    if isinstance(values, (str, Path)):
+        text = str(values)
+        if len(text) < 4096 and os.path.isabs(text):
+            path = Path(text)
+            uploads = upload_folder()
+            if resolves_inside(path, uploads):
+                found.append(path)
+                if path.is_file():
+                    incoming += upload_estimate(path)
+            elif resolves_inside(path, WORK_ROOT):
+                found.append(path)
+        return found, incoming
+    if isinstance(values, dict):
+        values = list(values.values())
+    if isinstance(values, (list, tuple, set)):
+        for value in values:
+            more, extra = _call_files(value, depth + 1)
+            found += more
+            incoming += extra
+    return found, incoming
 
 
 def _prepare_work_root() -> None:
@@ -194,11 +251,16 @@ def remove_stale_jobs(now: float | None = None) -> None:
 
 
 def new_job_dir(kind: str, request: gr.Request | None = None) -> Path:
-    """A fresh folder for one job's outputs inside this session's own folder; stale jobs are removed first."""
+    """A fresh folder for one job's outputs inside this session's own folder; stale jobs are removed first, and the
+    disk budgets admit the job (the session's and the server's, its uploads counted; a one-line ForensicsError
+    when they cannot hold it). The folder stays busy, never cleaned up, until the call that made it ends."""
     _prepare_work_root()
     remove_stale_jobs()
+    BUDGET.admit_job(session_key(request), session_dir(request))
     with _SESSIONS_LOCK:  # the session folder cannot be removed between being made and holding the job
-        return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=_session_dir_locked(request)))
+        folder = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=_session_dir_locked(request)))
+    BUDGET.job_made(folder)
+    return folder
 
 
 # ------------------------------------------------------------------ server paths a user may name
@@ -215,15 +277,38 @@ def server_paths_enabled() -> bool:
 
 
 def _private_folders() -> list[Path]:
-    """The workbench's job folders and Gradio's upload folder: other sessions' files, never opened by path."""
-    folders = [WORK_ROOT.resolve()]
-    try:
-        from gradio.utils import get_upload_folder
+    """The workbench's job folders and Gradio's upload and cache folder (its default place too, where another
+    Gradio server on the machine keeps its uploads): other sessions' files, never opened by path."""
+    folders = [WORK_ROOT, upload_folder(), Path(tempfile.gettempdir()) / "gradio"]
+    return list(dict.fromkeys(folder.expanduser().resolve() for folder in folders))
 
-        folders.append(Path(get_upload_folder()).resolve())
-    except Exception:  # noqa: BLE001 - an older or newer Gradio without the helper
-        folders.append((Path(tempfile.gettempdir()) / "gradio").resolve())
-    return folders
+
+def is_private(path: str | Path) -> bool:
+    """Whether ``path`` resolves (symlinks followed) into the workbench's job folders or Gradio's upload folder."""
+    return any(resolves_inside(path, private) for private in _private_folders())
+
+
+PRIVATE = "lies in the workbench's job or upload folders, which cannot be opened by path; upload the file instead"
+
+
+def refuse_private_probe_files(probe: Any, source: Path) -> None:
+    """Refuse, in one line naming the row (a CSV) or the file (a class folder), a probe set read from a server path
+    when any file it names (image, mask, classes.json, the manifest beside it) resolves into the private folders:
+    a CSV or a symbolic link in an allowed folder must not reach another session's upload."""
+    for number, item in enumerate(probe.items, start=1):
+        for column, path in (("image", item.image), ("mask", item.mask)):
+            if path is None or not is_private(path):
+                continue
+            if source.is_dir():
+                shown = "/".join(Path(path).parts[-2:])
+                raise ForensicsError(f"{source.name}: {shown} {PRIVATE}")
+            raise ForensicsError(f"row {number} of {source.name}: {column} {Path(path).name!r} {PRIVATE}")
+    extra = [Path(f) for f in probe.meta.get("files", [])]
+    if source.is_file():
+        extra.append(source.parent.parent / "manifest.json")
+    for path in extra:
+        if path.exists() and is_private(path):
+            raise ForensicsError(f"{source.name}: {path.name} beside it {PRIVATE}")
 
 
 def check_server_path(text: str) -> Path:
@@ -245,11 +330,8 @@ def check_server_path(text: str) -> Path:
         resolved = given.resolve()
     except (OSError, RuntimeError):
         raise ForensicsError(f"the server path {name!r} cannot be resolved") from None
-    if any(resolves_inside(resolved, private) for private in _private_folders()):
-        raise ForensicsError(
-            f"{name} lies in the workbench's job or upload folders, which cannot be opened by path; "
-            "upload the file instead"
-        )
+    if is_private(resolved):
+        raise ForensicsError(f"{name} {PRIVATE}")
     if not any(resolves_inside(resolved, folder) for folder in folders):
         raise ForensicsError(
             f"{name} is outside the folders this server allows paths in ({SERVER_PATHS_ENV}); upload the file instead"
@@ -300,7 +382,11 @@ def typed_model_spec(text: str) -> str:
         if not _NAME.fullmatch(spec.split(":", 1)[1]):
             raise ForensicsError("random:ARCH needs an architecture name, e.g. random:tiny-vit")
         return spec
-    return str(check_server_path(spec))
+    path = check_server_path(spec)
+    sidecar = path.with_suffix(".json")  # read beside the checkpoint when it exists
+    if path.is_file() and sidecar.exists() and is_private(sidecar):
+        raise ForensicsError(f"{path.name}: its sidecar {sidecar.name} {PRIVATE}")
+    return str(path)
 
 
 def sam_checkpoint_path(text: str) -> str | None:
@@ -323,7 +409,8 @@ def probe_choice(choice: str) -> str:
     if spec in DEMO_NAMES:
         return spec
     path = check_server_path(spec)
-    load_probe_set(path, root=server_path_root(path))  # refuses rows naming images outside the allowed folder
+    probe = load_probe_set(path, root=server_path_root(path))  # refuses rows naming images outside the folder
+    refuse_private_probe_files(probe, path)  # and any that land in another session's files, whatever the folder
     return str(path)
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gradio as gr
 
-from forensics.ui.common import initial_state
+from forensics.ui.common import BUDGET, initial_state
 from forensics.ui.compare_tab import build_compare_tab
 from forensics.ui.findings_tab import build_findings_tab
 from forensics.ui.investigate_tab import build_investigate_tab, scan
 from forensics.ui.learn_tab import build_learn_tab
 from forensics.ui.model_tab import build_model_tab, startup
+from forensics.ui.quota import Limits, UploadLimitMiddleware
 from forensics.ui.repair_tab import build_repair_tab
 from forensics.ui.zoo_tab import build_zoo_tab
 
@@ -22,6 +23,7 @@ SCAN_CONCURRENCY = 2  # scans are CPU-bound; two at once keep a 2-core machine b
 
 def build_app() -> gr.Blocks:
     """The whole workbench as one Blocks app (launch with ``queue()``; see ``app.py``)."""
+    limits = f"*{Limits.from_env().describe()}*"  # a bad limit in the environment stops the start, in one line
     with gr.Blocks(title="CLIP backdoor forensics", delete_cache=(1800, 3600)) as app:
         state = gr.State(initial_state())
         gr.Markdown(INTRO)
@@ -29,8 +31,10 @@ def build_app() -> gr.Blocks:
         with gr.Tabs(selected="investigate"):
             with gr.Tab("Model", id="model"):
                 model = build_model_tab(state)
+                gr.Markdown(limits, elem_id="model-upload-limits")
             with gr.Tab("Investigate", id="investigate"):
                 inv = build_investigate_tab(state)
+                gr.Markdown(limits, elem_id="investigate-upload-limits")
             with gr.Tab("Findings", id="findings"):
                 fnd = build_findings_tab(state)
             with gr.Tab("Repair", id="repair"):
@@ -69,10 +73,20 @@ def build_app() -> gr.Blocks:
 
 
 def launch_kwargs() -> dict:
-    """Settings for ``launch``: an upload size limit, and no ``allowed_paths``.
+    """Settings for ``launch``: the upload limits, and no ``allowed_paths``.
 
-    Job folders are deliberately not served by path: Gradio serves the files a handler returns (it copies them
-    into its cache under a salted content hash), so each session downloads its own outputs and nobody can fetch
-    a file from another session's job folder by naming it (see ``forensics.ui.common``).
+    Every multipart request passes :class:`~forensics.ui.quota.UploadLimitMiddleware`, which refuses a file over
+    ``FORENSICS_MAX_UPLOAD_MB`` while it streams and holds uploads to the session and server disk budgets; Gradio's
+    own ``max_file_size`` is set to the same limit as a second check. Job folders are deliberately not served by
+    path: Gradio serves the files a handler returns (it copies them into its cache under a salted content hash), so
+    each session downloads its own outputs and nobody can fetch a file from another session's job folder by naming
+    it (see ``forensics.ui.common``).
     """
-    return {"max_file_size": "2gb", "show_error": True}
+    from starlette.middleware import Middleware
+
+    limits = Limits.from_env()
+    return {
+        "max_file_size": limits.max_upload,
+        "show_error": True,
+        "app_kwargs": {"middleware": [Middleware(UploadLimitMiddleware, budget=BUDGET)]},
+    }
