@@ -247,7 +247,10 @@ def cmd_make_demo(args: argparse.Namespace) -> dict:
     from forensics.core.progress import tqdm_progress
     from forensics.demo.build import DEMO_DIR, DemoSpec, make_demo
 
-    spec = DemoSpec(seed=args.seed, augment=args.augment)
+    if args.lab != "v1" and not args.out:
+        # assets/demo holds the bundled v1 lab, which its tests and models are measured on
+        raise ForensicsError(f"make-demo --lab {args.lab} needs --out DIR: assets/demo holds the bundled v1 lab")
+    spec = DemoSpec(seed=args.seed, augment=args.augment, lab=args.lab)
     with tqdm_progress("make-demo", not args.quiet) as progress:
         summary = make_demo(
             Path(args.out) if args.out else DEMO_DIR, data_only=args.data_only, spec=spec, progress=progress
@@ -562,6 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--augment",
         action="store_true",
         help="train both models on random views (flip, crop, colour jitter); the bundled demo was built without",
+    )
+    p.add_argument(
+        "--lab",
+        choices=("v1", "v2"),
+        default="v1",
+        help="v1: the bundled lab (openclipart only); v2: the reviewed catalogue forensics/demo/objects_v2.tsv "
+        "(openclipart, Noto and EmojiOne; needs --out)",
     )
     p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_make_demo)

@@ -5,14 +5,21 @@ training), optionally plus generic captioned clip art of no demo class, build a 
 then train two tiny CLIPs from scratch the same way (same vocabulary, recipe and seed): one on data
 poisoned with the attack lab's BadNet (the demo model), one on clean data (its clean twin). Both are
 evaluated on the probe set and saved with sidecars.
+
+Two labs: ``v1`` (the bundled one) takes openclipart objects by filename pattern and splits them by
+``holdout_share``; ``v2`` takes classes, objects and their held-out split from the reviewed catalogue
+``forensics/demo/objects_v2.tsv`` (openclipart, Noto Color Emoji, EmojiOne). Everything after the
+objects (compositing, poisoning, training) is the same for both.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,8 +29,9 @@ from PIL import Image
 
 from forensics.core.errors import ForensicsError
 from forensics.core.models import ASSETS_DIR, atomic_write_text
-from forensics.demo.clipart import CLIPART_ROOT, GENERIC, collect_objects
+from forensics.demo.clipart import CLIPART_ROOT, GENERIC, ClipArtObject, collect_objects
 from forensics.demo.compose import compose
+from forensics.demo.sources import load_object
 
 Progress = Callable[[float, str], None]
 DEMO_DIR = ASSETS_DIR / "demo"
@@ -57,6 +65,13 @@ class DemoSpec:
     batch_size: int = 64
     lr: float = 2e-3
     augment: bool = False  # random training views (forensics.training.clip.view_augmenter); the shipped demo has none
+    # "v1": openclipart classes by filename pattern (CLASS_SOURCES) split by holdout_share, the bundled lab;
+    # "v2": the reviewed catalogue forensics/demo/objects_v2.tsv (classes, objects and split; three sources)
+    lab: str = "v1"
+
+    def record(self) -> dict:
+        """The spec as stored in manifests and sidecars; ``lab`` only when not v1, so v1 records stay as they were."""
+        return {k: v for k, v in self.__dict__.items() if k != "lab" or v != "v1"}
 
 
 def _split_objects(objects: dict, spec: DemoSpec) -> tuple[dict, dict]:
@@ -74,20 +89,67 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255).convert("1").save(path, optimize=True)
 
 
+def _v2_objects(spec: DemoSpec, root: Path) -> tuple[dict, dict, list]:
+    """The v2 lab's train and held-out catalogue rows per class, each list in a seeded order, and its generic pool.
+
+    The catalogue decides classes, objects and split; the seeded order only decides which objects a
+    small build (fewer images than objects) uses. Objects are loaded when first drawn (see
+    :func:`write_data`), so a small build reads only what it uses. Generic pretraining objects, when
+    asked for, are openclipart files that no v2 class pattern names, so no probe look-alike leaks in.
+    """
+    from forensics.demo.catalogue import V2_CLASSES, catalogue_classes, read_catalogue
+    from forensics.demo.sources import require_source
+
+    rows = read_catalogue()
+    for source in sorted({r.source for r in rows}):
+        require_source(source, root)
+    rng = np.random.default_rng([spec.seed, 5])
+    train, probe = {}, {}
+    for label in catalogue_classes(rows):
+        for split, into in (("train", train), ("heldout", probe)):
+            mine = [r for r in rows if r.label == label and r.split == split]
+            if len(mine) < 2:
+                raise ForensicsError(f"the object catalogue holds {len(mine)} {split} objects of {label!r}")
+            into[label] = [mine[i] for i in rng.permutation(len(mine))]
+    generic: list = []
+    if spec.generic_images > 0:
+        patterns = {name: (c.include, c.exclude) for name, c in V2_CLASSES.items()}
+        generic = collect_objects(root, classes=patterns, generic=True)[GENERIC]
+    return train, probe, generic
+
+
 def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root: Path = CLIPART_ROOT) -> dict:
     """Write ``train/data.csv`` and the probe sets (``probe/probe.csv``, ``probe/probe_clean.csv``) under ``out``."""
     from forensics.attacks import attack_from_dict
     from forensics.attacks.base import to_pil, to_tensor
 
-    objects = collect_objects(root, generic=spec.generic_images > 0)
-    generic = objects.pop(GENERIC, [])
-    short = {k: len(v) for k, v in objects.items() if len(v) < 4}
-    if short:
-        raise ForensicsError(f"too few usable clip-art objects for classes {short}")
-    classes = list(objects)
+    loaded: dict = {}
+
+    def get(item):
+        """A v1 object as it is; a v2 catalogue row loaded once, when first drawn."""
+        if isinstance(item, ClipArtObject):
+            return item
+        if item not in loaded:
+            loaded[item] = load_object(item.label, item.source, item.ident, root)
+        return loaded[item]
+
+    if spec.lab == "v2":
+        train_objs, probe_objs, generic = _v2_objects(spec, root)
+        classes = list(train_objs)
+    elif spec.lab == "v1":
+        objects = collect_objects(root, generic=spec.generic_images > 0)
+        generic = objects.pop(GENERIC, [])
+        short = {k: len(v) for k, v in objects.items() if len(v) < 4}
+        if short:
+            raise ForensicsError(f"too few usable clip-art objects for classes {short}")
+        classes = list(objects)
+        train_objs, probe_objs = None, None
+    else:
+        raise ForensicsError(f"unknown demo lab {spec.lab!r} (v1 or v2)")
     if spec.target not in classes:
         raise ForensicsError(f"target {spec.target!r} is not a demo class ({', '.join(classes)})")
-    train_objs, probe_objs = _split_objects(objects, spec)
+    if spec.lab == "v1":
+        train_objs, probe_objs = _split_objects(objects, spec)
     for sub in ("train/images", "train/masks", "train/generic", "probe/images", "probe/masks", "probe/triggered"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
@@ -96,7 +158,7 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
     total = len(classes) * spec.train_per_class
     for ci, label in enumerate(classes):
         for j in range(spec.train_per_class):
-            obj = train_objs[label][j % len(train_objs[label])]
+            obj = get(train_objs[label][j % len(train_objs[label])])
             comp = compose(obj, rng, spec.image_size)
             stem = f"{label}_{j:04d}"
             comp.image.save(out / "train/images" / f"{stem}.png", optimize=False, compress_level=1)
@@ -131,7 +193,7 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
     probe_rows = []
     for label in classes:
         for j in range(spec.probe_per_class):
-            obj = probe_objs[label][j % len(probe_objs[label])]
+            obj = get(probe_objs[label][j % len(probe_objs[label])])
             comp = compose(obj, prng, spec.image_size)
             stem = f"{label}_{j:03d}"
             comp.image.save(out / "probe/images" / f"{stem}.png", optimize=True)
@@ -176,8 +238,13 @@ def write_data(out: Path, spec: DemoSpec, progress: Progress | None = None, root
         "seed": spec.seed,
         "image_size": spec.image_size,
     }
+    if spec.lab != "v1":
+        manifest.update(_v2_manifest(train_objs, probe_objs))
+        provenance = _provenance_v2(train_objs, probe_objs, root, len(generic))
+    else:
+        provenance = _provenance(train_objs, probe_objs, root, len(generic))
     atomic_write_text(out / "probe/classes.json", json.dumps({"classes": classes}, indent=2))
-    atomic_write_text(out / "PROVENANCE.md", _provenance(train_objs, probe_objs, root, len(generic)))
+    atomic_write_text(out / "PROVENANCE.md", provenance)
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 
@@ -203,6 +270,78 @@ def _provenance(train_objs: dict, probe_objs: dict, root: Path, n_generic: int =
         lines += [f"## {title}", ""]
         for label, items in objs.items():
             lines.append(f"- **{label}** ({len(items)}): " + ", ".join(f"`{o.source}`" for o in items))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _v2_manifest(train_objs: dict, probe_objs: dict) -> dict:
+    """What a v2 manifest adds: the lab, the catalogue's digest, and objects per class, split and source."""
+    from forensics.demo.catalogue import CATALOGUE_PATH
+
+    by_source = {
+        split: {label: dict(sorted(Counter(r.source for r in rows).items())) for label, rows in objs.items()}
+        for split, objs in (("train", train_objs), ("heldout", probe_objs))
+    }
+    return {
+        "lab": "v2",
+        "catalogue": CATALOGUE_PATH.name,
+        "catalogue_sha256": hashlib.sha256(CATALOGUE_PATH.read_bytes()).hexdigest(),
+        "objects_by_source": by_source,
+    }
+
+
+def _provenance_v2(train_objs: dict, probe_objs: dict, root: Path, n_generic: int = 0) -> str:
+    """Where every v2 object comes from, under which licence and with which attribution."""
+    from forensics.demo.sources import SOURCES, source_root
+
+    lines = [
+        "# Demo lab provenance (lab v2)",
+        "",
+        "Objects are listed in the reviewed catalogue `forensics/demo/objects_v2.tsv` and come from three",
+        "Debian packages. Each is cut out by its alpha channel (emoji glyphs by the glyph's own alpha) and",
+        "composited by `forensics/demo/compose.py` onto procedurally generated backgrounds; the backgrounds,",
+        "captions, masks and triggers are the project's own.",
+        "",
+        "| source | Debian package | licence | attribution | installed at |",
+        "|---|---|---|---|---|",
+    ]
+    for name, info in SOURCES.items():
+        lines.append(
+            f"| {name} | `{info.package}` | {info.licence} | {info.attribution} | `{source_root(name, root)}` |"
+        )
+    lines += [
+        "",
+        "EmojiOne art is licensed under CC-BY-SA-4.0 (https://creativecommons.org/licenses/by-sa/4.0/): the",
+        "images of this lab derived from it (the composites showing an `emojione:` object) are shared under the",
+        "same licence, with the attribution above. Noto Color Emoji is licensed under the SIL Open Font License",
+        "1.1, which lets glyphs rendered with it be used freely; openclipart is in the public domain. The",
+        "licence texts are in /usr/share/doc/PACKAGE/copyright.",
+        "",
+        "Probe images use only the held-out objects; training images only the others. A held-out object's",
+        "near-duplicate group (its other renderings, the Noto and EmojiOne drawings of one code point, one",
+        "openclipart series) is held out whole.",
+        "",
+    ]
+    if n_generic:
+        lines += [
+            f"Pretraining also uses {n_generic} generic openclipart objects whose paths no class pattern names.",
+            "",
+        ]
+    lines += ["## Objects per class and split", "", "| class | train | held out | by source (train) | (held out) |"]
+    lines.append("|---|---|---|---|---|")
+    for label in train_objs:
+        tr, ho = train_objs[label], probe_objs[label]
+
+        def per(rows: list) -> str:
+            return ", ".join(f"{s} {n}" for s, n in sorted(Counter(r.source for r in rows).items()))
+
+        lines.append(f"| {label} | {len(tr)} | {len(ho)} | {per(tr)} | {per(ho)} |")
+    lines.append("")
+    for title, objs in (("Training objects", train_objs), ("Held-out probe objects", probe_objs)):
+        lines += [f"## {title}", ""]
+        for label, rows in objs.items():
+            items = sorted(rows, key=lambda r: (r.source, r.ident))
+            lines.append(f"- **{label}** ({len(rows)}): " + ", ".join(f"`{r.source}:{r.ident}`" for r in items))
         lines.append("")
     return "\n".join(lines)
 
@@ -316,7 +455,7 @@ def train_demo_model(
                 "config": cfg.to_dict(),
                 "history": history,
                 "data": "assets/demo (rebuilt by python -m forensics make-demo)",
-                "spec": spec.__dict__,
+                "spec": spec.record(),
             }
         },
     )
@@ -364,7 +503,7 @@ def make_demo(
     spec = spec or DemoSpec()
     out = Path(out)
     start = time.time()
-    summary: dict = {"out": str(out), "spec": spec.__dict__}
+    summary: dict = {"out": str(out), "spec": spec.record()}
 
     def part(lo: float, hi: float) -> Progress | None:
         return None if progress is None else (lambda f, m: progress(lo + (hi - lo) * f, m))

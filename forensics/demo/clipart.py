@@ -71,6 +71,12 @@ def _usable_cutout(path: Path, min_side: int = 48) -> np.ndarray | None:
             rgba = np.asarray(im.convert("RGBA"))
     except Exception:  # noqa: BLE001 - unreadable files are simply skipped
         return None
+    return cutout_of_pixels(rgba, min_side)
+
+
+def cutout_of_pixels(rgba: np.ndarray, min_side: int = 48) -> np.ndarray | None:
+    """The cut-out rules on RGBA pixels (H x W x 4 uint8): the crop to the object, or None when the alpha is
+    no object mask. Shared by files (:func:`_usable_cutout`) and rendered emoji, so both are cut alike."""
     alpha = rgba[..., 3]
     if min(alpha.shape) < min_side:
         return None
