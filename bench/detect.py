@@ -17,7 +17,8 @@ rule is re-fit and validated leaving each model out in seconds, with no zoo (``-
 
     python bench/detect.py                           # scan the zoo (bench/detect_zoo.py's cache): detect.md, evidence
     python bench/detect.py --refit                   # fit the cuts on the stored evidence; leave-one-model-out table
-    python bench/detect.py --calibrate               # the same fit, written to forensics/detect/calibration.json
+    python bench/detect.py --calibrate               # the same fit as thresholds: bench/results/calibration.json
+    python bench/detect.py --install-calibration bench/results/calibration.json   # reviewed: into the package
     python bench/detect.py --density                 # the density clusters alone, every row
 """
 
@@ -43,6 +44,7 @@ from forensics.attacks import attack_from_dict  # noqa: E402
 from forensics.core.data import load_probe_set  # noqa: E402
 from forensics.core.errors import ForensicsError  # noqa: E402
 from forensics.core.models import atomic_write_text, resolve_model  # noqa: E402
+from forensics.detect.calibration import CALIBRATION_FILE, DEFAULTS  # noqa: E402
 from forensics.detect.evidence import ScanEvidence, evidence_of, read_evidence, write_evidence  # noqa: E402
 from forensics.detect.refit import fit, leave_one_model_out, summary  # noqa: E402
 from forensics.pipelines.evaluate import measure  # noqa: E402
@@ -284,6 +286,32 @@ def calibration_file(result: dict) -> dict:
     }
 
 
+def install_calibration(source: Path, target: Path = CALIBRATION_FILE) -> dict:
+    """Copy a reviewed calibration (``--calibrate``'s output) into the package, after checking that it holds every
+    threshold the detectors read as a number; prints each threshold that changes. The explicit step between a
+    refit and what every installed scan uses."""
+    try:
+        new = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--install-calibration: cannot read {source}: {exc}") from None
+    for detector, defaults in DEFAULTS.items():
+        values = new.get(detector) if isinstance(new, dict) else None
+        if not isinstance(values, dict):
+            raise SystemExit(f"--install-calibration: {source} has no thresholds for {detector}")
+        for key in defaults:
+            if isinstance(values.get(key), bool) or not isinstance(values.get(key), (int, float)):
+                raise SystemExit(f"--install-calibration: {source}: {detector}.{key} is not a number")
+    old = json.loads(target.read_text(encoding="utf-8")) if target.is_file() else {}
+    for detector, defaults in DEFAULTS.items():
+        for key in defaults:
+            before, after = old.get(detector, {}).get(key, defaults[key]), new[detector][key]
+            if before != after:
+                print(f"{detector}.{key}: {before} -> {after}", file=sys.stderr)
+    atomic_write_text(target, json.dumps(new, indent=2) + "\n")
+    print(f"installed {source} as {target}", file=sys.stderr)
+    return new
+
+
 def row_evidence(name: str, mode: str, truth: str | None, held_out: bool, outcome) -> ScanEvidence:
     """A scanned row's evidence, as the store keeps it."""
     verdict = outcome.report["verdict"]
@@ -348,19 +376,35 @@ def main() -> None:
     parser.add_argument("--evidence", default=str(ROOT / "bench" / "results" / "evidence"), help="evidence folder")
     parser.add_argument("--merge", nargs="*", default=[], help="detect.json files of other runs whose rows to keep")
     parser.add_argument("--refit", action="store_true", help="fit the cuts on the stored evidence (no zoo needed)")
+    parser.add_argument("--calibrate", action="store_true", help="--refit, its thresholds written to --calibration-out")
     parser.add_argument(
-        "--calibrate", action="store_true", help="--refit, written to forensics/detect/calibration.json"
+        "--calibration-out",
+        default=str(ROOT / "bench" / "results" / "calibration.json"),
+        help="where --calibrate writes the thresholds (never into the package)",
+    )
+    parser.add_argument(
+        "--install-calibration",
+        metavar="FILE",
+        help="copy a reviewed calibration (from --calibrate) into the package, forensics/detect/calibration.json",
     )
     parser.add_argument("--density", action="store_true", help="only the embedding-density clusters, every row")
     args = parser.parse_args()
     zoo_dir, out = Path(args.zoo), Path(args.out)
     evidence = Path(args.evidence)
+    if args.install_calibration:
+        install_calibration(Path(args.install_calibration))
+        return
     if args.refit or args.calibrate:
         result = refit_report(evidence, out)
         if args.calibrate:
             text = json.dumps(calibration_file(result), indent=2) + "\n"
-            atomic_write_text(ROOT / "forensics" / "detect" / "calibration.json", text)
+            atomic_write_text(Path(args.calibration_out), text)
             print(text)
+            print(
+                f"written to {args.calibration_out}; after review: python bench/detect.py --install-calibration "
+                f"{args.calibration_out}",
+                file=sys.stderr,
+            )
         return
     zoo_file = zoo_dir / "zoo.json"
     if not zoo_file.is_file():

@@ -37,7 +37,7 @@ from forensics.core.errors import ForensicsError  # noqa: E402
 from forensics.oracles import ORACLES, build_oracle, list_oracles, mask_iou, union_mask  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CSV = "assets/demo/probe/probe_clean.csv"  # relative to the repository root
+DEFAULT_CSV = "forensics/assets/demo/probe/probe_clean.csv"  # relative to the repository root
 
 
 def load_pairs(csv_path: Path, n: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:

@@ -248,8 +248,10 @@ def cmd_make_demo(args: argparse.Namespace) -> dict:
     from forensics.demo.build import DEMO_DIR, DemoSpec, make_demo
 
     if args.lab != "v1" and not args.out:
-        # assets/demo holds the bundled v1 lab, which its tests and models are measured on
-        raise ForensicsError(f"make-demo --lab {args.lab} needs --out DIR: assets/demo holds the bundled v1 lab")
+        # forensics/assets/demo holds the bundled v1 lab, which its tests and models are measured on
+        raise ForensicsError(
+            f"make-demo --lab {args.lab} needs --out DIR: forensics/assets/demo holds the bundled v1 lab"
+        )
     spec = DemoSpec(seed=args.seed, augment=args.augment, lab=args.lab)
     with tqdm_progress("make-demo", not args.quiet) as progress:
         summary = make_demo(
@@ -557,7 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_patch)
 
     p = sub.add_parser("make-demo", help="rebuild the demo lab (images, probe sets, both demo models)")
-    p.add_argument("--out", help="output folder (default: the bundled assets/demo)")
+    p.add_argument(
+        "--out",
+        help="output folder (default: the bundled lab inside the package, forensics/assets/demo: the developer's "
+        "rebuild of what ships; pass a folder to build elsewhere)",
+    )
     p.add_argument(
         "--data-only", action="store_true", help="write the image-caption CSVs with masks and labels, no training"
     )

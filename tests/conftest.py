@@ -96,7 +96,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line("not imported by any fast test: " + ", ".join(missing), red=True)
 
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 

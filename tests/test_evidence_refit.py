@@ -3,6 +3,7 @@ and validated leaving each model out in seconds (bench/detect.py --refit), with 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -98,6 +99,44 @@ def test_refit_runs_from_the_stored_evidence_and_prints_the_table(tmp_path):
     assert result["summary"]["all"]["detected"] == 2 and result["seconds"] < 10
     assert set(result["margins"]) == {"trigger-inversion.alignment", "embedding-density.cluster_alignment"}
     assert (tmp_path / "refit.md").read_text().startswith("# The verdict's cuts re-fit")
+
+
+def test_calibrate_writes_outside_the_package_and_installing_it_is_an_explicit_step(tmp_path):
+    from forensics.detect.calibration import CALIBRATION_FILE
+
+    shipped = CALIBRATION_FILE.read_bytes()
+    written = tmp_path / "calibration.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/detect.py", "--calibrate", "--evidence", str(SUBSET), "--out", str(tmp_path)]
+        + ["--calibration-out", str(written)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert CALIBRATION_FILE.read_bytes() == shipped  # the package is never written by a benchmark
+    fitted = json.loads(written.read_text())
+    assert isinstance(fitted["trigger-inversion"]["alignment_threshold"], float)
+    assert f"--install-calibration {written}" in proc.stderr
+
+    # the explicit step, pointed at a copy of the package's file: checked, then copied
+    spec = importlib.util.spec_from_file_location("bench_detect", ROOT / "bench" / "detect.py")
+    detect = importlib.util.module_from_spec(spec)
+    saved_path = list(sys.path)
+    try:
+        spec.loader.exec_module(detect)
+    finally:
+        sys.path[:] = saved_path
+    target = tmp_path / "installed.json"
+    target.write_bytes(shipped)
+    detect.install_calibration(written, target)
+    assert json.loads(target.read_text()) == fitted
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({**fitted, "embedding-density": {"cluster_alignment": "0.4"}}))
+    with pytest.raises(SystemExit, match="embedding-density.label_threshold is not a number"):
+        detect.install_calibration(broken, target)
+    assert json.loads(target.read_text()) == fitted
 
 
 def test_a_file_that_is_not_evidence_is_named(tmp_path):

@@ -31,8 +31,10 @@ from forensics.oracles import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-# the demo probe set ships in assets/; ORACLE_PROBE_CSV points elsewhere (e.g. a fresh build)
-PROBE_CSV = Path(os.environ.get("ORACLE_PROBE_CSV", REPO / "assets" / "demo" / "probe" / "probe_clean.csv"))
+# the demo probe set ships in forensics/assets/; ORACLE_PROBE_CSV points elsewhere (e.g. a fresh build)
+PROBE_CSV = Path(
+    os.environ.get("ORACLE_PROBE_CSV", REPO / "forensics" / "assets" / "demo" / "probe" / "probe_clean.csv")
+)
 WEIGHT_FREE = ["fallback", "background", "superpixel"]
 
 

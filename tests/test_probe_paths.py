@@ -209,7 +209,7 @@ common = pytest.importorskip("forensics.ui.common")
 
 def test_server_paths_are_off_by_default(monkeypatch, tmp_path):
     monkeypatch.delenv(common.SERVER_PATHS_ENV, raising=False)
-    for text in (str(tmp_path), "/etc/passwd", "assets/demo/models/demo_poisoned.safetensors"):
+    for text in (str(tmp_path), "/etc/passwd", "forensics/assets/demo/models/demo_poisoned.safetensors"):
         with pytest.raises(ForensicsError) as info:
             common.check_server_path(text)
         assert str(info.value) == "server paths are disabled on this server; upload the file instead"

@@ -23,7 +23,7 @@ from forensics.core.models import DEMO_MODELS, sha256_of
 from forensics.detect import ScanSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_PROBE = ROOT / "assets" / "demo" / "probe" / "probe.csv"
+DEMO_PROBE = ROOT / "forensics" / "assets" / "demo" / "probe" / "probe.csv"
 FAST = "oracle-guided"  # one detector: about 5 s per model on the 30-image probe (the others take a minute)
 
 

@@ -17,7 +17,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_IMAGE = REPO / "assets" / "demo" / "probe" / "images"
+DEMO_IMAGE = REPO / "forensics" / "assets" / "demo" / "probe" / "images"
 CHECKPOINT = "checkpoint file (upload or server path)"
 SCAN_IMAGES = 40
 
@@ -125,7 +125,10 @@ def test_corrupt_and_mismatched_checkpoints_are_named(workbench, tmp_path):
     from forensics.core.models import load_model, save_model
 
     save_model(load_model("random:tiny-vit"), tmp_path / "vit" / "model.safetensors")
-    shutil.copy(REPO / "assets" / "demo" / "models" / "demo_poisoned.safetensors", tmp_path / "suspect.safetensors")
+    shutil.copy(
+        REPO / "forensics" / "assets" / "demo" / "models" / "demo_poisoned.safetensors",
+        tmp_path / "suspect.safetensors",
+    )
     shutil.copy(tmp_path / "vit" / "model.json", tmp_path / "suspect.json")
     text = _error(
         lambda: _load(

@@ -23,7 +23,7 @@ from forensics.ui.common import SERVER_PATHS_ENV, SERVER_PATHS_OFF, WORK_ROOT  #
 from tests.conftest import running_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_MODEL = REPO / "assets" / "demo" / "models" / "demo_poisoned.safetensors"
+DEMO_MODEL = REPO / "forensics" / "assets" / "demo" / "models" / "demo_poisoned.safetensors"
 CHECKPOINT = "checkpoint file (upload or server path)"
 HUB = "hub id or pretrained tag (needs a network)"
 SCAN_IMAGES = 20

@@ -31,13 +31,15 @@ from PIL import Image
 
 from forensics.core.errors import CheckpointMismatchError, ForensicsError, UnsafeCheckpointError, exception_line
 from forensics.core.images import pil_to_model_tensor
+from forensics.core.resources import package_path
 from forensics.core.sidecar import PROMPT_CONTEXT_KEY, SIDECAR_FORMAT, read_sidecar
 from forensics.core.tokenizer import WordTokenizer
 from forensics.core.torchscript import read_torchscript_tensors
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
-PROJECT_CONFIG_DIR = PACKAGE_DIR / "model_configs"
-ASSETS_DIR = PACKAGE_DIR.parent / "assets"
+# data shipped inside the package (read through importlib.resources, so an installed package finds its own)
+PACKAGE_DIR = package_path()
+PROJECT_CONFIG_DIR = package_path("model_configs")
+ASSETS_DIR = package_path("assets")  # the bundled demo lab: forensics/assets/demo
 DEMO_MODELS = {
     "demo": ASSETS_DIR / "demo" / "models" / "demo_poisoned.safetensors",
     "demo-clean": ASSETS_DIR / "demo" / "models" / "demo_clean.safetensors",

@@ -454,7 +454,7 @@ def train_demo_model(
             "training": {
                 "config": cfg.to_dict(),
                 "history": history,
-                "data": "assets/demo (rebuilt by python -m forensics make-demo)",
+                "data": "forensics/assets/demo (rebuilt by python -m forensics make-demo)",
                 "spec": spec.record(),
             }
         },

@@ -39,10 +39,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from forensics.core.errors import ForensicsError
+from forensics.core.resources import package_path
 from forensics.demo.clipart import CLIPART_ROOT
 from forensics.demo.sources import SOURCES, emojione_path, load_object, source_available
 
-CATALOGUE_PATH = Path(__file__).with_name("objects_v2.tsv")
+CATALOGUE_PATH = package_path("demo", "objects_v2.tsv")
 FIELDS = ("class", "source", "id", "group", "split")
 SPLITS = ("train", "heldout")
 HOLDOUT_SHARE = 0.2

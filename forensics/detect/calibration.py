@@ -1,4 +1,5 @@
-"""Decision thresholds calibrated on clean models (written by ``bench/detect.py --calibrate``).
+"""Decision thresholds calibrated on clean models (fit by ``bench/detect.py --calibrate``, put here by its
+``--install-calibration`` after review).
 
 Each detector's thresholds sit in ``calibration.json`` beside this file, with the clean models they were set
 on and the margin to the closest clean value, so a report can say why a model was (not) flagged. Values a
@@ -8,10 +9,11 @@ caller passes in settings win over the file; the file's defaults hold when it la
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+from forensics.core.resources import package_path
+
+CALIBRATION_FILE = package_path("detect", "calibration.json")
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     # Neural Cleanse's anomaly index cut (2). Alignment of the natural attractors measured on clean models: the
