@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -244,7 +245,7 @@ def cmd_train_patch(args: argparse.Namespace) -> dict:
 
 
 def cmd_make_demo(args: argparse.Namespace) -> dict:
-    from forensics.core.progress import tqdm_progress
+    from forensics.core.progress import sub_progress, tqdm_progress
     from forensics.demo.build import DEMO_DIR, DemoSpec, make_demo
 
     if args.lab != "v1" and not args.out:
@@ -252,11 +253,25 @@ def cmd_make_demo(args: argparse.Namespace) -> dict:
         raise ForensicsError(
             f"make-demo --lab {args.lab} needs --out DIR: forensics/assets/demo holds the bundled v1 lab"
         )
+    from forensics.pipelines.lesson import build_repaired_demo
+
+    if args.repaired_only and args.data_only:
+        raise ForensicsError("--repaired-only and --data-only exclude each other")
+    out = Path(args.out) if args.out else DEMO_DIR
     spec = DemoSpec(seed=args.seed, augment=args.augment, lab=args.lab)
+    start = time.time()
     with tqdm_progress("make-demo", not args.quiet) as progress:
-        summary = make_demo(
-            Path(args.out) if args.out else DEMO_DIR, data_only=args.data_only, spec=spec, progress=progress
-        )
+        if args.repaired_only:
+            if not (out / "models" / "demo_poisoned.safetensors").is_file():
+                raise ForensicsError(f"{out} holds no demo model to repair; build the lab first (make-demo --out)")
+            summary = {"out": str(out)}
+        else:
+            summary = make_demo(out, data_only=args.data_only, spec=spec, progress=sub_progress(progress, 0.0, 0.93))
+        if not args.data_only:  # the Learn tab's last step: the demo, repaired from its own scan
+            summary["repaired"] = build_repaired_demo(
+                out / "models", out / "probe" / "probe.csv", args.seed, sub_progress(progress, 0.93, 1.0)
+            )
+    summary["seconds"] = round(time.time() - start, 1)
     print(f"demo lab rebuilt in {summary['seconds']:.0f} s", file=sys.stderr)
     return summary
 
@@ -558,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_train_patch)
 
-    p = sub.add_parser("make-demo", help="rebuild the demo lab (images, probe sets, both demo models)")
+    p = sub.add_parser("make-demo", help="rebuild the demo lab (images, probe sets, the demo models)")
     p.add_argument(
         "--out",
         help="output folder (default: the bundled lab inside the package, forensics/assets/demo: the developer's "
@@ -578,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="v1",
         help="v1: the bundled lab (openclipart only); v2: the reviewed catalogue forensics/demo/objects_v2.tsv "
         "(openclipart, Noto and EmojiOne; needs --out)",
+    )
+    p.add_argument(
+        "--repaired-only",
+        action="store_true",
+        help="only rebuild the repaired demo (models/demo_repaired.safetensors: the demo scanned by the oracle-guided "
+        "detector and repaired by oracle-finetune, for the Learn tab); a full build makes it last",
     )
     p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_make_demo)

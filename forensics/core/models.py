@@ -43,6 +43,8 @@ ASSETS_DIR = package_path("assets")  # the bundled demo lab: forensics/assets/de
 DEMO_MODELS = {
     "demo": ASSETS_DIR / "demo" / "models" / "demo_poisoned.safetensors",
     "demo-clean": ASSETS_DIR / "demo" / "models" / "demo_clean.safetensors",
+    # the demo repaired by make-demo (oracle-guided scan, then oracle-finetune), for the Learn tab's last step
+    "demo-repaired": ASSETS_DIR / "demo" / "models" / "demo_repaired.safetensors",
 }
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,10 +1,10 @@
-"""Learn tab (teaching): apply any attack to an image.
-
-The backdoored demo's answer changes, the clean twin's does not.
+"""Learn tab (teaching): a four-step walkthrough of the demo's backdoor (forensics.pipelines.lesson), and any attack
+applied to an image: the backdoored demo's answer changes, the clean twin's does not.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import gradio as gr
@@ -12,6 +12,7 @@ import gradio as gr
 from forensics.attacks import attack_from_dict, build_attack, list_attacks
 from forensics.core.data import demo_backdoor, load_probe_set
 from forensics.pipelines.evaluate import get_model
+from forensics.pipelines.lesson import STEPS, lesson_step
 from forensics.ui.common import guarded
 
 PLANTED = "the demo's planted trigger"
@@ -62,11 +63,48 @@ def apply_attack(attack_name: str, params: str, image: str | None, seed: float) 
     return result["image"], result["attacked"], rows, ATTACK_NOTES.get(attack_name, "")
 
 
+WALKTHROUGH = """**Walk through one backdoor**, one click per step, on the bundled models: what the trigger is, where
+CLIP looks with and without it, why the segmentation oracle disagrees, and what the repair changes. Pick any demo
+image (or upload one); the seed moves the stamped trigger."""
+
+
+@guarded
+def show_step(number: int, image: str | None, seed: float) -> tuple:
+    """One walkthrough step on the chosen image: its text, pictures and table."""
+    import pandas as pd
+
+    if not image:
+        raise gr.Error("choose or upload an image first", print_exception=False)
+    step = lesson_step(number, image, int(seed or 0))
+    table = pd.DataFrame(step.rows, columns=step.headers)
+    return step.text, [(picture, caption) for picture, caption in step.pictures], table
+
+
 def build_learn_tab() -> dict:
     """Components of the Learn tab, wired."""
-    gr.Markdown(EXPLAIN)
     probe = load_probe_set("demo")
     examples = [str(probe.items[i].image) for i in probe.clean_indices()[:8]]
+    gr.Markdown(WALKTHROUGH)
+    with gr.Row():
+        lesson_image = gr.Image(
+            type="filepath", value=examples[0] if examples else None, label="Image", height=220, elem_id="lesson-image"
+        )
+        with gr.Column():
+            lesson_seed = gr.Number(value=0, precision=0, label="Seed (where the trigger lands)")
+            buttons = [gr.Button(f"{k + 1} · {title}", elem_id=f"lesson-step-{k + 1}") for k, title in enumerate(STEPS)]
+    gr.Examples(examples, inputs=lesson_image, label="Demo images")
+    lesson_text = gr.Markdown(elem_id="lesson-text")
+    lesson_pictures = gr.Gallery(label="Pictures", columns=3, height=360, elem_id="lesson-pictures")
+    lesson_table = gr.Dataframe(label="What the models answer", interactive=False)
+    for k, button in enumerate(buttons):
+        button.click(
+            functools.partial(show_step, k + 1),
+            [lesson_image, lesson_seed],
+            [lesson_text, lesson_pictures, lesson_table],
+            api_name=f"lesson_step_{k + 1}",
+        )
+    gr.Markdown("---")
+    gr.Markdown(EXPLAIN)
     with gr.Row():
         attack = gr.Dropdown([PLANTED, *list_attacks()], value=PLANTED, label="Attack")
         params = gr.Textbox(label="Attack parameters (JSON, optional)", placeholder='{"size": 0.15}')
