@@ -148,7 +148,36 @@ def test_a_file_that_is_not_evidence_is_named(tmp_path):
 
 
 def test_the_readme_detection_table_is_generated_from_the_evidence():
+    """README.md's headline table and docs/detection.md's detection table are what bench/results gives now."""
     proc = subprocess.run(
         [sys.executable, "bench/readme_tables.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    headline = readme.split("<!-- generated: headline -->\n")[1].split("<!-- end: headline -->")[0]
+    rows = [line for line in headline.splitlines() if line.startswith("| ") and not line.startswith("| what ")]
+    assert 4 <= len(rows) <= 6
+    for row in rows:  # each row names the file under bench/results it comes from
+        source = row.rstrip(" |").rsplit("| ", 1)[1].strip("`")
+        assert source.startswith("bench/results/") and (ROOT / source).exists(), row
+    assert "<!-- generated: detection -->" in (ROOT / "docs" / "detection.md").read_text(encoding="utf-8")
+
+
+def test_a_stale_generated_table_is_caught_and_rewritten(tmp_path, monkeypatch):
+    for name in ("README.md", "docs/detection.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text((ROOT / name).read_text(encoding="utf-8"), encoding="utf-8")
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "detection.md"
+    readme.write_text(readme.read_text(encoding="utf-8").replace("43 victims", "44 victims", 1), encoding="utf-8")
+    docs.write_text(docs.read_text(encoding="utf-8").replace("| yes |", "| **no** |", 1), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("bench_readme_tables", ROOT / "bench" / "readme_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the checkout first
+    spec.loader.exec_module(tables)
+    monkeypatch.setattr(sys, "argv", ["readme_tables.py", "--root", str(tmp_path), "--check"])
+    with pytest.raises(SystemExit, match=r"README\.md, docs/detection\.md stale"):
+        tables.main()
+    monkeypatch.setattr(sys, "argv", ["readme_tables.py", "--root", str(tmp_path)])
+    tables.main()
+    for name in ("README.md", "docs/detection.md"):
+        assert (tmp_path / name).read_text(encoding="utf-8") == (ROOT / name).read_text(encoding="utf-8")
