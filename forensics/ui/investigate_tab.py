@@ -234,7 +234,7 @@ def build_investigate_tab(state: gr.State) -> dict:
             value=300,
             step=10,
             label="Images to scan (a seeded random subset)",
-            info="the demo's 300 images take about half a minute on 2 CPU cores",
+            info="with every detector the 300 demo images take about 5 minutes on 2 CPU cores; fewer take less",
             elem_id="scan-images",
         )
     with gr.Accordion("Detector settings", open=False):
