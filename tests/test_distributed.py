@@ -173,7 +173,11 @@ def _check_repair(one: dict, two: dict, folder: Path, reference: Path) -> dict:
     assert len(digests) == 2 and digests[0] == digests[1]  # DDP synced the gradients: both ranks ended alike
     assert any("DDP on 2 processes" in note for note in metrics["notes"])
     assert "processes" not in json.loads((reference / "metrics.json").read_text())
-    assert _outputs(folder) == _outputs(reference) == ["metrics.json", "model.json", "model.safetensors", "report.html"]
+    assert (
+        _outputs(folder)
+        == _outputs(reference)
+        == [".forensics-output.json", "metrics.json", "model.json", "model.safetensors", "report.html"]
+    )
     _no_partials(folder)
     return metrics
 

@@ -95,13 +95,29 @@ def test_an_empty_folder_and_a_linked_folder_are_used_in_place(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_termination_signal_cleans_up_like_ctrl_c(tmp_path, signum):
     out = tmp_path / "out"
+    previous = signal.signal(signum, signal.SIG_DFL)  # as a terminal leaves it (under nohup SIGHUP is ignored)
     with pytest.raises(Terminated) as err:
         with termination_as_interrupt(), staged_output(out) as stage:
             _write(stage, ["half.txt"])
             os.kill(os.getpid(), signum)
-    assert err.value.signum == signum
-    assert not out.exists() and _no_partials(tmp_path)
-    assert signal.getsignal(signum) in (signal.SIG_DFL, None)  # the previous handler is back
+    try:
+        assert err.value.signum == signum
+        assert not out.exists() and _no_partials(tmp_path)
+        assert signal.getsignal(signum) in (signal.SIG_DFL, None)  # the previous handler is back
+    finally:
+        signal.signal(signum, previous)
+
+
+def test_an_ignored_hangup_stays_ignored(tmp_path):
+    """Under nohup SIGHUP is ignored: the command keeps it so (it only takes over signals left at their default)."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with termination_as_interrupt(), staged_output(tmp_path / "out") as stage:
+            _write(stage, ["whole.txt"])
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert _files(tmp_path / "out") == {"whole.txt", OUTPUT_MANIFEST}
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_rescan_of_another_model_into_the_same_folder_leaves_no_stale_trigger(tmp_path):

@@ -87,11 +87,12 @@ def _foreign_files(folder: Path) -> list[str]:
     return [f for f in present if f not in listed]
 
 
-def check_output_folder(out: str | Path) -> Path:
+def check_output_folder(out: str | Path, incremental: bool = False) -> Path:
     """Say now, in one ForensicsError line, when ``out`` cannot become the output folder (it is a file, the nearest
     existing folder above it is not writable, or it holds files this tool's last run there did not write), so no
     long step runs before the writing fails. A run replaces the whole folder, so it must hold only a previous
-    run's outputs (named by its manifest), or nothing: a user's own files are never deleted."""
+    run's outputs (named by its manifest), or nothing: a user's own files are never deleted. ``incremental``: a
+    folder a command resumes in (scan-many's audit, one sub-folder per model) is added to, never replaced."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ForensicsError(f"--out {out} is a file, not a folder; choose a folder")
@@ -102,7 +103,7 @@ def check_output_folder(out: str | Path) -> Path:
         raise ForensicsError(f"cannot create the output folder {out}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ForensicsError(f"the output folder {out} cannot be written ({existing} is not writable)")
-    if out.is_dir():
+    if out.is_dir() and not incremental:
         foreign = _foreign_files(out)
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
@@ -131,23 +132,28 @@ def _write_manifest(stage: Path) -> None:
 
 
 @contextmanager
-def staged_output(out: str | Path) -> Iterator[Path]:
+def staged_output(out: str | Path, incremental: bool = False) -> Iterator[Path]:
     """A temporary folder beside ``out`` to write a command's outputs into; when the block ends normally it replaces
     ``out`` whole (renamed into place, the previous folder renamed aside and then deleted), so ``out`` holds exactly
     this run's files, listed in its manifest. When the block fails or is interrupted (Ctrl-C, SIGTERM: see
     :func:`termination_as_interrupt`) the temporary folder is removed: ``out`` keeps its previous result, or stays
-    absent."""
-    out = check_output_folder(out)
+    absent. ``incremental`` (a folder a command resumes in): the staged files replace their namesakes one by one
+    with ``os.replace`` and everything else in ``out`` stays."""
+    out = check_output_folder(out, incremental)
     if out.is_symlink():
         out = out.resolve()  # replace the folder the link names, not the link
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield stage
-        _write_manifest(stage)
+        if not incremental:
+            _write_manifest(stage)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    if incremental and out.exists():
+        _move_files_into(stage, out)
+        return
     old = None
     try:
         if out.exists():
@@ -163,6 +169,19 @@ def staged_output(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_files_into(stage: Path, out: Path) -> None:
+    """Each staged file replaces its namesake in ``out`` (``os.replace``); the staging folder goes afterwards."""
+    try:
+        for file in sorted(p for p in stage.rglob("*") if p.is_file()):
+            target = out / file.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+    except OSError as exc:
+        raise ForensicsError(f"cannot move the outputs into {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 class Terminated(KeyboardInterrupt):

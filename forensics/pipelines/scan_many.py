@@ -340,7 +340,8 @@ def write_tables(out: Path, rows: list[dict], detectors: list[str], settings: di
         "seconds": round(seconds, 2),
         "rows": rows,
     }
-    with staged_output(out) as stage:  # all three replace the previous tables, or (interrupted) none does
+    # all three replace the previous tables, or (interrupted) none does; the models' reports beside them stay
+    with staged_output(out, incremental=True) as stage:
         atomic_write_text(stage / "audit.csv", _csv_text(rows, columns))
         atomic_write_text(stage / "audit.md", _md_text(rows, columns, settings))
         atomic_write_text(stage / "audit.json", json.dumps(data, indent=2, default=str))
@@ -385,7 +386,7 @@ def scan_many(
         refs += [ModelRef(str(p), **options) for p in checkpoints_in(models_dir)]
     if not refs:
         raise ForensicsError("no models to audit: name models or give a folder of checkpoints")
-    out = check_output_folder(out)
+    out = check_output_folder(out, incremental=True)  # an audit resumes in its folder
     names = detector_names(detectors)
     chosen, settings = scan_settings(names, settings, detector_options, profile)  # refused here, before any model
     oracle_obj = pick_oracle(oracle, sam_checkpoint)  # built once (SAM loads its weights once for the whole zoo)
@@ -482,6 +483,7 @@ def scan_many(
                     detector_options={k: v for k, v in chosen.items() if k != "oracle-guided"},
                 )
                 folder = out / "models" / entry.folder
+                (folder / "row.json").unlink(missing_ok=True)  # a stale row of an unfinished run; rewritten below
                 write_scan(outcome, folder, watched(part))
                 row = _done_row(entry, outcome.report, names, time.time() - began)
                 del outcome
