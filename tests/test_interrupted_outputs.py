@@ -1,5 +1,5 @@
 """Interrupted work leaves nothing half-written: outputs are staged beside --out and moved into place at the end,
-so Ctrl-C (or a failure) during a scan, repair or compare leaves the previous result, or nothing."""
+so Ctrl-C, SIGTERM (or a failure) during a scan, repair or compare leaves the previous result, or nothing."""
 
 from __future__ import annotations
 
@@ -114,7 +114,13 @@ def _wait_for_cpu_seconds(proc: subprocess.Popen, seconds: float, wall_limit: fl
         time.sleep(0.2)
 
 
-def test_ctrl_c_during_a_real_scan_leaves_nothing(tmp_path):
+@pytest.mark.parametrize(
+    "signum,code,said",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 128 + signal.SIGTERM, "terminated (SIGTERM)")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_signal_during_a_real_scan_leaves_nothing(tmp_path, signum, code, said):
+    """Ctrl-C, and SIGTERM (which the command turns into the same clean-up), end a real scan leaving nothing."""
     out = tmp_path / "scan"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
@@ -137,12 +143,12 @@ def test_ctrl_c_during_a_real_scan_leaves_nothing(tmp_path):
         text=True,
     )
     _wait_for_cpu_seconds(proc, 10.0)  # well into the 300-image scan (imports take about 4 CPU s, the scan 30)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:  # finished before the signal: then the result must be whole
         assert (out / "report.json").is_file() and (out / "report.html").is_file()
     else:
-        assert proc.returncode == 130 and "interrupted" in err and not out.exists()
+        assert proc.returncode == code and said in err and not out.exists(), (proc.returncode, err)
     assert _no_partials(tmp_path)
 
 
