@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from forensics.attacks import attack_from_dict
-from forensics.attribution import gradcam, occlusion, overlay
+from forensics.attribution import gradcam, mass_inside, occlusion, overlay
 from forensics.core.data import demo_backdoor, load_probe_set
 from forensics.core.errors import ForensicsError
 from forensics.core.images import to_pil
@@ -116,12 +116,13 @@ def _attributions(
 
 
 def _share(heat: torch.Tensor, box: list[int] | None) -> str:
-    """Share of a heat map's mass inside ``box``."""
-    total = float(heat.sum())
-    if not box or total <= 0:
+    """Share of a heat map's mass inside ``box`` (the scan's own measure, :func:`mass_inside`)."""
+    if not box:
         return "-"
     x0, y0, x1, y1 = box
-    return f"{float(heat[y0:y1, x0:x1].sum()) / total:.0%}"
+    inside = torch.zeros(heat.shape, dtype=torch.bool)
+    inside[y0:y1, x0:x1] = True
+    return f"{float(mass_inside(heat, inside)):.0%}"
 
 
 def lesson_step(number: int, image: ImageInput, seed: int = 0, oracle: str | Oracle | None = None) -> LessonStep:
@@ -217,11 +218,6 @@ def lesson_step(number: int, image: ImageInput, seed: int = 0, oracle: str | Ora
     )
     headers = ["model", "clean image", "stamped image", "CA (probe)", "ASR (probe)"]
     return LessonStep(number, title, text, pictures, headers, rows)
-
-
-def repaired_demo_path() -> Path:
-    """Where the bundled repaired demo lives (beside the other demo models)."""
-    return DEMO_MODELS["demo-repaired"]
 
 
 def build_repaired_demo(
