@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from forensics.core.data import load_probe_set  # noqa: E402
+from forensics.detect.claims import VERIFIED_FLIP  # noqa: E402
 from forensics.detect.evidence import ScanEvidence, write_evidence  # noqa: E402
-from forensics.detect.verdict import VERIFIED_FLIP  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 REFUTED = re.compile(r"the oracle flag on '(?P<label>[^']+)' is refuted: its reconstructed trigger flips (?P<pct>\d+)%")

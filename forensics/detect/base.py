@@ -1,6 +1,10 @@
 """The detector interface: a suspect model and a probe set in, typed :class:`Findings` out; one registry for all.
 
-``run(model, probe, progress) -> Findings``. What a pipeline needs beyond the JSON-able findings
+``run(model, probe, progress) -> Findings`` is a template: it skips (saying why) a probe set too small for the
+detector, loads the probe images once (shared by every detector of a scan), times the run and reports progress;
+a detector writes only :meth:`Detector.examine`. :meth:`Detector.evidence` says what its findings claim about the
+labels (typed :class:`~forensics.detect.claims.Evidence`), and :meth:`Detector.victims` which images a target
+captured, so the verdict is a vote that names no detector. What a pipeline needs beyond the JSON-able findings
 (the loaded images, attribution maps, reconstructed trigger tensors) rides along in ``Findings.artefacts``,
 so reports and the compact set are drawn from memory, never re-read from disk.
 
@@ -12,18 +16,22 @@ per detector, refusing unknown names and wrong types in one line.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any, ClassVar
+
+import torch
 
 from forensics.core.data import ProbeSet
 from forensics.core.errors import ForensicsError
 from forensics.core.models import SuspectModel
-from forensics.core.progress import Progress
+from forensics.core.progress import Progress, sub_progress
 from forensics.core.registry import Registry
 from forensics.core.settings import build_settings
-from forensics.detect.findings import Findings
+from forensics.detect.claims import Evidence
+from forensics.detect.findings import Findings, skipped
 
 DETECTORS: Registry = Registry("detector")
 """Registered detector classes by name (``@DETECTORS.register``)."""
@@ -43,10 +51,54 @@ class Detector(ABC):
     # whether it takes ``shard=True`` and then, run by every process of a launcher, does its share of the work and
     # gathers the rest (the one-process findings on every rank); the others run on rank 0 alone
     shardable: ClassVar[bool] = False
+    # the verdict's tie-break: of labels named by equally many detectors, the one named by the lowest rank wins
+    # (by convention a model-level test before per-image evidence, which needs suspicious inputs in the probe)
+    vote_rank: ClassVar[int] = 100
+    min_images: ClassVar[int] = 1  # fewer probe images than this: the detector is skipped, saying so
+    min_classes: ClassVar[int] = 1  # fewer probe classes than this: skipped
+    settings: Any
+
+    def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:
+        """Examine ``model`` on ``probe`` (the template: skip with the reason when the probe is too small, load the
+        images once, :meth:`examine`, record the seconds taken)."""
+        if len(probe) == 0:
+            raise ForensicsError("the probe set is empty")
+        if not probe.class_names:
+            raise ForensicsError("the probe set names no classes")
+        reason = self.cannot_run(probe)
+        if reason is not None:
+            return skipped(reason, asdict(self.settings) if is_dataclass(self.settings) else {})
+        start = time.time()
+        images = probe.load_images(model.image_size, progress=sub_progress(progress, 0.0, 0.05))
+        findings = self.examine(model, probe, images, sub_progress(progress, 0.05, 1.0))
+        findings.metrics["seconds"] = round(time.time() - start, 2)
+        return findings
+
+    def cannot_run(self, probe: ProbeSet) -> str | None:
+        """Why this probe set is too small for the detector (None when it is not)."""
+        if len(probe) < self.min_images or len(probe.class_names) < self.min_classes:
+            classes = f" and {self.min_classes} classes" if self.min_classes > 1 else ""
+            return f"needs at least {self.min_images} probe images{classes}"
+        return None
 
     @abstractmethod
-    def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:
-        """Examine ``model`` on ``probe``: per-label evidence, trigger candidates, victims and metrics."""
+    def examine(
+        self, model: SuspectModel, probe: ProbeSet, images: torch.Tensor, progress: Progress | None = None
+    ) -> Findings:
+        """Examine ``model`` on ``probe`` (``images``: the probe decoded at the model's size, shared with the scan's
+        other detectors; never written into): per-label evidence, trigger candidates, victims and metrics."""
+
+    @classmethod
+    def evidence(cls, findings: Findings, probe: ProbeSet) -> Evidence:
+        """What ``findings`` (this detector's, from a scan or read back) claim about the labels; none by default:
+        a detector without calibrated claims is shown in the report and counts for nothing in the verdict."""
+        return Evidence(cls.name)
+
+    @classmethod
+    def victims(cls, findings: Findings, probe: ProbeSet, target: str) -> list[dict[str, Any]]:
+        """The probe images the ``target``'s trigger captured by this detector's findings (index, image, label, box);
+        by default its findings' victims of that label."""
+        return [v.to_dict() for v in findings.victims if v.label == target]
 
 
 def profile_name(profile: str | None) -> str:

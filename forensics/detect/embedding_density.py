@@ -20,7 +20,6 @@ label's own images only, the demo's second kind of clock at 0.17).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,7 +34,8 @@ from forensics.core.settings import at_least
 from forensics.core.zeroshot import class_text_embeddings, image_embeddings
 from forensics.detect.base import DETECTORS, Detector
 from forensics.detect.calibration import calibration
-from forensics.detect.findings import Findings, FlaggedLabel, skipped
+from forensics.detect.claims import STRONG, Evidence, LabelClaim
+from forensics.detect.findings import Findings, FlaggedLabel
 
 
 @dataclass
@@ -82,22 +82,26 @@ class EmbeddingDensity(Detector):
     summary = "k-distance density of each probe image in the suspect's embedding space (Huang et al. 2025)"
     settings_cls = EmbeddingDensitySettings
     run_order = 30
+    vote_rank = 30  # per-image evidence: needs triggered inputs in the probe
     profiles: dict = {}  # one embedding pass: nothing to make cheaper
 
     def __init__(self, oracle: object = None, settings: EmbeddingDensitySettings | None = None):
         # ``oracle`` is accepted (and unused) so every detector builds from the same keywords
         self.settings = settings if isinstance(settings, EmbeddingDensitySettings) else EmbeddingDensitySettings()
 
-    def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:
+    def cannot_run(self, probe: ProbeSet) -> str | None:
+        if len(probe) < self.settings.k + 2:
+            return f"needs at least {self.settings.k + 2} probe images"
+        return None
+
+    def examine(
+        self, model: SuspectModel, probe: ProbeSet, images: torch.Tensor, progress: Progress | None = None
+    ) -> Findings:
         s = self.settings
-        start = time.time()
-        if len(probe) < s.k + 2:
-            return skipped(f"needs at least {s.k + 2} probe images", s.to_dict())
         names = list(probe.class_names)
         calibrated = calibration(self.name)
         victim_z = s.victim_z if s.victim_z is not None else calibrated["victim_z"]
         label_cut = s.label_threshold if s.label_threshold is not None else calibrated["label_threshold"]
-        images = probe.load_images(model.image_size)
         if progress:
             progress(0.3, "embedding the probe images")
         emb = image_embeddings(model, images, s.batch_size).cpu()
@@ -142,7 +146,6 @@ class EmbeddingDensity(Detector):
             victims=[],
             images=[],
             metrics={
-                "seconds": round(time.time() - start, 2),
                 "n_images": len(probe),
                 "n_dense": int(dense.sum()),
                 "hijacked": hijacked,
@@ -159,6 +162,36 @@ class EmbeddingDensity(Detector):
             label_evidence=evidence,
             artefacts={"embeddings": emb, "predicted": predicted, "density_z": z, "images": images},
         )
+
+    @classmethod
+    def evidence(cls, findings: Findings, probe: ProbeSet) -> Evidence:
+        """A hijacked label is strong evidence (dense images of several other classes collapsed away from the label's
+        own); the plain label flags decide nothing: clean probes hold natural near-duplicates as dense."""
+        cuts = findings.metrics.get("thresholds") or {}
+        claims = []
+        for c in findings.metrics.get("hijacked", []):
+            margins = {}
+            if "cluster_alignment" in cuts and c.get("alignment") is not None:
+                margins["alignment"] = round(cuts["cluster_alignment"] - c["alignment"], 4)
+            if "min_sources" in cuts:
+                margins["source_classes"] = c["source_classes"] - cuts["min_sources"]
+            if "max_source_share" in cuts:
+                margins["largest_source_share"] = round(cuts["max_source_share"] - c["largest_source_share"], 4)
+            reason = (
+                f"{c['dense']} probe images predicted '{c['label']}' sit in one dense spot of the embedding space, "
+                f"{c['from_other_classes']} of them images of {c['source_classes']} other classes (at most "
+                f"{c['largest_source_share']:.0%} from one), away from its own images (alignment {c['alignment']:.2f})"
+            )
+            claims.append(LabelClaim(c["label"], STRONG, reason, margins))
+        return Evidence(cls.name, claims)
+
+    @classmethod
+    def victims(cls, findings: Findings, probe: ProbeSet, target: str) -> list[dict]:
+        """Images predicted ``target`` nearer the centroid of its dense inputs than of the label's own images."""
+        return [
+            {"index": i, "image": str(probe.items[i].image), "label": target, "box": None}
+            for i in density_victims(findings, probe, target)
+        ]
 
 
 MIN_CLUSTER = 3  # dense images a label needs before its cluster is judged
@@ -221,3 +254,32 @@ def is_hijacked(cluster: dict, settings: EmbeddingDensitySettings, cut: float) -
         and cluster["alignment"] is not None
         and cluster["alignment"] <= cut
     )
+
+
+def density_victims(density: Findings, probe: ProbeSet, target: str) -> list[int]:
+    """Images predicted ``target`` nearer the centroid of its dense inputs than of the label's own images (Huang et
+    al. 2025's density, seeded by the target's dense images; our choice)."""
+    if "embeddings" not in density.artefacts:  # findings without the per-image embeddings (read back, say)
+        return []
+    names = list(probe.class_names)
+    t = names.index(target)
+    emb, pred, z = (
+        density.artefacts["embeddings"],
+        density.artefacts["predicted"].numpy(),
+        density.artefacts["density_z"],
+    )
+    cut = density.metrics["thresholds"]["victim_z"]
+    seeds = (pred == t) & (z >= cut)
+    if seeds.sum() < MIN_CLUSTER:
+        return []
+    labels = probe.labels
+    if labels and all(v is not None for v in labels):
+        own = (np.asarray(labels) == t) & ~seeds
+    else:
+        own = (pred == t) & (z < 0)
+    trigger_centre = F.normalize(emb[torch.from_numpy(seeds)].mean(0), dim=0)
+    if own.sum() == 0:
+        return [int(i) for i in np.flatnonzero(pred == t)]
+    own_centre = F.normalize(emb[torch.from_numpy(own)].mean(0), dim=0)
+    nearer = (emb @ trigger_centre).numpy() > (emb @ own_centre).numpy()
+    return [int(i) for i in np.flatnonzero((pred == t) & nearer)]

@@ -32,13 +32,22 @@ from forensics.attribution import occlusion_estimate_signed, predict_and_estimat
 from forensics.core.cache import ContentCache, cache_key, content_hash
 from forensics.core.data import ProbeSet
 from forensics.core.distributed import gather, shard_range, world_size
-from forensics.core.errors import ForensicsError
 from forensics.core.images import Box, box_iou, crop_resize, paste
 from forensics.core.models import SuspectModel
 from forensics.core.progress import Progress
 from forensics.core.settings import at_least
 from forensics.core.zeroshot import class_text_embeddings, predict, zero_shot_logits
 from forensics.detect.base import DETECTORS, Detector
+from forensics.detect.claims import (
+    REFUTED,
+    REFUTED_FLIP,
+    STRONG,
+    VERIFIED_FLIP,
+    WEAK,
+    Evidence,
+    LabelClaim,
+    TriggerOption,
+)
 from forensics.detect.findings import Findings, FlaggedLabel, ImageEvidence, TriggerCandidate, Victim
 from forensics.oracles import Oracle, Region
 
@@ -237,6 +246,7 @@ class OracleGuidedScan(Detector):
     shardable = True
     settings_cls = ScanSettings
     run_order = 10
+    vote_rank = 20  # per-image evidence, counted when its reconstructed trigger is verified on clean images
     profiles = {"quick": {"proposals": 6, "cascade_proposals": 4, "verify_images": 16}}
 
     def __init__(
@@ -334,7 +344,7 @@ class OracleGuidedScan(Detector):
             out[i] = self._trigger_box(total / count.clamp(min=1), windows[i], size)
         return out
 
-    def examine(
+    def examine_images(
         self,
         model: SuspectModel,
         images: torch.Tensor,
@@ -805,20 +815,17 @@ class OracleGuidedScan(Detector):
             "crops": crops,
         }
 
-    def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:
+    def examine(
+        self, model: SuspectModel, probe: ProbeSet, images: torch.Tensor, progress: Progress | None = None
+    ) -> Findings:
         """Scan ``probe`` with ``model``: the findings, with the images, maps and patterns in ``findings.artefacts``."""
         s = self.settings
         start = time.time()
         cache_before = (self.region_cache.hits, self.region_cache.misses)
         self.stage_seconds = {}
-        if len(probe) == 0:
-            raise ForensicsError("the probe set is empty")
         class_names = list(probe.class_names)
-        if not class_names:
-            raise ForensicsError("the probe set names no classes")
         size = model.image_size
         part = (lambda lo, hi: lambda f, m: progress(lo + (hi - lo) * f, m)) if progress else (lambda lo, hi: None)
-        images = probe.load_images(size, progress=part(0.0, 0.05))
         class_emb = class_text_embeddings(model, class_names, s.templates)
         # the per-image pass shared out; the rest sees all, as in one process. The cascade is not shared out: its
         # triage needs the whole probe, and what it leaves to examine is small
@@ -828,14 +835,14 @@ class OracleGuidedScan(Detector):
             # images segmented before it: segment in the one-process order up to this block, keep the block's
             regions = [self._regions(images[i]) for i in range(hi)][lo:]
             mine = (
-                self.examine(model, images[lo:hi], class_emb, class_names, part(0.05, 0.9), regions)
+                self.examine_images(model, images[lo:hi], class_emb, class_names, part(0.05, 0.9), regions)
                 if hi > lo
                 else ([], torch.zeros(0, size, size))
             )
             shares = gather(mine)
             records, maps = [r for share, _ in shares for r in share], torch.cat([m for _, m in shares])
         else:
-            records, maps = self.examine(model, images, class_emb, class_names, part(0.05, 0.9))
+            records, maps = self.examine_images(model, images, class_emb, class_names, part(0.05, 0.9))
         flagged = self.flag(records, class_names)
         flagged_names = {f.label for f in flagged}
 
@@ -922,15 +929,42 @@ class OracleGuidedScan(Detector):
                     "misses": self.region_cache.misses - cache_before[1],
                 },
             }
-        findings.metrics["seconds"] = round(time.time() - start, 2)
-        # where the time went (this process's share under a launcher); the rest: loading, text, flagging, records
+        # where the time went (this process's share under a launcher); the rest: text, flagging, records (the
+        # template adds the image loading to the detector's seconds)
         stages = {name: round(v, 2) for name, v in self.stage_seconds.items()}
         findings.metrics["stage_seconds"] = {
             **stages,
-            "rest": round(findings.metrics["seconds"] - sum(stages.values()), 2),
+            "rest": round(time.time() - start - sum(stages.values()), 2),
         }
         findings.metrics["images_per_second"] = round(len(probe) / max(1e-9, time.time() - start), 3)
         return findings
+
+    @classmethod
+    def evidence(cls, findings: Findings, probe: ProbeSet) -> Evidence:
+        """A flag is strong when its reconstructed trigger flips at least VERIFIED_FLIP of held-out clean images of
+        other classes, refuted below REFUTED_FLIP (its captured predictions follow no shared trigger), weak between
+        or without a trigger. Every reconstructed trigger is an option for its label."""
+        claims = []
+        for f in findings.flagged_labels:
+            rates = [t.verified_asr for t in findings.triggers if t.label == f.label]
+            best = max(rates) if rates else None
+            margins = {} if best is None else {"verified_flip": round(best - VERIFIED_FLIP, 4)}
+            if best is not None and best >= VERIFIED_FLIP:
+                claims.append(LabelClaim(f.label, STRONG, f.explanation, margins))
+            elif best is not None and best < REFUTED_FLIP:
+                reason = (
+                    f"the oracle flag on '{f.label}' is refuted: its reconstructed trigger flips {best:.0%} of "
+                    f"held-out clean images of other classes (< {REFUTED_FLIP:.0%})"
+                )
+                claims.append(LabelClaim(f.label, REFUTED, reason, {"refuted_flip": round(REFUTED_FLIP - best, 4)}))
+            else:
+                claims.append(LabelClaim(f.label, WEAK, f"unverified oracle flag on '{f.label}'", margins))
+        method = f"{cls.name}/local"
+        triggers = [
+            TriggerOption(cls.name, t.label, t.verified_asr, {"detector": cls.name, "method": method, **t.to_dict()})
+            for t in findings.triggers
+        ]
+        return Evidence(cls.name, claims, triggers)
 
     @staticmethod
     def _metrics(probe: ProbeSet, records: list[dict], victims: list[Victim], size: int) -> dict:

@@ -44,7 +44,8 @@ from forensics.core.settings import at_least
 from forensics.core.zeroshot import class_text_embeddings, image_embeddings, predict_labels
 from forensics.detect.base import DETECTORS, Detector
 from forensics.detect.calibration import calibration
-from forensics.detect.findings import Findings, FlaggedLabel, InvertedTrigger, skipped
+from forensics.detect.claims import STRONG, VERIFIED_FLIP, WEAK, Evidence, LabelClaim, TriggerOption
+from forensics.detect.findings import Findings, FlaggedLabel, InvertedTrigger
 
 FAMILIES = ("local", "global")
 MIN_IMAGES = 12
@@ -167,6 +168,9 @@ class TriggerInversion(Detector):
     shardable = True
     settings_cls = TriggerInversionSettings
     run_order = 20
+    vote_rank = 10  # a model-level test: needs no suspicious inputs in the probe
+    min_images = MIN_IMAGES
+    min_classes = 3  # an anomaly index compares labels
     # plumbing only: its sizes are not the calibrated ones (fewer steps fit smaller, weaker triggers)
     profiles = {
         "quick": {"steps": 4, "batch_size": 8, "global_refine_steps": 1, "grid_points": 4, "held_out_images": 8}
@@ -341,13 +345,48 @@ class TriggerInversion(Detector):
 
     # ------------------------------------------------------------------ the detector
 
-    def run(self, model: SuspectModel, probe: ProbeSet, progress: Progress | None = None) -> Findings:
+    @classmethod
+    def evidence(cls, findings: Findings, probe: ProbeSet) -> Evidence:
+        """A flagged label is strong (a small trigger, anomalous across labels, that lands away from the label's own
+        images); a borderline trigger, tiny triggers shared by several labels and a label that could not be tested
+        are weak. Its candidate triggers are the options; a verified non-candidate one is a fallback for a target
+        other detectors name."""
+        cuts = findings.metrics.get("thresholds") or {}
+        candidates = {t.label: t.stats for t in findings.inverted if t.stats.get("candidate")}
+        claims = []
+        for f in findings.flagged_labels:
+            claims.append(LabelClaim(f.label, STRONG, f.explanation, _margins(candidates.get(f.label, {}), cuts)))
+        for r in findings.metrics.get("borderline", []):
+            reason = f"a borderline {r['family']} trigger for '{r['label']}'"
+            claims.append(LabelClaim(r["label"], WEAK, reason, _margins(r, cuts)))
+        shared = findings.metrics.get("shared", [])
+        if shared:
+            reason = (
+                f"tiny {shared[0]['family']} triggers reach several labels alike "
+                f"({', '.join(r['label'] for r in shared)}): a general weakness of the model or a backdoor with "
+                f"several targets"
+            )
+            claims.append(LabelClaim(shared[0]["label"], WEAK, reason))
+        for label, why in findings.metrics.get("not_inverted", {}).items():  # a label that takes every image
+            claims.append(LabelClaim(label, WEAK, f"'{label}' could not be tested: {why}"))
+        triggers = [
+            TriggerOption(cls.name, t.label, t.verified_asr, {"detector": cls.name, **t.to_dict()})
+            for t in findings.inverted
+            if t.stats.get("candidate")
+        ] + [
+            TriggerOption(cls.name, t.label, t.verified_asr, {"detector": cls.name, **t.to_dict()}, fallback=True)
+            for t in findings.inverted
+            if not t.stats.get("candidate") and t.verified_asr >= VERIFIED_FLIP
+        ]
+        return Evidence(cls.name, claims, triggers)
+
+    def examine(
+        self, model: SuspectModel, probe: ProbeSet, images: torch.Tensor, progress: Progress | None = None
+    ) -> Findings:
         s = self.settings
         start = time.time()
         names = list(probe.class_names)
-        if len(probe) < MIN_IMAGES or len(names) < 3:
-            return skipped(f"needs at least {MIN_IMAGES} probe images and 3 classes to compare labels", s.to_dict())
-        images = probe.load_images(model.image_size).to(model.device)
+        images = images.to(model.device)
         class_emb = class_text_embeddings(model, names, s.templates).detach().to(model.device)
         gen = torch.Generator().manual_seed(int(s.seed))
         with frozen(model):
@@ -383,7 +422,6 @@ class TriggerInversion(Detector):
         counts = [int((predicted == c).sum()) for c in range(len(names))]
         findings = conclude(per_family, names, counts, s, not_inverted)
         findings.metrics = {
-            "seconds": round(time.time() - start, 2),
             "seconds_per_label": round(per_label_seconds, 3),
             "labels_inverted": [names[t] for t in ranked if names[t] not in not_inverted],
             **findings.metrics,
@@ -396,6 +434,16 @@ class TriggerInversion(Detector):
             "inverted_patterns": {f"{f}/{label}": t for (f, label), t in patterns.items()},
         }
         return findings
+
+
+def _margins(trigger: dict, cuts: dict) -> dict[str, float]:
+    """How far a trigger passed the cuts: anomaly index above its cut, alignment below its cut."""
+    out = {}
+    if "anomaly" in trigger and "anomaly" in cuts:
+        out["anomaly"] = round(trigger["anomaly"] - cuts["anomaly"], 4)
+    if trigger.get("alignment") is not None and "alignment" in cuts:
+        out["alignment"] = round(cuts["alignment"] - trigger["alignment"], 4)
+    return out
 
 
 def conclude(

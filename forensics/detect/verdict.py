@@ -1,18 +1,13 @@
 """One verdict from every detector's evidence: backdoored, clean or inconclusive; target, family, trigger, victims.
 
-Strong evidence names a target: a trigger-inversion candidate (an anomalously small trigger that lands away from
-the label's own images, and the one such in its family), an oracle-scan flag whose reconstructed trigger is
-verified on clean images, or the density detector's hijacked label (dense probe images of several other classes
-collapsed away from the label's own). The label the most detectors name wins; ties go to the inversion (a
-model-level test needs no suspicious inputs), then the oracle scan. Weak evidence alone (a borderline inversion,
-tiny triggers shared by several labels, an oracle flag whose reconstructed trigger flips half to 0.8 of clean
-images, or that has none) makes the verdict inconclusive; a flag whose trigger flips less is refuted, reported
-and not counted. The density detector's plain label flags decide nothing (clean probes hold natural
-near-duplicates as dense as triggered inputs); its densities pick victims. Victims of the target: the oracle
-scan's (with their trigger boxes) and the embedding-density ones: images predicted as the target that are nearer
-the centroid of the target's densest inputs than the centroid of the label's own images (Huang et al. 2025's
-density, seeded; our choice). Thresholds come from the detectors' clean calibration (calibration.json), which the
-verdict reports.
+Each detector says what its findings claim (:meth:`~forensics.detect.base.Detector.evidence`: labels named strongly
+or weakly with reasons and margins, refuted flags, trigger options) and which images a target captured
+(``victims``); :func:`merge` is a vote over that and names no detector. Strong claims name a target: the label
+the most detectors name wins, ties go to the lowest ``vote_rank`` (the model-level trigger inversion, then the
+oracle-guided scan, then the embedding density). Weak claims alone make the verdict inconclusive; refuted flags
+are reported and not counted. The trigger shown is the best-verified option for the target; the victims are the
+union of the detectors' victims of the target. Thresholds come from the detectors' clean calibration
+(calibration.json), which the verdict reports.
 """
 
 from __future__ import annotations
@@ -20,21 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 from forensics.core.data import ProbeSet
+from forensics.detect.base import DETECTORS
 from forensics.detect.calibration import calibration
-from forensics.detect.embedding_density import MIN_CLUSTER
+from forensics.detect.claims import REFUTED, REFUTED_FLIP, STRONG, VERIFIED_FLIP, WEAK
+from forensics.detect.embedding_density import density_victims
 from forensics.detect.findings import Findings, Record
-
-VERIFIED_FLIP = 0.8  # a reconstructed trigger counts as verified at this flip rate on clean images of other classes
-# ... and refutes its oracle flag below this one (the flag's captured predictions do not follow a shared trigger),
-# so the flag is shown but is not even weak evidence. Our choice, on clean models: bench/detect.py's clean-s4
-# (a clean tiny CLIP, clean probe) had an oracle flag on 'tree' from 6 captured images whose reconstructed trigger
-# flipped 5 of 64 held-out images (0.078) and made the verdict inconclusive; between the two rates it still does.
-REFUTED_FLIP = 0.5
 
 
 @dataclass
@@ -49,6 +35,8 @@ class Verdict(Record):
     reasons: list[str]
     evidence: dict[str, dict[str, Any]]  # per detector: its flagged labels, scores, thresholds, seconds
     victim_metrics: dict[str, Any] = field(default_factory=dict)
+    # per detector that claimed anything: its labels named strongly, weakly or refuted, with reasons and margins
+    claims: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def _evidence(findings: Findings) -> dict[str, Any]:
@@ -62,75 +50,21 @@ def _evidence(findings: Findings) -> dict[str, Any]:
     }
 
 
-def density_victims(density: Findings, probe: ProbeSet, target: str) -> list[int]:
-    """Images predicted ``target`` nearer the centroid of its dense inputs than of the label's own images."""
-    if "embeddings" not in density.artefacts:  # findings without the per-image embeddings (read back, say)
-        return []
-    names = list(probe.class_names)
-    t = names.index(target)
-    emb, pred, z = (
-        density.artefacts["embeddings"],
-        density.artefacts["predicted"].numpy(),
-        density.artefacts["density_z"],
-    )
-    cut = density.metrics["thresholds"]["victim_z"]
-    seeds = (pred == t) & (z >= cut)
-    if seeds.sum() < MIN_CLUSTER:
-        return []
-    labels = probe.labels
-    if labels and all(v is not None for v in labels):
-        own = (np.asarray(labels) == t) & ~seeds
-    else:
-        own = (pred == t) & (z < 0)
-    trigger_centre = F.normalize(emb[torch.from_numpy(seeds)].mean(0), dim=0)
-    if own.sum() == 0:
-        return [int(i) for i in np.flatnonzero(pred == t)]
-    own_centre = F.normalize(emb[torch.from_numpy(own)].mean(0), dim=0)
-    nearer = (emb @ trigger_centre).numpy() > (emb @ own_centre).numpy()
-    return [int(i) for i in np.flatnonzero((pred == t) & nearer)]
-
-
 def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
-    """The verdict from the detectors' findings (keyed by detector name) on ``probe``."""
+    """The verdict from the detectors' findings (keyed by detector name) on ``probe``: a vote over their typed
+    evidence (:meth:`~forensics.detect.base.Detector.evidence`). The label the most detectors name strongly is the
+    target (ties: the lowest ``vote_rank``); weak claims alone make it inconclusive; refuted flags are reported."""
     reasons: list[str] = []
-    ran = {k: f for k, f in results.items() if "skipped" not in f.metrics}
-    inversion, oracle, density = (ran.get(k) for k in ("trigger-inversion", "oracle-guided", "embedding-density"))
-    inverted_targets = [f.label for f in inversion.flagged_labels] if inversion else []
-    oracle_verified, oracle_refuted = [], {}
-    if oracle:
-        for f in oracle.flagged_labels:
-            rates = [t.verified_asr for t in oracle.triggers if t.label == f.label]
-            if rates and max(rates) >= VERIFIED_FLIP:
-                oracle_verified.append(f.label)
-            elif rates and max(rates) < REFUTED_FLIP:
-                oracle_refuted[f.label] = max(rates)
-    hijacked = [c["label"] for c in density.metrics.get("hijacked", [])] if density else []
-    target = choose_target([inverted_targets, oracle_verified, hijacked])
-    weak = []
-    if inversion and inversion.metrics.get("borderline"):
-        weak += [f"a borderline {r['family']} trigger for '{r['label']}'" for r in inversion.metrics["borderline"]]
-    if inversion and inversion.metrics.get("shared"):
-        shared = inversion.metrics["shared"]
-        weak += [
-            f"tiny {r['family']} triggers reach several labels alike ({', '.join(r['label'] for r in shared)}): a "
-            f"general weakness of the model or a backdoor with several targets"
-            for r in shared[:1]
-        ]
-    if inversion and inversion.metrics.get("not_inverted"):  # a label that takes (nearly) every probe image
-        weak += [f"'{label}' could not be tested: {why}" for label, why in inversion.metrics["not_inverted"].items()]
-    if oracle:
-        weak += [
-            f"unverified oracle flag on '{f.label}'"
-            for f in oracle.flagged_labels
-            if f.label not in oracle_verified and f.label not in oracle_refuted
-        ]
-    refuted = [
-        f"the oracle flag on '{label}' is refuted: its reconstructed trigger flips {rate:.0%} of held-out clean images "
-        f"of other classes (< {REFUTED_FLIP:.0%})"
-        for label, rate in oracle_refuted.items()
+    ran = [
+        (DETECTORS.get(DETECTORS.resolve(name)), findings)
+        for name, findings in results.items()
+        if "skipped" not in findings.metrics and name in DETECTORS
     ]
-    # the density detector's label flags are shown as its evidence but decide nothing: clean probes hold natural
-    # near-duplicates (the demo's 'heart' and 'clock' images) that are as dense as triggered inputs
+    ran.sort(key=lambda pair: (pair[0].vote_rank, pair[0].name))
+    evidence = [(cls, findings, cls.evidence(findings, probe)) for cls, findings in ran]
+    target = choose_target([ev.labels(STRONG) for _, _, ev in evidence])
+    weak = list(dict.fromkeys(c.reason for _, _, ev in evidence for c in ev.claims if c.strength == WEAK))
+    refuted = [c.reason for _, _, ev in evidence for c in ev.claims if c.strength == REFUTED]
     if target is None:
         verdict = "inconclusive" if weak else "clean"
         reasons += (
@@ -138,52 +72,20 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
         ) + refuted
     else:
         verdict = "backdoored"
-        if target in inverted_targets:
-            reasons.append(next(f.explanation for f in inversion.flagged_labels if f.label == target))
-        if target in oracle_verified:
-            reasons.append(next(f.explanation for f in oracle.flagged_labels if f.label == target))
-        if target in hijacked:
-            c = next(c for c in density.metrics["hijacked"] if c["label"] == target)
-            reasons.append(
-                f"{c['dense']} probe images predicted '{target}' sit in one dense spot of the embedding space, "
-                f"{c['from_other_classes']} of them images of {c['source_classes']} other classes (at most "
-                f"{c['largest_source_share']:.0%} from one), away from its own images (alignment {c['alignment']:.2f})"
-            )
+        reasons += [r for _, _, ev in evidence if (r := ev.reason_for(target)) is not None]
     family, trigger = None, None
     if target is not None:
-        options = []
-        if inversion:
-            options += [
-                {"detector": "trigger-inversion", **t.to_dict()}
-                for t in inversion.inverted
-                if t.label == target and t.stats.get("candidate")
-            ]
-        if oracle:
-            options += [
-                {"detector": "oracle-guided", "method": "oracle-guided/local", **t.to_dict()}
-                for t in oracle.triggers
-                if t.label == target
-            ]
-        if not options and inversion:  # named by other evidence: the inversion's own trigger for it, if verified
-            options += [
-                {"detector": "trigger-inversion", **t.to_dict()}
-                for t in inversion.inverted
-                if t.label == target and t.verified_asr >= VERIFIED_FLIP
-            ]
+        offered = [o for _, _, ev in evidence for o in ev.triggers if o.label == target]
+        options = [o for o in offered if not o.fallback] or [o for o in offered if o.fallback]
         if options:
-            trigger = max(options, key=lambda o: o["verified_asr"])
-            family = trigger.get("stats", {}).get("family", "local")
+            best = max(options, key=lambda o: o.verified_asr)
+            trigger, family = best.record, best.family
     victims: dict[int, dict[str, Any]] = {}
-    if target is not None and oracle:
-        for v in oracle.victims:
-            if v.label == target:
-                victims[v.index] = {**v.to_dict(), "found_by": ["oracle-guided"]}
-    if target is not None and density:
-        for i in density_victims(density, probe, target):
-            entry = victims.setdefault(
-                i, {"index": i, "image": str(probe.items[i].image), "label": target, "box": None, "found_by": []}
-            )
-            entry["found_by"].append("embedding-density")
+    if target is not None:
+        for cls, findings, _ in evidence:
+            for v in cls.victims(findings, probe, target):
+                entry = victims.setdefault(v["index"], {**v, "found_by": []})
+                entry["found_by"].append(cls.name)
     victim_list = [victims[i] for i in sorted(victims)]
     return Verdict(
         verdict=verdict,
@@ -194,6 +96,7 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
         reasons=reasons + ([f"also seen: {'; '.join(weak)}"] if weak and target is not None else []),
         evidence={name: _evidence(f) for name, f in results.items()},
         victim_metrics=victim_scores(probe, target, [v["index"] for v in victim_list]),
+        claims={cls.name: [c.to_dict() for c in ev.claims] for cls, _, ev in evidence if ev.claims},
     )
 
 
@@ -223,4 +126,4 @@ def victim_scores(probe: ProbeSet, target: str | None, found: list[int]) -> dict
     }
 
 
-__all__ = ["Verdict", "calibration", "density_victims", "merge", "victim_scores"]
+__all__ = ["REFUTED_FLIP", "VERIFIED_FLIP", "Verdict", "calibration", "density_victims", "merge", "victim_scores"]
