@@ -44,7 +44,7 @@ from forensics.attacks import attack_from_dict  # noqa: E402
 from forensics.core.data import load_probe_set  # noqa: E402
 from forensics.core.errors import ForensicsError  # noqa: E402
 from forensics.core.models import atomic_write_text, resolve_model  # noqa: E402
-from forensics.detect.calibration import CALIBRATION_FILE, DEFAULTS  # noqa: E402
+from forensics.detect.calibration import CALIBRATION_FILE, REQUIRED, CalibratedDomain, ScanDomain  # noqa: E402
 from forensics.detect.evidence import ScanEvidence, evidence_of, read_evidence, write_evidence  # noqa: E402
 from forensics.detect.refit import fit, leave_one_model_out, summary  # noqa: E402
 from forensics.pipelines.evaluate import measure  # noqa: E402
@@ -262,11 +262,18 @@ def refit_report(evidence: Path, out: Path | None) -> dict:
     return result
 
 
-def calibration_file(result: dict) -> dict:
-    """calibration.json's content from a refit: each detector's cuts with what they were fit on and the margins."""
+def calibration_file(result: dict, rows: list[ScanEvidence]) -> dict:
+    """calibration.json's content from a refit: every threshold a scan reads (fitted cuts and the rules the refit
+    writes beside them), each with the models it was fit on and the margins, and the domain of the fit's scans."""
     cuts, features = result["cuts"], result["features"]
     inversion, density = features["trigger-inversion.alignment"], features["embedding-density.cluster_alignment"]
+    fitted = [r for r in rows if r.model in set(result["fit_on"])]
+    unknown = sorted({r.key for r in fitted if not r.domain})
+    if unknown:
+        raise SystemExit(f"--calibrate: evidence without its scan's domain: {', '.join(unknown)} (rescan or rebuild)")
+    domain = CalibratedDomain.of([ScanDomain(**r.domain) for r in fitted])
     return {
+        "domain": domain.to_dict(),
         "trigger-inversion": {
             "anomaly_threshold": cuts["anomaly"],
             "alignment_threshold": cuts["alignment"],
@@ -276,12 +283,17 @@ def calibration_file(result: dict) -> dict:
             "backdoor_target_alignments": inversion["backdoored"],
         },
         "embedding-density": {
-            "label_threshold": 3.0,
-            "victim_z": 2.0,
+            "label_threshold": cuts["label_threshold"],
+            "victim_z": cuts["victim_z"],
             "cluster_alignment": cuts["cluster_alignment"],
             "calibrated_on": result["fit_on"],
             "clean_lowest_alignment_by_model": dict(sorted(density["clean"].items())),
             "backdoor_target_alignments": density["backdoored"],
+        },
+        "verification": {
+            "verified_flip": cuts["verified_flip"],
+            "refuted_flip": cuts["refuted_flip"],
+            "calibrated_on": result["fit_on"],
         },
     }
 
@@ -294,22 +306,30 @@ def install_calibration(source: Path, target: Path = CALIBRATION_FILE) -> dict:
         new = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SystemExit(f"--install-calibration: cannot read {source}: {exc}") from None
-    for detector, defaults in DEFAULTS.items():
+    for detector, keys in REQUIRED.items():
         values = new.get(detector) if isinstance(new, dict) else None
         if not isinstance(values, dict):
             raise SystemExit(f"--install-calibration: {source} has no thresholds for {detector}")
-        for key in defaults:
+        for key in keys:
             if isinstance(values.get(key), bool) or not isinstance(values.get(key), (int, float)):
                 raise SystemExit(f"--install-calibration: {source}: {detector}.{key} is not a number")
     old = json.loads(target.read_text(encoding="utf-8")) if target.is_file() else {}
-    for detector, defaults in DEFAULTS.items():
-        for key in defaults:
-            before, after = old.get(detector, {}).get(key, defaults[key]), new[detector][key]
+    if not isinstance(new.get("domain"), dict):
+        raise SystemExit(f"--install-calibration: {source} does not record the domain it was fit on")
+    for detector, keys in REQUIRED.items():
+        for key in keys:
+            before, after = old.get(detector, {}).get(key), new[detector][key]
             if before != after:
                 print(f"{detector}.{key}: {before} -> {after}", file=sys.stderr)
     atomic_write_text(target, json.dumps(new, indent=2) + "\n")
     print(f"installed {source} as {target}", file=sys.stderr)
     return new
+
+
+PROBE_NAMES = {
+    "clean": "demo-clean (the lab's 300 clean held-out images)",
+    "triggered": "demo-clean with the model's own trigger on 15 % of the non-target images (bench/detect.py)",
+}
 
 
 def row_evidence(name: str, mode: str, truth: str | None, held_out: bool, outcome) -> ScanEvidence:
@@ -324,6 +344,7 @@ def row_evidence(name: str, mode: str, truth: str | None, held_out: bool, outcom
         held_out=held_out,
         recorded={"verdict": verdict["verdict"], "target": verdict["target"], "family": verdict["family"]},
         source=f"python bench/detect.py (torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        domain=ScanDomain.of(outcome.model, outcome.probe).to_dict() | {"probe": PROBE_NAMES[mode]},
     )
 
 
@@ -397,7 +418,7 @@ def main() -> None:
     if args.refit or args.calibrate:
         result = refit_report(evidence, out)
         if args.calibrate:
-            text = json.dumps(calibration_file(result), indent=2) + "\n"
+            text = json.dumps(calibration_file(result, read_evidence(Path(args.evidence))), indent=2) + "\n"
             atomic_write_text(Path(args.calibration_out), text)
             print(text)
             print(

@@ -13,6 +13,7 @@ says so in its ``source``. A rescan (``python bench/detect.py``) writes complete
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -21,8 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from detect import PROBE_NAMES  # noqa: E402
+
 from forensics.core.data import load_probe_set  # noqa: E402
-from forensics.detect.claims import VERIFIED_FLIP  # noqa: E402
+from forensics.detect.calibration import ScanDomain, calibration  # noqa: E402
 from forensics.detect.evidence import ScanEvidence, write_evidence  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -48,11 +51,14 @@ def oracle_from_reasons(reasons: list[str]) -> dict:
                         "explanation": part,
                     }
                 )
-                triggers.append({"label": m["label"], "verified_asr": VERIFIED_FLIP})
+                triggers.append({"label": m["label"], "verified_asr": calibration("verification")["verified_flip"]})
     return {"flags": flags, "triggers": triggers}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rewrite", action="store_true", help="rebuild the files that exist too")
+    args = parser.parse_args()
     detect = json.loads((RESULTS / "detect.json").read_text())
     clusters = {
         (r["model"], r["mode"]): r["clusters"] for r in json.loads((RESULTS / "density_clusters.json").read_text())
@@ -60,7 +66,8 @@ def main() -> None:
     classes = load_probe_set("demo-clean").class_names
     folder = RESULTS / "evidence"
     for key, row in detect["rows"].items():
-        if (folder / f"{row['model']}__{row['mode']}.json").is_file() or "inversion" not in row:
+        exists = (folder / f"{row['model']}__{row['mode']}.json").is_file()
+        if (exists and not args.rewrite) or "inversion" not in row:
             continue
         detectors = {
             "trigger-inversion": {"labels": row["inversion"], "predicted": None, "not_inverted": {}},
@@ -79,6 +86,15 @@ def main() -> None:
             held_out=bool(detect["zoo"].get(row["model"], {}).get("held_out")),
             recorded={"verdict": row["verdict"], "target": row["target"], "family": row["family"]},
             source="rebuilt by bench/evidence_from_rows.py from a scan before the evidence store: " + "; ".join(kept),
+            # the zoo's models are all make-demo's tiny-rn at 128 px in fp32, scanned on the 10-class demo probe
+            domain=ScanDomain(
+                architecture="tiny-rn",
+                image_size=128,
+                classes=len(classes),
+                probe=PROBE_NAMES[row["mode"]],
+                threads=int(detect["machine"]["threads"]),
+                precision="fp32",
+            ).to_dict(),
         )
         print(write_evidence(evidence, folder).relative_to(ROOT))
 

@@ -3,6 +3,7 @@ and validated leaving each model out in seconds (bench/detect.py --refit), with 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -52,14 +53,15 @@ def test_a_scans_evidence_replays_to_its_verdict(quick_demo_scan, tmp_path):
     v = replay(back, Cuts.calibrated())
     assert (v.verdict, v.target, v.family) == (outcome.verdict.verdict, outcome.verdict.target, outcome.verdict.family)
     # a stricter alignment cut than any label's makes the inversion name nothing
-    strict = replay(back, Cuts(alignment=-1.0, cluster_alignment=-1.0))
+    strict = replay(back, dataclasses.replace(Cuts.calibrated(), alignment=-1.0, cluster_alignment=-1.0))
     assert strict.evidence["trigger-inversion"]["flagged"] == []
 
 
 def test_a_cut_sits_below_every_clean_value_and_at_most_midway_to_the_backdoors_under_it():
-    assert place_cut([0.6, 0.8], [0.2, 0.3, 0.7], 0.07, 0.46) == 0.45  # midway from 0.6 to 0.3, under the guard
-    assert place_cut([0.6], [0.58], 0.07, 0.46) == 0.53  # no backdoor under the guard: the guard decides
-    assert place_cut([], [0.2], 0.07, 0.46) == 0.46  # no clean value known: the default
+    assert place_cut([0.6, 0.8], [0.2, 0.3, 0.7], 0.07, "x") == 0.45  # midway from 0.6 to 0.3, under the guard
+    assert place_cut([0.6], [0.58], 0.07, "x") == 0.53  # no backdoor under the guard: the guard decides
+    with pytest.raises(ForensicsError, match="cannot fit the alignment: no clean model"):  # nothing bounds it
+        place_cut([], [0.2], 0.07, "the alignment")
     rows = read_evidence(SUBSET)
     full = fit(rows)
     lowest = min(full.features["trigger-inversion.alignment"]["clean"].values())

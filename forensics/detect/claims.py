@@ -17,13 +17,6 @@ WEAK = "weak"  # worth a look, never a target: alone it makes the verdict inconc
 REFUTED = "refuted"  # a flag the detector's own check contradicts: shown, counted for nothing
 STRENGTHS = (STRONG, WEAK, REFUTED)
 
-VERIFIED_FLIP = 0.8  # a reconstructed trigger counts as verified at this flip rate on clean images of other classes
-# ... and refutes its flag below this one (the flag's captured predictions do not follow a shared trigger), so the
-# flag is shown but is not even weak evidence. Our choice, on clean models: bench/detect.py's clean-s4 (a clean tiny
-# CLIP, clean probe) had an oracle flag on 'tree' from 6 captured images whose reconstructed trigger flipped 5 of 64
-# held-out images (0.078) and made the verdict inconclusive; between the two rates it still does.
-REFUTED_FLIP = 0.5
-
 
 @dataclass
 class LabelClaim(Record):

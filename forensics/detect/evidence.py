@@ -30,24 +30,33 @@ EVIDENCE_FORMAT = 1
 
 @dataclass
 class Cuts(Record):
-    """The decision rule's fitted thresholds: the inversion's alignment cut (a small trigger landing at most this
-    close to the label's own images is planted, not natural) with its borderline band and anomaly index, and the
-    density detector's cluster alignment."""
+    """The decision rule's thresholds: the inversion's alignment cut (a small trigger landing at most this close to
+    the label's own images is planted, not natural) with its borderline band and anomaly index, the density
+    detector's cluster alignment, label and victim cuts, and the flip rates that verify or refute a trigger."""
 
     alignment: float
     cluster_alignment: float
-    anomaly: float = 2.0  # Neural Cleanse's anomaly index, fixed by the paper, not fitted
-    borderline: float = 0.03
+    anomaly: float
+    borderline: float
+    label_threshold: float
+    victim_z: float
+    verified_flip: float
+    refuted_flip: float
 
     @classmethod
     def calibrated(cls) -> "Cuts":
-        """The cuts a scan uses now (calibration.json, else the built-in defaults)."""
+        """The cuts a scan uses now (the installed calibration.json)."""
         inversion, density = calibration("trigger-inversion"), calibration("embedding-density")
+        verification = calibration("verification")
         return cls(
             alignment=inversion["alignment_threshold"],
             cluster_alignment=density["cluster_alignment"],
             anomaly=inversion["anomaly_threshold"],
             borderline=inversion["borderline"],
+            label_threshold=density["label_threshold"],
+            victim_z=density["victim_z"],
+            verified_flip=verification["verified_flip"],
+            refuted_flip=verification["refuted_flip"],
         )
 
 
@@ -64,6 +73,7 @@ class ScanEvidence(Record):
     recorded: dict[str, Any] = field(default_factory=dict)  # the verdict the scan itself gave
     source: str = ""  # how this evidence was made
     format: int = EVIDENCE_FORMAT
+    domain: dict[str, Any] = field(default_factory=dict)  # what the scan ran on (a ScanDomain's fields)
 
     @property
     def key(self) -> str:
@@ -132,7 +142,8 @@ def replay(row: ScanEvidence, cuts: Cuts) -> Verdict:
                 TriggerCandidate(t["label"], "", t.get("size", 0.0), t.get("n_crops", 0), t["verified_asr"], 0)
                 for t in ev.get("triggers", [])
             ]
-            results[name] = Findings(flags, triggers, [], [])
+            thresholds = {"verified_flip": cuts.verified_flip, "refuted_flip": cuts.refuted_flip}
+            results[name] = Findings(flags, triggers, [], [], metrics={"thresholds": thresholds})
         elif name == "embedding-density":
             settings = EmbeddingDensitySettings()
             hijacked = [c for c in ev.get("clusters", []) if is_hijacked(c, settings, cuts.cluster_alignment)]

@@ -38,16 +38,8 @@ from forensics.core.progress import Progress
 from forensics.core.settings import at_least
 from forensics.core.zeroshot import class_text_embeddings, predict, zero_shot_logits
 from forensics.detect.base import DETECTORS, Detector
-from forensics.detect.claims import (
-    REFUTED,
-    REFUTED_FLIP,
-    STRONG,
-    VERIFIED_FLIP,
-    WEAK,
-    Evidence,
-    LabelClaim,
-    TriggerOption,
-)
+from forensics.detect.calibration import calibration
+from forensics.detect.claims import REFUTED, STRONG, WEAK, Evidence, LabelClaim, TriggerOption
 from forensics.detect.findings import Findings, FlaggedLabel, ImageEvidence, TriggerCandidate, Victim
 from forensics.oracles import Oracle, Region
 
@@ -937,26 +929,31 @@ class OracleGuidedScan(Detector):
             "rest": round(time.time() - start - sum(stages.values()), 2),
         }
         findings.metrics["images_per_second"] = round(len(probe) / max(1e-9, time.time() - start), 3)
+        verification = calibration("verification")
+        findings.metrics["thresholds"] = {k: verification[k] for k in ("verified_flip", "refuted_flip")}
+        findings.metrics["calibrated_on"] = verification.get("calibrated_on")
         return findings
 
     @classmethod
     def evidence(cls, findings: Findings, probe: ProbeSet) -> Evidence:
-        """A flag is strong when its reconstructed trigger flips at least VERIFIED_FLIP of held-out clean images of
-        other classes, refuted below REFUTED_FLIP (its captured predictions follow no shared trigger), weak between
-        or without a trigger. Every reconstructed trigger is an option for its label."""
+        """A flag is strong when its reconstructed trigger flips at least the calibrated ``verified_flip`` of held-out
+        clean images of other classes, refuted below ``refuted_flip`` (its captured predictions follow no shared
+        trigger), weak between or without a trigger. Every reconstructed trigger is an option for its label."""
+        cuts = findings.metrics.get("thresholds") or calibration("verification")
+        verified, refuted = cuts["verified_flip"], cuts["refuted_flip"]
         claims = []
         for f in findings.flagged_labels:
             rates = [t.verified_asr for t in findings.triggers if t.label == f.label]
             best = max(rates) if rates else None
-            margins = {} if best is None else {"verified_flip": round(best - VERIFIED_FLIP, 4)}
-            if best is not None and best >= VERIFIED_FLIP:
+            margins = {} if best is None else {"verified_flip": round(best - verified, 4)}
+            if best is not None and best >= verified:
                 claims.append(LabelClaim(f.label, STRONG, f.explanation, margins))
-            elif best is not None and best < REFUTED_FLIP:
+            elif best is not None and best < refuted:
                 reason = (
                     f"the oracle flag on '{f.label}' is refuted: its reconstructed trigger flips {best:.0%} of "
-                    f"held-out clean images of other classes (< {REFUTED_FLIP:.0%})"
+                    f"held-out clean images of other classes (< {refuted:.0%})"
                 )
-                claims.append(LabelClaim(f.label, REFUTED, reason, {"refuted_flip": round(REFUTED_FLIP - best, 4)}))
+                claims.append(LabelClaim(f.label, REFUTED, reason, {"refuted_flip": round(refuted - best, 4)}))
             else:
                 claims.append(LabelClaim(f.label, WEAK, f"unverified oracle flag on '{f.label}'", margins))
         method = f"{cls.name}/local"

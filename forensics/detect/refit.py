@@ -6,7 +6,7 @@ model's lowest value by a guard (the borderline band plus a margin, so no clean 
 no higher than midway between that lowest clean value and the highest backdoored value under it (the widest gap
 when the two sides separate). The features: the inversion's alignment of small anomalous triggers (clean side:
 any label of a clean model; backdoored side: the true target) and the density cluster's alignment (clean side:
-clusters fed by several classes in clean models; backdoored side: the true target's). Held-out models never
+clean models' clusters that other classes feed at all; backdoored side: the true target's). Held-out models never
 enter a fit. Leave-one-model-out: each model's rows are judged by cuts fit without them.
 """
 
@@ -15,13 +15,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from forensics.core.errors import ForensicsError
 from forensics.detect.embedding_density import EmbeddingDensitySettings
 from forensics.detect.evidence import Cuts, ScanEvidence, replay
 
 BORDERLINE = 0.03  # above the inversion's cut, this much more alignment makes a verdict inconclusive
 CLEAN_MARGIN = 0.04  # the lowest clean value stays this far above the borderline band (or the density cut)
-ANOMALY = 2.0  # Neural Cleanse's anomaly index: fixed by the paper
-DEFAULT_CUTS = Cuts(alignment=0.46, cluster_alignment=0.46)  # when a side of the fit has no value at all
+# Rules the refit writes with the fitted cuts rather than fits (each scan reads them from calibration.json only):
+ANOMALY = 2.0  # Neural Cleanse's anomaly index (Wang et al. 2019): fixed by the paper
+LABEL_THRESHOLD = 3.0  # the density's per-label anomaly index: shown only, decides nothing (see embedding_density)
+VICTIM_Z = 2.0  # an image 2 MADs denser than the probe's median is a dense (suspicious) input (Huang et al. 2025)
+# A trigger is verified when it flips this share of held-out clean images of other classes to its label, and an
+# oracle flag whose best trigger flips less than REFUTED_FLIP is refuted. On the zoo (bench/detect.py): verified
+# backdoor triggers flip 0.9-1.0; a clean model's natural flag ('tree' on clean-s4) flipped 0.078.
+VERIFIED_FLIP = 0.8
+REFUTED_FLIP = 0.5
 
 
 def inversion_values(rows: list[ScanEvidence]) -> tuple[dict[str, float], list[float]]:
@@ -42,27 +50,30 @@ def inversion_values(rows: list[ScanEvidence]) -> tuple[dict[str, float], list[f
 
 
 def density_values(rows: list[ScanEvidence]) -> tuple[dict[str, float], list[float]]:
-    """(lowest alignment of a cluster fed by several classes per clean model; every backdoored target's)."""
+    """(lowest alignment per clean model of a dense cluster that other classes feed at all; every backdoored row's
+    true target's cluster fed by several classes). The clean side takes any mixed cluster, not only those fed by
+    several classes: the alignment cut must sit below natural mixed clusters whatever their source count, which
+    the other two conditions of :func:`~forensics.detect.embedding_density.is_hijacked` judge on their own."""
     s = EmbeddingDensitySettings()
     clean: dict[str, float] = {}
     target: list[float] = []
     for row in rows:
         for c in (row.detectors.get("embedding-density") or {}).get("clusters", []):
-            fed = c["source_classes"] >= s.min_sources and c["largest_source_share"] <= s.max_source_share
-            if not fed or c["alignment"] is None:
+            if c["alignment"] is None or c["source_classes"] < 1:
                 continue
             if row.truth == "clean":
                 clean[row.model] = min(clean.get(row.model, 1.0), c["alignment"])
-            elif c["label"] == row.truth:
-                target.append(c["alignment"])
+            elif c["label"] == row.truth and c["source_classes"] >= s.min_sources:
+                if c["largest_source_share"] <= s.max_source_share:
+                    target.append(c["alignment"])
     return clean, target
 
 
-def place_cut(clean: list[float], backdoored: list[float], guard: float, default: float) -> float:
+def place_cut(clean: list[float], backdoored: list[float], guard: float, feature: str) -> float:
     """The cut: ``guard`` below the lowest clean value, and at most midway to the highest backdoored value
-    under that; ``default`` when no clean value is known."""
+    under that. Without a clean value nothing bounds it: an error naming the ``feature``, never a guess."""
     if not clean:
-        return default
+        raise ForensicsError(f"cannot fit {feature}: no clean model of the fit has a value for it")
     lowest = min(clean)
     cut = lowest - guard
     below = [v for v in backdoored if v <= cut]
@@ -102,10 +113,20 @@ def fit(rows: list[ScanEvidence], leave_out: set[str] | frozenset[str] = frozens
     used = [r for r in rows if not r.held_out and r.model not in leave_out]
     inv_clean, inv_target = inversion_values(used)
     den_clean, den_target = density_values(used)
-    alignment = place_cut(list(inv_clean.values()), inv_target, BORDERLINE + CLEAN_MARGIN, DEFAULT_CUTS.alignment)
-    cluster = place_cut(list(den_clean.values()), den_target, CLEAN_MARGIN, DEFAULT_CUTS.cluster_alignment)
+    alignment = place_cut(list(inv_clean.values()), inv_target, BORDERLINE + CLEAN_MARGIN, "the inversion's alignment")
+    cluster = place_cut(list(den_clean.values()), den_target, CLEAN_MARGIN, "the density cluster's alignment")
+    cuts = Cuts(
+        alignment=alignment,
+        cluster_alignment=cluster,
+        anomaly=ANOMALY,
+        borderline=BORDERLINE,
+        label_threshold=LABEL_THRESHOLD,
+        victim_z=VICTIM_Z,
+        verified_flip=VERIFIED_FLIP,
+        refuted_flip=REFUTED_FLIP,
+    )
     return Fit(
-        cuts=Cuts(alignment=alignment, cluster_alignment=cluster, anomaly=ANOMALY, borderline=BORDERLINE),
+        cuts=cuts,
         models=sorted({r.model for r in used}),
         features={
             "trigger-inversion.alignment": {"cut": alignment, "clean": inv_clean, "backdoored": sorted(inv_target)},

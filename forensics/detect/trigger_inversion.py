@@ -44,7 +44,7 @@ from forensics.core.settings import at_least
 from forensics.core.zeroshot import class_text_embeddings, image_embeddings, predict_labels
 from forensics.detect.base import DETECTORS, Detector
 from forensics.detect.calibration import calibration
-from forensics.detect.claims import STRONG, VERIFIED_FLIP, WEAK, Evidence, LabelClaim, TriggerOption
+from forensics.detect.claims import STRONG, WEAK, Evidence, LabelClaim, TriggerOption
 from forensics.detect.findings import Findings, FlaggedLabel, InvertedTrigger
 
 FAMILIES = ("local", "global")
@@ -376,7 +376,7 @@ class TriggerInversion(Detector):
         ] + [
             TriggerOption(cls.name, t.label, t.verified_asr, {"detector": cls.name, **t.to_dict()}, fallback=True)
             for t in findings.inverted
-            if not t.stats.get("candidate") and t.verified_asr >= VERIFIED_FLIP
+            if not t.stats.get("candidate") and t.verified_asr >= calibration("verification")["verified_flip"]
         ]
         return Evidence(cls.name, claims, triggers)
 

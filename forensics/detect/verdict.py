@@ -17,8 +17,8 @@ from typing import Any
 
 from forensics.core.data import ProbeSet
 from forensics.detect.base import DETECTORS
-from forensics.detect.calibration import calibration
-from forensics.detect.claims import REFUTED, REFUTED_FLIP, STRONG, VERIFIED_FLIP, WEAK
+from forensics.detect.calibration import ScanDomain, calibration, domain_gaps
+from forensics.detect.claims import REFUTED, STRONG, WEAK
 from forensics.detect.embedding_density import density_victims
 from forensics.detect.findings import Findings, Record
 
@@ -37,6 +37,8 @@ class Verdict(Record):
     victim_metrics: dict[str, Any] = field(default_factory=dict)
     # per detector that claimed anything: its labels named strongly, weakly or refuted, with reasons and margins
     claims: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    domain: dict[str, Any] = field(default_factory=dict)  # what the scan ran on (architecture, resolution, classes)
+    outside_domain: list[str] = field(default_factory=list)  # where that leaves the calibrated domain, if anywhere
 
 
 def _evidence(findings: Findings) -> dict[str, Any]:
@@ -50,10 +52,11 @@ def _evidence(findings: Findings) -> dict[str, Any]:
     }
 
 
-def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
+def merge(results: dict[str, Findings], probe: ProbeSet, domain: ScanDomain | None = None) -> Verdict:
     """The verdict from the detectors' findings (keyed by detector name) on ``probe``: a vote over their typed
     evidence (:meth:`~forensics.detect.base.Detector.evidence`). The label the most detectors name strongly is the
-    target (ties: the lowest ``vote_rank``); weak claims alone make it inconclusive; refuted flags are reported."""
+    target (ties: the lowest ``vote_rank``); weak claims alone make it inconclusive; refuted flags are reported.
+    ``domain`` (what the scan ran on): where it leaves the calibrated domain, the reasons say so."""
     reasons: list[str] = []
     ran = [
         (DETECTORS.get(DETECTORS.resolve(name)), findings)
@@ -87,6 +90,12 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
                 entry = victims.setdefault(v["index"], {**v, "found_by": []})
                 entry["found_by"].append(cls.name)
     victim_list = [victims[i] for i in sorted(victims)]
+    gaps = domain_gaps(domain) if domain is not None else []
+    if gaps:
+        reasons.append(
+            f"outside the calibrated domain: {'; '.join(gaps)}; the thresholds were measured on other models, so "
+            "this verdict rests on them untested"
+        )
     return Verdict(
         verdict=verdict,
         target=target,
@@ -97,6 +106,8 @@ def merge(results: dict[str, Findings], probe: ProbeSet) -> Verdict:
         evidence={name: _evidence(f) for name, f in results.items()},
         victim_metrics=victim_scores(probe, target, [v["index"] for v in victim_list]),
         claims={cls.name: [c.to_dict() for c in ev.claims] for cls, _, ev in evidence if ev.claims},
+        domain=domain.to_dict() if domain is not None else {},
+        outside_domain=gaps,
     )
 
 
@@ -126,4 +137,4 @@ def victim_scores(probe: ProbeSet, target: str | None, found: list[int]) -> dict
     }
 
 
-__all__ = ["REFUTED_FLIP", "VERIFIED_FLIP", "Verdict", "calibration", "density_victims", "merge", "victim_scores"]
+__all__ = ["Verdict", "calibration", "density_victims", "merge", "victim_scores"]

@@ -39,6 +39,7 @@ from forensics.detect import (
     detector_settings,
     profile_name,
 )
+from forensics.detect.calibration import ScanDomain
 from forensics.detect.trigger_inversion import InvertedPattern
 from forensics.detect.verdict import Verdict, merge
 from forensics.detect.victim_trigger import VictimTrigger, adopt, for_verdict
@@ -370,7 +371,7 @@ def scan(
         results[name] = built[name].run(loaded, shared, sub_progress(progress, lo, hi, f"{name}: "))
     results = {name: results[name] for name in names if name in results}  # in the order asked for
     findings = results.get("oracle-guided") or Findings([], [], [], [], artefacts={"images": None, "patterns": {}})
-    verdict = merge(results, probe_set)
+    verdict = merge(results, probe_set, ScanDomain.of(loaded, probe_set))
     victim_trigger = None
     if is_main():
         if progress and verdict.victims:
