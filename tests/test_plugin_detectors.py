@@ -173,3 +173,18 @@ def test_a_fallback_trigger_shows_only_when_no_first_choice_names_the_target():
     assert option.family == "global"
     with pytest.raises(ValueError, match="strength"):
         LabelClaim("b", "certain", "why")
+
+
+def test_a_plug_in_detectors_evidence_is_stored_and_replayed_like_the_built_in_ones(majority_registered):
+    from forensics.detect.evidence import Cuts, ScanEvidence, evidence_of, replay
+
+    results = {"majority-label": _majority("c"), "trigger-inversion": _inversion("b", 0.30)}
+    stored = evidence_of({"majority-label": _majority("c")}, ["a", "b", "c"])
+    assert stored == {"majority-label": {"flags": [FlaggedLabel("c", 0.9, 5, 5, "most images").to_dict()]}}
+    row = ScanEvidence("toy", "clean", "c", ["a", "b", "c"], evidence_of(results, ["a", "b", "c"]))
+    assert replay(row, Cuts.calibrated()).target == "c"  # its claim replays (this toy inversion stored no triggers)
+    DETECTORS._entries.pop(MajorityLabel.name)
+    try:  # stored by a detector no longer installed: left out of the replay, not an error
+        assert replay(row, Cuts.calibrated()).target is None
+    finally:
+        DETECTORS.register(MajorityLabel)

@@ -31,7 +31,7 @@ from forensics.core.progress import Progress, sub_progress
 from forensics.core.registry import Registry
 from forensics.core.settings import build_settings
 from forensics.detect.claims import Evidence
-from forensics.detect.findings import Findings, skipped
+from forensics.detect.findings import Findings, FlaggedLabel, skipped
 
 DETECTORS: Registry = Registry("detector")
 """Registered detector classes by name (``@DETECTORS.register``)."""
@@ -93,6 +93,18 @@ class Detector(ABC):
         """What ``findings`` (this detector's, from a scan or read back) claim about the labels; none by default:
         a detector without calibrated claims is shown in the report and counts for nothing in the verdict."""
         return Evidence(cls.name)
+
+    @classmethod
+    def stored_evidence(cls, findings: Findings, classes: list[str]) -> dict[str, Any]:
+        """The findings reduced to what the decision rests on, JSON-able and without images (the evidence store,
+        :mod:`forensics.detect.evidence`); by default the flagged labels as recorded."""
+        return {"flags": [f.to_dict() for f in findings.flagged_labels]}
+
+    @classmethod
+    def replayed(cls, stored: dict[str, Any], classes: list[str], cuts: Any) -> Findings:
+        """Findings rebuilt from :meth:`stored_evidence` under the thresholds ``cuts`` (an evidence ``Cuts``), so a
+        refit re-judges a scan without rescanning; by default the stored flags, which claim nothing."""
+        return Findings([FlaggedLabel(**f) for f in stored.get("flags", [])], [], [], [])
 
     @classmethod
     def victims(cls, findings: Findings, probe: ProbeSet, target: str) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,6 +163,26 @@ class EmbeddingDensity(Detector):
             label_evidence=evidence,
             artefacts={"embeddings": emb, "predicted": predicted, "density_z": z, "images": images},
         )
+
+    @classmethod
+    def stored_evidence(cls, findings: Findings, classes: list[str]) -> dict[str, Any]:
+        """Every label's dense cluster (sources and alignment) and per-label dense counts."""
+        return {
+            "clusters": findings.label_evidence.get("clusters", []),
+            "labels": findings.label_evidence.get("labels"),
+        }
+
+    @classmethod
+    def replayed(cls, stored: dict[str, Any], classes: list[str], cuts: Any) -> Findings:
+        """The stored clusters judged hijacked or not under ``cuts``' cluster alignment."""
+        settings = EmbeddingDensitySettings()
+        hijacked = [c for c in stored.get("clusters", []) if is_hijacked(c, settings, cuts.cluster_alignment)]
+        thresholds = {
+            "cluster_alignment": cuts.cluster_alignment,
+            "min_sources": settings.min_sources,
+            "max_source_share": settings.max_source_share,
+        }
+        return Findings([], [], [], [], metrics={"hijacked": hijacked, "thresholds": thresholds})
 
     @classmethod
     def evidence(cls, findings: Findings, probe: ProbeSet) -> Evidence:

@@ -11,7 +11,6 @@ model or a rescan (:mod:`forensics.detect.calibration`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +18,9 @@ from typing import Any
 
 from forensics.core.data import ProbeSet
 from forensics.core.errors import ForensicsError
+from forensics.detect.base import DETECTORS
 from forensics.detect.calibration import calibration
-from forensics.detect.embedding_density import EmbeddingDensitySettings, is_hijacked
-from forensics.detect.findings import Findings, FlaggedLabel, Record, TriggerCandidate
-from forensics.detect.trigger_inversion import LabelTrigger, TriggerInversionSettings, conclude
+from forensics.detect.findings import Findings, Record
 from forensics.detect.verdict import Verdict, merge
 
 EVIDENCE_FORMAT = 1
@@ -81,78 +79,29 @@ class ScanEvidence(Record):
 
 
 def evidence_of(results: dict[str, Findings], classes: list[str]) -> dict[str, dict[str, Any]]:
-    """Each detector's findings reduced to the evidence its decision rests on (JSON-able, no images)."""
+    """Each detector's findings reduced to the evidence its decision rests on (JSON-able, no images; each detector's
+    :meth:`~forensics.detect.base.Detector.stored_evidence`)."""
     out: dict[str, dict[str, Any]] = {}
     for name, f in results.items():
         if "skipped" in f.metrics:
             out[name] = {"skipped": f.metrics["skipped"]}
-        elif name == "trigger-inversion":
-            predicted = f.artefacts.get("predicted")
-            counts = [int((predicted == c).sum()) for c in range(len(classes))] if predicted is not None else None
-            out[name] = {
-                "labels": f.label_evidence,
-                "predicted": counts,
-                "not_inverted": f.metrics.get("not_inverted", {}),
-                "settings": f.settings,
-            }
-        elif name == "oracle-guided":
-            out[name] = {
-                "flags": [dataclasses.asdict(x) for x in f.flagged_labels],
-                "triggers": [
-                    {k: getattr(t, k) for k in ("label", "size", "n_crops", "verified_asr", "n_verified")}
-                    for t in f.triggers
-                ],
-                "labels": [
-                    {
-                        "label": c,
-                        "predicted": sum(e.predicted == c for e in f.images),
-                        "captured": sum(e.predicted == c and e.captured for e in f.images),
-                    }
-                    for c in classes
-                ],
-            }
-        elif name == "embedding-density":
-            out[name] = {"clusters": f.label_evidence.get("clusters", []), "labels": f.label_evidence.get("labels")}
-        else:  # a detector without a replay here: its flags as recorded
-            out[name] = {"flags": [dataclasses.asdict(x) for x in f.flagged_labels]}
+        elif name in DETECTORS:
+            out[name] = DETECTORS.get(name).stored_evidence(f, classes)
     return out
 
 
 def replay(row: ScanEvidence, cuts: Cuts) -> Verdict:
-    """The verdict the stored evidence gets under ``cuts``: each detector's findings rebuilt from it, then merged.
-
-    The oracle scan's flags are fixed evidence (their verification rates are measured, not thresholded here);
-    a detector missing from the row did not run or was not stored, and counts as not run."""
+    """The verdict the stored evidence gets under ``cuts``: each detector's findings rebuilt from it (its
+    :meth:`~forensics.detect.base.Detector.replayed`), then merged. A detector missing from the row did not run
+    or was not stored, and counts as not run; one no longer registered is left out."""
     classes = list(row.classes)
     results: dict[str, Findings] = {}
     for name, ev in row.detectors.items():
         if "skipped" in ev:
             results[name] = Findings([], [], [], [], metrics={"skipped": ev["skipped"]})
-        elif name == "trigger-inversion":
-            stored = {k: v for k, v in (ev.get("settings") or {}).items() if k in _fields(TriggerInversionSettings)}
-            settings = dataclasses.replace(
-                TriggerInversionSettings(**stored), anomaly_threshold=cuts.anomaly, alignment_threshold=cuts.alignment
-            )
-            per_family = {fam: [LabelTrigger(**t) for t in ts] for fam, ts in ev["labels"].items()}
-            counts = ev.get("predicted") or [0] * len(classes)
-            results[name] = conclude(per_family, classes, counts, settings, ev.get("not_inverted"), cuts.borderline)
-        elif name == "oracle-guided":
-            flags = [FlaggedLabel(**x) for x in ev.get("flags", [])]
-            triggers = [
-                TriggerCandidate(t["label"], "", t.get("size", 0.0), t.get("n_crops", 0), t["verified_asr"], 0)
-                for t in ev.get("triggers", [])
-            ]
-            thresholds = {"verified_flip": cuts.verified_flip, "refuted_flip": cuts.refuted_flip}
-            results[name] = Findings(flags, triggers, [], [], metrics={"thresholds": thresholds})
-        elif name == "embedding-density":
-            settings = EmbeddingDensitySettings()
-            hijacked = [c for c in ev.get("clusters", []) if is_hijacked(c, settings, cuts.cluster_alignment)]
-            results[name] = Findings([], [], [], [], metrics={"hijacked": hijacked})
+        elif name in DETECTORS:
+            results[name] = DETECTORS.get(name).replayed(ev, classes, cuts)
     return merge(results, ProbeSet(row.model, [], classes))
-
-
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 def write_evidence(row: ScanEvidence, folder: Path) -> Path:

@@ -935,6 +935,37 @@ class OracleGuidedScan(Detector):
         return findings
 
     @classmethod
+    def stored_evidence(cls, findings: Findings, classes: list[str]) -> dict[str, Any]:
+        """The flags, the reconstructed triggers' verification, and per label the predicted and captured counts."""
+        return {
+            "flags": [f.to_dict() for f in findings.flagged_labels],
+            "triggers": [
+                {k: getattr(t, k) for k in ("label", "size", "n_crops", "verified_asr", "n_verified")}
+                for t in findings.triggers
+            ],
+            "labels": [
+                {
+                    "label": c,
+                    "predicted": sum(e.predicted == c for e in findings.images),
+                    "captured": sum(e.predicted == c and e.captured for e in findings.images),
+                }
+                for c in classes
+            ],
+        }
+
+    @classmethod
+    def replayed(cls, stored: dict[str, Any], classes: list[str], cuts: Any) -> Findings:
+        """The stored flags are fixed evidence (their verification rates are measured); ``cuts`` gives the flip
+        rates that verify or refute them."""
+        flags = [FlaggedLabel(**x) for x in stored.get("flags", [])]
+        triggers = [
+            TriggerCandidate(t["label"], "", t.get("size", 0.0), t.get("n_crops", 0), t["verified_asr"], 0)
+            for t in stored.get("triggers", [])
+        ]
+        thresholds = {"verified_flip": cuts.verified_flip, "refuted_flip": cuts.refuted_flip}
+        return Findings(flags, triggers, [], [], metrics={"thresholds": thresholds})
+
+    @classmethod
     def evidence(cls, findings: Findings, probe: ProbeSet) -> Evidence:
         """A flag is strong when its reconstructed trigger flips at least the calibrated ``verified_flip`` of held-out
         clean images of other classes, refuted below ``refuted_flip`` (its captured predictions follow no shared

@@ -25,6 +25,7 @@ knows a trigger, target, colour or position.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -344,6 +345,32 @@ class TriggerInversion(Detector):
         return [int(i) for i in torch.argsort(rise, descending=True)]
 
     # ------------------------------------------------------------------ the detector
+
+    @classmethod
+    def stored_evidence(cls, findings: Findings, classes: list[str]) -> dict[str, Any]:
+        """Every label's inverted triggers per family (sizes, flip curves, anomaly, alignment), the prediction
+        counts and the settings: what :func:`conclude` decides from."""
+        predicted = findings.artefacts.get("predicted")
+        counts = [int((predicted == c).sum()) for c in range(len(classes))] if predicted is not None else None
+        return {
+            "labels": findings.label_evidence,
+            "predicted": counts,
+            "not_inverted": findings.metrics.get("not_inverted", {}),
+            "settings": findings.settings,
+        }
+
+    @classmethod
+    def replayed(cls, stored: dict[str, Any], classes: list[str], cuts: Any) -> Findings:
+        """:func:`conclude` on the stored triggers, with the anomaly, alignment and borderline cuts of ``cuts``."""
+        known = {f.name for f in dataclasses.fields(TriggerInversionSettings)}
+        settings = dataclasses.replace(
+            TriggerInversionSettings(**{k: v for k, v in (stored.get("settings") or {}).items() if k in known}),
+            anomaly_threshold=cuts.anomaly,
+            alignment_threshold=cuts.alignment,
+        )
+        per_family = {fam: [LabelTrigger(**t) for t in ts] for fam, ts in stored["labels"].items()}
+        counts = stored.get("predicted") or [0] * len(classes)
+        return conclude(per_family, classes, counts, settings, stored.get("not_inverted"), cuts.borderline)
 
     @classmethod
     def evidence(cls, findings: Findings, probe: ProbeSet) -> Evidence:
