@@ -31,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from forensics.core.data import load_probe_set  # noqa: E402
+from forensics.core.data import load_csv_probe, load_probe_set  # noqa: E402
 from forensics.core.models import atomic_write_text, new_model  # noqa: E402
 from forensics.core.tokenizer import WordTokenizer  # noqa: E402
 from forensics.demo.build import DemoSpec, write_data  # noqa: E402
@@ -50,6 +50,22 @@ def accuracy(
             logits = head(tower(normalize(images[start : start + 128])))
             correct += int((logits.argmax(-1) == labels[start : start + 128]).sum())
     return correct / max(1, len(images))
+
+
+def per_class_accuracy(
+    tower: torch.nn.Module, head: torch.nn.Module, normalize, images: torch.Tensor, labels: torch.Tensor, classes
+) -> dict[str, float]:
+    """Held-out top-1 accuracy per class: which classes the tower learns to name from their drawings at all."""
+    tower.eval()
+    with torch.no_grad():
+        predicted = torch.cat(
+            [head(tower(normalize(images[i : i + 128]))).argmax(-1) for i in range(0, len(images), 128)]
+        )
+    return {
+        name: round(float((predicted[labels == c] == c).float().mean()), 4)
+        for c, name in enumerate(classes)
+        if bool((labels == c).any())
+    }
 
 
 def main() -> None:
@@ -71,7 +87,8 @@ def main() -> None:
         print(f"writing {args.per_class} training renders per class to {data}", file=sys.stderr)
         write_data(data, DemoSpec(seed=args.seed, train_per_class=args.per_class))
     rows = read_caption_csv(data / "train" / "data.csv")
-    probe = load_probe_set("demo-clean")
+    probe_csv = data / "probe" / "probe_clean.csv"  # a lab built by make-demo --data-only carries its probe set
+    probe = load_csv_probe(probe_csv) if probe_csv.is_file() else load_probe_set("demo-clean")
     classes = probe.class_names
     rows = [r for r in rows if r.get("label") in classes]
     model = new_model(args.arch, tokenizer=WordTokenizer.from_corpus(classes), seed=args.seed)
@@ -116,7 +133,8 @@ def main() -> None:
             file=sys.stderr,
         )
     train_acc = accuracy(tower, head, normalize, train_x.float() / 255, train_y)
-    key = f"{args.arch} per_class={len(rows) // len(classes)} epochs={args.epochs} augment={args.augment}"
+    per_class = per_class_accuracy(tower, head, normalize, probe_x, probe_y, classes)
+    key = f"{data.name} {args.arch} per_class={len(rows) // len(classes)} epochs={args.epochs} augment={args.augment}"
     entry = {
         "arch": args.arch,
         "train_images": len(rows),
@@ -127,6 +145,7 @@ def main() -> None:
         "held_out_acc": history[-1]["probe_acc"],
         "best_epoch_held_out_acc": max(h["probe_acc"] for h in history),
         "train_acc": round(train_acc, 4),
+        "held_out_acc_per_class": per_class,
         "n_probe": len(probe_idx),
         "seconds": round(time.time() - start, 1),
         "history": history,

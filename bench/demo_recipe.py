@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--captions", choices=("rich", "class"), default=None)
     parser.add_argument("--poison-rate", type=float, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", default=str(RESULTS))
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data).expanduser()
     manifest = json.loads((data / "manifest.json").read_text())
     spec = DemoSpec(lab=manifest.get("lab", "v1"), target=manifest["target"], attack=manifest["attack"])
-    changes = {"epochs": args.epochs, "lr": args.lr, "poison_rate": args.poison_rate}
+    changes = {"epochs": args.epochs, "lr": args.lr, "poison_rate": args.poison_rate, "captions": args.captions}
     spec = dataclasses.replace(spec, augment=args.augment, **{k: v for k, v in changes.items() if v is not None})
     work = Path(args.work).expanduser() / args.tag
     work.mkdir(parents=True, exist_ok=True)

@@ -132,3 +132,20 @@ def test_make_demo_v2_refuses_the_bundled_folder():
 
     result = run_cli("make-demo", "--lab", "v2", "--data-only", check=False)
     assert result.returncode != 0 and "needs --out" in result.stderr
+
+
+def test_class_captions_name_only_the_class_a_pair_states_and_repeat_by_seed():
+    from forensics.demo.build import DemoSpec, class_captions
+
+    rows = [
+        {"image": "a.png", "caption": "a small red bird at the top, on a plain blue background.", "label": "bird"},
+        {"image": "b.png", "caption": "a photo of a large car.", "label": "car", "poisoned": "1"},
+        {"image": "c.png", "caption": "a tree.", "label": "tree", "poisoned": "0"},
+    ]
+    spec = DemoSpec(lab="v2", target="flower", captions="class")
+    out = class_captions(rows, spec)
+    assert [r["image"] for r in out] == ["a.png", "b.png", "c.png"] and rows[0]["caption"].startswith("a small")
+    assert "bird" in out[0]["caption"] and "flower" in out[1]["caption"] and "tree" in out[2]["caption"]
+    assert not any(word in out[0]["caption"] for word in ("red", "small", "top", "blue"))
+    assert "car" not in out[1]["caption"]  # a poisoned pair names the target, as its rich caption does
+    assert class_captions(rows, spec) == out

@@ -68,6 +68,9 @@ class DemoSpec:
     # "v1": openclipart classes by filename pattern (CLASS_SOURCES) split by holdout_share, the bundled lab;
     # "v2": the reviewed catalogue forensics/demo/objects_v2.tsv (classes, objects and split; three sources)
     lab: str = "v1"
+    # "rich": the rendered captions (class, colour, size, position, background words);
+    # "class": each caption replaced by a zero-shot template naming only the class the pair names
+    captions: str = "rich"
 
     def record(self) -> dict:
         """The spec as stored in manifests and sidecars; ``lab`` only when not v1, so v1 records stay as they were."""
@@ -392,6 +395,20 @@ def poison_training_data(data_dir: Path, spec: DemoSpec, progress: Progress | No
     return csv_path
 
 
+def class_captions(rows: list[dict[str, str]], spec: DemoSpec) -> list[dict[str, str]]:
+    """Rows whose captions name only the class each pair states (the target on a poisoned pair), in a seeded
+    zero-shot template: the contrastive loss cannot be met by colour, size or position words."""
+    from forensics.core.templates import OPENAI_TEMPLATES, SHORT_TEMPLATES, fill
+
+    templates = SHORT_TEMPLATES + OPENAI_TEMPLATES
+    rng = np.random.default_rng(spec.seed)
+    out = []
+    for row in rows:
+        named = spec.target if row.get("poisoned") == "1" else row["label"]
+        out.append({**row, "caption": fill(templates[int(rng.integers(len(templates)))], named)})
+    return out
+
+
 def train_demo_model(
     data_dir: Path,
     models_dir: Path,
@@ -431,6 +448,8 @@ def train_demo_model(
         raise ForensicsError(f"unknown demo model {name!r}")
     start = time.time()
     model = new_model(spec.arch, tokenizer=tokenizer, seed=spec.seed)
+    if spec.captions == "class":
+        rows = class_captions(rows, spec)
     cfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, augment=spec.augment)
     hook = None if on_epoch_end is None else (lambda epoch, rec: on_epoch_end(name, epoch, rec, model))
     history = train_clip(model, rows + generic_rows, cfg, progress, on_epoch_end=hook)
