@@ -328,6 +328,7 @@ def scan(
     distributed: bool = False,
     detector_options: Mapping[str, Any] | None = None,
     profile: str | None = None,
+    expected: Mapping[str, float] | None = None,
 ) -> ScanOutcome:
     """Scan ``model`` on ``probe`` in memory (no file is written) with ``detectors`` (all by default) and merge
     their evidence into one verdict; ``max_images`` scans a seeded random subset.
@@ -339,7 +340,11 @@ def scan(
 
     ``distributed`` (every process of a launcher calls this): the shardable detectors (the oracle-guided scan's
     per-image pass, the trigger inversion's labels) are shared out and gathered, first; the others run on rank 0
-    alone, whose outcome is the whole one."""
+    alone, whose outcome is the whole one.
+
+    ``expected`` (detector name -> expected seconds, :func:`forensics.pipelines.estimate.estimate_scan`'s) sizes
+    each detector's part of the progress bar, so the bar tracks time; without it the parts are equal. Each message
+    names the detector running, its place and its share of the scan."""
     start = time.time()
     names = detector_names(detectors)
     chosen, settings = scan_settings(names, settings, detector_options, profile)
@@ -363,12 +368,14 @@ def scan(
     results: dict[str, Findings] = {}
     shared = probe_set.sharing_loaded_images()  # the detectors decode the probe images once, not each
     order = sorted(range(len(names)), key=lambda n: not shares[names[n]])  # (one process: as asked)
-    for n in order:  # several processes: the shared-out detectors first, then rank 0 alone runs the others
+    spans = progress_spans([names[n] for n in order], expected)
+    for k, n in enumerate(order):  # several processes: the shared-out detectors first, then rank 0 alone the others
         name = names[n]
         if sharded and not shares[name] and not is_main():
             continue
-        lo, hi = 0.9 * n / len(names), 0.9 * (n + 1) / len(names)
-        results[name] = built[name].run(loaded, shared, sub_progress(progress, lo, hi, f"{name}: "))
+        lo, hi, share = spans[name]
+        prefix = f"{name} ({k + 1} of {len(order)}, {share:.0%} of the scan): "
+        results[name] = built[name].run(loaded, shared, sub_progress(progress, lo, hi, prefix))
     results = {name: results[name] for name in names if name in results}  # in the order asked for
     findings = results.get("oracle-guided") or Findings([], [], [], [], artefacts={"images": None, "patterns": {}})
     verdict = merge(results, probe_set, ScanDomain.of(loaded, probe_set))
@@ -423,6 +430,28 @@ def scan(
         verdict=verdict,
         victim_trigger=victim_trigger,
     )
+
+
+DETECTORS_SPAN = 0.9  # the detectors' part of a scan's progress bar; the victims' trigger and the report follow
+
+
+def progress_spans(
+    names: list[str], expected: Mapping[str, float] | None = None
+) -> dict[str, tuple[float, float, float]]:
+    """Each detector's (start, end) on the progress bar, in run order, and its share of the whole scan's expected
+    time: sized by ``expected`` seconds (a detector it does not name counts as their mean; its other keys, such as
+    the report's, count in the shares), else equal parts of :data:`DETECTORS_SPAN`."""
+    given = {n: float(expected[n]) for n in names if expected and expected.get(n) is not None}
+    mean = sum(given.values()) / len(given) if given else 1.0
+    weights = {n: max(given.get(n, mean), 1e-9) for n in names}
+    total = sum(weights.values()) or 1.0
+    whole = total + sum(float(v) for k, v in (expected or {}).items() if k not in weights)
+    spans, at = {}, 0.0
+    for n in names:
+        width = DETECTORS_SPAN * weights[n] / total
+        spans[n] = (at, at + width, weights[n] / whole)
+        at += width
+    return spans
 
 
 def scan_settings(
