@@ -183,3 +183,19 @@ def test_a_stale_generated_table_is_caught_and_rewritten(tmp_path, monkeypatch):
     tables.main()
     for name in ("README.md", "docs/detection.md"):
         assert (tmp_path / name).read_text(encoding="utf-8") == (ROOT / name).read_text(encoding="utf-8")
+
+
+def test_the_multi_feature_rule_bench_fits_and_judges_each_row_without_its_model(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/rule_fit.py", "--evidence", str(SUBSET), "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "rule_fit.json").read_text())
+    assert set(result["summary"]) == {"alignment cut", "logistic"} and len(result["weights"]) == 6
+    rows = {r["row"]: r for r in result["rows"]["alignment cut"]}
+    assert len(rows) == 6 and rows["demo/clean"]["called"] == "flower" and rows["sig/clean"]["right"]
+    assert (tmp_path / "rule_fit.md").read_text().startswith("# Several stored features")
