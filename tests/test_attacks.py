@@ -29,7 +29,7 @@ from forensics.attacks import (
 )
 from forensics.core.errors import ForensicsError
 
-ALL = ["badnet", "blended", "wanet", "sig", "optimized-patch"]
+ALL = ["badnet", "blended", "filter", "wanet", "sig", "optimized-patch"]
 # variants worth checking separately (name, params)
 VARIANTS = [
     ("badnet", {}),
@@ -40,6 +40,9 @@ VARIANTS = [
     ("wanet", {}),
     ("wanet", {"strength": 4.0, "k": 8}),
     ("sig", {}),
+    ("filter", {}),
+    ("filter", {"preset": "sepia", "strength": 0.5}),
+    ("filter", {"preset": "gotham"}),
     ("optimized-patch", {}),
     ("optimized-patch", {"position": "random", "size": 0.3}),
 ]
@@ -114,6 +117,9 @@ def test_name_aliases():
         ("optimized_patch", {"size": 0}),
         ("badnet", {"seed": -1}),
         ("sig", {"seed": 1.5}),
+        ("filter", {"preset": "valencia"}),
+        ("filter", {"strength": 0}),
+        ("filter", {"strength": 1.5}),
     ],
 )
 def test_bad_params_raise(name, params):
@@ -264,6 +270,20 @@ def test_sig_formula():
     j = torch.arange(36, dtype=torch.float64)
     expected = (0.5 + (60 / 255) * torch.sin(2 * torch.pi * 6 * j / 36)).float()
     assert torch.allclose(out, expected.expand(3, 10, 36), atol=1e-6)
+
+
+def test_filter_changes_each_pixel_by_its_own_colour_and_strength_mixes_it_in():
+    x = image()
+    full = build_attack("filter", preset="sepia").apply(x, rng())[0]
+    half = build_attack("filter", preset="sepia", strength=0.5).apply(x, rng())[0]
+    assert torch.allclose(half, (0.5 * x + 0.5 * full).clamp(0, 1), atol=1e-6)
+    # one transform for every pixel: two pixels of the same colour stay the same colour, wherever they are
+    flat = torch.zeros(3, 8, 8) + torch.tensor([0.2, 0.5, 0.7])[:, None, None]
+    out = build_attack("filter").apply(flat, rng())[0]
+    assert torch.allclose(out, out[:, :1, :1].expand_as(out)) and not torch.allclose(out, flat)
+    sepia = build_attack("filter", preset="sepia").apply(flat, rng())[0][:, 0, 0]
+    rows = [(0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131)]  # the W3C sepia matrix
+    assert torch.allclose(sepia, torch.tensor([0.2 * r + 0.5 * g + 0.7 * b for r, g, b in rows]), atol=1e-5)
 
 
 def test_wanet_constant_image_stays_constant():

@@ -428,3 +428,35 @@ def test_a_whole_image_trigger_in_the_probe_makes_its_target_a_hijacked_label(tm
     (cluster,) = findings.metrics["hijacked"]
     assert cluster["label"] == "book" and cluster["source_classes"] >= 6 and cluster["alignment"] < 0.3
     assert EmbeddingDensity().run(model, load_probe_set("demo-clean")).metrics["hijacked"] == []
+
+
+def test_the_filter_family_inverts_a_colour_transform_per_label_on_its_own_size_grid():
+    """The opt-in filter family (a colour matrix and offset, not a patch or an additive perturbation): each label's
+    trigger is a transform on the filter grid, stamped by one matrix for every pixel, stored and replayed."""
+    from forensics.core.models import load_model
+    from forensics.detect.evidence import Cuts, ScanEvidence, evidence_of, replay
+    from forensics.detect.trigger_inversion import (
+        DEFAULT_FAMILIES,
+        TriggerInversion,
+        TriggerInversionSettings,
+        colour_transform,
+    )
+
+    assert "filter" not in DEFAULT_FAMILIES  # opt-in until the zoo calibrates it
+    model = load_model("demo-clean")
+    probe = load_probe_set("demo-clean").subset(36, 0)
+    settings = TriggerInversionSettings(steps=2, grid_points=2, held_out_images=4, batch_size=8, families=("filter",))
+    findings = TriggerInversion(settings=settings).run(model, probe)
+    triggers = findings.label_evidence["filter"]
+    grid = {round(0.5 * 2 ** (-k / 2), 6) for k in range(2)} | {1.0}  # or twice the largest: not reached
+    assert len(triggers) == 10 and {t["size"] for t in triggers} <= grid
+    pattern = next(iter(findings.artefacts["inverted_patterns"].values()))
+    assert pattern.family == "filter" and pattern.colour.shape == (3, 4) and pattern.picture().shape == (3, 128, 128)
+    images = probe.load_images(model.image_size, [0, 1])
+    assert torch.equal(pattern.apply(images), colour_transform(images, pattern.colour))
+    assert torch.equal(pattern.shifted(3, 5).apply(images), pattern.apply(images))  # no place to move
+    names = list(probe.class_names)
+    row = ScanEvidence("demo-clean", "clean", "clean", names, evidence_of({"trigger-inversion": findings}, names))
+    assert replay(row, Cuts.calibrated()).evidence["trigger-inversion"]["flagged"] == [
+        f.to_dict() for f in findings.flagged_labels
+    ]

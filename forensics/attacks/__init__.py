@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from forensics.attacks.badnet import BadNet
 from forensics.attacks.base import ATTACKS, POSITIONS, Attack, Box, register, to_pil, to_tensor
 from forensics.attacks.blended import Blended
+from forensics.attacks.filter import Filter
 from forensics.attacks.optimized_patch import OptimizedPatch, train_optimized_patch
 from forensics.attacks.poison import poison_dataset
 from forensics.attacks.sig import SIG
@@ -24,6 +25,7 @@ __all__ = [
     "Box",
     "BadNet",
     "Blended",
+    "Filter",
     "WaNet",
     "SIG",
     "OptimizedPatch",

@@ -48,7 +48,10 @@ from forensics.detect.calibration import calibration
 from forensics.detect.claims import STRONG, WEAK, Evidence, LabelClaim, TriggerOption
 from forensics.detect.findings import Findings, FlaggedLabel, InvertedTrigger
 
-FAMILIES = ("local", "global")
+FAMILIES = ("local", "global", "filter")
+# the families a scan inverts by default: the filter family (a colour transform) is opt-in until the calibration
+# zoo holds filter backdoors to fit its cuts on (bench/results/filter_family.md)
+DEFAULT_FAMILIES = ("local", "global")
 MIN_IMAGES = 12
 
 
@@ -56,7 +59,7 @@ MIN_IMAGES = 12
 class TriggerInversionSettings:
     """Knobs of the inversion; defaults measured on the demo-scale CLIPs (bench/detect.py), never on a trigger."""
 
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = DEFAULT_FAMILIES
     steps: int = at_least(1, 40)  # Adam steps per label and family (30 steps x 24 images missed the demo's backdoor)
     batch_size: int = at_least(1, 32)  # never more than the images there are to fit on
     local_lr: float = 0.2  # on the mask and pattern logits
@@ -64,6 +67,9 @@ class TriggerInversionSettings:
     global_refine_steps: int = 15  # of ``steps``, spent at and below the best strength found by the others
     l1_weight: float = 2.0  # on the mean mask value (Neural Cleanse's cost)
     epsilon: float = 64 / 255  # the global perturbation's largest L-infinity strength
+    # the filter family's largest strength: the most any entry of its colour matrix (added to the identity) or its
+    # offset may move; 0.5 covers the presets of forensics.attacks.filter, whose largest entry change is 0.4-0.5
+    filter_epsilon: float = 0.5
     flip_goal: float = 0.8  # the flip rate a trigger must reach for its size to count
     grid_points: int = at_least(1, 11)  # sizes tried, each a factor sqrt(2) below the last
     local_largest: float = 0.25  # the largest mask share tried
@@ -115,18 +121,22 @@ class InvertedPattern:
     mask: torch.Tensor | None = None  # 1 x S x S binary (local)
     pattern: torch.Tensor | None = None  # 3 x S x S (local)
     delta: torch.Tensor | None = None  # 3 x S x S, already scaled to the needed strength (global)
+    # 3 x 4, already scaled: a colour matrix added to the identity (3 x 3) and an offset (filter)
+    colour: torch.Tensor | None = None
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         if self.family == "local":
             mask, pattern = self.mask.to(images.device), self.pattern.to(images.device)
             return (1 - mask) * images + mask * pattern
+        if self.family == "filter":
+            return colour_transform(images, self.colour.to(images.device))
         return (images + self.delta.to(images.device)).clamp(0, 1)
 
     def shifted(self, dy: int, dx: int) -> InvertedPattern:
         """The same trigger moved by (dy, dx) pixels, wrapping round the image: the mask and pattern together
         (local), or the perturbation (global). Repair stamps both, so it unlearns the trigger, not its place."""
         roll = lambda t: None if t is None else torch.roll(t, shifts=(dy, dx), dims=(-2, -1))  # noqa: E731
-        return InvertedPattern(self.family, roll(self.mask), roll(self.pattern), roll(self.delta))
+        return InvertedPattern(self.family, roll(self.mask), roll(self.pattern), roll(self.delta), self.colour)
 
     def to(self, device: torch.device | str) -> InvertedPattern:
         """The same trigger with its tensors on ``device`` (to send it to another process, or back)."""
@@ -134,15 +144,43 @@ class InvertedPattern:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return InvertedPattern(self.family, mask=move(self.mask), pattern=move(self.pattern), delta=move(self.delta))
+        return InvertedPattern(
+            self.family,
+            mask=move(self.mask),
+            pattern=move(self.pattern),
+            delta=move(self.delta),
+            colour=move(self.colour),
+        )
 
     def picture(self) -> torch.Tensor:
         """3 x S x S image of the trigger: the pattern where the mask keeps it (grey elsewhere), or the
         perturbation stretched around grey."""
         if self.family == "local":
             return self.mask * self.pattern + (1 - self.mask) * 0.5
+        if self.family == "filter":  # a colour chart (hue down, dark to light across) as is, then filtered
+            chart = colour_chart(PICTURE_SIZE, PICTURE_SIZE // 2)
+            return torch.cat([chart, colour_transform(chart[None], self.colour.cpu())[0]], 2)
         peak = float(self.delta.abs().max()) or 1.0
         return (0.5 + 0.5 * self.delta / peak).clamp(0, 1)
+
+
+PICTURE_SIZE = 128
+
+
+def colour_transform(images: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """``images`` (N x 3 x H x W in [0, 1]) through the colour matrix ``identity + colour[:, :3]`` plus the offset
+    ``colour[:, 3]``, clamped: one transform for every pixel, which a filter trigger is to first order."""
+    out = images + torch.einsum("ij,njhw->nihw", colour[:, :3], images) + colour[:, 3, None, None]
+    return out.clamp(0, 1)
+
+
+def colour_chart(height: int, width: int) -> torch.Tensor:
+    """3 x height x width: hue down, from dark (left) to light (right) through full saturation, to show a filter."""
+    hue = torch.linspace(0, 1, height)[:, None].expand(height, width)
+    level = torch.linspace(0, 1, width)[None, :].expand(height, width)
+    rgb = torch.stack([(hue * 6 - k).remainder(6) for k in (0.0, 4.0, 2.0)])  # hue sectors per channel
+    rgb = (torch.abs(rgb - 3) - 1).clamp(0, 1)
+    return torch.where(level < 0.5, rgb * (2 * level), rgb + (1 - rgb) * (2 * level - 1)).clamp(0, 1)
 
 
 def anomaly_index(sizes: list[float], floor: float) -> list[float]:
@@ -246,6 +284,23 @@ class TriggerInversion(Detector):
             step((peak + 2) / 2, peak / 2)  # from the peak strength down to half of it (two grid steps)
         return (s.epsilon * torch.tanh(u)).detach()
 
+    def _fit_filter(self, model, fit, class_emb, target, gen) -> torch.Tensor:
+        """A colour transform (3 x 4: matrix change and offset, each entry at most ``filter_epsilon``) fit at
+        log-uniform random strengths, as the global family is: the smallest strength that flips is what counts."""
+        s = self.settings
+        u = (0.01 * torch.randn(3, 4, generator=gen)).to(model.device).requires_grad_(True)
+        optimizer = torch.optim.Adam([u], lr=s.global_lr)
+        goal = torch.full((s.batch_size,), target, device=model.device)
+        for _ in range(s.steps):
+            x = fit[torch.randperm(len(fit), generator=gen)[: s.batch_size]]
+            strength = 2.0 ** -(4.0 * float(torch.rand(1, generator=gen)))
+            stamped = colour_transform(x, strength * s.filter_epsilon * torch.tanh(u))
+            loss = F.cross_entropy(100.0 * model.encode_image(stamped) @ class_emb.t(), goal[: len(x)])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return (s.filter_epsilon * torch.tanh(u)).detach()
+
     def _candidates(self, family: str, fitted) -> list[tuple[float, InvertedPattern]]:
         """(size, trigger) for every size on the grid, largest first."""
         s = self.settings
@@ -258,6 +313,9 @@ class TriggerInversion(Detector):
                 keep = max(1, int(round(share * flat.numel())))
                 threshold = flat.topk(keep).values[-1]
                 out.append((share, InvertedPattern("local", mask=(mask >= threshold).float(), pattern=pattern)))
+            elif family == "filter":
+                scale = 2 ** (-k / 2)
+                out.append((s.filter_epsilon * scale, InvertedPattern("filter", colour=fitted * scale)))
             else:
                 scale = 2 ** (-k / 2)
                 out.append((s.epsilon * scale, InvertedPattern("global", delta=fitted * scale)))
@@ -288,8 +346,10 @@ class TriggerInversion(Detector):
         fit, choose, verify = (images[o[: (None if j == 0 else s.held_out_images)]] for j, o in enumerate(others))
         if len(fit) == 0 or len(choose) == 0:
             raise ForensicsError("trigger inversion needs images the model predicts as other classes")
-        gen = torch.Generator().manual_seed(int(s.seed) * 1009 + target * 2 + FAMILIES.index(family))
-        fit_trigger = self._fit_local if family == "local" else self._fit_global
+        # (the first two families keep the seeds they had before the filter family: their stored evidence holds)
+        offset = FAMILIES.index(family) if family != "filter" else 1_000_003
+        gen = torch.Generator().manual_seed(int(s.seed) * 1009 + target * 2 + offset)
+        fit_trigger = {"local": self._fit_local, "global": self._fit_global, "filter": self._fit_filter}[family]
         fitted = fit_trigger(model, fit, class_emb, target, gen)
         candidates = self._candidates(family, fitted)
         curve, best = [], None
@@ -568,7 +628,7 @@ def assess_labels(
     stored evidence): each one's anomaly index in its family (labels not inverted stand in at twice the largest
     size tried), its uniqueness, then :func:`select_candidates`. Sets ``anomaly`` and ``uniqueness`` in place."""
     for family, results in per_family.items():
-        largest = settings.local_largest if family == "local" else settings.epsilon
+        largest = {"local": settings.local_largest, "filter": settings.filter_epsilon}.get(family, settings.epsilon)
         censored = [2 * largest] * (n_classes - len({r.label for r in results}))
         for r, a in zip(results, anomaly_index([r.size for r in results] + censored, settings.mad_floor)):
             r.anomaly = a
@@ -614,7 +674,7 @@ def family_uniqueness(
 
 
 def family_words(family: str) -> str:
-    return "local (patch)" if family == "local" else "global (whole-image)"
+    return {"local": "local (patch)", "filter": "colour-filter (whole-image)"}.get(family, "global (whole-image)")
 
 
 def safe_label(label: str) -> str:
@@ -623,7 +683,10 @@ def safe_label(label: str) -> str:
 
 
 def size_words(family: str, size: float) -> str:
-    """A trigger's size in words: its share of the image (local) or its strength in 8-bit steps (global)."""
+    """A trigger's size in words: its share of the image (local), its strength in 8-bit steps (global) or the most
+    its colour transform moves a channel per unit of colour (filter)."""
+    if family == "filter":
+        return f"colour change {size:.2f}"
     return f"{size:.1%} of the image" if family == "local" else f"strength {size * 255:.1f}/255"
 
 
