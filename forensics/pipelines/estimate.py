@@ -266,21 +266,66 @@ def estimate_scan(
     return ScanEstimate(depth, list(detectors), seconds, images, labels, notes)
 
 
+def depth_options(depth: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The detector options that concern ``depth``'s detectors (a setting typed for the trigger inversion is kept
+    for the full verdict, not refused by a quick look that does not run it)."""
+    from forensics.detect import DETECTORS
+
+    names = depth_detectors(depth)
+    return {k: v for k, v in (options or {}).items() if DETECTORS.resolve(k) in names}
+
+
 def estimate_depths(
     costs: UnitCosts, probe: ProbeSet, options: Mapping[str, Any] | None = None, profile: str | None = None
 ) -> dict[str, ScanEstimate]:
     """The quick look's and the full verdict's estimates on ``probe`` (already cut to the images to scan), with the
-    detector options and profile a scan would get (options for a detector a depth does not run are left out)."""
-    from forensics.detect import DETECTORS
+    detector options and profile a scan would get (:func:`depth_options`)."""
     from forensics.pipelines.scan import scan_settings
 
     out = {}
     for depth in DEPTHS:
         names = depth_detectors(depth)
-        own = {k: v for k, v in (options or {}).items() if DETECTORS.resolve(k) in names}
-        chosen, _ = scan_settings(names, None, own, profile)
+        chosen, _ = scan_settings(names, None, depth_options(depth, options), profile)
         out[depth] = estimate_scan(costs, len(probe), len(probe.class_names), names, chosen, depth)
     return out
+
+
+def scan_estimates(
+    model: SuspectModel | None,
+    probe: str | ProbeSet,
+    oracle: Oracle,
+    max_images: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    profile: str | None = None,
+    costs: UnitCosts | None = None,
+) -> tuple[UnitCosts, dict[str, ScanEstimate]]:
+    """Both depths' estimates for scanning ``probe`` (a spec or a loaded set) cut to ``max_images`` as the scan
+    cuts it (the same seeded subset), and the unit costs they rest on: ``costs`` when given (measured once per
+    loaded model), else measured now on ``model`` with ``oracle`` (``model`` is needed only then)."""
+    from forensics.core.data import load_probe_set
+    from forensics.pipelines.scan import scan_settings
+
+    probe_set = probe if isinstance(probe, ProbeSet) else load_probe_set(probe)
+    _, base = scan_settings(depth_detectors("quick"), None, depth_options("quick", options), profile)
+    subset = probe_set.subset(max_images, base.seed)
+    costs = costs or measure_costs(model, probe_set, oracle)
+    return costs, estimate_depths(costs, subset, options, profile)
+
+
+def estimate_words(estimates: Mapping[str, ScanEstimate], costs: UnitCosts) -> str:
+    """The two depths and their expected times in a sentence or two, with what the estimate rests on."""
+    quick, full = estimates["quick"], estimates["full"]
+    added = [n for n in full.detectors if n not in quick.detectors]
+    from forensics.pipelines.summary import plain_name
+
+    adds = ", ".join(plain_name(n).split(" (")[0] for n in added) or "nothing"
+    return (
+        f"**Quick look** ({', '.join(quick.detectors)}): {quick.words()} on {quick.images} images. "
+        f"**Full verdict** (every detector; adds {adds}): "
+        f"{full.words()}. Estimated from this model's costs measured on this machine ({costs.threads} threads): "
+        f"a forward pass {1000 * costs.forward:.0f} ms per image, forward and backward {1000 * costs.backward:.0f} ms, "
+        f"the oracle {1000 * costs.oracle:.0f} ms."
+    )
 
 
 # --------------------------------------------------------------------------- waiting

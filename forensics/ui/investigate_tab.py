@@ -7,13 +7,25 @@ from pathlib import Path
 import gradio as gr
 
 from forensics.core.data import extract_probe_archive, load_probe_set
+from forensics.core.errors import ForensicsError
 from forensics.core.settings import parse_assignment_text
 from forensics.detect import PROFILES
+from forensics.pipelines.estimate import (
+    DEPTHS,
+    ScanBoard,
+    depth_detectors,
+    depth_options,
+    duration_words,
+    estimate_words,
+    scan_estimates,
+    wait_words,
+)
 from forensics.pipelines.evaluate import get_model
 from forensics.pipelines.explain import explain_image
 from forensics.pipelines.report import flagged_chart, flagged_words
-from forensics.pipelines.scan import detector_names, pick_oracle, scan_settings, write_scan
+from forensics.pipelines.scan import pick_oracle, scan_settings, write_scan
 from forensics.pipelines.scan import scan as run_scan_outcome
+from forensics.pipelines.summary import plain_verdict
 from forensics.ui.common import (
     gr_progress,
     guarded,
@@ -21,10 +33,16 @@ from forensics.ui.common import (
     need_scan,
     new_job_dir,
     server_paths_enabled,
+    session_key,
 )
 from forensics.ui.common import probe_choice as checked_probe_choice
 
 GALLERY_SIZE = 60  # most discrepant images shown
+# scans running at once per depth, each depth its own queue: a full verdict (minutes) never holds a quick look's
+# slot; two quick looks keep a 2-core machine busy without starving the page
+SLOTS = {"quick": 2, "full": 1}
+BOARD = ScanBoard()  # the scans this server holds, for the expected wait a queued visitor is shown
+BUTTON = {"quick": "Quick look", "full": "Full verdict"}
 EXPLAIN = """**How the scan works.** For every probe image, a *segmentation oracle* outlines the objects and CLIP
 labels each object on its own. A label CLIP gives the whole image but no object supports, and that a small
 window *outside* the objects decides (hiding it flips the answer), points at a trigger. Images are ranked by
@@ -32,13 +50,18 @@ that **discrepancy**. Pick one to see the oracle's regions, **Grad-CAM** (where 
 and **occlusion** (what, hidden, takes the answer away: this is what finds small triggers)."""
 
 
-def _probe_spec(choice: str, upload: str | None, request: gr.Request | None = None) -> str:
-    """The probe set to scan: an uploaded zip (extracted into this session's folder; a CSV in it may only name
-    files inside it), or demo / demo-clean / an allowed server path."""
+def _probe_spec(choice: str, upload: str | None, request: gr.Request | None = None, state: dict | None = None) -> str:
+    """The probe set to scan: an uploaded zip (extracted into this session's folder once, remembered in ``state``;
+    a CSV in it may only name files inside it), or demo / demo-clean / an allowed server path."""
     if upload:
+        kept = (state or {}).get("probe_upload") or {}
+        if kept.get("upload") == upload and Path(kept.get("spec", "")).exists():
+            return kept["spec"]
         dest = new_job_dir("probe", request)
         spec = extract_probe_archive(upload, dest)
         load_probe_set(spec, root=dest)  # refuses rows naming images outside the upload (absolute, .., links)
+        if state is not None:
+            state["probe_upload"] = {"upload": upload, "spec": str(spec)}
         return str(spec)
     if not choice:
         raise gr.Error(
@@ -48,8 +71,9 @@ def _probe_spec(choice: str, upload: str | None, request: gr.Request | None = No
     return checked_probe_choice(choice)
 
 
-def scan_outputs(report: dict, out: Path) -> tuple:
-    """The views of a finished scan: summary, ranked gallery, flagged table and chart, triggers, victims, files."""
+def scan_outputs(report: dict, out: Path, estimate: float | None = None, depth_name: str = "") -> tuple:
+    """The views of a finished scan: summary (led by the verdict in plain words, with the time it took against
+    ``estimate`` seconds), ranked gallery, flagged table and chart, triggers, victims, files."""
     images = report["images"]
     order = sorted(range(len(images)), key=lambda i: -images[i]["discrepancy"])[:GALLERY_SIZE]
     gallery = [
@@ -63,10 +87,12 @@ def scan_outputs(report: dict, out: Path) -> tuple:
     flagged = report["flagged_labels"]
     names = ", ".join(f"**{f['label']}**" for f in flagged) or "none"
     m = report["metrics"]
+    took = m.get("seconds_total", m.get("seconds", 0))
+    expected = f" (expected {duration_words(estimate)})" if estimate else ""
     summary = (
         f"### Flagged labels: {names}\n{len(report['victims'])} victim images, {len(report['triggers'])} trigger "
         f"candidate(s), {len(images)} images scanned with the `{report['oracle']['name']}` oracle in "
-        f"{m.get('seconds_total', m.get('seconds', 0)):.0f} s."
+        f"{took:.0f} s{expected}."
     )
     verdict = report.get("verdict")
     if verdict:
@@ -74,7 +100,11 @@ def scan_outputs(report: dict, out: Path) -> tuple:
         family = f" ({verdict['family']} trigger)" if verdict.get("family") else ""
         profile = report.get("detector_profile", "default")
         caveat = f" · *{profile} profile: not calibrated*" if profile != "default" else ""
-        summary = f"## Verdict: **{verdict['verdict']}**{target}{family} (details in Findings){caveat}\n\n" + summary
+        depth = f" · {DEPTHS[depth_name]}" if depth_name in DEPTHS else ""
+        summary = (
+            f"## Verdict: **{verdict['verdict']}**{target}{family}{depth}{caveat}\n\n{plain_verdict(report)}\n\n"
+            + summary
+        )
     if m.get("victim_precision") is not None:
         summary += (
             f" Against the probe set's known trigger flags: victim precision {m['victim_precision']:.2f}, "
@@ -152,6 +182,123 @@ def verdict_views(report: dict, out: Path) -> tuple[str, list[list], list[tuple[
     return text, rows, inverted
 
 
+def _costs(state: dict) -> tuple:
+    """This session's model's unit costs (None until measured: once per loaded model and oracle) and their key."""
+    key = [state["model"], state.get("arch"), state.get("quick_gelu"), state["oracle"], state.get("sam_checkpoint")]
+    kept = state.get("costs") or {}
+    return kept.get("costs") if kept.get("key") == key else None, key
+
+
+def _estimates(state: dict, probe: str, max_images: float, options: dict, profile: str) -> dict:
+    """Both depths' estimates for this scan; the costs (measured on first need) and totals kept in ``state``."""
+    costs, key = _costs(state)
+    oracle = pick_oracle(state["oracle"], state["sam_checkpoint"])
+    model = get_model(model_ref(state)) if costs is None else None
+    limit = int(max_images) if max_images else None
+    costs, estimates = scan_estimates(model, probe, oracle, limit, options, profile, costs)
+    state["costs"] = {"key": key, "costs": costs}
+    state["estimates"] = {depth: e.total for depth, e in estimates.items()}
+    return {"costs": costs, **estimates}
+
+
+@guarded
+def estimate(
+    state: dict,
+    probe_choice: str,
+    upload: str | None,
+    max_images: float,
+    profile: str = "default",
+    detector_settings: str | None = None,
+    request: gr.Request = None,
+) -> tuple:
+    """Each depth's expected time on its button, before the click: this model's unit costs (measured once, kept in
+    the session) extrapolated to the chosen images, labels and detector settings. A setting still being typed
+    leaves the buttons as they are and says why."""
+    state = dict(state)
+    try:
+        options = parse_assignment_text(detector_settings, "detector settings")
+        probe = _probe_spec(probe_choice, upload, request, state)
+        found = _estimates(state, probe, max_images, options, profile)
+    except (ForensicsError, gr.Error) as exc:
+        return gr.update(), gr.update(), f"*No estimate yet: {exc}*", state
+    labels = [gr.update(value=f"{BUTTON[d]} ({found[d].words()})") for d in DEPTHS]
+    return (*labels, estimate_words(found, found["costs"]), state)
+
+
+def announce(depth: str):
+    """The click's first, unqueued answer: start now, or wait (how many scans run and wait, and for how long)."""
+
+    def tell(state: dict, request: gr.Request = None) -> str:
+        expected = (state.get("estimates") or {}).get(depth) or 0.0
+        running, waiting, wait = BOARD.wait(depth, SLOTS[depth])
+        BOARD.announce(f"{session_key(request)}:{depth}", depth, expected)
+        return wait_words(depth, running, waiting, wait, SLOTS[depth])
+
+    return tell
+
+
+def _scan(
+    depth: str,
+    state: dict,
+    probe_choice: str,
+    upload: str | None,
+    max_images: float,
+    profile: str,
+    detector_settings: str | None,
+    request: gr.Request | None,
+    progress: gr.Progress,
+) -> tuple:
+    """Run ``depth``'s detectors for this session's model on the chosen probe set, with the chosen profile and
+    settings (checked by name and type before anything runs); the bar weighted by the estimate; fill the
+    Investigate and Findings views."""
+    options = depth_options(depth, parse_assignment_text(detector_settings, "detector settings"))
+    names = depth_detectors(depth)
+    scan_settings(names, None, options, profile)  # names and types checked before any work
+    state = dict(state)
+    probe = _probe_spec(probe_choice, upload, request, state)
+    found = _estimates(state, probe, max_images, options, profile)
+    expected = found[depth]
+    key = f"{session_key(request)}:{depth}"
+    BOARD.start(key, depth, expected.total)
+    try:
+        out = new_job_dir("scan", request)
+        bar = gr_progress(progress)
+        outcome = run_scan_outcome(
+            model_ref(state),
+            probe=probe,
+            oracle=state["oracle"],
+            sam_checkpoint=state["sam_checkpoint"],
+            max_images=int(max_images) if max_images else None,
+            progress=bar,
+            detectors=names,
+            detector_options=options,
+            profile=profile,
+            expected=expected.seconds,
+        )
+        write_scan(outcome, out, bar)
+    finally:
+        BOARD.finish(key)
+    report = outcome.report  # what the call returned, not a re-read of report.json
+    *views, order = scan_outputs(report, out, expected.total, depth)
+    state = {**state, "probe": probe, "scan_dir": str(out), "report": report, "order": order, "selected": None}
+    return (*views, "", state)
+
+
+@guarded
+def quick_look(
+    state: dict,
+    probe_choice: str,
+    upload: str | None,
+    max_images: float,
+    profile: str = "default",
+    detector_settings: str | None = None,
+    request: gr.Request = None,
+    progress=gr.Progress(),
+) -> tuple:
+    """The quick look: the oracle-guided scan and embedding density (per-image passes, no optimisation)."""
+    return _scan("quick", state, probe_choice, upload, max_images, profile, detector_settings, request, progress)
+
+
 @guarded
 def scan(
     state: dict,
@@ -163,27 +310,8 @@ def scan(
     request: gr.Request = None,
     progress=gr.Progress(),
 ) -> tuple:
-    """Run the scan for this session's model on the chosen probe set, with the chosen detector profile and
-    settings (checked by name and type before anything runs); fill the Investigate and Findings views."""
-    options = parse_assignment_text(detector_settings, "detector settings")
-    scan_settings(detector_names(None), None, options, profile)  # names and types checked before any work
-    probe = _probe_spec(probe_choice, upload, request)
-    out = new_job_dir("scan", request)
-    outcome = run_scan_outcome(
-        model_ref(state),
-        probe=probe,
-        oracle=state["oracle"],
-        sam_checkpoint=state["sam_checkpoint"],
-        max_images=int(max_images) if max_images else None,
-        progress=gr_progress(progress),
-        detector_options=options,
-        profile=profile,
-    )
-    write_scan(outcome, out)
-    report = outcome.report  # what the call returned, not a re-read of report.json
-    *views, order = scan_outputs(report, out)
-    state = {**state, "probe": probe, "scan_dir": str(out), "report": report, "order": order, "selected": None}
-    return (*views, state)
+    """The full verdict: every registered detector, the model-level trigger inversion included."""
+    return _scan("full", state, probe_choice, upload, max_images, profile, detector_settings, request, progress)
 
 
 @guarded
@@ -234,7 +362,7 @@ def build_investigate_tab(state: gr.State) -> dict:
             value=300,
             step=10,
             label="Images to scan (a seeded random subset)",
-            info="with every detector the 300 demo images take about 5 minutes on 2 CPU cores; fewer take less",
+            info="each button below shows its expected time for this many images",
             elem_id="scan-images",
         )
     with gr.Accordion("Detector settings", open=False):
@@ -253,7 +381,11 @@ def build_investigate_tab(state: gr.State) -> dict:
                 lines=2,
                 elem_id="detector-settings",
             )
-    run = gr.Button("Scan for backdoors", variant="primary", elem_id="scan-button")
+    with gr.Row():
+        quick = gr.Button(f"{BUTTON['quick']} (estimating…)", variant="primary", elem_id="quick-look-button")
+        full = gr.Button(f"{BUTTON['full']} (estimating…)", variant="secondary", elem_id="full-verdict-button")
+    estimate_line = gr.Markdown(elem_id="scan-estimate")
+    queue_line = gr.Markdown(elem_id="scan-queue")
     summary = gr.Markdown(elem_id="scan-summary")
     gallery = gr.Gallery(label="Images ranked by discrepancy (click one)", columns=8, height=320, allow_preview=False)
     detail = gr.Markdown()
@@ -273,7 +405,10 @@ def build_investigate_tab(state: gr.State) -> dict:
         "max_images": max_images,
         "profile": profile,
         "detector_settings": detector_settings,
-        "run": run,
+        "quick": quick,
+        "full": full,
+        "estimate": estimate_line,
+        "queue": queue_line,
         "summary": summary,
         "gallery": gallery,
     }

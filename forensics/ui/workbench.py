@@ -7,7 +7,7 @@ import gradio as gr
 from forensics.ui.common import BUDGET, initial_state
 from forensics.ui.compare_tab import build_compare_tab
 from forensics.ui.findings_tab import build_findings_tab
-from forensics.ui.investigate_tab import build_investigate_tab, scan
+from forensics.ui.investigate_tab import SLOTS, announce, build_investigate_tab, estimate, quick_look, scan
 from forensics.ui.learn_tab import build_learn_tab
 from forensics.ui.model_tab import build_model_tab, startup
 from forensics.ui.quota import Limits, UploadLimitMiddleware
@@ -17,8 +17,10 @@ from forensics.ui.zoo_tab import build_zoo_tab
 INTRO = """# CLIP backdoor forensics
 Load a suspect CLIP, let a segmentation oracle and CLIP's attributions disagree about what an image shows,
 find the trigger, the hijacked label and its victims, and repair the model. The bundled **demo** model carries a
-planted backdoor: press **Scan for backdoors** below to find it."""
-SCAN_CONCURRENCY = 2  # scans are CPU-bound; two at once keep a 2-core machine busy without starving the page
+planted backdoor: press **Quick look** below to find it (each button shows how long it takes here)."""
+# each scan depth queues on its own (limits: investigate_tab.SLOTS), so a full verdict never holds a quick look
+CONCURRENCY_IDS = {"quick": "quick-look", "full": "full-verdict"}
+ESTIMATE_CONCURRENCY = 4  # the estimates are arithmetic once the model's costs are measured (seconds, once)
 
 
 def build_app() -> gr.Blocks:
@@ -47,27 +49,42 @@ def build_app() -> gr.Blocks:
                 build_learn_tab()
         model["load"].click(lambda s: s, model["status"], status, api_name=False)
         model["status"].change(lambda s: s, model["status"], status, api_name=False)
-        inv["run"].click(
-            scan,
-            [state, inv["probe"], inv["upload"], inv["max_images"], inv["profile"], inv["detector_settings"]],
-            [
-                inv["summary"],
-                inv["gallery"],
-                fnd["flagged"],
-                fnd["chart"],
-                fnd["triggers"],
-                fnd["victims"],
-                fnd["files"],
-                fnd["trigger"],
-                fnd["verdict"],
-                fnd["evidence"],
-                fnd["inverted"],
-                state,
-            ],
-            api_name="scan",
-            concurrency_limit=SCAN_CONCURRENCY,
-            concurrency_id="scan",
-        )
+        inputs = [state, inv["probe"], inv["upload"], inv["max_images"], inv["profile"], inv["detector_settings"]]
+        outputs = [
+            inv["summary"],
+            inv["gallery"],
+            fnd["flagged"],
+            fnd["chart"],
+            fnd["triggers"],
+            fnd["victims"],
+            fnd["files"],
+            fnd["trigger"],
+            fnd["verdict"],
+            fnd["evidence"],
+            fnd["inverted"],
+            inv["queue"],
+            state,
+        ]
+        for depth, button, run, api in (
+            ("quick", inv["quick"], quick_look, "quick_look"),
+            ("full", inv["full"], scan, "scan"),
+        ):
+            button.click(announce(depth), state, inv["queue"], queue=False, api_name=False).then(
+                run,
+                inputs,
+                outputs,
+                api_name=api,
+                concurrency_limit=SLOTS[depth],
+                concurrency_id=CONCURRENCY_IDS[depth],
+                show_progress_on=[inv["summary"]],  # the queue line beside it stays readable while waiting
+            )
+        estimated = [inv["quick"], inv["full"], inv["estimate"], state]
+        again = dict(api_name=False, concurrency_id="estimate", concurrency_limit=ESTIMATE_CONCURRENCY)
+        for event in (inv["probe"].change, inv["upload"].change, inv["max_images"].change, inv["profile"].change):
+            event(estimate, inputs, estimated, show_progress="hidden", **again)
+        inv["detector_settings"].blur(estimate, inputs, estimated, show_progress="hidden", **again)
+        # the status line on top changes on page load and with each model or oracle loaded: estimate again
+        status.change(estimate, inputs, estimated, show_progress="hidden", **again)
         app.load(startup, state, [model["facts"], status], api_name=False)
     return app
 
