@@ -33,7 +33,7 @@ HOSTILE = [LABEL, BREAKOUT, FILE, CAPTION]
 
 # the markup the report code itself builds, and nothing else
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "table", "tr", "th", "td"}
-ALLOWED_TAGS |= {"p", "div", "img", "br", "ul", "li"}
+ALLOWED_TAGS |= {"p", "div", "img", "br", "ul", "li", "b"}
 
 
 class _Tags(HTMLParser):

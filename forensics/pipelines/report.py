@@ -147,7 +147,8 @@ def write_html(path: Path, title: str, summary: dict, sections: list[tuple[str, 
         "table{border-collapse:collapse}\n"
         "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:13px} img{max-width:100%}\n"
         ".note{color:#555;font-size:13px} "
-        ".pattern{display:inline-block;margin:8px;text-align:center;font-size:12px}</style></head>\n"
+        ".pattern{display:inline-block;margin:8px;text-align:center;font-size:12px} .small img{width:96px} "
+        ".plot{margin:8px 0;font-size:12px}</style></head>\n"
         f"<body><h1>{_text(title)}</h1><table>{rows}</table>"
         f'<p class="note">{_text(ASR_NOTE)}.</p>{body}</body></html>'
     )
@@ -272,45 +273,100 @@ def flagged_words(evidence: dict) -> str:
     return "; ".join(p for p in parts if p) or evidence.get("skipped", "none")
 
 
+THRESHOLD_WORDS = {  # key -> (what it measures, the side a flag lies on)
+    "anomaly": ("anomaly index", ">="),
+    "alignment": ("alignment with the label's own images", "<="),
+    "uniqueness": ("next label's trigger size over this one", ">="),
+    "victim_z": ("density z of a victim", ">="),
+    "label": ("label anomaly", ">="),
+    "min_sources": ("classes feeding a cluster", ">="),
+    "max_source_share": ("share of a cluster from one class", "<="),
+    "cluster_alignment": ("cluster alignment with the label's own images", "<="),
+}
+
+
+def threshold_words(thresholds: Any) -> str:
+    """A detector's thresholds as readable text (``anomaly index >= 2; alignment ... <= 0.46``), not a raw dict;
+    keys it does not know are shown as ``key = value``."""
+    if not thresholds:
+        return ""
+    if not isinstance(thresholds, dict):
+        return str(thresholds)
+    parts = []
+    for key, value in thresholds.items():
+        if isinstance(value, dict):
+            parts.append(f"{key}: {threshold_words(value)}")
+            continue
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        what, side = THRESHOLD_WORDS.get(key, (key, "="))
+        parts.append(f"{what} {side} {shown}")
+    return "; ".join(parts)
+
+
+def _picture_html(out: Path, name: str | None, caption: str, css: str = "pattern") -> str:
+    """A picture written under ``out`` as an inline PNG with its caption (both escaped); "" when it is not there."""
+    path = out / str(name or "")
+    if not name or not path.is_file():
+        return ""
+    return (
+        f'<div class="{css}"><img alt="{_text(caption)}" src="data:image/png;base64,{_b64_file(path)}"><br>'
+        f"{_text(caption)}</div>"
+    )
+
+
 def verdict_section(out: Path, report: dict) -> tuple[str, str]:
-    """The verdict on top: the answer, why, the best trigger, and each detector's evidence side by side."""
+    """The verdict on top: the answer in plain words, why, the triggers at work on a clean image (else the best
+    trigger's pattern), each detector's evidence with its thresholds in words and its per-label scores against
+    them, and the victims with their trigger box."""
+    from forensics.pipelines.summary import plain_verdict
+
     verdict = report["verdict"]
+    pictures = report.get("pictures") or {}
     trigger = verdict.get("trigger")
-    parts = [
+    parts = [f"<p>{_text(plain_verdict(report, markdown=False))}</p>"]
+    parts.append(
         f"<p><b>{_text(verdict['verdict'])}</b>"
         + (f": target {_text(verdict['target'])}" if verdict.get("target") else "")
-    ]
-    parts[0] += (f", {_text(verdict['family'])} trigger" if verdict.get("family") else "") + "</p>"
+        + (f", {_text(verdict['family'])} trigger" if verdict.get("family") else "")
+        + "</p>"
+    )
     parts.append("<ul>" + "".join(f"<li>{_text(r)}</li>" for r in verdict.get("reasons", [])) + "</ul>")
-    if trigger:
-        picture = out / str(trigger.get("pattern") or "")
-        image = f'<img src="data:image/png;base64,{_b64_file(picture)}" width="128"><br>' if picture.is_file() else ""
-        parts.append(
-            f'<div class="pattern">{image}{_text(trigger.get("method", ""))}: verified flip rate '
-            f"{float(trigger['verified_asr']):.0%} on {_text(trigger['n_verified'])} held-out clean images</div>"
+    shown = "".join(_picture_html(out, t.get("file"), t.get("caption", "")) for t in pictures.get("triggers", []))
+    if shown:
+        parts.append(f"<p>Each trigger on a clean probe image: the image, the trigger, the image stamped.</p>{shown}")
+    elif trigger:
+        caption = (
+            f"{trigger.get('method', '')}: verified flip rate {float(trigger['verified_asr']):.0%} on "
+            f"{trigger['n_verified']} held-out clean images"
         )
+        parts.append(_picture_html(out, trigger.get("pattern"), caption, "pattern small"))
     rows = []
     for name, evidence in verdict.get("evidence", {}).items():
         rows.append(
             {
                 "detector": name,
                 "flagged (score)": flagged_words(evidence),
-                "thresholds": evidence.get("thresholds"),
+                "thresholds": threshold_words(evidence.get("thresholds")),
                 "seconds": evidence.get("seconds"),
             }
         )
     parts.append(table_html(rows, ["detector", "flagged (score)", "thresholds", "seconds"]))
-    pictures = []
-    for t in report.get("detectors", {}).get("trigger-inversion", {}).get("inverted_triggers", []):
-        picture = out / str(t.get("pattern") or "")
-        if picture.is_file():
-            pictures.append(
-                f'<div class="pattern"><img src="data:image/png;base64,{_b64_file(picture)}" width="96"><br>'
-                f"{_text(t['label'])} ({_text(t['stats'].get('family'))}): flip {float(t['verified_asr']):.0%}, "
-                f"anomaly {_text(t['stats'].get('anomaly'))}, alignment {_text(t['stats'].get('alignment'))}</div>"
+    parts.append(
+        "".join(
+            _picture_html(out, f, f"{name}: per-label score against its clean-calibrated threshold (dashed)", "plot")
+            for name, f in pictures.get("scores", {}).items()
+        )
+    )
+    if not shown:
+        for t in report.get("detectors", {}).get("trigger-inversion", {}).get("inverted_triggers", []):
+            caption = (
+                f"{t['label']} ({t['stats'].get('family')}): flip {float(t['verified_asr']):.0%}, "
+                f"anomaly {t['stats'].get('anomaly')}, alignment {t['stats'].get('alignment')}"
             )
-    parts.append("".join(pictures))
+            parts.append(_picture_html(out, t.get("pattern"), caption, "pattern small"))
     if verdict.get("victims"):
+        grid = pictures.get("victims_grid")
+        parts.append(_picture_html(out, grid, "the victims, with the trigger's box in red", "plot"))
         parts.append(table_html(verdict["victims"][:50], ["index", "image", "label", "box", "found_by"]))
     return "Verdict", "".join(parts)
 

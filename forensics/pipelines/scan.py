@@ -44,6 +44,7 @@ from forensics.detect.trigger_inversion import InvertedPattern
 from forensics.detect.verdict import Verdict, merge
 from forensics.detect.victim_trigger import VictimTrigger, adopt, for_verdict
 from forensics.oracles import Oracle, build_oracle, default_oracle
+from forensics.pipelines.pictures import scan_pictures
 from forensics.pipelines.report import write_json, write_scan_html
 
 
@@ -495,10 +496,12 @@ def write_scan(outcome: ScanOutcome, out: str | Path, progress: Progress | None 
     rows = all_compact_rows(outcome)
     patterns = list(outcome.findings.artefacts["patterns"])
     inverted = inverted_pictures(outcome)
+    # the triggers at work, the victims boxed, the detectors' scores
+    pictures = scan_pictures(outcome, probe_images(outcome), probe_artefact(outcome, "predicted"))
     outputs = [out / "report.json", out / "report.html", out / "compact" / "compact.csv"]
     outputs += [out / "compact" / "classes.json", *(out / "compact" / r["image"] for r in rows)]
     outputs += [out / n for n in patterns] + [out / n.replace(".png", "_preview.png") for n in patterns]
-    outputs += [out / n for n in inverted]
+    outputs += [out / n for n in inverted] + [out / n for n in pictures.files]
     refuse_overwriting_inputs(outputs, model_files(outcome.model.facts.source) + outcome.probe.files())
     start = time.time()
     with staged_output(out) as stage:  # an interrupted write leaves the previous result, or nothing
@@ -509,6 +512,10 @@ def write_scan(outcome: ScanOutcome, out: str | Path, progress: Progress | None 
         for name, picture in inverted.items():
             (stage / name).parent.mkdir(parents=True, exist_ok=True)
             to_pil(picture).save(stage / name)
+        for name, image in pictures.files.items():
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            image.save(stage / name)
+        report["pictures"] = pictures.index
         report["compact_set"] = write_compact_set(stage, rows, outcome.probe.class_names)
         report["metrics"]["seconds_total"] = round(report["metrics"]["seconds_total"] + time.time() - start, 2)
         write_json(stage / "report.json", report)

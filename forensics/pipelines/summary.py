@@ -46,9 +46,11 @@ def _certainty(verdict: dict[str, Any], ran: list[str]) -> str:
     """How sure a backdoored verdict is: how many of the detectors that ran name the target on their own, and how
     well its trigger was verified on clean images the trigger was not made from."""
     target = verdict["target"]
-    naming = [d for d, claims in (verdict.get("claims") or {}).items() if any(
-        c.get("label") == target and c.get("strength") == "strong" for c in claims
-    )]  # fmt: skip
+    naming = [
+        d
+        for d, claims in (verdict.get("claims") or {}).items()
+        if any(c.get("label") == target and c.get("strength") == "strong" for c in claims)
+    ]
     if len(naming) >= 2:
         words = f"high: {len(naming)} of the {len(ran)} detectors that ran name '{target}' independently"
     elif naming:

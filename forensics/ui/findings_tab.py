@@ -12,9 +12,11 @@ from forensics.pipelines.evaluate import get_model
 from forensics.pipelines.explain import paste_trigger
 from forensics.ui.common import guarded, model_ref, need_scan
 
-EXPLAIN = """The **verdict** on top merges every detector: the oracle-guided scan (victims with trigger boxes),
-trigger inversion (from clean images alone: the smallest patch or whole-image trigger per label) and
-embedding density (look-alike inputs piled onto one spot). **Flagged labels** collect predictions that a
+EXPLAIN = """The **verdict** on top merges every detector that ran: the oracle-guided scan (victims with trigger
+boxes), trigger inversion (full verdict only; from clean images alone: the smallest patch or whole-image trigger per
+label) and embedding density (look-alike inputs piled onto one spot). Each **trigger** is shown at work: a clean
+probe image, the trigger, the same image stamped, with the model's answer on each; each detector's **scores** are
+plotted against its clean-calibrated threshold. **Flagged labels** collect predictions that a
 small non-object window decides; a backdoor's target
 label stands out. **Trigger candidates** are rebuilt from the windows that hijacked those predictions; the
 flip rate says how often pasting one on clean images of other classes turns them into the flagged label.
@@ -58,8 +60,20 @@ def build_findings_tab(state: gr.State) -> dict:
             interactive=False,
             elem_id="evidence-table",
         )
+    with gr.Row():
         inverted = gr.Gallery(
-            label="Triggers: inverted, or shared by the victims", columns=4, height=200, allow_preview=False
+            label="Triggers at work: a clean image, the trigger, the image stamped (the model's answer on each)",
+            columns=2,
+            height=300,
+            allow_preview=True,
+            elem_id="trigger-pictures",
+        )
+        scores = gr.Gallery(
+            label="Each detector's per-label score against its clean-calibrated threshold (dashed)",
+            columns=2,
+            height=300,
+            allow_preview=True,
+            elem_id="detector-scores",
         )
     with gr.Row():
         flagged = gr.Dataframe(
@@ -71,7 +85,9 @@ def build_findings_tab(state: gr.State) -> dict:
         chart = gr.Plot(label="Predictions per label, and those a small window captured")
     with gr.Row():
         triggers = gr.Gallery(label="Trigger candidates (reconstructed)", columns=4, height=200, allow_preview=False)
-        victims = gr.Gallery(label="Victim samples", columns=8, height=200, allow_preview=False)
+        victims = gr.Gallery(
+            label="Victims (the trigger's box in red)", columns=8, height=200, allow_preview=False, elem_id="victims"
+        )
     files = gr.File(label="Scan report (HTML, JSON)", file_count="multiple", interactive=False)
     gr.Markdown("#### Paste a trigger candidate")
     with gr.Row():
@@ -93,4 +109,5 @@ def build_findings_tab(state: gr.State) -> dict:
         "verdict": verdict,
         "evidence": evidence,
         "inverted": inverted,
+        "scores": scores,
     }

@@ -22,7 +22,8 @@ from forensics.pipelines.estimate import (
 )
 from forensics.pipelines.evaluate import get_model
 from forensics.pipelines.explain import explain_image
-from forensics.pipelines.report import flagged_chart, flagged_words
+from forensics.pipelines.pictures import pictures_from_report
+from forensics.pipelines.report import flagged_chart, flagged_words, threshold_words
 from forensics.pipelines.scan import pick_oracle, scan_settings, write_scan
 from forensics.pipelines.scan import scan as run_scan_outcome
 from forensics.pipelines.summary import plain_verdict
@@ -119,67 +120,48 @@ def scan_outputs(report: dict, out: Path, estimate: float | None = None, depth_n
         )
         for t in report["triggers"]
     ]
-    victims = [
-        (v["image"], f"#{v['index']} → {v['label']} (object: {v['grounded_label']})")
-        for v in report["victims"][:GALLERY_SIZE]
-    ]
+    pictures = pictures_from_report(report, out)
     files = [str(out / "report.html"), str(out / "report.json")]
     choices = [f"{k}: {t['label']}" for k, t in enumerate(report["triggers"])]
-    verdict_text, evidence, inverted = verdict_views(report, out)
+    verdict_text, evidence = verdict_views(report)
     return (
         summary,
         gallery,
         table,
         chart,
         triggers,
-        victims,
+        pictures["victims"],
         files,
         gr.update(choices=choices, value=choices[0] if choices else None),
         verdict_text,
         evidence,
-        inverted,
+        pictures["triggers"],
+        pictures["scores"],
         order,
     )
 
 
-def verdict_views(report: dict, out: Path) -> tuple[str, list[list], list[tuple[str, str]]]:
-    """The Findings tab's top: the verdict in words, each detector's evidence as rows, the inverted triggers (and
-    the one the victims share, first, when the verdict's trigger is that)."""
+def verdict_views(report: dict) -> tuple[str, list[list]]:
+    """The Findings tab's top: the verdict in words, and each detector's evidence as rows (thresholds in words)."""
     verdict = report.get("verdict") or {}
     if not verdict:
-        return "", [], []
+        return "", []
     text = f"## Verdict: **{verdict['verdict']}**"
     if verdict.get("target"):
         text += f", target **{verdict['target']}**"
     if verdict.get("family"):
         text += f" ({verdict['family']} trigger)"
+    text += f"\n\n{plain_verdict(report)}"
     trigger = verdict.get("trigger")
     if trigger:
         text += f"\n\nBest trigger: {trigger.get('method', '')}, verified flip rate {trigger['verified_asr']:.0%}"
         text += f" on {trigger['n_verified']} held-out clean images of other classes."
     text += "".join(f"\n- {r}" for r in verdict.get("reasons", []))
     rows = [
-        [
-            name,
-            flagged_words(e),
-            str(e.get("thresholds") or ""),
-            e.get("seconds"),
-        ]
+        [name, flagged_words(e), threshold_words(e.get("thresholds")), e.get("seconds")]
         for name, e in verdict.get("evidence", {}).items()
     ]
-    inverted = [
-        (
-            str(out / t["pattern"]),
-            f"{t['label']} ({t['stats'].get('family')}): flip {t['verified_asr']:.0%}, "
-            f"alignment {t['stats'].get('alignment')}",
-        )
-        for t in report.get("detectors", {}).get("trigger-inversion", {}).get("inverted_triggers", [])
-        if t.get("pattern") and (out / t["pattern"]).is_file()
-    ]
-    if trigger and trigger.get("detector") == "victims" and (out / str(trigger.get("pattern"))).is_file():
-        caption = f"{trigger['label']} ({trigger['stats'].get('family')}, shared by {trigger['stats'].get('victims')}"
-        inverted.insert(0, (str(out / trigger["pattern"]), f"{caption} victims): flip {trigger['verified_asr']:.0%}"))
-    return text, rows, inverted
+    return text, rows
 
 
 def _costs(state: dict) -> tuple:

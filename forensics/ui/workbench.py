@@ -62,6 +62,7 @@ def build_app() -> gr.Blocks:
             fnd["verdict"],
             fnd["evidence"],
             fnd["inverted"],
+            fnd["scores"],
             inv["queue"],
             state,
         ]
