@@ -109,22 +109,22 @@ def depth_detectors(depth: str) -> list[str]:
     raise ValueError(f"unknown scan depth {depth!r}; valid: {', '.join(DEPTHS)}")
 
 
-def _timed(fn, repeats: int = 2) -> float:
-    """The fastest of ``repeats`` runs of ``fn`` after one warm-up (the first call pays for allocation)."""
+def _timed(fn, repeats: int = 3) -> float:
+    """The median of ``repeats`` runs of ``fn`` after one warm-up (the first call pays for allocation): the
+    machine's load now counts (a scan started now shares the machine as these runs did), a single burst does not."""
     fn()
-    best = math.inf
+    runs = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        runs.append(time.perf_counter() - start)
+    return float(sorted(runs)[len(runs) // 2])
 
 
 def measure_costs(model: SuspectModel, probe: ProbeSet, oracle: Oracle, sample: int = 8, batch: int = 16) -> UnitCosts:
     """Time the scan's repeated operations on ``sample`` probe images spread over the probe (the oracle's time
-    varies with the image) and a batch of ``batch`` copies for the batched passes, each the fastest of a few runs
-    (a burst of load elsewhere inflates one run, not all). A few seconds on the demo; the model, the oracle and
-    the machine all show in it."""
+    varies with the image) and a batch of ``batch`` copies for the batched passes, each the median of a few runs.
+    A few seconds on the demo; the model, the oracle and the machine (its load included) all show in it."""
     from forensics.attribution.occlusion import predict_and_estimate
     from forensics.pipelines.report import _png_b64, image_panels
 
@@ -153,7 +153,7 @@ def measure_costs(model: SuspectModel, probe: ProbeSet, oracle: Oracle, sample: 
     with frozen(model):
         backward_s = _timed(backward, 3) / batch
         forward_s = min(_timed(forward, 7) / batch, backward_s)  # a forward alone never costs more than with a backward
-        first_s = _timed(lambda: predict_and_estimate(model, full, class_emb, batch_size=batch), 2) / batch
+        first_s = _timed(lambda: predict_and_estimate(model, full, class_emb, batch_size=batch)) / batch
     maps = torch.rand(size, size)
     figure_s = _timed(lambda: _png_b64(image_panels(images[0], [], maps, maps, "timing")), 1)
 
