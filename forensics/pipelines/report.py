@@ -282,6 +282,8 @@ THRESHOLD_WORDS = {  # key -> (what it measures, the side a flag lies on)
     "min_sources": ("classes feeding a cluster", ">="),
     "max_source_share": ("share of a cluster from one class", "<="),
     "cluster_alignment": ("cluster alignment with the label's own images", "<="),
+    "verified_flip": ("rebuilt trigger's flip rate to verify a flag", ">="),
+    "refuted_flip": ("flip rate below which a flag is refuted", "<"),
 }
 
 

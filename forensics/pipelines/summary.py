@@ -60,7 +60,7 @@ def _certainty(verdict: dict[str, Any], ran: list[str]) -> str:
     trigger = verdict.get("trigger") or {}
     if trigger.get("verified_asr") is not None:
         words += (
-            f", and the trigger rebuilt from the model sends {float(trigger['verified_asr']):.0%} of "
+            f", and the best trigger found sends {float(trigger['verified_asr']):.0%} of "
             f"{trigger.get('n_verified', 'the')} held-out clean images of other classes to it"
         )
     return words

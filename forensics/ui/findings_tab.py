@@ -58,20 +58,23 @@ def build_findings_tab(state: gr.State) -> dict:
             headers=["detector", "flagged (score)", "thresholds", "seconds"],
             label="Each detector's evidence",
             interactive=False,
+            wrap=True,
             elem_id="evidence-table",
         )
     with gr.Row():
         inverted = gr.Gallery(
             label="Triggers at work: a clean image, the trigger, the image stamped (the model's answer on each)",
-            columns=2,
+            columns=1,
             height=300,
+            object_fit="contain",
             allow_preview=True,
             elem_id="trigger-pictures",
         )
         scores = gr.Gallery(
             label="Each detector's per-label score against its clean-calibrated threshold (dashed)",
-            columns=2,
+            columns=1,
             height=300,
+            object_fit="contain",
             allow_preview=True,
             elem_id="detector-scores",
         )
