@@ -109,7 +109,7 @@ def build(
                 attack = clean_twin_patch(path, target, seed, attack["size"], attack["position"])
             else:
                 attack = build_attack(attack["attack"], **{k: v for k, v in attack.items() if k != "attack"}).to_dict()
-            data = poison_dataset(data, attack_from_dict(attack), target, 0.1, work / name / "train", seed=seed)
+            data = poison_dataset(data, attack_from_dict(attack), target, 0.1, work / "poisoned" / name, seed=seed)
         epochs = clean_epochs if attack is None else backdoor_epochs
         implant(
             data,
