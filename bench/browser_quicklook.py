@@ -32,11 +32,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from PIL import Image
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 MINUTE = 60_000
 ESTIMATE = re.compile(r"Quick look \(about (\d+) (s|min)\)")
-LINE = re.compile(r"Quick look \([^)]*\): about (\d+) (s|min) on (\d+) images")
+LINE = re.compile(r"Quick look \([^)]*\): about \d+ (?:s|min) on (\d+) images \((\d+) s expected\)")
 GOAL_SECONDS = 60
 
 
@@ -75,10 +77,6 @@ def start_app(log: Path, temp: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(1)
 
 
-def seconds_of(number: str, unit: str) -> float:
-    return float(number) * (60 if unit == "min" else 1)
-
-
 def machine() -> dict:
     import torch
 
@@ -113,21 +111,24 @@ def run(url: str, images: int, shots: Path) -> dict:
         expect(line).to_contain_text(f"on {images} images", timeout=5 * MINUTE)
         expect(button).to_contain_text(ESTIMATE, timeout=MINUTE)
         label, words = button.inner_text(), line.inner_text()
-        shown = ESTIMATE.search(label)
-        exact = LINE.search(words) or shown  # the line says which images the estimate is for
+        exact = LINE.search(words)  # the estimate in seconds, and the images it is for
         start = time.time()
         button.click()
         page.get_by_role("tab", name="Findings").click()
         expect(page.locator("#verdict")).to_contain_text("Verdict:", timeout=30 * MINUTE)
         took = time.time() - start
         verdict = page.locator("#verdict").inner_text()
+        page.wait_for_timeout(1500)  # the galleries' pictures load
+        page.locator("#verdict").evaluate("e => e.scrollIntoView()")  # the verdict on top of the view
         page.screenshot(path=str(shots / "findings.png"), full_page=False)
         page.get_by_role("tab", name="Investigate").click()
-        page.locator("#scan-summary").scroll_into_view_if_needed()
+        page.locator("#quick-look-button").evaluate("e => e.scrollIntoView()")  # the buttons, then the summary
         page.wait_for_timeout(500)
         page.screenshot(path=str(shots / "investigate.png"), full_page=False)
         browser.close()
-    estimate = seconds_of(*exact.groups()[:2])
+    if exact is None or int(exact.group(1)) != images:
+        raise SystemExit(f"the estimate line does not give the quick look's seconds for {images} images: {words!r}")
+    estimate = float(exact.group(2))
     return {
         "images": images,
         "button_before_click": label,
@@ -167,7 +168,8 @@ def main() -> None:
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "command": "python bench/browser_quicklook.py " + " ".join(sys.argv[1:]),
         "goal": f"under {GOAL_SECONDS} s on a quiet 2-core machine for 300 images, the estimate within a factor 2",
-        "met": result["measured_seconds"] < GOAL_SECONDS
+        "met": result["images"] == 300
+        and result["measured_seconds"] < GOAL_SECONDS
         and result["ratio_measured_to_estimate"] is not None
         and 0.5 <= result["ratio_measured_to_estimate"] <= 2.0,
     }
@@ -193,8 +195,9 @@ def main() -> None:
     if args.docs:
         images = REPO / "docs" / "images"
         images.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shots / "investigate.png", images / "workbench-investigate.png")
-        shutil.copy(shots / "findings.png", images / "workbench-findings.png")
+        for name in ("investigate", "findings"):  # 256 colours: a third of the size, the same page to the eye
+            with Image.open(shots / f"{name}.png") as shot:
+                shot.convert("RGB").quantize(256).save(images / f"workbench-{name}.png", optimize=True)
     print("\n".join(lines))
     print(f"screenshots: {shots}")
 

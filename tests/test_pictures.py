@@ -261,3 +261,16 @@ def test_the_verdict_section_embeds_the_pictures_with_escaped_captions(tmp_path)
     assert page.count("<img ") == 3  # the trigger at work, one score plot (the missing file is left out), the grid
     assert 'alt="inverted local trigger for &#x27;flower&lt;svg' in page
     assert "Backdoored: this model sends images carrying a small-patch trigger" in page  # the plain verdict on top
+
+
+def test_a_sheet_stacks_the_pictures_whole(tmp_path):
+    from forensics.pipelines.pictures import picture_sheet
+
+    Image.new("RGB", (300, 100), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (200, 50), "blue").save(tmp_path / "b.png")
+    sheet = picture_sheet([tmp_path / "a.png", tmp_path / "b.png"], gap=10, top=20)
+    assert sheet.size == (300, 180)
+    assert sheet.getpixel((150, 10)) == (255, 255, 255)  # room for the front end's label
+    assert sheet.getpixel((150, 70)) == (255, 0, 0) and sheet.getpixel((150, 155)) == (0, 0, 255)
+    assert sheet.getpixel((10, 155)) == (255, 255, 255)  # the narrower one centred on white
+    assert picture_sheet([]) is None

@@ -34,7 +34,7 @@ def _backdoored(ran: list[str], naming: list[str]) -> dict:
 def test_backdoored_full_verdict_says_what_how_sure_and_what_next():
     text = plain_verdict(_backdoored(all_detectors(), ["trigger-inversion", "oracle-guided"]))
     assert text.startswith("**Backdoored**: this model sends images carrying a small-patch trigger to 'flower'")
-    assert "(43 of the 300 probe images carry it and were hijacked)" in text
+    assert "(43 of the 300 probe images were hijacked by it)" in text
     assert f"How sure: high: 2 of the {len(all_detectors())} detectors that ran name 'flower' independently" in text
     assert "sends 97% of 64 held-out clean images of other classes to it" in text
     assert "Repair tab" in text and "Findings tab" in text

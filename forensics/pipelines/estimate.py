@@ -320,9 +320,10 @@ def estimate_words(estimates: Mapping[str, ScanEstimate], costs: UnitCosts) -> s
 
     adds = ", ".join(plain_name(n).split(" (")[0] for n in added) or "nothing"
     return (
-        f"**Quick look** ({', '.join(quick.detectors)}): {quick.words()} on {quick.images} images. "
-        f"**Full verdict** (every detector; adds {adds}): "
-        f"{full.words()}. Estimated from this model's costs measured on this machine ({costs.threads} threads): "
+        f"**Quick look** ({', '.join(quick.detectors)}): {quick.words()} on {quick.images} images "
+        f"({quick.total:.0f} s expected). **Full verdict** (every detector; adds {adds}): "
+        f"{full.words()} ({full.total:.0f} s). Estimated from this model's costs measured on this machine "
+        f"({costs.threads} threads): "
         f"a forward pass {1000 * costs.forward:.0f} ms per image, forward and backward {1000 * costs.backward:.0f} ms, "
         f"the oracle {1000 * costs.oracle:.0f} ms."
     )

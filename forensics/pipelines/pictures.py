@@ -368,3 +368,19 @@ def pictures_from_report(report: dict, folder: str | Path) -> dict[str, list[tup
         "scores": scores,
         "grid": [(str(folder / grid), "victims")] if there(grid) else [],
     }
+
+
+def picture_sheet(paths: Sequence[str | Path], gap: int = 12, top: int = 28) -> Image.Image | None:
+    """The pictures at ``paths`` stacked top to bottom on white, centred, ``top`` pixels free above them (where a
+    front end writes its label): one image shown whole, at its width (a gallery crops wide pictures to its tiles).
+    None when there are none."""
+    images = [Image.open(p).convert("RGB") for p in paths]
+    if not images:
+        return None
+    width = max(i.width for i in images)
+    sheet = Image.new("RGB", (width, top + sum(i.height for i in images) + gap * (len(images) - 1)), "white")
+    y = top
+    for image in images:
+        sheet.paste(image, ((width - image.width) // 2, y))
+        y += image.height + gap
+    return sheet

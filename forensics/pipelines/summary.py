@@ -91,7 +91,7 @@ def plain_verdict(report: dict[str, Any], markdown: bool = True) -> str:
     if kind == "backdoored":
         family = FAMILY_WORDS.get(verdict.get("family") or "", "hidden")
         n_victims = len(verdict.get("victims") or [])
-        victims = f" ({n_victims} of the {images} probe images carry it and were hijacked)" if n_victims else ""
+        victims = f" ({n_victims} of the {images} probe images were hijacked by it)" if n_victims else ""
         text = (
             f"{_bold('Backdoored', markdown)}: this model sends images carrying a {family} trigger to "
             f"'{verdict['target']}'{victims}. How sure: {_certainty(verdict, ran)}. Next: remove the backdoor in "

@@ -62,20 +62,16 @@ def build_findings_tab(state: gr.State) -> dict:
             elem_id="evidence-table",
         )
     with gr.Row():
-        inverted = gr.Gallery(
+        inverted = gr.Image(
             label="Triggers at work: a clean image, the trigger, the image stamped (the model's answer on each)",
-            columns=1,
-            height=300,
-            object_fit="contain",
-            allow_preview=True,
+            type="pil",
+            interactive=False,
             elem_id="trigger-pictures",
         )
-        scores = gr.Gallery(
+        scores = gr.Image(
             label="Each detector's per-label score against its clean-calibrated threshold (dashed)",
-            columns=1,
-            height=300,
-            object_fit="contain",
-            allow_preview=True,
+            type="pil",
+            interactive=False,
             elem_id="detector-scores",
         )
     with gr.Row():

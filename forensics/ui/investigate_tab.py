@@ -13,6 +13,7 @@ from forensics.detect import PROFILES
 from forensics.pipelines.estimate import (
     DEPTHS,
     ScanBoard,
+    UnitCosts,
     depth_detectors,
     depth_options,
     duration_words,
@@ -22,7 +23,7 @@ from forensics.pipelines.estimate import (
 )
 from forensics.pipelines.evaluate import get_model
 from forensics.pipelines.explain import explain_image
-from forensics.pipelines.pictures import pictures_from_report
+from forensics.pipelines.pictures import picture_sheet, pictures_from_report
 from forensics.pipelines.report import flagged_chart, flagged_words, threshold_words
 from forensics.pipelines.scan import pick_oracle, scan_settings, write_scan
 from forensics.pipelines.scan import scan as run_scan_outcome
@@ -135,8 +136,8 @@ def scan_outputs(report: dict, out: Path, estimate: float | None = None, depth_n
         gr.update(choices=choices, value=choices[0] if choices else None),
         verdict_text,
         evidence,
-        pictures["triggers"],
-        pictures["scores"],
+        picture_sheet([path for path, _ in pictures["triggers"]]),
+        picture_sheet([path for path, _ in pictures["scores"]]),
         order,
     )
 
@@ -164,11 +165,24 @@ def verdict_views(report: dict) -> tuple[str, list[list]]:
     return text, rows
 
 
+_MEASURED: dict[tuple, UnitCosts] = {}  # model and oracle -> unit costs: measured once per server, not per visitor
+
+
 def _costs(state: dict) -> tuple:
-    """This session's model's unit costs (None until measured: once per loaded model and oracle) and their key."""
-    key = [state["model"], state.get("arch"), state.get("quick_gelu"), state["oracle"], state.get("sam_checkpoint")]
+    """This session's model's unit costs (None until measured: once per loaded model, file version and oracle)
+    and their key."""
+    path = Path(str(state["model"]))
+    stamp = path.stat().st_mtime_ns if path.is_file() else None
+    key = [
+        state["model"],
+        stamp,
+        state.get("arch"),
+        state.get("quick_gelu"),
+        state["oracle"],
+        state.get("sam_checkpoint"),
+    ]
     kept = state.get("costs") or {}
-    return kept.get("costs") if kept.get("key") == key else None, key
+    return (kept.get("costs") if kept.get("key") == key else _MEASURED.get(tuple(key))), key
 
 
 def _estimates(state: dict, probe: str, max_images: float, options: dict, profile: str) -> dict:
@@ -179,6 +193,7 @@ def _estimates(state: dict, probe: str, max_images: float, options: dict, profil
     limit = int(max_images) if max_images else None
     costs, estimates = scan_estimates(model, probe, oracle, limit, options, profile, costs)
     state["costs"] = {"key": key, "costs": costs}
+    _MEASURED[tuple(key)] = costs
     state["estimates"] = {depth: e.total for depth, e in estimates.items()}
     return {"costs": costs, **estimates}
 

@@ -20,7 +20,9 @@ find the trigger, the hijacked label and its victims, and repair the model. The 
 planted backdoor: press **Quick look** below to find it (each button shows how long it takes here)."""
 # each scan depth queues on its own (limits: investigate_tab.SLOTS), so a full verdict never holds a quick look
 CONCURRENCY_IDS = {"quick": "quick-look", "full": "full-verdict"}
-ESTIMATE_CONCURRENCY = 4  # the estimates are arithmetic once the model's costs are measured (seconds, once)
+# one estimate at a time, in the order asked: the arithmetic takes milliseconds once a model's costs are measured
+# (seconds, once per model), and a page's later estimate (more images chosen) never lands before an earlier one
+ESTIMATE_CONCURRENCY = 1
 
 
 def build_app() -> gr.Blocks:
