@@ -78,6 +78,10 @@ def test_scan_flags_the_demo_target_then_repair_lowers_asr(page):
     expect(page.locator("#verdict")).to_contain_text("Verdict: backdoored", timeout=MINUTE)  # the box on top
     expect(page.locator("#verdict")).to_contain_text("flower", timeout=MINUTE)
     expect(page.locator("#flagged-table")).to_contain_text("flower", timeout=MINUTE)
+    # the pictures: the trigger at work on a clean image, each detector's scores against its threshold
+    expect(page.locator("#trigger-pictures img")).to_have_count(1, timeout=MINUTE)
+    expect(page.locator("#detector-scores img")).to_have_count(1, timeout=MINUTE)
+    expect(page.locator("#evidence-table")).to_contain_text(">=", timeout=MINUTE)  # thresholds in words
     shot(page, "findings")
     page.get_by_role("tab", name="Repair").click()
     page.locator("#repair-button").click()
