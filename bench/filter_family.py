@@ -7,6 +7,7 @@ rate, anomaly index and alignment, and the labels the rule would flag with the i
 not calibrated (no cut was fit on it): this measures whether it separates, before it is.
 
     OMP_NUM_THREADS=1 python bench/filter_family.py --zoo ~/.cache/forensics/zoo   # bench/results/filter_family.*
+    OMP_NUM_THREADS=1 python bench/filter_family.py --models filter-sepia          # one row added or replaced
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    earlier = out / "filter_family.json"
+    if earlier.is_file():  # rows of models not run this time stay (a model run again replaces its row)
+        ran = {r["model"] for r in rows}
+        rows = [r for r in json.loads(earlier.read_text()) if r["model"] not in ran] + rows
     lines = [
         "# The inversion's filter family (a colour transform) on filter, patch and clean models",
         "",
@@ -92,7 +98,6 @@ def main() -> None:
             f"| {r['model']} | {r['truth']} | {asr} | {smallest} | {', '.join(r['flagged']) or 'none'} | "
             f"{r['seconds']} |"
         )
-    out = Path(args.out)
     atomic_write_text(out / "filter_family.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "filter_family.json", json.dumps(rows, indent=1) + "\n")
     print("\n".join(lines))

@@ -68,7 +68,8 @@ class TriggerInversionSettings:
     l1_weight: float = 2.0  # on the mean mask value (Neural Cleanse's cost)
     epsilon: float = 64 / 255  # the global perturbation's largest L-infinity strength
     # the filter family's largest strength: the most any entry of its colour matrix (added to the identity) or its
-    # offset may move; 0.5 covers the presets of forensics.attacks.filter, whose largest entry change is 0.4-0.5
+    # offset may move. Measured (bench/results/filter_family.md): it does not yet reach a planted sepia filter, whose
+    # matrix moves entries by up to 0.87, nor separate it from clean models' colour attractors
     filter_epsilon: float = 0.5
     flip_goal: float = 0.8  # the flip rate a trigger must reach for its size to count
     grid_points: int = at_least(1, 11)  # sizes tried, each a factor sqrt(2) below the last
