@@ -129,6 +129,18 @@ def test_each_trigger_is_drawn_at_work_on_a_clean_image(demo):
     assert grid.width > 600 and grid.height > 100
 
 
+def test_the_trigger_the_victims_share_is_drawn_first(demo):
+    model, probe = demo
+    outcome = _outcome(model, probe, [])
+    inversion = outcome.results["trigger-inversion"]
+    pattern = inversion.artefacts["inverted_patterns"]["local/flower"]
+    shared = SimpleNamespace(label="flower", verified_asr=1.0)
+    outcome.victim_trigger = SimpleNamespace(trigger=shared, pattern=pattern)
+    pictures = scan_pictures(outcome, probe.load_images(model.image_size))
+    sources = [t["source"] for t in pictures.index["triggers"]]
+    assert sources[0] == "the trigger the victims share" and "inverted local trigger" in sources[1:]
+
+
 def test_a_victim_is_drawn_with_its_trigger_box_in_red():
     image = torch.zeros(3, 32, 32)
     drawn = np.asarray(boxed(image, [10, 10, 20, 20], scale=2))

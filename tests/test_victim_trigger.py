@@ -126,23 +126,13 @@ def test_the_victims_trigger_becomes_the_verdicts_and_is_stamped_for_the_repair(
     assert list(inverted_pictures(outcome)) == ["inverted/victims_global_book.png"]
 
 
-def test_the_findings_tab_shows_the_victims_trigger_first(tmp_path):
-    """When the verdict's trigger is the victims' one, its picture leads the Findings tab's trigger gallery."""
-    from PIL import Image
-
+def test_the_findings_tab_names_the_victims_trigger_as_the_best():
+    """When the verdict's trigger is the victims' one, the box on top of Findings names it with its flip rate (its
+    picture leads the trigger pictures: tests/test_pictures.py)."""
     from forensics.ui.investigate_tab import verdict_views
 
-    (tmp_path / "inverted").mkdir()
-    for name in ("victims_local_house.png", "local_house.png"):
-        Image.new("RGB", (8, 8)).save(tmp_path / "inverted" / name)
     stats = {"family": "local", "size": 0.024, "victims": 45, "key": "victims/local"}
     trigger = {"label": "house", "method": "victims/local", "verified_asr": 1.0, "n_verified": 80, "stats": stats}
-    inverted = {
-        "label": "house",
-        "verified_asr": 0.84,
-        "pattern": "inverted/local_house.png",
-        "stats": {"family": "local"},
-    }
     report = {
         "verdict": {
             "verdict": "backdoored",
@@ -152,9 +142,6 @@ def test_the_findings_tab_shows_the_victims_trigger_first(tmp_path):
             "reasons": [],
             "evidence": {},
         },
-        "detectors": {"trigger-inversion": {"inverted_triggers": [inverted]}},
     }
-    text, _, gallery = verdict_views(report, tmp_path)
-    assert "victims/local, verified flip rate 100%" in text
-    assert [Path(p).name for p, _ in gallery] == ["victims_local_house.png", "local_house.png"]
-    assert gallery[0][1] == "house (local, shared by 45 victims): flip 100%"
+    text, rows = verdict_views(report)
+    assert "victims/local, verified flip rate 100%" in text and "target **house**" in text and rows == []
