@@ -457,14 +457,11 @@ class TriggerInversion(Detector):
             claims.append(LabelClaim(shared[0]["label"], WEAK, reason))
         for label, why in findings.metrics.get("not_inverted", {}).items():  # a label that takes every image
             claims.append(LabelClaim(label, WEAK, f"'{label}' could not be tested: {why}"))
+        verified = calibration("verification")["verified_flip"]
         triggers = [
-            TriggerOption(cls.name, t.label, t.verified_asr, {"detector": cls.name, **t.to_dict()})
+            TriggerOption(cls.name, t.label, t.verified_asr, {"detector": cls.name, **t.to_dict()}, fallback=not chosen)
             for t in findings.inverted
-            if t.stats.get("candidate")
-        ] + [
-            TriggerOption(cls.name, t.label, t.verified_asr, {"detector": cls.name, **t.to_dict()}, fallback=True)
-            for t in findings.inverted
-            if not t.stats.get("candidate") and t.verified_asr >= calibration("verification")["verified_flip"]
+            if (chosen := bool(t.stats.get("candidate"))) or t.verified_asr >= verified
         ]
         return Evidence(cls.name, claims, triggers)
 
